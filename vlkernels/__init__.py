@@ -1,0 +1,5 @@
+"""vlkernels: Triton and CUDA kernels for vision-language pretraining, with drop-in torch modules."""
+from vlkernels._backend import BACKENDS, NoBackendError, requested_backend, use_backend
+
+__version__ = "0.1.0"
+__all__ = ["BACKENDS", "NoBackendError", "requested_backend", "use_backend", "__version__"]

@@ -1,0 +1,131 @@
+"""Backend selection: the one place that decides which implementation runs an op.
+
+The backend is requested with ``VLKERNELS_BACKEND=auto|torch|triton|cuda|cpp`` or, for a
+block of code, ``with vlkernels.use_backend("triton"): ...`` (the context manager wins).
+
+``auto`` picks, in order: for CUDA tensors the CUDA extension, then Triton, then the torch
+reference; for CPU tensors the C++ extension, then the torch reference. An explicit name
+runs that backend or raises. Every implementation declares what it supports through a
+``refuse`` callable that returns ``None`` (it can run the call) or a reason; a call that no
+backend accepts raises :class:`NoBackendError` naming every backend tried and its reason.
+
+``triton`` on CPU tensors needs ``TRITON_INTERPRET=1`` set before vlkernels is imported:
+that runs the real Triton kernels in Triton's interpreter, which is how the test suite
+proves them on machines without a GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
+
+_requested: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("vlkernels_backend", default=None)
+
+
+class NoBackendError(RuntimeError):
+    """No backend accepted a call; the message lists each backend tried and why it refused."""
+
+
+def _checked(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown vlkernels backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+def requested_backend() -> str:
+    """The backend asked for now: the innermost ``use_backend`` block, else ``VLKERNELS_BACKEND``, else auto."""
+    name = _requested.get()
+    if name is None:
+        name = os.environ.get("VLKERNELS_BACKEND", "auto").strip().lower() or "auto"
+    return _checked(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the ops called inside the block on backend ``name`` (one of ``BACKENDS``)."""
+    token = _requested.set(_checked(name))
+    try:
+        yield
+    finally:
+        _requested.reset(token)
+
+
+def triton_interpreting() -> bool:
+    """True when Triton kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    try:
+        import triton  # noqa: F401
+    except Exception as error:  # a broken install must not break vlkernels' import
+        return f"triton failed to import ({error})"
+    return None
+
+
+def triton_refusal(device: torch.device) -> Optional[str]:
+    """Why Triton cannot run on ``device`` (None when it can)."""
+    missing = _triton_import_error()
+    if missing:
+        return missing
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        return None if triton_interpreting() else "CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter)"
+    return f"Triton does not run on {device.type} tensors"
+
+
+def backend_availability() -> dict[str, Optional[str]]:
+    """For each concrete backend: None when usable on this machine, else why not (for ``vlkernels.info``)."""
+    from vlkernels import _extension
+
+    cuda = torch.cuda.is_available()
+    triton_why = _triton_import_error() or (
+        None if cuda or triton_interpreting() else "no CUDA device (set TRITON_INTERPRET=1 to run it on CPU)"
+    )
+    cpp_why = _extension.unavailable_reason()
+    cuda_why = cpp_why or (None if _extension.has_cuda_kernels() else "the extension was built without CUDA")
+    if cuda_why is None and not cuda:
+        cuda_why = "no CUDA device"
+    return {"torch": None, "triton": triton_why, "cuda": cuda_why, "cpp": cpp_why}
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One backend's implementation of an op.
+
+    ``refuse(*args, **kwargs)`` returns None when this implementation can run the call,
+    else a short reason; ``run(*args, **kwargs)`` computes it.
+    """
+
+    backend: str
+    refuse: Callable[..., Optional[str]]
+    run: Callable
+
+
+def dispatch(op: str, implementations: list[Implementation], device: torch.device, *args, **kwargs):
+    """Run ``op`` on the first implementation that the requested backend allows and that accepts the call."""
+    requested = requested_backend()
+    order = _AUTO_ORDER.get(device.type, ("torch",)) if requested == "auto" else (requested,)
+    by_backend = {impl.backend: impl for impl in implementations}
+    reasons = []
+    for name in order:
+        impl = by_backend.get(name)
+        why = f"{op} has no {name} implementation" if impl is None else impl.refuse(*args, **kwargs)
+        if why is None:
+            return impl.run(*args, **kwargs)
+        reasons.append(f"{name}: {why}")
+    tried = "\n  ".join(reasons)
+    raise NoBackendError(f"vlkernels.{op}: no backend can run this call (requested backend {requested!r}); tried:\n  {tried}")
