@@ -441,7 +441,9 @@ def _triton_refusal(images, weight, bias, pos_embed, cls_token) -> Optional[str]
 
 _IMPLEMENTATIONS = [
     Implementation("triton", _triton_refusal, _patch_embed_op),
-    Implementation("torch", lambda *args: None, reference.patch_embed),
+    Implementation("torch", lambda *args: None,
+                   lambda images, weight, bias, pos_embed, cls_token: reference.patch_embed(
+                       images, weight, bias, pos_embed=pos_embed, cls_token=cls_token)),
 ]
 
 

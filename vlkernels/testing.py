@@ -1,0 +1,74 @@
+"""Shared helpers of the test suite: the device under test, tolerances against float64
+references, and NaN-poisoned allocations.
+
+Kernels are tested on CUDA where a GPU is present, else on CPU tensors in Triton's
+interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before vlkernels is imported).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def kernel_dtypes() -> list[torch.dtype]:
+    """Dtypes the Triton kernels are tested in here. Triton 3.6's interpreter returns garbage
+    for tl.dot on bf16 operands, so bf16 is proven on the GPU only."""
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
+
+
+def dtype_id(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}[dtype]
+
+
+def rel_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    """||actual - reference|| / ||reference||, in float64 (NaN anywhere gives NaN)."""
+    actual, reference = actual.detach().double().cpu(), reference.detach().double().cpu()
+    return ((actual - reference).norm() / reference.norm().clamp_min(1e-300)).item()
+
+
+def fp32_tolerance(uses_tf32_dot: bool) -> float:
+    """fp32 bound from the design rules: 1e-5, or 1e-3 where a tl.dot runs in tf32 on a GPU."""
+    return 1e-3 if uses_tf32_dot and DEVICE.type == "cuda" else 1e-5
+
+
+def assert_matches_reference(name, actual, reference64, same_dtype_torch, *, uses_tf32_dot=True) -> None:
+    """Check ``actual`` against the float64 reference.
+
+    fp32: rel. error within ``fp32_tolerance``. fp16/bf16 (flash-attention's rule): the error
+    is at most twice that of the same computation run by torch in the same dtype, plus 1e-6
+    so that an exactly representable result does not demand a bit-exact kernel.
+    """
+    error = rel_error(actual, reference64)
+    assert actual.dtype == same_dtype_torch.dtype, f"{name}: dtype {actual.dtype}, expected {same_dtype_torch.dtype}"
+    assert actual.shape == reference64.shape, f"{name}: shape {tuple(actual.shape)}, expected {tuple(reference64.shape)}"
+    if actual.dtype == torch.float32:
+        bound = fp32_tolerance(uses_tf32_dot)
+    else:
+        bound = 2 * rel_error(same_dtype_torch, reference64) + 1e-6
+    assert error <= bound, f"{name}: relative error {error:.3e} exceeds {bound:.3e} ({actual.dtype})"
+
+
+@contextlib.contextmanager
+def poisoned_allocations() -> Iterator[None]:
+    """Inside the block, torch.empty / empty_like fill floating tensors with NaN and integer
+    tensors with their minimum, so an output element a kernel forgot to write fails the test."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.is_floating_point():
+            tensor.fill_(float("nan"))
+        elif tensor.dtype != torch.bool and tensor.numel():
+            tensor.fill_(torch.iinfo(tensor.dtype).min)
+        return tensor
+
+    torch.empty = lambda *args, **kwargs: poison(real_empty(*args, **kwargs))
+    torch.empty_like = lambda *args, **kwargs: poison(real_empty_like(*args, **kwargs))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = real_empty, real_empty_like
+
