@@ -30,10 +30,10 @@ class KernelVariant:
     """One compiled configuration of a Triton kernel.
 
     constexprs: the constexpr arguments; pointers: dtype of each pointer argument; scalars:
-    the value of each int32 argument in a typical call, since Triton specializes on them (a
-    multiple of 16 compiles as such, and so do 16-byte aligned pointers, as torch allocates
-    them): that decides vector widths and pipelining, so the report must see the same;
-    options: num_warps / num_stages; gemm_shaped: the
+    the value of each scalar argument in a typical call (int -> i32, float -> fp32), since
+    Triton specializes on them (an int multiple of 16 compiles as such, and so do 16-byte
+    aligned pointers, as torch allocates them): that decides vector widths and pipelining,
+    so the report must see the same; options: num_warps / num_stages; gemm_shaped: the
     kernel's work is tl.dot, so its tensor-core SASS must use HGMMA (unless it asks for
     IEEE fp32 dots, which have no tensor-core form).
     """
@@ -62,13 +62,13 @@ class KernelVariant:
             elif arg in self.pointers:
                 signature[arg] = "*" + _TRITON_DTYPES[self.pointers[arg]]
             else:
-                signature[arg] = "i32"
+                signature[arg] = "fp32" if isinstance(self.scalars[arg], float) else "i32"
         return signature
 
     def attributes(self) -> dict:
         """Triton's divisibility-by-16 specialization, as a launch with these arguments gets it."""
         divisible = [index for index, arg in enumerate(self.kernel.arg_names)
-                     if arg in self.pointers or (arg in self.scalars and self.scalars[arg] % 16 == 0)]
+                     if arg in self.pointers or (isinstance(self.scalars.get(arg), int) and self.scalars[arg] % 16 == 0)]
         return {(index,): [["tt.divisibility", 16]] for index in divisible}
 
 

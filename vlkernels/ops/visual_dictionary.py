@@ -1,0 +1,352 @@
+"""SOHO's visual dictionary: fused nearest-entry search and the moving-average update.
+
+vd_nearest streams the codebook through a GEMM tile by tile and keeps a running minimum per
+row, so the N x K distance matrix never exists in memory. vd_ema_update_ sorts the rows by
+their entry and sums each entry's rows in one program (a segmented reduction: no atomics,
+so it is deterministic), then applies SOHO's decay, Laplace smoothing and normalisation in
+one elementwise pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from vlkernels import _backend
+from vlkernels._backend import Implementation
+from vlkernels.reference import visual_dictionary as reference
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch backend still works; the triton backend refuses with the reason
+    triton = None
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _vd_nearest_kernel(
+        x, codebook, code_sqnorm, index_out, sqdist_out,
+        rows, entries, dim, stride_x, stride_code,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        row = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = row < rows
+        x_rows = x + row.to(tl.int64)[:, None] * stride_x
+
+        x_sqnorm = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for d0 in range(0, dim, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            tile = tl.load(x_rows + d[None, :], mask=row_ok[:, None] & (d < dim)[None, :], other=0.0).to(tl.float32)
+            x_sqnorm += tl.sum(tile * tile, axis=1)
+
+        # |x - e|^2 = |x|^2 + (|e|^2 - 2 x.e): the bracket decides the argmin, |x|^2 is added at the end.
+        best = tl.full((BLOCK_N,), float("inf"), dtype=tl.float32)
+        best_index = tl.zeros((BLOCK_N,), dtype=tl.int32)
+        for k0 in range(0, entries, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < entries
+            dots = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            for d0 in range(0, dim, BLOCK_D):
+                d = d0 + tl.arange(0, BLOCK_D)
+                d_ok = d < dim
+                a = tl.load(x_rows + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                e = tl.load(codebook + k[None, :] * stride_code + d[:, None], mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+                dots = tl.dot(a, e, dots, input_precision=DOT_PRECISION)
+            norms = tl.load(code_sqnorm + k, mask=k_ok, other=float("inf"))
+            score = norms[None, :] - 2.0 * dots
+            tile_best = tl.min(score, axis=1)
+            tile_index = tl.argmin(score, axis=1, tie_break_left=True) + k0
+            better = tile_best < best  # strict: an equal score in a later tile keeps the lower index
+            best = tl.where(better, tile_best, best)
+            best_index = tl.where(better, tile_index, best_index)
+        tl.store(index_out + row, best_index.to(tl.int64), mask=row_ok)
+        tl.store(sqdist_out + row, x_sqnorm + best, mask=row_ok)
+
+    @triton.jit
+    def _vd_cluster_sums_kernel(
+        x, order, offsets, sums, dim, stride_x,
+        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        # Entry k's rows are order[offsets[k]:offsets[k+1]] (rows sorted by entry): their sum over
+        # one BLOCK_D slice of the features, in a fixed order (deterministic, no atomics).
+        entry = tl.program_id(0)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_ok = d < dim
+        begin = tl.load(offsets + entry)
+        end = tl.load(offsets + entry + 1)
+        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for r0 in range(begin, end, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            r_ok = r < end
+            source = tl.load(order + r, mask=r_ok, other=0)
+            tile = tl.load(x + source[:, None] * stride_x + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+            acc += tl.sum(tile.to(tl.float32), axis=0)
+        tl.store(sums + entry.to(tl.int64) * dim + d, acc, mask=d_ok)
+
+    @triton.jit
+    def _vd_apply_statistics_kernel(
+        codebook, cluster_size, embed_avg, counts, sums, cluster_total,
+        entries, dim, decay, eps,
+        BLOCK_D: tl.constexpr,
+    ):
+        # SOHO's step for entry k and one feature slice; cluster_total = sum of the new cluster sizes.
+        entry = tl.program_id(0)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_ok = d < dim
+        size = decay * tl.load(cluster_size + entry) + (1.0 - decay) * tl.load(counts + entry)
+        total = tl.load(cluster_total)
+        smoothed = (size + eps) / (total + entries * eps) * total
+        offset = entry.to(tl.int64) * dim + d
+        average = decay * tl.load(embed_avg + offset, mask=d_ok) + (1.0 - decay) * tl.load(sums + offset, mask=d_ok)
+        tl.store(embed_avg + offset, average, mask=d_ok)
+        tl.store(codebook + offset, (average / smoothed).to(codebook.dtype.element_ty), mask=d_ok)
+        if tl.program_id(1) == 0:
+            tl.store(cluster_size + entry, size)
+
+
+@dataclass(frozen=True)
+class NearestConfig:
+    block_n: int
+    block_k: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+
+# 128 rows x 128 entries per tile feed a Hopper warpgroup MMA; fp32 halves BLOCK_D for shared memory.
+_NEAREST_CONFIGS = {
+    torch.float16: NearestConfig(128, 128, 64, 8, 3),
+    torch.bfloat16: NearestConfig(128, 128, 64, 8, 3),
+    torch.float32: NearestConfig(128, 128, 32, 8, 3),
+}
+_SUMS_BLOCK_R, _SUMS_BLOCK_D, _SUMS_WARPS = 16, 256, 4
+_APPLY_BLOCK_D, _APPLY_WARPS = 256, 4
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 follows the flag of the torch matmul SOHO computes the distances with (IEEE by
+    # default); 16-bit operands ignore it.
+    return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+
+
+def _launch_nearest(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, dim = x.shape
+    entries = codebook.shape[0]
+    x = x if x.stride(1) == 1 else x.contiguous()
+    codebook = codebook if codebook.stride(1) == 1 else codebook.contiguous()
+    code_sqnorm = codebook.float().square().sum(1)
+    index = torch.empty(rows, device=x.device, dtype=torch.int64)
+    sqdist = torch.empty(rows, device=x.device, dtype=torch.float32)
+    cfg = _NEAREST_CONFIGS[x.dtype]
+    _vd_nearest_kernel[(triton.cdiv(rows, cfg.block_n),)](
+        x, codebook, code_sqnorm, index, sqdist, rows, entries, dim, x.stride(0), codebook.stride(0),
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, DOT_PRECISION=_dot_precision(x.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return index, sqdist
+
+
+def _launch_cluster_statistics(x, index, entries, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    dim = x.shape[1]
+    x = x if x.stride(1) == 1 else x.contiguous()
+    bucket = index if mask is None else torch.where(mask, index, entries)  # masked rows go to a last bucket
+    order = torch.sort(bucket, stable=True).indices  # stable: each entry sums its rows in input order
+    counts = torch.bincount(bucket, minlength=entries + 1)[:entries]
+    offsets = torch.zeros(entries + 1, device=x.device, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    sums = torch.empty(entries, dim, device=x.device, dtype=torch.float32)
+    _vd_cluster_sums_kernel[(entries, triton.cdiv(dim, _SUMS_BLOCK_D))](
+        x, order, offsets, sums, dim, x.stride(0), BLOCK_R=_SUMS_BLOCK_R, BLOCK_D=_SUMS_BLOCK_D, num_warps=_SUMS_WARPS,
+    )
+    return counts.float(), sums
+
+
+def _launch_apply_statistics(codebook, cluster_size, embed_avg, counts, sums, decay, eps) -> None:
+    entries, dim = codebook.shape
+    total = (decay * cluster_size.sum() + (1 - decay) * counts.sum()).reshape(1)
+    _vd_apply_statistics_kernel[(entries, triton.cdiv(dim, _APPLY_BLOCK_D))](
+        codebook, cluster_size, embed_avg, counts, sums, total, entries, dim, float(decay), float(eps),
+        BLOCK_D=_APPLY_BLOCK_D, num_warps=_APPLY_WARPS,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("vlkernels::vd_nearest", mutates_args=())
+def _nearest_op(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_nearest(x, codebook)
+
+
+@_nearest_op.register_fake
+def _(x, codebook):
+    return x.new_empty(x.shape[0], dtype=torch.int64), x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("vlkernels::vd_cluster_statistics", mutates_args=())
+def _cluster_statistics_op(
+    x: torch.Tensor, index: torch.Tensor, entries: int, mask: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_cluster_statistics(x, index, entries, mask)
+
+
+@_cluster_statistics_op.register_fake
+def _(x, index, entries, mask):
+    return x.new_empty(entries, dtype=torch.float32), x.new_empty(entries, x.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op("vlkernels::vd_apply_statistics_", mutates_args=("codebook", "cluster_size", "embed_avg"))
+def _apply_statistics_op(
+    codebook: torch.Tensor, cluster_size: torch.Tensor, embed_avg: torch.Tensor,
+    counts: torch.Tensor, sums: torch.Tensor, decay: float, eps: float,
+) -> None:
+    _launch_apply_statistics(codebook, cluster_size, embed_avg, counts, sums, decay, eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------
+def _check_matrix(name: str, tensor: torch.Tensor) -> None:
+    if tensor.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(tensor.shape)}")
+    if not tensor.dtype.is_floating_point:
+        raise TypeError(f"{name} must be floating point, got {tensor.dtype}")
+
+
+def _triton_dtype_refusal(*tensors: torch.Tensor) -> Optional[str]:
+    why = _backend.triton_refusal(tensors[0].device)
+    for tensor in tensors:
+        if why is None and tensor.dtype not in _SUPPORTED_DTYPES:
+            why = f"dtype {tensor.dtype} is not one of float32, float16, bfloat16"
+    return why
+
+
+_NEAREST = [
+    Implementation("triton", _triton_dtype_refusal, _nearest_op),
+    Implementation("torch", lambda *args: None, reference.vd_nearest),
+]
+
+
+def vd_nearest(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest dictionary entry of each feature by squared L2 distance.
+
+    x: [N, D], codebook: [K, D] (same dtype and device)
+    returns (index [N] int64, lowest index on ties; sqdist [N] float32, |x - codebook[index]|^2
+    accumulated in fp32). The N x K distance matrix is never stored. No gradient flows.
+    """
+    _check_matrix("vd_nearest: x", x)
+    _check_matrix("vd_nearest: codebook", codebook)
+    if x.shape[1] != codebook.shape[1]:
+        raise ValueError(f"vd_nearest: x has {x.shape[1]} features but the codebook has {codebook.shape[1]}")
+    if codebook.shape[0] == 0:
+        raise ValueError("vd_nearest: the codebook is empty")
+    if x.dtype != codebook.dtype:
+        raise TypeError(f"vd_nearest: x is {x.dtype} but the codebook is {codebook.dtype}; cast one of them")
+    if x.device != codebook.device:
+        raise ValueError(f"vd_nearest: x is on {x.device} but the codebook is on {codebook.device}")
+    x, codebook = x.detach(), codebook.detach()
+    return _backend.dispatch("vd_nearest", _NEAREST, x.device, x, codebook)
+
+
+def _triton_update(codebook, cluster_size, embed_avg, x, index, decay, eps, mask):
+    counts, sums = _cluster_statistics_op(x, index, codebook.shape[0], mask)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(counts)
+        torch.distributed.all_reduce(sums)
+    _apply_statistics_op(codebook, cluster_size, embed_avg, counts, sums, decay, eps)
+
+
+_UPDATE = [
+    Implementation("triton", lambda codebook, cluster_size, embed_avg, x, *rest: _triton_dtype_refusal(codebook, x),
+                   _triton_update),
+    Implementation("torch", lambda *args: None,
+                   lambda codebook, cluster_size, embed_avg, x, index, decay, eps, mask: reference.vd_ema_update_(
+                       codebook, cluster_size, embed_avg, x, index, decay=decay, eps=eps, mask=mask)),
+]
+
+
+def vd_ema_update_(
+    codebook: torch.Tensor,
+    cluster_size: torch.Tensor,
+    embed_avg: torch.Tensor,
+    x: torch.Tensor,
+    index: torch.Tensor,
+    *,
+    decay: float,
+    eps: float = 1e-5,
+    mask: Optional[torch.Tensor] = None,
+) -> None:
+    """SOHO's moving-average dictionary update, in place.
+
+    codebook: [K, D], cluster_size: [K] float32, embed_avg: [K, D] float32 (updated in place);
+    x: [N, D] features, index: [N] int64 their entries (from vd_nearest), mask: [N] bool rows
+    to count (None = all). With counts c and sums s of this step's rows per entry:
+    cluster_size = d*cluster_size + (1-d)*c; embed_avg = d*embed_avg + (1-d)*s;
+    codebook = embed_avg / n, n = (cluster_size + eps) / (sum(cluster_size) + K*eps) * sum(cluster_size).
+    When torch.distributed is initialised, c and s are all-reduced over the default group first.
+    """
+    _check_matrix("vd_ema_update_: codebook", codebook)
+    _check_matrix("vd_ema_update_: x", x)
+    entries, dim = codebook.shape
+    if x.shape[1] != dim:
+        raise ValueError(f"vd_ema_update_: x has {x.shape[1]} features but the codebook has {dim}")
+    if tuple(cluster_size.shape) != (entries,) or tuple(embed_avg.shape) != (entries, dim):
+        raise ValueError(f"vd_ema_update_: cluster_size must be [{entries}] and embed_avg [{entries}, {dim}], "
+                         f"got {list(cluster_size.shape)} and {list(embed_avg.shape)}")
+    for name, state in (("cluster_size", cluster_size), ("embed_avg", embed_avg)):
+        if state.dtype not in (torch.float32, torch.float64) or not state.is_contiguous():
+            raise TypeError(f"vd_ema_update_: {name} must be a contiguous float32 (or float64) tensor")
+    if not codebook.is_contiguous():
+        raise ValueError("vd_ema_update_: the codebook must be contiguous (it is written in place)")
+    if index.dtype != torch.int64 or tuple(index.shape) != (x.shape[0],):
+        raise ValueError(f"vd_ema_update_: index must be int64 of shape [{x.shape[0]}], "
+                         f"got {index.dtype} {list(index.shape)}")
+    if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (x.shape[0],)):
+        raise ValueError(f"vd_ema_update_: mask must be bool of shape [{x.shape[0]}]")
+    if not 0.0 <= decay <= 1.0 or eps <= 0:
+        raise ValueError(f"vd_ema_update_: need 0 <= decay <= 1 and eps > 0, got decay={decay}, eps={eps}")
+    tensors = (codebook, cluster_size, embed_avg, x, index) + ((mask,) if mask is not None else ())
+    if any(t.device != codebook.device for t in tensors):
+        raise ValueError("vd_ema_update_: all tensors must be on one device")
+    checked = index if mask is None else index[mask]
+    if checked.numel():
+        low, high = (int(v) for v in torch.aminmax(checked))
+        if low < 0 or high >= entries:
+            raise IndexError(f"vd_ema_update_: index values must lie in [0, {entries}), got [{low}, {high}]")
+    with torch.no_grad():
+        _backend.dispatch("vd_ema_update_", _UPDATE, codebook.device, codebook, cluster_size, embed_avg,
+                          x.detach(), index, float(decay), float(eps), mask)
+
+
+def aot_variants():
+    """Every kernel configuration the launchers above can pick, with SOHO's sizes
+    (N = 64 x 24 x 24 grid cells, K = 2048, D = 768), for the sm_90a report."""
+    from vlkernels.report import KernelVariant
+
+    sizes = dict(rows=64 * 24 * 24, entries=2048, dim=768, stride_x=768, stride_code=768)
+    variants = []
+    for dtype, precision in ((torch.bfloat16, "tf32"), (torch.float16, "tf32"), (torch.float32, "tf32"),
+                             (torch.float32, "ieee")):
+        cfg = _NEAREST_CONFIGS[dtype]
+        variants.append(KernelVariant(
+            _vd_nearest_kernel, f"{str(dtype)[6:]}-{precision}",
+            dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, DOT_PRECISION=precision),
+            {"x": dtype, "codebook": dtype, "code_sqnorm": torch.float32, "index_out": torch.int64,
+             "sqdist_out": torch.float32}, sizes, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+            gemm_shaped=True))
+    for dtype in _SUPPORTED_DTYPES:
+        variants.append(KernelVariant(
+            _vd_cluster_sums_kernel, str(dtype)[6:], dict(BLOCK_R=_SUMS_BLOCK_R, BLOCK_D=_SUMS_BLOCK_D),
+            {"x": dtype, "order": torch.int64, "offsets": torch.int64, "sums": torch.float32}, sizes,
+            dict(num_warps=_SUMS_WARPS)))
+        variants.append(KernelVariant(
+            _vd_apply_statistics_kernel, str(dtype)[6:], dict(BLOCK_D=_APPLY_BLOCK_D),
+            {"codebook": dtype, "cluster_size": torch.float32, "embed_avg": torch.float32, "counts": torch.float32,
+             "sums": torch.float32, "cluster_total": torch.float32},
+            dict(sizes, decay=0.4, eps=1e-5), dict(num_warps=_APPLY_WARPS)))
+    return variants

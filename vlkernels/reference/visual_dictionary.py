@@ -1,0 +1,56 @@
+"""Reference of SOHO's visual dictionary: nearest entry by squared L2 and the moving-average update."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def vd_nearest(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [N, D], codebook: [K, D] -> (index [N] int64, sqdist [N] float32, or float64 for float64 inputs).
+
+    The nearest entry by squared L2 distance, the lowest index on ties, as SOHO computes it:
+    |x|^2 + |e|^2 - 2 x.e (accumulated in fp32, or fp64 for fp64 inputs).
+    """
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x, codebook = x.to(acc), codebook.to(acc)
+    distances = x.square().sum(1, keepdim=True) + codebook.square().sum(1) - 2 * x @ codebook.T
+    sqdist, index = distances.min(1)  # torch returns the first minimal index
+    return index, sqdist
+
+
+def vd_cluster_statistics(x: torch.Tensor, index: torch.Tensor, num_embeddings: int,
+                          mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [N, D], index: [N], mask: [N] bool (True = counted) -> (counts [K], sums [K, D]) in fp32
+    (fp64 for fp64 x): how many rows chose each entry and the sum of those rows."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    weights = torch.ones(x.shape[0], dtype=acc, device=x.device) if mask is None else mask.to(acc)
+    counts = torch.zeros(num_embeddings, dtype=acc, device=x.device).index_add_(0, index, weights)
+    sums = torch.zeros(num_embeddings, x.shape[1], dtype=acc, device=x.device)
+    sums.index_add_(0, index, x.to(acc) * weights[:, None])
+    return counts, sums
+
+
+def vd_apply_statistics_(codebook: torch.Tensor, cluster_size: torch.Tensor, embed_avg: torch.Tensor,
+                         counts: torch.Tensor, sums: torch.Tensor, *, decay: float, eps: float = 1e-5) -> None:
+    """SOHO's moving-average step, in place, from one step's counts [K] and sums [K, D]:
+    cluster_size <- d*cluster_size + (1-d)*counts;  embed_avg <- d*embed_avg + (1-d)*sums;
+    n = (cluster_size + eps) / (sum(cluster_size) + K*eps) * sum(cluster_size);  codebook = embed_avg / n.
+    """
+    cluster_size.mul_(decay).add_(counts.to(cluster_size.dtype), alpha=1 - decay)
+    embed_avg.mul_(decay).add_(sums.to(embed_avg.dtype), alpha=1 - decay)
+    total = cluster_size.sum()
+    smoothed = (cluster_size + eps) / (total + cluster_size.numel() * eps) * total
+    codebook.copy_(embed_avg / smoothed[:, None])
+
+
+def vd_ema_update_(codebook, cluster_size, embed_avg, x, index, *, decay, eps=1e-5, mask=None) -> None:
+    """codebook: [K, D], cluster_size: [K], embed_avg: [K, D] updated in place from x: [N, D],
+    index: [N] (x's nearest entries) and mask: [N] bool (rows to count). With torch.distributed
+    initialised, the counts and sums are all-reduced first, so every process gets the same
+    dictionary as one process on the whole batch."""
+    counts, sums = vd_cluster_statistics(x, index, codebook.shape[0], mask)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(counts)
+        torch.distributed.all_reduce(sums)
+    vd_apply_statistics_(codebook, cluster_size, embed_avg, counts, sums, decay=decay, eps=eps)
