@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-                  torch.int32: "i32", torch.int64: "i64"}
+                  torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8"}
 
 
 @dataclass

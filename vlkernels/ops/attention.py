@@ -1,0 +1,548 @@
+"""The attention family of VL transformers: self- and cross-attention with key padding masks,
+causal and PrefixLM masks, bidirectional co-attention in one launch, and packed varlen.
+
+Flash-attention style Triton kernels (see _attention_kernels.py): forward with online
+softmax saving the logsumexp, backward in one launch whose programs compute either dk/dv of
+a key block or dq of a query block (no atomics, deterministic). A query that sees no key
+gets zeros and zero gradients, never NaN.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from vlkernels import _backend
+from vlkernels._backend import Implementation
+from vlkernels.reference import attention as reference
+
+try:
+    import triton
+
+    from vlkernels.ops import _attention_kernels as kernels
+except ImportError:  # the torch backend still works; the triton backend refuses with the reason
+    triton = None
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_HEAD_DIM = 128
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _config(dtype: torch.dtype, block_d: int, backward: bool) -> AttentionConfig:
+    # Forward: 128 queries x 64 keys per step; backward: 64 x 64 tiles holding two [64, Dh] fp32
+    # accumulators. fp32 operands are twice as large: 64 x 32 tiles (64 rows is the least a
+    # warpgroup MMA takes) keep registers and shared memory within bounds.
+    if dtype == torch.float32:
+        return AttentionConfig(64, 32, 4, 2)
+    warps = 4 if block_d <= 64 else 8
+    return AttentionConfig(64, 64, warps, 2) if backward else AttentionConfig(128, 64, warps, 3)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 follows torch's matmul flag (IEEE by default, tf32 when allowed); 16-bit ignores it.
+    return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _unit_stride_last(t: torch.Tensor) -> torch.Tensor:
+    # The kernels address rows by strides and need unit stride along Dh.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _key_limits(key_mask: Optional[torch.Tensor], batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask as uint8 [B, Sk], 1 + index of each row's last real key [B] int32): the kernels
+    skip every key tile after the last real key."""
+    if key_mask is None:
+        empty = torch.zeros(1, dtype=torch.int32, device=device)
+        return empty, empty
+    positions = torch.arange(1, key_mask.shape[1] + 1, device=device, dtype=torch.int32)
+    limit = (key_mask.to(torch.int32) * positions).amax(1).to(torch.int32)
+    return key_mask.contiguous().view(torch.uint8), limit
+
+
+def _dense_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _packed_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return 0, t.stride(1), t.stride(0)  # [total, H, Dh]: no batch stride, rows by cu_seqlens
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers: dense [B, H, S, Dh] and packed [total, H, Dh] share one kernel
+# ----------------------------------------------------------------------------------------------
+def _layout(q, k, v, cu_q, cu_k, max_q, max_k):
+    """Batch, heads, sequence bounds and stride function for the dense or packed layout."""
+    if cu_q is None:
+        return q.shape[0], q.shape[1], q.shape[2], k.shape[2], _dense_strides
+    return cu_q.shape[0] - 1, q.shape[1], max_q, max_k, _packed_strides
+
+
+def _launch_fwd(q, k, v, key_mask, prefix_len, cu_q, cu_k, max_q, max_k, causal, scale):
+    q, k, v = (_unit_stride_last(t) for t in (q, k, v))
+    batch, heads, seq_q, seq_k, strides = _layout(q, k, v, cu_q, cu_k, max_q, max_k)
+    head_dim = q.shape[-1]
+    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    lse = torch.empty((batch, heads, seq_q) if cu_q is None else (heads, q.shape[0]), device=q.device,
+                      dtype=torch.float32)
+    lse_strides = (heads * seq_q, seq_q) if cu_q is None else (0, q.shape[0])
+    mask, limit = _key_limits(key_mask, batch, q.device)
+    placeholder = limit
+    cfg = _config(q.dtype, _block_d(head_dim), backward=False)
+    grid = (triton.cdiv(seq_q, cfg.block_m), batch * heads)
+    kernels._attention_fwd_kernel[grid](
+        q, k, v, out, lse, mask, limit,
+        prefix_len if prefix_len is not None else placeholder,
+        cu_q if cu_q is not None else placeholder, cu_k if cu_k is not None else placeholder,
+        *strides(q), *strides(k), *strides(v), *strides(out), *lse_strides,
+        mask.stride(0) if key_mask is not None else 0,
+        heads, seq_q, seq_k, scale * math.log2(math.e),
+        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        CAUSAL=causal, HAS_KEY_MASK=key_mask is not None, VARLEN=cu_q is not None,
+        DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, lse
+
+
+def _launch_bwd(grad_out, q, k, v, out, lse, key_mask, prefix_len, cu_q, cu_k, max_q, max_k, causal, scale):
+    q, k, v = (_unit_stride_last(t) for t in (q, k, v))
+    grad_out = grad_out.contiguous()  # out is contiguous: both use its strides
+    batch, heads, seq_q, seq_k, strides = _layout(q, k, v, cu_q, cu_k, max_q, max_k)
+    head_dim = q.shape[-1]
+    grads = [torch.empty_strided(t.shape, t.stride(), device=t.device, dtype=t.dtype) for t in (q, k, v)]
+    lse_strides = (heads * seq_q, seq_q) if cu_q is None else (0, q.shape[0])
+    mask, limit = _key_limits(key_mask, batch, q.device)
+    placeholder = limit
+    cfg = _config(q.dtype, _block_d(head_dim), backward=True)
+    grid = (triton.cdiv(seq_k, cfg.block_n) + triton.cdiv(seq_q, cfg.block_m), batch * heads)
+    kernels._attention_bwd_kernel[grid](
+        q, k, v, out, grad_out, lse, *grads, mask, limit,
+        prefix_len if prefix_len is not None else placeholder,
+        cu_q if cu_q is not None else placeholder, cu_k if cu_k is not None else placeholder,
+        *strides(q), *strides(k), *strides(v), *strides(out), *lse_strides,
+        mask.stride(0) if key_mask is not None else 0,
+        heads, seq_q, seq_k, scale * math.log2(math.e), scale,
+        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        CAUSAL=causal, HAS_KEY_MASK=key_mask is not None, VARLEN=cu_q is not None,
+        DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return grads
+
+
+def _direction_args(q, k, v, out, lse, key_mask, limit, grads=()):
+    """The per-direction arguments of the co-attention kernels, in their order."""
+    mask_stride = key_mask.stride(0) if key_mask.dim() == 2 else 0
+    return [q, k, v, out, *grads, lse, key_mask, limit, *_dense_strides(q), *_dense_strides(k), *_dense_strides(v),
+            *_dense_strides(out), mask_stride, q.shape[2], k.shape[2]]
+
+
+def _launch_co_fwd(q_t, k_t, v_t, q_i, k_i, v_i, text_mask, image_mask, scale):
+    q_t, k_t, v_t, q_i, k_i, v_i = (_unit_stride_last(t) for t in (q_t, k_t, v_t, q_i, k_i, v_i))
+    batch, heads, head_dim = q_t.shape[0], q_t.shape[1], q_t.shape[-1]
+    outs = [torch.empty(q.shape, device=q.device, dtype=q.dtype) for q in (q_t, q_i)]
+    lses = [torch.empty(batch, heads, q.shape[2], device=q.device, dtype=torch.float32) for q in (q_t, q_i)]
+    image = _key_limits(image_mask, batch, q_t.device)  # text queries attend image keys
+    text = _key_limits(text_mask, batch, q_t.device)
+    cfg = _config(q_t.dtype, _block_d(head_dim), backward=False)
+    grid = (triton.cdiv(max(q_t.shape[2], q_i.shape[2]), cfg.block_m), batch * heads, 2)
+    kernels._co_attention_fwd_kernel[grid](
+        *_direction_args(q_t, k_i, v_i, outs[0], lses[0], *image),
+        *_direction_args(q_i, k_t, v_t, outs[1], lses[1], *text),
+        heads, scale * math.log2(math.e),
+        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HAS_MASK_A=image_mask is not None, HAS_MASK_B=text_mask is not None,
+        DOT_PRECISION=_dot_precision(q_t.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return outs[0], lses[0], outs[1], lses[1]
+
+
+def _launch_co_bwd(grad_t, grad_i, q_t, k_t, v_t, q_i, k_i, v_i, out_t, lse_t, out_i, lse_i,
+                   text_mask, image_mask, scale):
+    q_t, k_t, v_t, q_i, k_i, v_i = (_unit_stride_last(t) for t in (q_t, k_t, v_t, q_i, k_i, v_i))
+    grad_t, grad_i = grad_t.contiguous(), grad_i.contiguous()
+    batch, heads, head_dim = q_t.shape[0], q_t.shape[1], q_t.shape[-1]
+    grads = {name: torch.empty_strided(t.shape, t.stride(), device=t.device, dtype=t.dtype)
+             for name, t in dict(q_t=q_t, k_t=k_t, v_t=v_t, q_i=q_i, k_i=k_i, v_i=v_i).items()}
+    image = _key_limits(image_mask, batch, q_t.device)
+    text = _key_limits(text_mask, batch, q_t.device)
+    cfg = _config(q_t.dtype, _block_d(head_dim), backward=True)
+    programs = max(triton.cdiv(k.shape[2], cfg.block_n) + triton.cdiv(q.shape[2], cfg.block_m)
+                   for q, k in ((q_t, k_i), (q_i, k_t)))
+    text_args = _direction_args(q_t, k_i, v_i, out_t, lse_t, *image, grads=(grad_t,))
+    image_args = _direction_args(q_i, k_t, v_t, out_i, lse_i, *text, grads=(grad_i,))
+    # The kernel takes (q, k, v, out, grad_out, lse, grad_q, grad_k, grad_v, mask, limit, ...).
+    text_args[6:6] = [grads["q_t"], grads["k_i"], grads["v_i"]]
+    image_args[6:6] = [grads["q_i"], grads["k_t"], grads["v_t"]]
+    kernels._co_attention_bwd_kernel[(programs, batch * heads, 2)](
+        *text_args, *image_args, heads, scale * math.log2(math.e), scale,
+        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HAS_MASK_A=image_mask is not None, HAS_MASK_B=text_mask is not None,
+        DOT_PRECISION=_dot_precision(q_t.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return [grads[name] for name in ("q_t", "k_t", "v_t", "q_i", "k_i", "v_i")]
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops and autograd
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("vlkernels::attention_fwd", mutates_args=())
+def _attention_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor],
+    prefix_len: Optional[torch.Tensor], cu_q: Optional[torch.Tensor], cu_k: Optional[torch.Tensor],
+    max_q: int, max_k: int, causal: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_fwd(q, k, v, key_mask, prefix_len, cu_q, cu_k, max_q, max_k, causal, scale)
+
+
+@_attention_fwd_op.register_fake
+def _(q, k, v, key_mask, prefix_len, cu_q, cu_k, max_q, max_k, causal, scale):
+    lse_shape = (q.shape[0], q.shape[1], q.shape[2]) if cu_q is None else (q.shape[1], q.shape[0])
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("vlkernels::attention_bwd", mutates_args=())
+def _attention_bwd_op(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, key_mask: Optional[torch.Tensor], prefix_len: Optional[torch.Tensor],
+    cu_q: Optional[torch.Tensor], cu_k: Optional[torch.Tensor], max_q: int, max_k: int, causal: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(_launch_bwd(grad_out, q, k, v, out, lse, key_mask, prefix_len, cu_q, cu_k, max_q, max_k,
+                             causal, scale))
+
+
+@_attention_bwd_op.register_fake
+def _(grad_out, q, k, v, out, lse, key_mask, prefix_len, cu_q, cu_k, max_q, max_k, causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, key_mask, prefix_len, cu_q, cu_k, max_q, max_k, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_mask, prefix_len, cu_q, cu_k)
+    ctx.sizes = (max_q, max_k, causal, scale)
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, key_mask, prefix_len, cu_q, cu_k = ctx.saved_tensors
+    grads = _attention_bwd_op(grad_out, q, k, v, out, lse, key_mask, prefix_len, cu_q, cu_k, *ctx.sizes)
+    return (*grads, None, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("vlkernels::attention_fwd", _attention_backward, setup_context=_attention_setup)
+
+
+@torch.library.custom_op("vlkernels::co_attention_fwd", mutates_args=())
+def _co_attention_fwd_op(
+    q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, q_i: torch.Tensor, k_i: torch.Tensor,
+    v_i: torch.Tensor, text_mask: Optional[torch.Tensor], image_mask: Optional[torch.Tensor], scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_co_fwd(q_t, k_t, v_t, q_i, k_i, v_i, text_mask, image_mask, scale)
+
+
+@_co_attention_fwd_op.register_fake
+def _(q_t, k_t, v_t, q_i, k_i, v_i, text_mask, image_mask, scale):
+    def lse(q):
+        return q.new_empty(q.shape[:3], dtype=torch.float32)
+
+    return (torch.empty_like(q_t, memory_format=torch.contiguous_format), lse(q_t),
+            torch.empty_like(q_i, memory_format=torch.contiguous_format), lse(q_i))
+
+
+@torch.library.custom_op("vlkernels::co_attention_bwd", mutates_args=())
+def _co_attention_bwd_op(
+    grad_t: torch.Tensor, grad_i: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor,
+    q_i: torch.Tensor, k_i: torch.Tensor, v_i: torch.Tensor, out_t: torch.Tensor, lse_t: torch.Tensor,
+    out_i: torch.Tensor, lse_i: torch.Tensor, text_mask: Optional[torch.Tensor], image_mask: Optional[torch.Tensor],
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(_launch_co_bwd(grad_t, grad_i, q_t, k_t, v_t, q_i, k_i, v_i, out_t, lse_t, out_i, lse_i,
+                                text_mask, image_mask, scale))
+
+
+@_co_attention_bwd_op.register_fake
+def _(grad_t, grad_i, q_t, k_t, v_t, q_i, k_i, v_i, out_t, lse_t, out_i, lse_i, text_mask, image_mask, scale):
+    return tuple(torch.empty_like(t) for t in (q_t, k_t, v_t, q_i, k_i, v_i))
+
+
+def _co_attention_setup(ctx, inputs, output):
+    *qkv, text_mask, image_mask, scale = inputs
+    out_t, lse_t, out_i, lse_i = output
+    ctx.save_for_backward(*qkv, out_t, lse_t, out_i, lse_i, text_mask, image_mask)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse_t, lse_i)
+
+
+def _co_attention_backward(ctx, grad_t, _grad_lse_t, grad_i, _grad_lse_i):
+    *saved, text_mask, image_mask = ctx.saved_tensors
+    grads = _co_attention_bwd_op(grad_t, grad_i, *saved, text_mask, image_mask, ctx.scale)
+    return (*grads, None, None, None)
+
+
+torch.library.register_autograd("vlkernels::co_attention_fwd", _co_attention_backward,
+                                setup_context=_co_attention_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------
+def _check_qkv(op: str, q, k, v, packed: bool) -> None:
+    rank = 3 if packed else 4
+    layout = "[total, H, Dh]" if packed else "[B, H, S, Dh]"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != rank:
+            raise ValueError(f"{op}: {name} must be {layout}, got shape {tuple(t.shape)}")
+        if not t.dtype.is_floating_point or t.dtype != q.dtype:
+            raise TypeError(f"{op}: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{op}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"{op}: k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    batch_dims = slice(1, None, 2) if packed else slice(0, 2)  # packed: H; dense: B, H
+    if q.shape[batch_dims] != k.shape[batch_dims] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"{op}: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, heads and head dim")
+    if q.shape[-1] == 0:
+        raise ValueError(f"{op}: head dim must be positive")
+
+
+def _check_key_mask(op: str, name: str, mask: Optional[torch.Tensor], batch: int, keys: int, device) -> None:
+    if mask is None:
+        return
+    if mask.dtype != torch.bool or tuple(mask.shape) != (batch, keys):
+        raise ValueError(f"{op}: {name} must be a bool tensor [{batch}, {keys}] (True = a real token), "
+                         f"got {mask.dtype} {list(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"{op}: {name} is on {mask.device} but the queries are on {device}")
+
+
+def _triton_refusal(q: torch.Tensor) -> Optional[str]:
+    why = _backend.triton_refusal(q.device)
+    if why is None and q.dtype not in _SUPPORTED_DTYPES:
+        why = f"dtype {q.dtype} is not one of float32, float16, bfloat16"
+    if why is None and q.shape[-1] > _MAX_HEAD_DIM:
+        why = f"head dim {q.shape[-1]} is over {_MAX_HEAD_DIM}"
+    return why
+
+
+def _run_attention_triton(q, k, v, key_mask, prefix_len, causal, scale):
+    if prefix_len is not None and not isinstance(prefix_len, torch.Tensor):
+        prefix_len = torch.full((q.shape[0],), prefix_len, dtype=torch.int32, device=q.device)
+    elif prefix_len is not None:
+        prefix_len = prefix_len.to(device=q.device, dtype=torch.int32).expand(q.shape[0]).contiguous()
+    elif causal:
+        prefix_len = torch.zeros(q.shape[0], dtype=torch.int32, device=q.device)  # plain causal: an empty prefix
+    out, _ = _attention_fwd_op(q, k, v, key_mask, prefix_len, None, None, q.shape[2], k.shape[2],
+                               causal or prefix_len is not None, scale)
+    return out
+
+
+_ATTENTION = [
+    Implementation("triton", lambda q, *rest: _triton_refusal(q), _run_attention_triton),
+    Implementation("torch", lambda *args: None,
+                   lambda q, k, v, key_mask, prefix_len, causal, scale: reference.attention(
+                       q, k, v, key_mask=key_mask, causal=causal, prefix_len=prefix_len, scale=scale)),
+]
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    key_mask: Optional[torch.Tensor] = None,
+    causal: bool = False,
+    prefix_len: Union[int, torch.Tensor, None] = None,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Scaled dot-product attention with the masks of VL transformers.
+
+    q: [B, H, Sq, Dh], k and v: [B, H, Sk, Dh] (SDPA's layout; Sq != Sk is cross-attention)
+    key_mask: [B, Sk] bool, True = a real token that may be attended
+    causal: query i sees keys j <= i (needs Sq == Sk)
+    prefix_len: int or [B] int tensor, SimVLM's PrefixLM: query i sees key j when j < prefix_len
+        or j <= i, so the prefix is bidirectional and every position sees all of it (needs Sq == Sk)
+    scale: defaults to Dh ** -0.5
+    returns [B, H, Sq, Dh]; a query that sees no key gets zeros (and zero gradients), never NaN.
+    Triton backend: Dh <= 128; fp32 uses tf32 dots when torch.backends.cuda.matmul.allow_tf32.
+    """
+    op = "attention"
+    _check_qkv(op, q, k, v, packed=False)
+    batch, _, seq_q, head_dim = q.shape
+    _check_key_mask(op, "key_mask", key_mask, batch, k.shape[2], q.device)
+    if (causal or prefix_len is not None) and seq_q != k.shape[2]:
+        raise ValueError(f"{op}: causal and prefix_len masks need Sq == Sk, got {seq_q} and {k.shape[2]}")
+    if isinstance(prefix_len, torch.Tensor):
+        if prefix_len.dtype.is_floating_point or prefix_len.dim() > 1 or prefix_len.numel() not in (1, batch):
+            raise ValueError(f"{op}: prefix_len must be an int or an integer tensor of shape [{batch}]")
+        if prefix_len.numel() and int(prefix_len.min()) < 0:
+            raise ValueError(f"{op}: prefix_len must be non-negative")
+    elif prefix_len is not None and (not isinstance(prefix_len, int) or prefix_len < 0):
+        raise ValueError(f"{op}: prefix_len must be a non-negative int or an integer tensor, got {prefix_len!r}")
+    scale = head_dim ** -0.5 if scale is None else float(scale)
+    return _backend.dispatch(op, _ATTENTION, q.device, q, k, v, key_mask, prefix_len, causal, scale)
+
+
+def _run_co_attention_triton(q_t, k_t, v_t, q_i, k_i, v_i, text_mask, image_mask, scale):
+    out_t, _, out_i, _ = _co_attention_fwd_op(q_t, k_t, v_t, q_i, k_i, v_i, text_mask, image_mask, scale)
+    return out_t, out_i
+
+
+_CO_ATTENTION = [
+    Implementation("triton", lambda q_t, *rest: _triton_refusal(q_t), _run_co_attention_triton),
+    Implementation("torch", lambda *args: None,
+                   lambda q_t, k_t, v_t, q_i, k_i, v_i, text_mask, image_mask, scale: reference.co_attention(
+                       q_t, k_t, v_t, q_i, k_i, v_i, text_mask=text_mask, image_mask=image_mask, scale=scale)),
+]
+
+
+def co_attention(
+    q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor,
+    q_i: torch.Tensor, k_i: torch.Tensor, v_i: torch.Tensor,
+    *,
+    text_mask: Optional[torch.Tensor] = None,
+    image_mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bidirectional co-attention (LXMERT, ViLBERT, METER): text queries attend the image and
+    image queries attend the text, both in one kernel launch (forward and backward).
+
+    q_t, k_t, v_t: [B, H, St, Dh]; q_i, k_i, v_i: [B, H, Si, Dh]
+    text_mask: [B, St] bool, image_mask: [B, Si] bool (True = a real token)
+    returns (out_t [B, H, St, Dh] = attention(q_t, k_i, v_i, key_mask=image_mask),
+             out_i [B, H, Si, Dh] = attention(q_i, k_t, v_t, key_mask=text_mask))
+    """
+    op = "co_attention"
+    _check_qkv(op, q_t, k_t, v_t, packed=False)
+    _check_qkv(op, q_i, k_i, v_i, packed=False)
+    if q_t.shape[:2] != q_i.shape[:2] or q_t.shape[-1] != q_i.shape[-1] or q_t.dtype != q_i.dtype:
+        raise ValueError(f"co_attention: text {tuple(q_t.shape)} and image {tuple(q_i.shape)} streams must share "
+                         "batch, heads, head dim and dtype")
+    if q_t.device != q_i.device:
+        raise ValueError(f"co_attention: text is on {q_t.device} but image on {q_i.device}")
+    _check_key_mask(op, "text_mask", text_mask, q_t.shape[0], k_t.shape[2], q_t.device)
+    _check_key_mask(op, "image_mask", image_mask, q_t.shape[0], k_i.shape[2], q_t.device)
+    scale = q_t.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _backend.dispatch(op, _CO_ATTENTION, q_t.device, q_t, k_t, v_t, q_i, k_i, v_i, text_mask, image_mask,
+                             scale)
+
+
+def _run_varlen_triton(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+    prefix = torch.zeros(cu_q.shape[0] - 1, dtype=torch.int32, device=q.device) if causal else None
+    out, _ = _attention_fwd_op(q, k, v, None, prefix, cu_q, cu_k, max_q, max_k, causal, scale)
+    return out
+
+
+_VARLEN = [
+    Implementation("triton", lambda q, *rest: _triton_refusal(q), _run_varlen_triton),
+    Implementation("torch", lambda *args: None,
+                   lambda q, k, v, cu_q, cu_k, max_q, max_k, causal, scale: reference.attention_varlen(
+                       q, k, v, cu_q, cu_k, causal=causal, scale=scale)),
+]
+
+
+def attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = False,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Attention over packed sequences with no padding (flash-attn's varlen layout).
+
+    q: [total_q, H, Dh], k and v: [total_k, H, Dh]; sequence b owns rows
+    cu_seqlens[b]:cu_seqlens[b+1] (cu_seqlens_q, cu_seqlens_k: [N+1] int32, starting at 0,
+    non-decreasing; empty sequences allowed); max_seqlen_*: the longest sequence.
+    causal: query i of a sequence sees its keys j <= i (needs equal q and k lengths).
+    returns [total_q, H, Dh]. See unpad_input / pad_input to convert from padded batches.
+    """
+    op = "attention_varlen"
+    _check_qkv(op, q, k, v, packed=True)
+    for name, cu, total, longest in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+                                     ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
+        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2 or cu.device != q.device:
+            raise ValueError(f"{op}: {name} must be an int32 [N+1] tensor on {q.device}")
+        lengths = cu.diff()
+        if int(cu[0]) != 0 or int(cu[-1]) != total or bool((lengths < 0).any()):
+            raise ValueError(f"{op}: {name} must rise from 0 to {total} (the packed rows)")
+        if int(lengths.max()) > longest:
+            raise ValueError(f"{op}: a sequence of {int(lengths.max())} rows exceeds {name.replace('cu_seqlens', 'max_seqlen')}"
+                             f"={longest}")
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
+    if causal and not torch.equal(cu_seqlens_q, cu_seqlens_k):
+        raise ValueError(f"{op}: causal attention needs each sequence's q and k lengths equal")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _backend.dispatch(op, _VARLEN, q.device, q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
+                             int(max_seqlen_q), int(max_seqlen_k), causal, scale)
+
+
+def unpad_input(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """x: [B, S, ...], mask: [B, S] bool (True = a real token) -> (packed [total, ...],
+    indices [total] into the flattened B*S rows, cu_seqlens [B+1] int32, max_seqlen)."""
+    if mask.dtype != torch.bool or mask.shape != x.shape[:2]:
+        raise ValueError(f"unpad_input: mask must be a bool tensor of shape {list(x.shape[:2])}")
+    lengths = mask.sum(1, dtype=torch.int32)
+    indices = mask.flatten().nonzero().flatten()
+    cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    return x.flatten(0, 1)[indices], indices, cu_seqlens, int(lengths.max()) if lengths.numel() else 0
+
+
+def pad_input(packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+    """Inverse of unpad_input: packed [total, ...] -> [batch, seqlen, ...] with zeros at padding."""
+    out = packed.new_zeros((batch * seqlen, *packed.shape[1:]))
+    return out.index_copy(0, indices, packed).view(batch, seqlen, *packed.shape[1:])
+
+
+def aot_variants():
+    """Every kernel configuration the launchers above can pick (each supported head dim, each
+    dtype), all masks on, with ViLT-B/32's sizes (B=32, H=12, S=185), for the sm_90a report."""
+    from vlkernels.report import KernelVariant
+
+    sizes = dict(heads=12, seq_q=185, seq_k=185, seq_q_a=40, seq_k_a=145, seq_q_b=145, seq_k_b=40,
+                 scale_log2=0.18, scale=0.125)
+    for prefix in ("sq", "sk", "sv", "so"):
+        sizes.update({f"{prefix}_b": 12 * 185 * 64, f"{prefix}_h": 64, f"{prefix}_s": 12 * 64})
+        sizes.update({f"{prefix}_{axis}_{side}": value for side in "ab"
+                      for axis, value in (("b", 12 * 185 * 64), ("h", 64), ("s", 12 * 64))})
+    sizes.update(lse_sb=12 * 185, lse_sh=185, mask_sb=185, mask_sb_a=185, mask_sb_b=185)
+    variants = []
+    cases = [(torch.bfloat16, d) for d in (32, 64, 80, 96, 128)] + [(t, d) for t in (torch.float16, torch.float32) for d in (64, 128)]
+    for dtype, head_dim in cases:
+        block_d = max(16, 1 << (head_dim - 1).bit_length())
+        pointers = {name: dtype for name in ("q", "k", "v", "out", "grad_out", "grad_q", "grad_k", "grad_v")}
+        pointers.update(lse=torch.float32, key_mask=torch.uint8, key_limit=torch.int32, prefix_len=torch.int32,
+                        cu_q=torch.int32, cu_k=torch.int32)
+        for side in "ab":
+            pointers.update({f"{name}_{side}": dtype for name in ("q", "k", "v", "out", "grad_out", "grad_q",
+                                                                 "grad_k", "grad_v")})
+            pointers.update({f"lse_{side}": torch.float32, f"mask_{side}": torch.uint8, f"limit_{side}": torch.int32})
+        label = f"{str(dtype)[6:]}-D{head_dim}"
+        for backward, single, pair in ((False, kernels._attention_fwd_kernel, kernels._co_attention_fwd_kernel),
+                                       (True, kernels._attention_bwd_kernel, kernels._co_attention_bwd_kernel)):
+            cfg = _config(dtype, block_d, backward)
+            common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                          DOT_PRECISION="tf32")
+            options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            variants.append(KernelVariant(single, label, dict(common, CAUSAL=True, HAS_KEY_MASK=True, VARLEN=False),
+                                          pointers, sizes, options, gemm_shaped=True))
+            if head_dim == 64:
+                variants.append(KernelVariant(pair, label, dict(common, HAS_MASK_A=True, HAS_MASK_B=True),
+                                              pointers, sizes, options, gemm_shaped=True))
+    return variants
