@@ -16,7 +16,6 @@ proves them on machines without a GPU.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import importlib.util
 import os
@@ -28,7 +27,10 @@ import torch
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
 
-_requested: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("vlkernels_backend", default=None)
+# The innermost use_backend block's choice. A plain module global rather than a ContextVar:
+# torch.compile traces (and guards on) globals, while ContextVar.get breaks the graph. It is
+# process-wide: threads share it.
+_requested: Optional[str] = None
 
 
 class NoBackendError(RuntimeError):
@@ -43,7 +45,7 @@ def _checked(name: str) -> str:
 
 def requested_backend() -> str:
     """The backend asked for now: the innermost ``use_backend`` block, else ``VLKERNELS_BACKEND``, else auto."""
-    name = _requested.get()
+    name = _requested
     if name is None:
         name = os.environ.get("VLKERNELS_BACKEND", "auto").strip().lower() or "auto"
     return _checked(name)
@@ -52,11 +54,12 @@ def requested_backend() -> str:
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Run the ops called inside the block on backend ``name`` (one of ``BACKENDS``)."""
-    token = _requested.set(_checked(name))
+    global _requested
+    outer, _requested = _requested, _checked(name)
     try:
         yield
     finally:
-        _requested.reset(token)
+        _requested = outer
 
 
 def triton_interpreting() -> bool:
