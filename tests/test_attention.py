@@ -18,6 +18,7 @@ CASES = [
     (1, 2, 33, 33, 128, False, False, 9),
     (1, 1, 1, 3, 32, False, False, None),  # one query (one key would make dq exactly 0)
     (1, 1, 200, 200, 32, True, True, None),
+    (2, 1, 150, 150, 32, True, False, 100),  # a prefix spanning several key and query blocks
 ]
 
 
