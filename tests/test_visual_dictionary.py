@@ -191,7 +191,7 @@ def test_mvm_logits_are_cosine_similarities():
 def _distributed_update(rank, world_size, init_file, backend, shards, result_file):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        state = [t.to(DEVICE) for t in shards["state"]]
+        state = [t.to(DEVICE, copy=True) for t in shards["state"]]  # shards live in shared memory
         x, index, mask = (t[rank].to(DEVICE) for t in (shards["x"], shards["index"], shards["mask"]))
         with vlkernels.use_backend(backend):
             vd_ema_update_(*state, x, index, decay=0.4, mask=mask)

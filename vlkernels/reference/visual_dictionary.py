@@ -10,12 +10,19 @@ def vd_nearest(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, t
     """x: [N, D], codebook: [K, D] -> (index [N] int64, sqdist [N] float32, or float64 for float64 inputs).
 
     The nearest entry by squared L2 distance, the lowest index on ties, as SOHO computes it:
-    |x|^2 + |e|^2 - 2 x.e (accumulated in fp32, or fp64 for fp64 inputs).
+    |x|^2 + |e|^2 - 2 x.e (accumulated in fp32, or fp64 for fp64 inputs), a block of rows at a
+    time so the distances never take more than 64 MiB.
     """
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     x, codebook = x.to(acc), codebook.to(acc)
-    distances = x.square().sum(1, keepdim=True) + codebook.square().sum(1) - 2 * x @ codebook.T
-    sqdist, index = distances.min(1)  # torch returns the first minimal index
+    code_sqnorm = codebook.square().sum(1)
+    index = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+    sqdist = torch.empty(x.shape[0], dtype=acc, device=x.device)
+    rows_per_chunk = max(1, 2**24 // max(1, codebook.shape[0]))  # bounds the distance block to 64 MiB (fp32)
+    for start in range(0, x.shape[0], rows_per_chunk):
+        chunk = x[start : start + rows_per_chunk]
+        distances = chunk.square().sum(1, keepdim=True) + code_sqnorm - 2 * chunk @ codebook.T
+        torch.min(distances, 1, out=(sqdist[start : start + rows_per_chunk], index[start : start + rows_per_chunk]))
     return index, sqdist
 
 
