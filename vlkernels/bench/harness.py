@@ -28,6 +28,7 @@ import platform
 import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -279,8 +280,9 @@ class _Recorder:
         self.result.rows.append(dict(self.common, op=case.op, provider=provider, mode=mode, shape=case.shape,
                                      metric=metric, median=median, p20=p20, p80=p80, note=note))
 
-    def skip(self, case: Case, provider: str, mode: str, reason: str):
-        error = provider == SUBJECT  # the subject must run everything it is asked to
+    def skip(self, case: Case, provider: str, mode: str, reason: str, error: Optional[bool] = None):
+        if error is None:
+            error = provider == SUBJECT  # the subject must run everything it is asked to
         self.row(case, provider, mode, "error" if error else "skipped", note=reason)
         message = f"{case.op} {case.shape} {provider} {mode}: {reason}"
         (self.result.failures if error else self.result.skipped).append(message)
@@ -301,8 +303,13 @@ def run_cases(
     budget: TimingBudget = FULL_BUDGET,
     progress: bool = True,
     seed: int = 0,
+    deadline: Optional[float] = None,
 ) -> BenchResult:
-    """Time each case's providers (all, or those named in ``providers``) in each mode."""
+    """Time each case's providers (all, or those named in ``providers``) in each mode.
+
+    ``deadline`` (a ``time.monotonic()`` value): cases not started by then are recorded as
+    skipped ("time limit"), so a run under a fixed budget still writes what it measured.
+    """
     from tqdm.auto import tqdm
 
     cases = list(cases)
@@ -312,10 +319,26 @@ def run_cases(
     roof = roofline_for(device)
     bar = tqdm(cases, desc="vlkernels-bench", unit="case", file=sys.stderr, disable=not progress, dynamic_ncols=True)
     for index, case in enumerate(bar):
+        wanted = [n for n in case.providers if providers is None or n in providers]
+        if deadline is not None and time.monotonic() > deadline:
+            for name in wanted:
+                for mode in modes:
+                    recorder.skip(case, name, mode, "time limit reached before this case started", error=False)
+            continue
         torch.manual_seed(seed + index)  # reproducible, and different for each case
-        inputs = case.make_inputs(device, dtype)
+        try:
+            inputs = case.make_inputs(device, dtype)
+            # The eager output is the yardstick every other provider's forward is checked against.
+            expected = (case.providers["eager"](*inputs.args, **inputs.kwargs).detach()
+                        if "eager" in case.providers else None)
+        except Exception as error:  # noqa: BLE001 - e.g. the inputs of the largest preset do not fit
+            inputs = expected = None
+            for name in wanted:
+                for mode in modes:
+                    recorder.skip(case, name, mode, f"inputs/reference failed: {_reason(error)}", error=False)
+            _free_cuda(device)
+            continue
         grads = inputs.grad_tensors()
-        expected = case.providers["eager"](*inputs.args, **inputs.kwargs).detach() if "eager" in case.providers else None
         grad_out = torch.randn_like(expected) if expected is not None else None
         case_modes = [m for m in modes if m == "forward" or grads]  # no backward for an op without grads
         tolerance = (case.tolerance or default_tolerance)(dtype)
@@ -346,7 +369,7 @@ def run_cases(
                     result.failures.append(f"{case.op} {case.shape} {name}: {message}")
             del out
             for mode in case_modes:
-                bar.set_postfix_str(f"{case.shape} {name} {mode}", refresh=True)
+                bar.set_postfix_str(f"{case.shape} {name} {mode}", refresh=False)
                 try:
                     call = _mode_closure(fn, inputs, mode, grad_out)
                     median, p20, p80 = time_call(call, device, budget)
@@ -368,7 +391,8 @@ def run_cases(
                 if roof is not None and flops and nbytes and dtype in roof.dense_tflops:
                     # Roofline time: the larger of compute-bound and bandwidth-bound time at peak.
                     ideal_ms = max(flops / (roof.dense_tflops[dtype] * 1e12), nbytes / (roof.hbm_tb_s * 1e12)) * 1e3
-                    recorder.row(case, name, mode, "pct_roofline", tuple(100 * ideal_ms / t for t in (median, p80, p20)))
+                    pct = tuple(100 * ideal_ms / t for t in (median, p80, p20))
+                    recorder.row(case, name, mode, "pct_roofline", pct)
             del fn
         del inputs, expected, grad_out, grads
         _free_cuda(device)
@@ -398,15 +422,15 @@ def read_csv(path: str) -> list[dict]:
     return rows
 
 
-def _ordered(values: Iterable[str]) -> list[str]:
+def ordered_unique(values: Iterable[str]) -> list[str]:
     seen: dict[str, None] = {}
     for v in values:
         seen.setdefault(v, None)
     return list(seen)
 
 
-def _provider_order(names: Iterable[str]) -> list[str]:
-    names = _ordered(names)
+def provider_order(names: Iterable[str]) -> list[str]:
+    names = ordered_unique(names)
     first = [n for n in (SUBJECT, "eager", "torch.compile") if n in names]
     return first + [n for n in names if n not in first]
 
@@ -416,11 +440,11 @@ def summary_table(rows: Sequence[dict], modes: Optional[Sequence[str]] = None) -
     over each other provider (other time / vlkernels time; > 1 means vlkernels is faster)."""
     lines = []
     times = [r for r in rows if r["metric"] == "time_ms" and (modes is None or r["mode"] in modes)]
-    for op in _ordered(r["op"] for r in rows):
+    for op in ordered_unique(r["op"] for r in rows):
         op_rows = [r for r in times if r["op"] == op]
         if not op_rows:
             continue
-        providers = _provider_order(r["provider"] for r in op_rows)
+        providers = provider_order(r["provider"] for r in op_rows)
         others = [p for p in providers if p != SUBJECT]
         median = {(r["shape"], r["mode"], r["provider"]): float(r["median"]) for r in op_rows}
         shape_width = max(len("shape"), *(len(r["shape"]) for r in op_rows))
@@ -430,7 +454,7 @@ def summary_table(rows: Sequence[dict], modes: Optional[Sequence[str]] = None) -
         first = op_rows[0]
         lines += ["", f"{op}  [{first['dtype']}, {first['device']}]  median ms; speed-up = other / {SUBJECT}", header,
                   "-" * len(header)]
-        for shape in _ordered(r["shape"] for r in op_rows):
+        for shape in ordered_unique(r["shape"] for r in op_rows):
             for mode in [m for m in MODES if any((shape, m, p) in median for p in providers)]:
                 cells = [median.get((shape, mode, p)) for p in providers]
                 line = f"{shape:<{shape_width}}  {mode:<8}" + "".join(
@@ -470,6 +494,7 @@ def speedups(rows: Sequence[dict]) -> dict:
 __all__ = [
     "BenchResult", "CSV_COLUMNS", "Case", "Compiled", "DTYPES", "FULL_BUDGET", "Inputs", "METRICS", "MODES",
     "QUICK_BUDGET", "Roofline", "SUBJECT", "TimingBudget", "default_tolerance", "device_description", "device_slug",
-    "git_commit", "peak_memory_mb", "read_csv", "roofline_for", "run_cases", "speedups", "standard_providers",
+    "git_commit", "ordered_unique", "peak_memory_mb", "provider_order", "read_csv", "roofline_for", "run_cases",
+    "speedups", "standard_providers",
     "summary_table", "time_call", "versions", "write_csv",
 ]

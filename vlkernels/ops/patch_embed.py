@@ -63,8 +63,10 @@ if triton is not None:
         DOT_PRECISION: tl.constexpr,
     ):
         K: tl.constexpr = CHANNELS * PATCH * PATCH
-        row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # output row b*T + t
-        col = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # embedding channel
+        # Axis 0 (launched fastest) walks the channel tiles of one row block, so the programs
+        # that read the same pixels run together and read them from L2, not HBM.
+        col = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # embedding channel
+        row = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # output row b*T + t
         row_ok = row < rows
         col_ok = col < embed_dim
         batch = row // tokens
@@ -105,8 +107,8 @@ if triton is not None:
     ):
         # grad_patches[M, K] = grad_out_patches[M, D] @ weight[D, K], stored at the pixels it came from.
         K: tl.constexpr = CHANNELS * PATCH * PATCH
-        m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # patch row b*N + n
-        k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # patch element (c, i, j)
+        k = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # patch element (c, i, j), fastest as above
+        m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # patch row b*N + n
         m_ok = m < patch_rows
         k_ok = k < K
         batch = m // patches_per_image
@@ -240,7 +242,7 @@ def _launch_fwd(images, weight, bias, pos_embed, cls_token) -> torch.Tensor:
     pos = pos_embed.contiguous() if pos_embed is not None else None
     cfg = _GEMM_CONFIGS[images.dtype]
     rows = batch * tokens
-    grid = (triton.cdiv(rows, cfg.block_m), triton.cdiv(embed_dim, cfg.block_n))
+    grid = (triton.cdiv(embed_dim, cfg.block_n), triton.cdiv(rows, cfg.block_m))
     _patch_embed_fwd_kernel[grid](
         images, weight,
         bias if bias is not None else weight,  # unread placeholders when a term is absent
@@ -263,7 +265,7 @@ def _launch_bwd_images(grad_out, images, weight, has_cls) -> torch.Tensor:
     grad_images = torch.empty(images.shape, device=images.device, dtype=images.dtype)
     patch_rows = images.shape[0] * patches
     cfg = _GEMM_CONFIGS[images.dtype]
-    grid = (triton.cdiv(patch_rows, cfg.block_m), triton.cdiv(channels * patch * patch, cfg.block_n))
+    grid = (triton.cdiv(channels * patch * patch, cfg.block_n), triton.cdiv(patch_rows, cfg.block_m))
     _patch_embed_bwd_images_kernel[grid](
         grad_out, weight.contiguous(), grad_images,
         patch_rows, patches, grad_out.shape[1], embed_dim, grid_w, *grad_images.stride()[:3],

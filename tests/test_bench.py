@@ -1,0 +1,213 @@
+"""The benchmark harness and CLI: a quick patch_embed run writes a valid CSV and PNG, the
+torch.compile provider runs or is cleanly skipped, timings have the right units, and failures
+of the vlkernels provider are reported (never hidden)."""
+import csv
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from vlkernels.bench import OPS, load_cases
+from vlkernels.bench import harness
+from vlkernels.bench import patch_embed as patch_embed_bench
+from vlkernels.bench.harness import CSV_COLUMNS, Case, Compiled, Inputs, QUICK_BUDGET, run_cases
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def run_cli(*args, timeout=300):
+    """python -m vlkernels.bench ARGS from the repository root; returns the CompletedProcess."""
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "vlkernels.bench", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def check_quantiles(row):
+    median, p20, p80 = (float(row[k]) for k in ("median", "p20", "p80"))
+    where = f"{row['provider']} {row['mode']} {row['shape']} {row['metric']}"
+    assert math.isfinite(median) and median > 0, f"{where}: median {median}"
+    assert p20 <= median <= p80, f"{where}: p20 {p20} <= median {median} <= p80 {p80} fails"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quick_cli_writes_csv_and_png(tmp_path, device):
+    out = tmp_path / "results"
+    proc = run_cli("--op", "patch_embed", "--quick", "--device", device, "--providers", "vlkernels,eager",
+                   "--no-progress", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    columns, rows = read_rows(out / "patch_embed.csv")
+    assert columns == list(CSV_COLUMNS)
+    assert not [r for r in rows if r["metric"] in ("error", "skipped")], rows
+    shapes = {r["shape"] for r in rows}
+    expected_presets = patch_embed_bench.GPU_QUICK_PRESETS if device == "cuda" else patch_embed_bench.CPU_QUICK_PRESETS
+    assert shapes == {preset.label(batch) for preset, batch in expected_presets}
+    times = [r for r in rows if r["metric"] == "time_ms"]
+    # Every (shape, provider, mode) was timed exactly once.
+    keys = [(r["shape"], r["provider"], r["mode"]) for r in times]
+    assert sorted(keys) == sorted({(s, p, m) for s in shapes for p in ("vlkernels", "eager") for m in harness.MODES})
+    for row in rows:
+        assert row["op"] == "patch_embed" and row["dtype"] == ("bf16" if device == "cuda" else "fp32")
+        assert row["versions"].startswith("torch=") and "triton=" in row["versions"]
+        assert row["commit"] and row["device"]
+        check_quantiles(row)
+    metrics = {r["metric"] for r in rows}
+    assert {"time_ms", "tflops"} <= metrics
+    if device == "cuda":
+        assert "peak_mem_mb" in metrics
+        if harness.roofline_for(torch.device("cuda")) is not None:
+            pct = [float(r["median"]) for r in rows if r["metric"] == "pct_roofline"]
+            assert pct and all(0 < p <= 100 for p in pct), pct  # spec-sheet peaks cannot be beaten
+
+    png = out / "patch_embed.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+    # The summary: each shape and mode with vlkernels' speed-up over eager.
+    assert "vs eager" in proc.stdout
+    for shape in shapes:
+        assert proc.stdout.count(shape) == len(harness.MODES), proc.stdout
+
+    # --summarize reads the CSV back and prints the same table for the chosen modes.
+    again = run_cli("--summarize", str(out / "patch_embed.csv"), "--modes", "forward,full")
+    assert again.returncode == 0, again.stderr
+    assert "forward" in again.stdout and "full" in again.stdout and "backward" not in again.stdout
+
+
+def vit_quick_case():
+    (case,) = [c for c in load_cases("patch_embed", torch.device("cpu"), quick=True) if c.shape.startswith("vit")]
+    return case
+
+
+def test_torch_compile_provider_runs_or_is_skipped_cleanly():
+    case = vit_quick_case()
+    result = run_cases([case], device=torch.device("cpu"), dtype=torch.float32, modes=["forward", "full"],
+                       providers=["torch.compile"], budget=QUICK_BUDGET, progress=False)
+    assert result.failures == []
+    times = [r for r in result.rows if r["metric"] == "time_ms"]
+    skipped = [r for r in result.rows if r["metric"] == "skipped"]
+    if times:  # compiled (a C++ compiler is present): timed in both modes, matching eager
+        assert not skipped
+        assert sorted(r["mode"] for r in times) == ["forward", "full"]
+        assert {r["provider"] for r in times} == {"torch.compile"}
+        for row in times:
+            check_quantiles(row)
+    else:
+        assert len(skipped) == 2 and all(r["note"] for r in skipped)
+
+
+def test_compile_failure_is_recorded_as_skipped(monkeypatch):
+    def broken_compile(self):
+        def fail(*args, **kwargs):
+            raise RuntimeError("InductorError: no working C++ compiler found\ndetails ...")
+        return fail
+
+    monkeypatch.setattr(Compiled, "fresh", broken_compile)
+    result = run_cases([vit_quick_case()], device=torch.device("cpu"), dtype=torch.float32, modes=harness.MODES,
+                       providers=["torch.compile", "eager"], budget=QUICK_BUDGET, progress=False)
+    assert result.failures == []
+    skipped = [r for r in result.rows if r["metric"] == "skipped"]
+    assert [r["mode"] for r in skipped] == list(harness.MODES)
+    assert all(r["provider"] == "torch.compile" and "no working C++ compiler" in r["note"] for r in skipped)
+    assert len([r for r in result.rows if r["metric"] == "time_ms" and r["provider"] == "eager"]) == 3
+
+
+def scale_case(providers, sleep_s=0.0):
+    """A tiny op (y = 2x) whose providers can sleep, fail or be wrong."""
+    def make(device, dtype):
+        return Inputs((torch.randn(64, device=device, dtype=dtype).requires_grad_(),))
+
+    def slow(x):
+        time.sleep(sleep_s)
+        return x * 2
+
+    all_providers = {"vlkernels": slow, "eager": lambda x: x * 2, "wrong": lambda x: x * 3,
+                     "broken": lambda x: (_ for _ in ()).throw(ValueError("refused this shape"))}
+    return Case("scale", "N64", make, {name: all_providers[name] for name in providers},
+                flops=lambda mode: 64.0, bytes=lambda mode, dtype: 512.0)
+
+
+def test_timing_is_in_milliseconds():
+    result = run_cases([scale_case(["vlkernels", "eager"], sleep_s=0.005)], device=torch.device("cpu"),
+                       dtype=torch.float32, modes=["forward"], budget=QUICK_BUDGET, progress=False)
+    times = {r["provider"]: r for r in result.rows if r["metric"] == "time_ms"}
+    assert 4.5 <= times["vlkernels"]["median"] < 200, times["vlkernels"]  # a 5 ms sleep
+    assert times["eager"]["median"] < times["vlkernels"]["median"]
+    for row in times.values():
+        check_quantiles(row)
+    tflops = next(r for r in result.rows if r["metric"] == "tflops" and r["provider"] == "vlkernels")
+    assert tflops["median"] == pytest.approx(64.0 / (times["vlkernels"]["median"] * 1e-3) / 1e12)
+    check_quantiles(tflops)
+
+
+def test_vlkernels_failures_are_errors_and_peer_failures_are_skips():
+    case = scale_case(["eager", "broken"])
+    case.providers["vlkernels"] = case.providers.pop("broken")  # the subject itself fails
+    case.providers["wrong"] = lambda x: x * 3
+    result = run_cases([case], device=torch.device("cpu"), dtype=torch.float32, modes=["forward"],
+                       budget=QUICK_BUDGET, progress=False)
+    by_provider = {(r["provider"], r["metric"]): r for r in result.rows}
+    assert "refused this shape" in by_provider[("vlkernels", "error")]["note"]
+    assert "differs from eager" in by_provider[("wrong", "error")]["note"]
+    assert len(result.failures) == 2
+
+    peer = scale_case(["vlkernels", "eager", "broken"])
+    result = run_cases([peer], device=torch.device("cpu"), dtype=torch.float32, modes=["forward"],
+                       budget=QUICK_BUDGET, progress=False)
+    assert result.failures == [] and len(result.skipped) == 1
+    assert any(r["provider"] == "broken" and r["metric"] == "skipped" for r in result.rows)
+
+
+def test_summary_speedups():
+    def row(provider, mode, ms):
+        return dict(op="op", provider=provider, mode=mode, shape="S", dtype="bf16", metric="time_ms", median=ms,
+                    p20=ms, p80=ms, device="dev", versions="v", commit="c", note="")
+
+    rows = [row("vlkernels", "forward", 1.0), row("eager", "forward", 2.0), row("torch.compile", "forward", 1.5),
+            row("vlkernels", "full", 4.0), row("eager", "full", 2.0)]
+    assert harness.speedups(rows) == {("op", "S", "forward", "eager"): 2.0,
+                                      ("op", "S", "forward", "torch.compile"): 1.5,
+                                      ("op", "S", "full", "eager"): 0.5}
+    table = harness.summary_table(rows)
+    assert "2.00x" in table and "1.50x" in table and "0.50x" in table
+
+
+def test_patch_embed_presets_and_flops():
+    assert "patch_embed" in OPS
+    labels = {preset.label(batch) for preset, batch in patch_embed_bench.GPU_PRESETS}
+    for batch in (32, 128, 256):
+        assert {f"vilt-b32-384x384-cls-pos-B{batch}", f"vilt-b32-384x640-cls-pos-B{batch}",
+                f"vit-b16-224x224-B{batch}"} <= labels
+    for preset, batch in patch_embed_bench.CPU_PRESETS + patch_embed_bench.CPU_QUICK_PRESETS:
+        assert 2 <= batch <= 8
+
+    vilt = patch_embed_bench.VILT_384
+    case = Case("patch_embed", "x", patch_embed_bench._make_inputs(vilt, 2), {},
+                flops=patch_embed_bench._flops(vilt, 2))
+    inputs = case.make_inputs(torch.device("cpu"), torch.float32)
+    images, weight, bias = inputs.args
+    assert images.shape == (2, 3, 384, 384) and weight.shape == (768, 3, 32, 32) and bias.shape == (768,)
+    assert inputs.kwargs["pos_embed"].shape == (1, 1 + 144, 768) and inputs.kwargs["cls_token"].shape == (1, 1, 768)
+    assert len(inputs.grad_tensors()) == 5
+    assert all((t != 0).all() for t in inputs.grad_tensors())  # fresh random, never zeros
+    forward = 2 * 2 * 144 * 768 * 3 * 32 * 32
+    assert case.flops("forward") == forward and case.flops("backward") == 2 * forward
+    assert case.flops("full") == 3 * forward
+
+    vit_inputs = patch_embed_bench._make_inputs(patch_embed_bench.VIT_224, 2)(torch.device("cpu"), torch.float32)
+    assert vit_inputs.kwargs == {} and len(vit_inputs.grad_tensors()) == 3
+
+
+def test_gpu_check_script_parses():
+    script = os.path.join(REPO, "bench", "gpu_check.sh")
+    assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0

@@ -1,0 +1,142 @@
+"""``vlkernels-bench`` (also ``python -m vlkernels.bench``): time the ops, write CSV + PNG per op.
+
+    vlkernels-bench                                  # every op, full presets, default device
+    vlkernels-bench --op patch_embed --quick         # small shapes, few reps (a CPU finishes in well under 2 min)
+    vlkernels-bench --modes forward,full --providers vlkernels,eager --dtype fp16 --out /tmp/b
+    vlkernels-bench --summarize bench/results/x/patch_embed.csv --modes forward,full
+
+Writes ``<out>/<op>.csv`` (long format, see vlkernels.bench.harness.CSV_COLUMNS) and
+``<out>/<op>.png`` and prints a summary table. Exit status 1 when a vlkernels provider failed
+or disagreed with the eager reference (other providers that cannot run are recorded as
+skipped), 2 on bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+import torch
+
+from vlkernels.bench import OPS, load_cases
+from vlkernels.bench import harness
+
+
+def _csv_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _results_root() -> str:
+    """bench/results of the repository checkout holding vlkernels (results are committed there),
+    else bench/results under the working directory (an installed, non-editable vlkernels)."""
+    import vlkernels
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(vlkernels.__file__)))
+    base = repo if os.path.isdir(os.path.join(repo, "bench")) else os.getcwd()
+    return os.path.join(base, "bench", "results")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlkernels-bench", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--op", type=_csv_list, default=None,
+                        help=f"comma-separated ops (default: all registered: {', '.join(OPS)})")
+    parser.add_argument("--quick", action="store_true", help="small shapes and few repetitions")
+    parser.add_argument("--modes", type=_csv_list, default=list(harness.MODES),
+                        help=f"comma-separated subset of {','.join(harness.MODES)} (default: all)")
+    parser.add_argument("--dtype", choices=sorted(harness.DTYPES), default=None,
+                        help="input dtype (default: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--providers", type=_csv_list, default=None,
+                        help="comma-separated providers to time (default: all of each op's)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: <repo>/bench/results/<device-slug>, with -quick for --quick)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                        help="start no new case after this many seconds (the rest are recorded as skipped)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--summarize", nargs="+", metavar="CSV", default=None,
+                        help="print the summary of existing result CSVs (restricted to --modes) and exit")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    bad_modes = [m for m in args.modes if m not in harness.MODES]
+    if bad_modes or not args.modes:
+        parser.error(f"--modes: unknown {', '.join(bad_modes) or '(empty)'}; choose from {', '.join(harness.MODES)}")
+
+    if args.summarize:
+        rows = []
+        for path in args.summarize:
+            try:
+                rows += harness.read_csv(path)
+            except OSError as error:
+                print(f"vlkernels-bench: cannot read {path}: {error}", file=sys.stderr)
+                return 2
+        print(harness.summary_table(rows, args.modes))
+        return 0
+
+    ops = args.op or list(OPS)
+    unknown = [op for op in ops if op not in OPS]
+    if unknown:
+        parser.error(f"--op: unknown {', '.join(unknown)}; registered: {', '.join(OPS)}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if device.type not in ("cuda", "cpu"):
+        parser.error(f"--device: {device} is not supported (cuda or cpu)")
+    dtype = harness.DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    out_dir = args.out or os.path.join(_results_root(), harness.device_slug(device) + ("-quick" if args.quick else ""))
+    budget = harness.QUICK_BUDGET if args.quick else harness.FULL_BUDGET
+
+    cases = {op: load_cases(op, device, args.quick) for op in ops}
+    if args.providers:
+        known = {name for op_cases in cases.values() for case in op_cases for name in case.providers}
+        missing = [p for p in args.providers if p not in known]
+        if missing:
+            parser.error(f"--providers: unknown {', '.join(missing)}; these ops have {', '.join(sorted(known))}")
+
+    started = time.perf_counter()
+    deadline = time.monotonic() + args.time_limit if args.time_limit is not None else None
+    print(f"vlkernels-bench: {', '.join(ops)} on {harness.device_description(device)}, "
+          f"{harness.DTYPE_NAMES[dtype]}, modes {','.join(args.modes)}{' (quick)' if args.quick else ''}; "
+          f"{harness.versions()}; commit {harness.git_commit()}", flush=True)
+    os.makedirs(out_dir, exist_ok=True)
+    all_rows, failures = [], []
+    for op in ops:
+        result = harness.run_cases(cases[op], device=device, dtype=dtype, modes=args.modes, providers=args.providers,
+                                   budget=budget, progress=not args.no_progress, deadline=deadline)
+        csv_path = os.path.join(out_dir, f"{op}.csv")
+        harness.write_csv(result.rows, csv_path)
+        written = [csv_path]
+        if any(r["metric"] == "time_ms" for r in result.rows):
+            from vlkernels.bench.plot import plot_op
+
+            png_path = os.path.join(out_dir, f"{op}.png")
+            plot_op(result.rows, png_path)
+            written.append(png_path)
+        else:
+            failures.append(f"{op}: no provider could be timed")
+        print(f"wrote {', '.join(written)}", flush=True)
+        all_rows += result.rows
+        failures += result.failures
+        late = sum("time limit" in message for message in result.skipped)
+        if late:
+            print(f"vlkernels-bench: {op}: time limit reached; {late} measurement(s) not taken", file=sys.stderr)
+
+    print()
+    print(harness.summary_table(all_rows, args.modes))
+    print(f"\nvlkernels-bench: {time.perf_counter() - started:.1f} s")
+    if failures:
+        print(f"vlkernels-bench: {len(failures)} failure(s):", file=sys.stderr)
+        for message in failures:
+            print(f"  {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
