@@ -7,7 +7,7 @@
 # Steps (each one recorded; a failing step does not stop the ones after it):
 #   1. install  pip install --no-build-isolation --no-deps -e .   (the GPU build)   -> setup.log
 #   2. info     python -m vlkernels.info                                            -> setup.log
-#   3. tests    python -m pytest tests -x -q  (Triton paths on CUDA)                -> tests.log
+#   3. tests    python -m pytest tests -n 4 (Triton paths on CUDA)                   -> tests.log
 #   4. report   python -m vlkernels.report    (sm_90a kernel resources)             -> report.txt
 #   5. bench    vlkernels-bench --out ...     (all ops, full presets)               -> bench.log, <op>.csv, <op>.png
 #   6. summary  tests passed/failed, each step's status, vlkernels' speed-ups        -> summary.txt, printed last
@@ -85,7 +85,7 @@ SUMMARY="$OUT/summary.txt"
 # Reserves: what the later steps need at least (tests 120 s, report 45 s, bench 150 s, summary 15 s).
 run_step install "$(cap 150 330)" "$SETUP_LOG" "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
 run_step info "$(cap 30 330)" "$SETUP_LOG" "$PYTHON" -m vlkernels.info
-run_step tests "$(cap 180 210)" "$TESTS_LOG" "$PYTHON" -m pytest tests -x -q -p no:cacheprovider
+run_step tests "$(cap 180 210)" "$TESTS_LOG" "$PYTHON" -m pytest tests -q -n 4 --maxfail=25 -p no:cacheprovider
 run_step report "$(cap 90 165)" "$REPORT" "$PYTHON" -m vlkernels.report
 
 # The benchmark writes into a scratch folder first; its files are moved into OUT below.
