@@ -3,18 +3,22 @@
     vlkernels-bench [--op patch_embed] [--quick] [--modes forward,full] [--out DIR]
     python -m vlkernels.bench ...
 
-Each op has a module here (``vlkernels/bench/<op>.py``) with its presets and providers and a
-``cases(device, quick) -> list[Case]`` function; :data:`OPS` registers it. The harness
+Each op has presets and providers in a module here (``vlkernels/bench/<op>.py``) and a
+``(device, quick) -> list[Case]`` function that :data:`OPS` registers. The harness
 (:mod:`vlkernels.bench.harness`) times the cases, :mod:`vlkernels.bench.plot` draws them.
 """
 from __future__ import annotations
 
 import importlib
 
-# op name -> module with cases(device, quick). Modules import lazily: an op under construction
+# op name -> "module:function", the function giving its cases(device, quick). Modules import lazily: an op under construction
 # elsewhere in the tree must not break the benchmarks of the others.
 OPS = {
-    "patch_embed": "vlkernels.bench.patch_embed",
+    "patch_embed": "vlkernels.bench.patch_embed:cases",
+    "attention": "vlkernels.bench.attention:attention_cases",
+    "co_attention": "vlkernels.bench.attention:co_attention_cases",
+    "vd_nearest": "vlkernels.bench.visual_dictionary:nearest_cases",
+    "vd_ema_update": "vlkernels.bench.visual_dictionary:update_cases",
 }
 
 
@@ -22,7 +26,8 @@ def load_cases(op: str, device, quick: bool = False):
     """The benchmark cases of ``op`` on ``device``."""
     if op not in OPS:
         raise KeyError(f"unknown op {op!r}; registered: {', '.join(OPS)}")
-    return importlib.import_module(OPS[op]).cases(device, quick)
+    module, function = OPS[op].split(":")
+    return getattr(importlib.import_module(module), function)(device, quick)
 
 
 __all__ = ["OPS", "load_cases"]

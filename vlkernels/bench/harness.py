@@ -75,6 +75,9 @@ class Compiled:
 
     def fresh(self) -> Callable:
         torch._dynamo.reset()
+        # The backward mode replays one graph's backward (retain_graph=True), which compiled
+        # graphs refuse while they donate their saved buffers to the backward.
+        torch._functorch.config.donated_buffer = False
         return torch.compile(self.fn, **self.compile_kwargs)
 
 
@@ -90,7 +93,7 @@ class Case:
     """One op at one preset shape.
 
     make_inputs(device, dtype) -> Inputs: fresh random inputs (never zeros).
-    providers: name -> callable(*args, **kwargs) -> Tensor (or a :class:`Compiled`).
+    providers: name -> callable(*args, **kwargs) -> Tensor or tuple of Tensors (or a :class:`Compiled`).
     flops(mode) / bytes(mode, dtype): work and minimal memory traffic of one call in that mode,
     for TFLOP/s and % of roofline; None (or a function returning None) leaves those metrics out.
     """
@@ -237,15 +240,20 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[f
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
-def _mode_closure(fn: Callable, inputs: Inputs, mode: str, grad_out: Optional[torch.Tensor]) -> Callable[[], object]:
+def _outputs(result) -> tuple:
+    """A provider's result as a tuple of tensors (providers return a tensor or a tuple of them)."""
+    return tuple(result) if isinstance(result, (tuple, list)) else (result,)
+
+
+def _mode_closure(fn: Callable, inputs: Inputs, mode: str, grad_out: Optional[tuple]) -> Callable[[], object]:
     grads = inputs.grad_tensors()
     if mode == "forward":
         return lambda: fn(*inputs.args, **inputs.kwargs)
     if mode == "backward":
-        out = fn(*inputs.args, **inputs.kwargs)
+        out = _outputs(fn(*inputs.args, **inputs.kwargs))
         return lambda: torch.autograd.grad(out, grads, grad_out, retain_graph=True)
     if mode == "full":
-        return lambda: torch.autograd.grad(fn(*inputs.args, **inputs.kwargs), grads, grad_out)
+        return lambda: torch.autograd.grad(_outputs(fn(*inputs.args, **inputs.kwargs)), grads, grad_out)
     raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
 
 
@@ -255,9 +263,13 @@ def _reason(error: BaseException) -> str:
     return text[:300]
 
 
-def _rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.detach().float(), expected.detach().float()
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+def _rel_error(actual: tuple, expected: tuple) -> float:
+    """The largest relative error over the outputs (inf when their number or shapes differ)."""
+    if len(actual) != len(expected) or any(a.shape != e.shape for a, e in zip(actual, expected)):
+        return float("inf")
+    errors = [((a.detach().float() - e.detach().float()).norm() / e.detach().float().norm().clamp_min(1e-30)).item()
+              for a, e in zip(actual, expected)]
+    return max(errors)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,7 +341,7 @@ def run_cases(
         try:
             inputs = case.make_inputs(device, dtype)
             # The eager output is the yardstick every other provider's forward is checked against.
-            expected = (case.providers["eager"](*inputs.args, **inputs.kwargs).detach()
+            expected = (tuple(t.detach() for t in _outputs(case.providers["eager"](*inputs.args, **inputs.kwargs)))
                         if "eager" in case.providers else None)
         except Exception as error:  # noqa: BLE001 - e.g. the inputs of the largest preset do not fit
             inputs = expected = None
@@ -339,7 +351,7 @@ def run_cases(
             _free_cuda(device)
             continue
         grads = inputs.grad_tensors()
-        grad_out = torch.randn_like(expected) if expected is not None else None
+        grad_out = tuple(torch.randn_like(t) for t in expected) if expected is not None and grads else None
         case_modes = [m for m in modes if m == "forward" or grads]  # no backward for an op without grads
         tolerance = (case.tolerance or default_tolerance)(dtype)
         for name, provider in case.providers.items():
@@ -350,19 +362,19 @@ def run_cases(
                 fn = provider.fresh() if isinstance(provider, Compiled) else provider
                 # Warm-up, grad enabled like the timed calls: compiles Triton kernels and the
                 # torch.compile graph (forward and backward) outside the timing.
-                out = fn(*inputs.args, **inputs.kwargs)
+                out = _outputs(fn(*inputs.args, **inputs.kwargs))
                 if grads:
                     if grad_out is None:
-                        grad_out = torch.randn_like(out)
+                        grad_out = tuple(torch.randn_like(t) for t in out)
                     torch.autograd.grad(out, grads, grad_out)
-                out = out.detach()
+                out = tuple(t.detach() for t in out)
             except Exception as error:  # noqa: BLE001 - any failure of a provider is a result, not a crash
                 for mode in case_modes:
                     recorder.skip(case, name, mode, _reason(error))
                 _free_cuda(device)
                 continue
             if expected is not None and name != "eager":
-                err = _rel_error(out, expected) if out.shape == expected.shape else float("inf")
+                err = _rel_error(out, expected)
                 if not err <= tolerance:
                     message = f"output differs from eager: relative error {err:.3g} > {tolerance:.3g}"
                     recorder.row(case, name, "forward", "error", note=message)

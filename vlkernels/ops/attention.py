@@ -61,6 +61,19 @@ def _unit_stride_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """t itself when its elements fill its memory without gaps (any dim order, unit stride
+    along Dh), else a contiguous copy. The backward writes each gradient with its input's
+    strides; a view with gaps (q of a fused qkv projection) would make that gradient as
+    large as the whole projection."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda pair: pair[1]):
+        if size > 1 and stride != expected:
+            return t.contiguous()
+        expected *= size
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
 def _key_limits(key_mask: Optional[torch.Tensor], batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(mask as uint8 [B, Sk], 1 + index of each row's last real key [B] int32): the kernels
     skip every key tile after the last real key."""
@@ -117,7 +130,7 @@ def _launch_fwd(q, k, v, key_mask, prefix_len, cu_q, cu_k, max_q, max_k, causal,
 
 
 def _launch_bwd(grad_out, q, k, v, out, lse, key_mask, prefix_len, cu_q, cu_k, max_q, max_k, causal, scale):
-    q, k, v = (_unit_stride_last(t) for t in (q, k, v))
+    q, k, v = (_dense(t) for t in (q, k, v))
     grad_out = grad_out.contiguous()  # out is contiguous: both use its strides
     batch, heads, seq_q, seq_k, strides = _layout(q, k, v, cu_q, cu_k, max_q, max_k)
     head_dim = q.shape[-1]
@@ -170,7 +183,7 @@ def _launch_co_fwd(q_t, k_t, v_t, q_i, k_i, v_i, text_mask, image_mask, scale):
 
 def _launch_co_bwd(grad_t, grad_i, q_t, k_t, v_t, q_i, k_i, v_i, out_t, lse_t, out_i, lse_i,
                    text_mask, image_mask, scale):
-    q_t, k_t, v_t, q_i, k_i, v_i = (_unit_stride_last(t) for t in (q_t, k_t, v_t, q_i, k_i, v_i))
+    q_t, k_t, v_t, q_i, k_i, v_i = (_dense(t) for t in (q_t, k_t, v_t, q_i, k_i, v_i))
     grad_t, grad_i = grad_t.contiguous(), grad_i.contiguous()
     batch, heads, head_dim = q_t.shape[0], q_t.shape[1], q_t.shape[-1]
     grads = {name: torch.empty_strided(t.shape, t.stride(), device=t.device, dtype=t.dtype)

@@ -1,0 +1,160 @@
+"""Benchmark presets of the attention ops, at the seed models' real shapes (12 heads, Dh 64):
+
+attention (self-attention with the models' masks):
+  ViLT-B/32 (40 text + 145 patch tokens, padded keys), VLMo-B (40 + 197, padded keys),
+  SimVLM PrefixLM at 512 tokens (a different prefix per sample).
+co_attention (both directions):
+  LXMERT cross layer (20 text x 36 regions, batch 256), METER (50 text x 577 patches, batch 32).
+
+Providers: vlkernels, eager (the torch reference), torch.compile(reference), and SDPA with a
+boolean mask (on CUDA its efficient and math backends separately; co-attention: two calls).
+FLOPs are those of dense attention (4*B*H*Sq*Sk*Dh forward, 2.5x that backward), also for the
+causal part of PrefixLM, as flash-attention's benchmarks count non-causal attention.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vlkernels.bench.harness import Case, Inputs, standard_providers
+
+HEADS, HEAD_DIM = 12, 64
+
+
+@dataclass(frozen=True)
+class SelfPreset:
+    name: str
+    seq: int
+    text: int = 0  # leading tokens kept in every sample; the rest is padded at random lengths
+    prefix: bool = False
+
+
+@dataclass(frozen=True)
+class CoPreset:
+    name: str
+    text: int
+    image: int
+
+
+SELF_PRESETS = [SelfPreset("vilt-b32", 185, text=40), SelfPreset("vlmo-b", 237, text=40),
+                SelfPreset("simvlm-prefixlm", 512, prefix=True)]
+CO_PRESETS = [CoPreset("lxmert", 20, 36), CoPreset("meter", 50, 577)]
+GPU_BATCH = {"vilt-b32": 64, "vlmo-b": 64, "simvlm-prefixlm": 16, "lxmert": 256, "meter": 32}
+
+
+def _padding_mask(batch: int, seq: int, keep: int, device) -> torch.Tensor:
+    # Real lengths drawn in [max(keep, seq/2), seq]: every sample has keys, most are padded.
+    lengths = torch.randint(max(keep, seq // 2, 1), seq + 1, (batch,), device=device)
+    return torch.arange(seq, device=device)[None, :] < lengths[:, None]
+
+
+def _qkv(batch, lengths, device, dtype):
+    return [torch.randn(batch, HEADS, s, HEAD_DIM, device=device, dtype=dtype, requires_grad=True) for s in lengths]
+
+
+def _sdpa_mask(key_mask=None, prefix_len=None, seq=None, device=None):
+    """The boolean [B, 1, Sq, Sk] mask SDPA needs for our key_mask / PrefixLM masks."""
+    if prefix_len is None:
+        return key_mask[:, None, None, :]
+    positions = torch.arange(seq, device=device)
+    causal = positions[None, :] <= positions[:, None]
+    return (causal[None] | (positions[None, None, :] < prefix_len[:, None, None]))[:, None]
+
+
+def _sdpa_peers(device: torch.device) -> dict:
+    def sdpa(q, k, v, key_mask=None, prefix_len=None):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=_sdpa_mask(key_mask, prefix_len, q.shape[2], q.device))
+
+    if device.type != "cuda":
+        return {"sdpa": sdpa}
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def with_backend(backend):
+        def run(q, k, v, key_mask=None, prefix_len=None):
+            with sdpa_kernel(backend):
+                return sdpa(q, k, v, key_mask=key_mask, prefix_len=prefix_len)
+
+        return run
+
+    return {"sdpa-efficient": with_backend(SDPBackend.EFFICIENT_ATTENTION), "sdpa-math": with_backend(SDPBackend.MATH)}
+
+
+def _attention_flops(batch, seq_q, seq_k):
+    forward = 4.0 * batch * HEADS * seq_q * seq_k * HEAD_DIM
+    return lambda mode: forward * {"forward": 1.0, "backward": 2.5, "full": 3.5}[mode]
+
+
+def _attention_bytes(batch, seq_q, seq_k):
+    # q, k, v read and the output written once forward; backward also reads out and grad_out
+    # and writes the three gradients.
+    forward = batch * HEADS * HEAD_DIM * (2 * seq_q + 2 * seq_k)
+    elements = {"forward": forward, "backward": forward + batch * HEADS * HEAD_DIM * (2 * seq_q + 2 * seq_k)}
+    elements["full"] = elements["forward"] + elements["backward"]
+    return lambda mode, dtype: float(elements[mode] * torch.finfo(dtype).bits // 8)
+
+
+def attention_cases(device: torch.device, quick: bool = False) -> list[Case]:
+    from vlkernels.ops import attention
+    from vlkernels.reference.attention import attention as reference
+
+    def vlkernels_fn(q, k, v, key_mask=None, prefix_len=None):
+        return attention(q, k, v, key_mask=key_mask, prefix_len=prefix_len)
+
+    def eager(q, k, v, key_mask=None, prefix_len=None):
+        return reference(q, k, v, key_mask=key_mask, prefix_len=prefix_len)
+
+    providers = standard_providers(vlkernels_fn, eager, _sdpa_peers(device))
+    presets = SELF_PRESETS[:1] if quick else SELF_PRESETS
+    cases = []
+    for preset in presets:
+        batch = 2 if quick or device.type != "cuda" else GPU_BATCH[preset.name]
+
+        def make(device, dtype, preset=preset, batch=batch):
+            q, k, v = _qkv(batch, (preset.seq,) * 3, device, dtype)
+            if preset.prefix:
+                prefix = torch.randint(preset.seq // 8, preset.seq - preset.seq // 8, (batch,), device=device)
+                return Inputs((q, k, v), dict(prefix_len=prefix))
+            return Inputs((q, k, v), dict(key_mask=_padding_mask(batch, preset.seq, preset.text, device)))
+
+        cases.append(Case("attention", f"{preset.name}-S{preset.seq}-B{batch}", make, providers,
+                          flops=_attention_flops(batch, preset.seq, preset.seq),
+                          bytes=_attention_bytes(batch, preset.seq, preset.seq)))
+    return cases
+
+
+def co_attention_cases(device: torch.device, quick: bool = False) -> list[Case]:
+    from vlkernels.ops import co_attention
+    from vlkernels.reference.attention import co_attention as reference
+
+    def vlkernels_fn(*qkv, text_mask=None, image_mask=None):
+        return co_attention(*qkv, text_mask=text_mask, image_mask=image_mask)
+
+    def eager(*qkv, text_mask=None, image_mask=None):
+        return reference(*qkv, text_mask=text_mask, image_mask=image_mask)
+
+    def two_sdpa_calls(q_t, k_t, v_t, q_i, k_i, v_i, text_mask=None, image_mask=None):
+        return (F.scaled_dot_product_attention(q_t, k_i, v_i, attn_mask=image_mask[:, None, None, :]),
+                F.scaled_dot_product_attention(q_i, k_t, v_t, attn_mask=text_mask[:, None, None, :]))
+
+    providers = standard_providers(vlkernels_fn, eager, {"sdpa x2": two_sdpa_calls})
+    presets = CO_PRESETS[:1] if quick else CO_PRESETS
+    cases = []
+    for preset in presets:
+        batch = 2 if quick or device.type != "cuda" else GPU_BATCH[preset.name]
+
+        def make(device, dtype, preset=preset, batch=batch):
+            lengths = (preset.text,) * 3 + (preset.image,) * 3
+            masks = dict(text_mask=_padding_mask(batch, preset.text, 1, device),
+                         image_mask=_padding_mask(batch, preset.image, 1, device))
+            return Inputs(tuple(_qkv(batch, lengths, device, dtype)), masks)
+
+        flops_t, flops_i = (_attention_flops(batch, a, b) for a, b in ((preset.text, preset.image),
+                                                                        (preset.image, preset.text)))
+        bytes_t, bytes_i = (_attention_bytes(batch, a, b) for a, b in ((preset.text, preset.image),
+                                                                        (preset.image, preset.text)))
+        cases.append(Case("co_attention", f"{preset.name}-T{preset.text}xI{preset.image}-B{batch}", make, providers,
+                          flops=lambda mode, f=flops_t, g=flops_i: f(mode) + g(mode),
+                          bytes=lambda mode, dtype, f=bytes_t, g=bytes_i: f(mode, dtype) + g(mode, dtype)))
+    return cases
