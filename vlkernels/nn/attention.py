@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlkernels.ops import attention, co_attention
-from vlkernels.reference.attention import visibility
+from vlkernels.reference.attention import attention as reference_attention
 
 ACTIVATIONS = {
     "gelu": F.gelu,  # BERT / LXMERT / ViLBERT / METER "gelu": the exact erf form
@@ -51,17 +51,10 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 def attention_with_dropout(q, k, v, *, dropout: float, key_mask=None, causal=False, prefix_len=None,
                            scale=None) -> torch.Tensor:
-    """The torch path used when attention dropout is active: the reference attention math with
-    ``F.dropout(p=dropout)`` on the probabilities. q: [B, H, Sq, Dh], k and v: [B, H, Sk, Dh]
-    -> [B, H, Sq, Dh]; a row with no visible key gives zeros."""
-    batch, _, seq_q, head_dim = q.shape
-    scale = head_dim ** -0.5 if scale is None else scale
-    accumulate = torch.float64 if q.dtype == torch.float64 else torch.float32  # softmax in fp32 for 16-bit
-    scores = (q.to(accumulate) @ k.to(accumulate).transpose(-1, -2)) * scale
-    visible = visibility(batch, seq_q, k.shape[2], q.device, key_mask=key_mask, causal=causal, prefix_len=prefix_len)
-    weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
-    weights = F.dropout(weights, p=dropout, training=True)
-    return (weights @ v.to(accumulate)).to(q.dtype)
+    """The torch path used when attention dropout is active: the reference attention with
+    dropout on the probabilities. q: [B, H, Sq, Dh], k and v: [B, H, Sk, Dh] -> [B, H, Sq, Dh]."""
+    return reference_attention(q, k, v, key_mask=key_mask, causal=causal, prefix_len=prefix_len, scale=scale,
+                               dropout_p=dropout)
 
 
 def co_attend(q_t, k_t, v_t, q_i, k_i, v_i, *, text_mask=None, image_mask=None, dropout: float = 0.0,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 
 
 def visibility(batch: int, seq_q: int, seq_k: int, device, *, key_mask: Optional[torch.Tensor] = None,
@@ -27,8 +28,9 @@ def visibility(batch: int, seq_q: int, seq_k: int, device, *, key_mask: Optional
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: Optional[torch.Tensor] = None,
               causal: bool = False, prefix_len: Union[int, torch.Tensor, None] = None,
-              scale: Optional[float] = None) -> torch.Tensor:
-    """q: [B, H, Sq, Dh], k and v: [B, H, Sk, Dh] -> [B, H, Sq, Dh]. Softmax in fp32 (fp64 for fp64)."""
+              scale: Optional[float] = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """q: [B, H, Sq, Dh], k and v: [B, H, Sk, Dh] -> [B, H, Sq, Dh]. Softmax in fp32 (fp64 for fp64);
+    dropout_p > 0 drops attention probabilities (training-time attention dropout)."""
     batch, _, seq_q, head_dim = q.shape
     scale = head_dim ** -0.5 if scale is None else scale
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -36,6 +38,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: Op
     visible = visibility(batch, seq_q, k.shape[2], q.device, key_mask=key_mask, causal=causal, prefix_len=prefix_len)
     scores = scores.masked_fill(~visible, float("-inf"))
     weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no visible key: all zeros
+    if dropout_p > 0:
+        weights = F.dropout(weights, p=dropout_p)
     return (weights @ v.to(acc)).to(q.dtype)
 
 
