@@ -10,6 +10,11 @@ from vlkernels.reference import visual_dictionary as reference
 from vlkernels.testing import DEVICE, dtype_id, kernel_dtypes, poisoned_allocations, rel_error
 
 BACKENDS = ["torch", "triton"]
+UPDATE_BACKENDS = BACKENDS + ["cpp"]  # the C++ update: CPU tensors
+
+
+def device_for(backend):
+    return torch.device("cpu") if backend == "cpp" else DEVICE
 # (N, K, D): one row, one entry, K and D not powers of two, several K tiles
 SIZES = [(1, 5, 8), (7, 1, 16), (97, 37, 33), (300, 200, 64), (130, 129, 96)]
 
@@ -53,26 +58,26 @@ def test_nearest_breaks_ties_to_the_lowest_index(backend):
     assert torch.equal(sqdist.cpu().double(), exact.min(1).values)
 
 
-def random_step(generator, n, k, d, dtype, masked):
-    x = torch.randn(n, d, generator=generator).to(DEVICE, dtype)
-    index = torch.randint(0, k // 2, (n,), generator=generator).to(DEVICE)  # half the entries stay empty
-    mask = (torch.rand(n, generator=generator) < 0.7).to(DEVICE) if masked else None
+def random_step(generator, n, k, d, dtype, masked, device=DEVICE):
+    x = torch.randn(n, d, generator=generator).to(device, dtype)
+    index = torch.randint(0, k // 2, (n,), generator=generator).to(device)  # half the entries stay empty
+    mask = (torch.rand(n, generator=generator) < 0.7).to(device) if masked else None
     return x, index, mask
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["all-rows", "masked"])
 @pytest.mark.parametrize("dtype", kernel_dtypes(), ids=dtype_id)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", UPDATE_BACKENDS)
 def test_update_follows_the_reference_over_20_steps(backend, dtype, masked):
-    k, d = 19, 40
+    k, d, device = 19, 40, device_for(backend)
     generator = torch.Generator().manual_seed(8)
     codebook = torch.randn(k, d, generator=generator)
-    state = dict(codebook=codebook.to(DEVICE), cluster_size=torch.zeros(k, device=DEVICE),
-                 embed_avg=torch.zeros(k, d, device=DEVICE))
+    state = dict(codebook=codebook.to(device), cluster_size=torch.zeros(k, device=device),
+                 embed_avg=torch.zeros(k, d, device=device))
     expected = dict(codebook=codebook.double(), cluster_size=torch.zeros(k, dtype=torch.float64),
                     embed_avg=torch.zeros(k, d, dtype=torch.float64))
     for step in range(20):
-        x, index, mask = random_step(generator, 50 + step, k, d, dtype, masked)
+        x, index, mask = random_step(generator, 50 + step, k, d, dtype, masked, device)
         with vlkernels.use_backend(backend):
             vd_ema_update_(*state.values(), x, index, decay=0.4, mask=mask)
         reference.vd_ema_update_(*expected.values(), x.cpu().double(), index.cpu(), decay=0.4,
@@ -105,13 +110,14 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", BAD, ids=list(BAD))
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", UPDATE_BACKENDS)
 def test_bad_update_inputs_raise_before_any_change(backend, case):
     build, error, message = BAD[case]
-    codebook = torch.randn(5, 8, device=DEVICE)
+    device = device_for(backend)
+    codebook = torch.randn(5, 8, device=device)
     before = codebook.clone()
-    args = build(codebook, torch.zeros(5, device=DEVICE), torch.zeros(5, 8, device=DEVICE),
-                 torch.randn(9, 8, device=DEVICE), torch.arange(9, device=DEVICE) % 5)
+    args = build(codebook, torch.zeros(5, device=device), torch.zeros(5, 8, device=device),
+                 torch.randn(9, 8, device=device), torch.arange(9, device=device) % 5)
     with vlkernels.use_backend(backend), pytest.raises(error, match=message):
         vd_ema_update_(*args, decay=0.4)
     assert torch.equal(codebook, before)
@@ -191,8 +197,9 @@ def test_mvm_logits_are_cosine_similarities():
 def _distributed_update(rank, world_size, init_file, backend, shards, result_file):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        state = [t.to(DEVICE, copy=True) for t in shards["state"]]  # shards live in shared memory
-        x, index, mask = (t[rank].to(DEVICE) for t in (shards["x"], shards["index"], shards["mask"]))
+        device = device_for(backend)
+        state = [t.to(device, copy=True) for t in shards["state"]]  # shards live in shared memory
+        x, index, mask = (t[rank].to(device) for t in (shards["x"], shards["index"], shards["mask"]))
         with vlkernels.use_backend(backend):
             vd_ema_update_(*state, x, index, decay=0.4, mask=mask)
         if rank == 0:
@@ -201,7 +208,7 @@ def _distributed_update(rank, world_size, init_file, backend, shards, result_fil
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", UPDATE_BACKENDS)
 def test_two_process_update_equals_one_process_on_the_whole_batch(backend, tmp_path):
     """gloo on CPU (Triton in the interpreter for the triton backend)."""
     generator = torch.Generator().manual_seed(12)

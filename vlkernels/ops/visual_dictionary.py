@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from vlkernels import _backend
+from vlkernels import _backend, _extension
 from vlkernels._backend import Implementation
 from vlkernels.reference import visual_dictionary as reference
 
@@ -253,15 +253,38 @@ def vd_nearest(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, t
     return _backend.dispatch("vd_nearest", _NEAREST, x.device, x, codebook)
 
 
-def _triton_update(codebook, cluster_size, embed_avg, x, index, decay, eps, mask):
-    counts, sums = _cluster_statistics_op(x, index, codebook.shape[0], mask)
+def _sum_across_processes(counts: torch.Tensor, sums: torch.Tensor) -> None:
+    # Every process then updates its dictionary from the statistics of the whole global batch.
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(counts)
         torch.distributed.all_reduce(sums)
+
+
+def _triton_update(codebook, cluster_size, embed_avg, x, index, decay, eps, mask):
+    counts, sums = _cluster_statistics_op(x, index, codebook.shape[0], mask)
+    _sum_across_processes(counts, sums)
     _apply_statistics_op(codebook, cluster_size, embed_avg, counts, sums, decay, eps)
 
 
+def _cpp_refusal(codebook, cluster_size, embed_avg, x, *rest) -> Optional[str]:
+    why = _extension.unavailable_reason()
+    if why is None and codebook.device.type != "cpu":
+        why = "the C++ kernels take CPU tensors"
+    if why is None and any(t.dtype != torch.float32 for t in (codebook, cluster_size, embed_avg)):
+        why = "the C++ kernels keep a float32 codebook, cluster_size and embed_avg"
+    return why
+
+
+def _cpp_update(codebook, cluster_size, embed_avg, x, index, decay, eps, mask):
+    compiled = _extension.extension()
+    counts, sums = compiled.vd_cluster_statistics(x.float().contiguous(), index.contiguous(), codebook.shape[0],
+                                                  None if mask is None else mask.contiguous())
+    _sum_across_processes(counts, sums)
+    compiled.vd_apply_statistics_(codebook, cluster_size, embed_avg, counts, sums, decay, eps)
+
+
 _UPDATE = [
+    Implementation("cpp", _cpp_refusal, _cpp_update),
     Implementation("triton", lambda codebook, cluster_size, embed_avg, x, *rest: _triton_dtype_refusal(codebook, x),
                    _triton_update),
     Implementation("torch", lambda *args: None,

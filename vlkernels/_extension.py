@@ -1,0 +1,75 @@
+"""The compiled extension ``vlkernels._C``, loaded lazily and never fatally.
+
+The first call to any function here tries to import the extension once. A missing module (a
+pure-Python install), a failed load (undefined symbols after torch was upgraded) or a module
+built against another torch than the one running all leave the extension unavailable, with one
+warning; ``unavailable_reason()`` then says why and the ``cpp`` / ``cuda`` backends refuse.
+``VLKERNELS_NO_EXTENSION=1`` switches it off without a warning (setup.py then skips building it).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+import warnings
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+HOW_TO_BUILD = 'pip install --no-build-isolation -e ".[test,bench]" (or: pip install --no-build-isolation .) with torch installed'
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> tuple[Optional[ModuleType], Optional[str]]:
+    """(module, None) when the extension is usable, else (None, why not)."""
+    if os.environ.get("VLKERNELS_NO_EXTENSION", "0") == "1":
+        return None, "disabled by VLKERNELS_NO_EXTENSION=1"
+    try:
+        missing = importlib.util.find_spec("vlkernels._C") is None
+    except (ImportError, ValueError):  # a broken entry in sys.modules: let the import below report it
+        missing = False
+    if missing:
+        return _refuse(f"vlkernels._C is not built (or its build failed); build it with {HOW_TO_BUILD}")
+    try:
+        module = importlib.import_module("vlkernels._C")
+    except Exception as error:  # ImportError (undefined symbol: torch changed since the build), OSError, ...
+        return _refuse(f"vlkernels._C failed to load ({error}); rebuild it with {HOW_TO_BUILD}")
+    try:
+        info = dict(module.build_info())
+    except Exception as error:
+        return _refuse(f"vlkernels._C has no usable build_info() ({error}); rebuild it with {HOW_TO_BUILD}")
+    if info.get("torch_version") != torch.__version__:
+        return _refuse(
+            f"vlkernels._C was built against torch {info.get('torch_version')} but torch {torch.__version__} "
+            f"is running (the C++ ABI may differ); rebuild it with {HOW_TO_BUILD}"
+        )
+    return module, None
+
+
+def _refuse(reason: str) -> tuple[None, str]:
+    warnings.warn(f"vlkernels: the C++/CUDA extension is unavailable: {reason}", RuntimeWarning, stacklevel=4)
+    return None, reason
+
+
+def extension() -> Optional[ModuleType]:
+    """The loaded ``vlkernels._C`` module, or None when it is unavailable."""
+    return _load()[0]
+
+
+def unavailable_reason() -> Optional[str]:
+    """None when the extension is usable, else why not."""
+    return _load()[1]
+
+
+def build_info() -> Optional[dict]:
+    """How the extension was built (torch_version, cuda, cuda_archs, cuda_version, compiler, openmp), or None."""
+    module = extension()
+    return None if module is None else dict(module.build_info())
+
+
+def has_cuda_kernels() -> bool:
+    """True when the extension is usable and carries CUDA kernels (the GPU build)."""
+    info = build_info()
+    return bool(info and info.get("cuda"))
