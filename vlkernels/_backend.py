@@ -16,7 +16,6 @@ proves them on machines without a GPU.
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -67,8 +66,7 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_import_error() -> Optional[str]:
+def _find_triton_import_error() -> Optional[str]:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     try:
@@ -78,9 +76,13 @@ def _triton_import_error() -> Optional[str]:
     return None
 
 
+# Decided once at import (a constant, which torch.compile traces without a cache wrapper).
+_TRITON_IMPORT_ERROR = _find_triton_import_error()
+
+
 def triton_refusal(device: torch.device) -> Optional[str]:
     """Why Triton cannot run on ``device`` (None when it can)."""
-    missing = _triton_import_error()
+    missing = _TRITON_IMPORT_ERROR
     if missing:
         return missing
     if device.type == "cuda":
@@ -95,7 +97,7 @@ def backend_availability() -> dict[str, Optional[str]]:
     from vlkernels import _extension
 
     cuda = torch.cuda.is_available()
-    triton_why = _triton_import_error() or (
+    triton_why = _TRITON_IMPORT_ERROR or (
         None if cuda or triton_interpreting() else "no CUDA device (set TRITON_INTERPRET=1 to run it on CPU)"
     )
     cpp_why = _extension.unavailable_reason()
