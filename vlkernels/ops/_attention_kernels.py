@@ -44,6 +44,21 @@ def _key_end(start_m, key_len, prefix, BLOCK_M: tl.constexpr, CAUSAL: tl.constex
 
 
 @triton.jit
+def _query_rows(q_base, do_base, o_base, lse_base, offs_m, offs_d, q_len, d_ok, sq_s, so_s):
+    # One query block's q and dO rows, delta = rowsum(dO * O) and the saved logsumexp (+inf
+    # past the end, so those rows' probabilities recompute to 0), and the rows' load mask.
+    m_ok = offs_m < q_len
+    row_mask = m_ok[:, None] & d_ok[None, :]
+    rows = offs_m[:, None].to(tl.int64)
+    q_tile = tl.load(q_base + rows * sq_s + offs_d[None, :], mask=row_mask, other=0.0)
+    do_tile = tl.load(do_base + rows * so_s + offs_d[None, :], mask=row_mask, other=0.0)
+    o_tile = tl.load(o_base + rows * so_s + offs_d[None, :], mask=row_mask, other=0.0)
+    delta = tl.sum(do_tile.to(tl.float32) * o_tile.to(tl.float32), axis=1)
+    logsumexp = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))
+    return q_tile, do_tile, delta, logsumexp, row_mask
+
+
+@triton.jit
 def _attention_fwd_tile(
     q, k, v, out, lse, key_mask, key_limit, prefix_len, cu_q, cu_k,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s, lse_sb, lse_sh, mask_sb,
@@ -156,13 +171,8 @@ def _attention_bwd_tile(
                 begin_m = q_len  # keys in trailing padding: nobody sees them, their gradients are 0
             for start_m in range(begin_m, q_len, BLOCK_M):
                 offs_m = start_m + tl.arange(0, BLOCK_M)
-                m_ok = offs_m < q_len
-                row_mask = m_ok[:, None] & d_ok[None, :]
-                q_tile = tl.load(q_base + offs_m[:, None].to(tl.int64) * sq_s + offs_d[None, :], mask=row_mask, other=0.0)
-                do_tile = tl.load(do_base + offs_m[:, None].to(tl.int64) * so_s + offs_d[None, :], mask=row_mask, other=0.0)
-                o_tile = tl.load(o_base + offs_m[:, None].to(tl.int64) * so_s + offs_d[None, :], mask=row_mask, other=0.0)
-                delta = tl.sum(do_tile.to(tl.float32) * o_tile.to(tl.float32), axis=1)
-                logsumexp = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))
+                q_tile, do_tile, delta, logsumexp, _ = _query_rows(q_base, do_base, o_base, lse_base, offs_m, offs_d,
+                                                                   q_len, d_ok, sq_s, so_s)
                 scores = tl.dot(q_tile, tl.trans(k_tile), input_precision=DOT_PRECISION) * scale_log2
                 visible = _visible(offs_m, offs_n, key_len, mask_row, prefix, HAS_KEY_MASK, CAUSAL)
                 p = tl.where(visible, tl.exp2(scores - logsumexp[:, None]), 0.0)
@@ -178,13 +188,8 @@ def _attention_bwd_tile(
         start_m = (role_pid - key_blocks) * BLOCK_M
         if start_m < q_len:
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < q_len
-            row_mask = m_ok[:, None] & d_ok[None, :]
-            q_tile = tl.load(q_base + offs_m[:, None].to(tl.int64) * sq_s + offs_d[None, :], mask=row_mask, other=0.0)
-            do_tile = tl.load(do_base + offs_m[:, None].to(tl.int64) * so_s + offs_d[None, :], mask=row_mask, other=0.0)
-            o_tile = tl.load(o_base + offs_m[:, None].to(tl.int64) * so_s + offs_d[None, :], mask=row_mask, other=0.0)
-            delta = tl.sum(do_tile.to(tl.float32) * o_tile.to(tl.float32), axis=1)
-            logsumexp = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))
+            q_tile, do_tile, delta, logsumexp, row_mask = _query_rows(q_base, do_base, o_base, lse_base, offs_m,
+                                                                      offs_d, q_len, d_ok, sq_s, so_s)
             grad_q_acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
             for start_n in range(0, _key_end(start_m, key_len, prefix, BLOCK_M, CAUSAL), BLOCK_N):
                 offs_n = start_n + tl.arange(0, BLOCK_N)
