@@ -19,6 +19,7 @@ OPS = {
     "co_attention": "vlkernels.bench.attention:co_attention_cases",
     "vd_nearest": "vlkernels.bench.visual_dictionary:nearest_cases",
     "vd_ema_update": "vlkernels.bench.visual_dictionary:update_cases",
+    "mome_ffn": "vlkernels.bench.mome_ffn:cases",
 }
 
 

@@ -1,0 +1,97 @@
+"""MoMEFFN: VLMo's mixture-of-modality-experts feed-forward (per-expert pre-LayerNorm + MLP) on
+the fused mome_ffn op, with VLMo's parameter names so its checkpoints load unchanged.
+
+State-dict mapping (VLMo multiway_transformer.Block -> this module, same keys):
+  norm2_text.{weight,bias}, norm2_imag.*, norm2_vl.*          nn.LayerNorm(D, eps=1e-6)
+  mlp_text.fc1.{weight [F, D], bias [F]}, mlp_text.fc2.{weight [D, F], bias [D]}, mlp_imag.*, mlp_vl.*
+Expert names -> key suffixes: "text" -> text, "image" -> imag, "vl" -> vl (others: the name).
+The op's w1 [E, D, F] is torch.stack([mlp.fc1.weight, ...]).transpose(1, 2): a strided view the
+kernels read in place (one stack copy per forward, through which autograd reaches the
+nn.Linear parameters); w2 [E, F, D] likewise from fc2.weight. Dropout in VLMo's Mlp is 0 in
+its configs and is not implemented here.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from vlkernels.ops.mome_ffn import mome_ffn
+
+_SUFFIX = {"text": "text", "image": "imag", "vl": "vl"}
+
+
+class Mlp(nn.Module):
+    """timm's / VLMo's Mlp parameters: fc1 Linear(D, F), fc2 Linear(F, D) (the op runs them)."""
+
+    def __init__(self, dim: int, hidden_dim: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim, device=device, dtype=dtype)
+        self.fc2 = nn.Linear(hidden_dim, dim, device=device, dtype=dtype)
+
+
+class MoMEFFN(nn.Module):
+    """Per-token expert FFN of VLMo: out[t] = mlp_e(norm2_e(x[t])) for the expert e of token t
+    (the residual and LayerScale stay outside, as in VLMo's Block).
+
+    forward(x [B, S, D], expert_index [B, S] int = None, *, modality_type=None, text_len=None) -> [B, S, D]
+      expert_index: per-token positions in ``experts``; or
+      modality_type: an expert name ("text", "image", "vl"): every token to it (VLMo's
+        text-only / image-only passes); or None (VLMo's joint input): every token to "vl" when
+        this module has a "vl" expert (VLMo's top layers), else tokens [0, text_len) to "text"
+        and the rest to "image" (the segments fast path: no sort).
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, experts: Sequence[str] = ("text", "image", "vl"), *,
+                 eps: float = 1e-6, activation: str = "gelu", device=None, dtype=None) -> None:
+        super().__init__()
+        if len(set(experts)) != len(experts) or not experts:
+            raise ValueError(f"MoMEFFN: experts must be distinct names, got {experts}")
+        self.dim, self.hidden_dim, self.experts = dim, hidden_dim, tuple(experts)
+        self.eps, self.activation = eps, activation
+        for name in self.experts:
+            suffix = _SUFFIX.get(name, name)
+            self.add_module(f"norm2_{suffix}", nn.LayerNorm(dim, eps=eps, device=device, dtype=dtype))
+            self.add_module(f"mlp_{suffix}", Mlp(dim, hidden_dim, device=device, dtype=dtype))
+
+    def norm(self, name: str) -> nn.LayerNorm:
+        return getattr(self, f"norm2_{_SUFFIX.get(name, name)}")
+
+    def mlp(self, name: str) -> Mlp:
+        return getattr(self, f"mlp_{_SUFFIX.get(name, name)}")
+
+    def _expert(self, name: str) -> int:
+        if name not in self.experts:
+            raise ValueError(f"MoMEFFN: no expert {name!r}; this module has {self.experts}")
+        return self.experts.index(name)
+
+    def _run(self, x, expert_index, names, segments=None):
+        """The op over the experts ``names`` only (a single-expert pass stacks one expert's weights)."""
+        mlps, norms = [self.mlp(n) for n in names], [self.norm(n) for n in names]
+        w1 = torch.stack([m.fc1.weight for m in mlps]).transpose(1, 2)
+        w2 = torch.stack([m.fc2.weight for m in mlps]).transpose(1, 2)
+        b1 = torch.stack([m.fc1.bias for m in mlps])
+        b2 = torch.stack([m.fc2.bias for m in mlps])
+        ln_weight = torch.stack([n.weight for n in norms])
+        ln_bias = torch.stack([n.bias for n in norms])
+        return mome_ffn(x, expert_index, w1, b1, w2, b2, activation=self.activation, ln_weight=ln_weight,
+                        ln_bias=ln_bias, eps=self.eps, segments=segments)
+
+    def forward(self, x: torch.Tensor, expert_index: Optional[torch.Tensor] = None, *,
+                modality_type: Optional[str] = None, text_len: Optional[int] = None) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"MoMEFFN: x must be [B, S, {self.dim}], got {tuple(x.shape)}")
+        if expert_index is not None:
+            if modality_type is not None or text_len is not None:
+                raise ValueError("MoMEFFN: give expert_index or modality_type/text_len, not both")
+            return self._run(x, expert_index, self.experts)
+        if modality_type is None and "vl" in self.experts:
+            modality_type = "vl"
+        if modality_type is not None:
+            self._expert(modality_type)
+            return self._run(x, None, (modality_type,), segments=(0, 0, 0))
+        if text_len is None:
+            raise ValueError("MoMEFFN: a joint input without a 'vl' expert needs text_len (VLMo's max_text_len)")
+        self._expert("text"), self._expert("image")
+        return self._run(x, None, ("text", "image"), segments=(int(text_len), 0, 1))

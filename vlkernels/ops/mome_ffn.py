@@ -1,0 +1,500 @@
+"""Mixture-of-modality-experts FFN (VLMo): per-token expert FFNs with per-expert pre-LayerNorm,
+as grouped GEMMs over expert segments, without gathering, padding or scattering copies.
+
+Routing (glue in torch, all on device, no host sync): order = stable argsort(expert_index)
+(int32), offsets = [0, cumsum(bincount(expert_index))] (int32, E+1). With ``segments``
+(VLMo's positional split) order and offsets are built by arithmetic: no sort, no bincount.
+
+Forward (2 launches):
+  FC1  rows of x gathered through order; LayerNorm statistics of each row in a prologue pass
+       (mean/rstd saved), normalisation applied while loading A; epilogue + b1[e], exact GELU.
+       Writes h = act(z) [T, F] in sorted order, and (when a backward will run) the
+       pre-activation z [T, F].
+  FC2  A = h rows, epilogue + b2[e], stored straight to the token row order[p].
+Backward (up to 5 launches): dz = (dY[order] @ W2[e]^T) * act'(z) (epilogue); dW2, db2 =
+grouped h^T @ dY[order] per expert; dW1, db1 = grouped LN(x)^T @ dz per expert (LN rebuilt
+from the saved statistics); d(normalised x) = dz @ W1[e]^T; LayerNorm backward with d ln
+weight/bias, grad_x scattered to token rows (without a LayerNorm, the previous GEMM stores
+grad_x itself, scattered).
+
+Why z is stored rather than recomputed: act'(z) needs z, and h cannot give it back; recomputing
+z costs a whole FC1 GEMM (1/3 of the forward FLOPs) in the backward, whereas storing it costs
+one [T, F] write and read, the same memory eager PyTorch keeps (GELU's input and FC2's input).
+Recomputing GELU inside FC2's / dW2's A-load instead (keeping z only) would put erf in the
+GEMM main loops, D/BLOCK_N times per element; the epilogue-only design keeps main loops pure.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from vlkernels import _backend
+from vlkernels._backend import Implementation
+from vlkernels.reference import mome_ffn as reference
+
+try:
+    import triton
+
+    from vlkernels.ops import _mome_kernels as kernels
+except ImportError:  # the torch backend still works; the triton backend refuses with the reason
+    triton = None
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ACTIVATION_CODES = {"gelu": 0, "relu": 1}
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# 128x128 tiles with 8 warps feed Hopper's wgmma well for 16-bit inputs; fp32 (tf32 or ieee)
+# operands are twice as wide, so BLOCK_K halves to keep three pipeline stages in shared memory.
+_GEMM_CONFIGS = {
+    torch.float16: GemmConfig(128, 128, 64, 8, 3),
+    torch.bfloat16: GemmConfig(128, 128, 64, 8, 3),
+    torch.float32: GemmConfig(128, 128, 32, 8, 3),
+}
+_LN_BWD_ELEMENTS = 4096  # rows per LayerNorm-backward block: BLOCK_R * BLOCK_D fp32 values in registers
+_LN_BWD_WARPS = 4
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 follows the flag that governs nn.Linear (which this op replaces): ieee unless tf32 is allowed.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # the interpreter: a couple of splits, so tests cover the split path
+
+
+def _row_tiles(tokens: int, experts: int, block_m: int) -> int:
+    # Upper bound of sum_e cdiv(count_e, BLOCK_M) over any routing: cdiv(T, BLOCK_M) + E - 1.
+    return triton.cdiv(tokens, block_m) + experts - 1
+
+
+def _launch_rows(a, order, offsets, weight, out, *, bias=None, ln_weight=None, ln_bias=None, mean=None, rstd=None,
+                 pre=None, eps=0.0, gather_a, ln_a=False, scatter_out, epilogue, activation=0, store_pre=False,
+                 weight_kn_strides):
+    """out = epilogue(prologue(A rows) @ weight[e]) over the grouped row tiles; weight[e] is read as
+    [K, N] with strides weight_kn_strides = (stride_k, stride_n)."""
+    tokens, k_size = a.shape
+    n_size = out.shape[1]
+    experts = offsets.shape[0] - 1
+    cfg = _GEMM_CONFIGS[weight.dtype]
+    grid = (triton.cdiv(n_size, cfg.block_n), _row_tiles(tokens, experts, cfg.block_m))
+    placeholder = weight  # unread when the term is absent
+    kernels._mome_rows_kernel[grid](
+        a, order, offsets, weight,
+        placeholder if bias is None else bias, placeholder if ln_weight is None else ln_weight,
+        placeholder if ln_bias is None else ln_bias, placeholder if mean is None else mean,
+        placeholder if rstd is None else rstd, placeholder if pre is None else pre, out,
+        k_size, n_size, weight.stride(0), *weight_kn_strides, eps,
+        NUM_EXPERTS=experts, GATHER_A=gather_a, LN_A=ln_a, SCATTER_OUT=scatter_out, EPILOGUE=epilogue,
+        ACTIVATION=activation, STORE_PRE=store_pre, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, DOT_PRECISION=_dot_precision(weight.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def _launch_weight_grad(a, b, order, offsets, *, gather_a, gather_b, mean=None, rstd=None, ln_weight=None,
+                        ln_bias=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per expert e: (A[rows_e]^T @ B[rows_e] [M, N], column sums of B[rows_e] [N]), both [E, ...] fp32."""
+    tokens, m_size = a.shape
+    n_size = b.shape[1]
+    experts = offsets.shape[0] - 1
+    cfg = _GEMM_CONFIGS[b.dtype]
+    tiles = triton.cdiv(m_size, cfg.block_m) * triton.cdiv(n_size, cfg.block_n) * experts
+    # Split each expert's row reduction until the grid covers the device about twice, keeping
+    # at least four row blocks per split for an evenly routed batch.
+    splits = max(1, min(triton.cdiv(2 * _multiprocessors(a.device), tiles), tokens // (4 * cfg.block_k * experts)))
+    weight_parts = torch.empty(splits, experts, m_size, n_size, device=a.device, dtype=torch.float32)
+    bias_parts = torch.empty(splits, experts, n_size, device=a.device, dtype=torch.float32)
+    ln = ln_weight is not None
+    grid = (triton.cdiv(m_size, cfg.block_m), triton.cdiv(n_size, cfg.block_n), experts * splits)
+    kernels._mome_weight_grad_kernel[grid](
+        a, b, order, offsets, mean if ln else a, rstd if ln else a, ln_weight if ln else a, ln_bias if ln else a,
+        weight_parts, bias_parts, m_size, n_size, splits,
+        GATHER_A=gather_a, GATHER_B=gather_b, LN_A=ln,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_PRECISION=_dot_precision(b.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return weight_parts.sum(0), bias_parts.sum(0)
+
+
+def _ln_bwd_blocks(dim: int) -> tuple[int, int]:
+    block_d = triton.next_power_of_2(dim)
+    return max(1, _LN_BWD_ELEMENTS // block_d), block_d
+
+
+def _launch_ln_bwd(x, order, offsets, mean, rstd, grad_normed, ln_weight):
+    tokens, dim = x.shape
+    experts = offsets.shape[0] - 1
+    block_r, block_d = _ln_bwd_blocks(dim)
+    chunks = max(1, min(triton.cdiv(2 * _multiprocessors(x.device), experts), tokens // (4 * block_r * experts)))
+    grad_x = torch.empty_like(x)
+    weight_parts = torch.empty(chunks, experts, dim, device=x.device, dtype=torch.float32)
+    bias_parts = torch.empty(chunks, experts, dim, device=x.device, dtype=torch.float32)
+    kernels._mome_ln_bwd_kernel[(experts, chunks)](
+        x, order, offsets, mean, rstd, grad_normed, ln_weight, grad_x, weight_parts, bias_parts, dim, chunks,
+        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_LN_BWD_WARPS,
+    )
+    return grad_x, weight_parts.sum(0), bias_parts.sum(0)
+
+
+def _launch_fwd(x, order, offsets, w1, b1, w2, b2, ln_weight, ln_bias, eps, activation, need_backward):
+    tokens, dim = x.shape
+    hidden = w1.shape[2]
+    ln = ln_weight is not None
+    h = torch.empty(tokens, hidden, device=x.device, dtype=x.dtype)
+    pre = torch.empty(tokens if need_backward else 0, hidden, device=x.device, dtype=x.dtype)
+    mean = torch.empty(tokens if ln else 0, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    out = torch.empty(tokens, dim, device=x.device, dtype=x.dtype)
+    if tokens == 0:
+        return out, h, pre, mean, rstd
+    _launch_rows(x, order, offsets, w1, h, bias=b1, ln_weight=ln_weight, ln_bias=ln_bias, mean=mean, rstd=rstd,
+                 pre=pre, eps=eps, gather_a=True, ln_a=ln, scatter_out=False,
+                 epilogue=kernels.EPILOGUE_BIAS_ACT, activation=_ACTIVATION_CODES[activation],
+                 store_pre=need_backward, weight_kn_strides=(w1.stride(1), w1.stride(2)))
+    _launch_rows(h, order, offsets, w2, out, bias=b2, gather_a=False, scatter_out=True,
+                 epilogue=kernels.EPILOGUE_BIAS, weight_kn_strides=(w2.stride(1), w2.stride(2)))
+    return out, h, pre, mean, rstd
+
+
+def _launch_bwd(grad_out, x, order, offsets, w1, w2, h, pre, mean, rstd, ln_weight, ln_bias, activation,
+                need_x, need_weights):
+    tokens, dim = x.shape
+    experts, _, hidden = w1.shape
+    ln = ln_weight is not None
+    # Distinct empty tensors for the gradients not computed (custom-op outputs may not alias).
+    grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_lnw, grad_lnb = (x.new_empty(0) for _ in range(7))
+    grad_pre = torch.empty(tokens, hidden, device=x.device, dtype=x.dtype)
+    # dz = (dY[order] @ W2[e]^T) * act'(z): W2[e] [F, D] read as [D, F] by swapping its strides.
+    _launch_rows(grad_out, order, offsets, w2, grad_pre, pre=pre, gather_a=True, scatter_out=False,
+                 epilogue=kernels.EPILOGUE_ACT_GRAD, activation=_ACTIVATION_CODES[activation],
+                 weight_kn_strides=(w2.stride(2), w2.stride(1)))
+    if need_weights:
+        grad_w2, grad_b2 = _launch_weight_grad(h, grad_out, order, offsets, gather_a=False, gather_b=True)
+        grad_w1, grad_b1 = _launch_weight_grad(x, grad_pre, order, offsets, gather_a=True, gather_b=False,
+                                               mean=mean, rstd=rstd, ln_weight=ln_weight, ln_bias=ln_bias)
+        grad_w1, grad_b1, grad_w2, grad_b2 = (t.to(x.dtype) for t in (grad_w1, grad_b1, grad_w2, grad_b2))
+    if need_x or (need_weights and ln):
+        # d(LN output) = dz @ W1[e]^T (W1[e] [D, F] read as [F, D]); without a LayerNorm it is grad_x.
+        grad_normed = torch.empty(tokens, dim, device=x.device, dtype=torch.float32 if ln else x.dtype)
+        _launch_rows(grad_pre, order, offsets, w1, grad_normed, gather_a=False, scatter_out=not ln,
+                     epilogue=kernels.EPILOGUE_NONE, weight_kn_strides=(w1.stride(2), w1.stride(1)))
+        if ln:
+            grad_x, grad_lnw, grad_lnb = _launch_ln_bwd(x, order, offsets, mean, rstd, grad_normed, ln_weight)
+            grad_lnw, grad_lnb = grad_lnw.to(x.dtype), grad_lnb.to(x.dtype)
+        else:
+            grad_x = grad_normed
+    return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_lnw, grad_lnb
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library custom ops: opaque to torch.compile (with fake implementations) and autograd-aware
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("vlkernels::mome_ffn_fwd", mutates_args=())
+def _mome_ffn_fwd_op(
+    x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+    w2: torch.Tensor, b2: torch.Tensor, ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor],
+    eps: float, activation: str, need_backward: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_fwd(x, order, offsets, w1, b1, w2, b2, ln_weight, ln_bias, eps, activation, need_backward)
+
+
+@_mome_ffn_fwd_op.register_fake
+def _(x, order, offsets, w1, b1, w2, b2, ln_weight, ln_bias, eps, activation, need_backward):
+    tokens, hidden = x.shape[0], w1.shape[2]
+    stats = tokens if ln_weight is not None else 0
+    return (x.new_empty(tokens, x.shape[1]), x.new_empty(tokens, hidden),
+            x.new_empty(tokens if need_backward else 0, hidden),
+            x.new_empty(stats, dtype=torch.float32), x.new_empty(stats, dtype=torch.float32))
+
+
+@torch.library.custom_op("vlkernels::mome_ffn_bwd", mutates_args=())
+def _mome_ffn_bwd_op(
+    grad_out: torch.Tensor, x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, w1: torch.Tensor,
+    w2: torch.Tensor, h: torch.Tensor, pre: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+    ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor], activation: str, need_x: bool,
+    need_weights: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_bwd(grad_out, x, order, offsets, w1, w2, h, pre, mean, rstd, ln_weight, ln_bias, activation,
+                       need_x, need_weights)
+
+
+@_mome_ffn_bwd_op.register_fake
+def _(grad_out, x, order, offsets, w1, w2, h, pre, mean, rstd, ln_weight, ln_bias, activation, need_x, need_weights):
+    ln = ln_weight is not None
+    grad_x = torch.empty_like(x) if need_x or (need_weights and ln) else x.new_empty(0)
+    if not need_weights:
+        return (grad_x, *(x.new_empty(0) for _ in range(6)))
+    experts, dim, hidden = w1.shape
+    lnw, lnb = (x.new_empty(experts, dim) if ln else x.new_empty(0) for _ in range(2))
+    return (grad_x, x.new_empty(experts, dim, hidden), x.new_empty(experts, hidden),
+            x.new_empty(experts, hidden, dim), x.new_empty(experts, dim), lnw, lnb)
+
+
+def _setup_context(ctx, inputs, output):
+    x, order, offsets, w1, b1, w2, b2, ln_weight, ln_bias, eps, activation, need_backward = inputs
+    _, h, pre, mean, rstd = output
+    ctx.save_for_backward(x, order, offsets, w1, w2, h, pre, mean, rstd, ln_weight, ln_bias)
+    ctx.activation = activation
+
+
+def _backward(ctx, grad_out, _grad_h, _grad_pre, _grad_mean, _grad_rstd):
+    x, order, offsets, w1, w2, h, pre, mean, rstd, ln_weight, ln_bias = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_x = need[0]
+    need_weights = any(need[3:9])
+    if pre.shape[0] != x.shape[0]:
+        raise RuntimeError("mome_ffn: the forward ran without saving for backward (grad mode was off)")
+    grads = _mome_ffn_bwd_op(grad_out.contiguous(), x, order, offsets, w1, w2, h, pre, mean, rstd,
+                             ln_weight, ln_bias, ctx.activation, need_x, need_weights)
+    grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_lnw, grad_lnb = grads
+    keep = lambda flag, t: t if flag else None  # noqa: E731
+    return (keep(need_x, grad_x), None, None, keep(need[3], grad_w1), keep(need[4], grad_b1),
+            keep(need[5], grad_w2), keep(need[6], grad_b2), keep(need[7], grad_lnw), keep(need[8], grad_lnb),
+            None, None, None)
+
+
+torch.library.register_autograd("vlkernels::mome_ffn_fwd", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Routing glue (torch, on device, no host sync)
+# ----------------------------------------------------------------------------------------------
+def expert_order(expert_index: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """expert_index [T] int in [0, E) -> (order [T] int32: token rows sorted by expert, stable;
+    offsets [E+1] int32: expert e owns sorted positions [offsets[e], offsets[e+1]))."""
+    order = torch.argsort(expert_index, stable=True).to(torch.int32)
+    counts = torch.bincount(expert_index, minlength=experts)
+    offsets = torch.zeros(experts + 1, device=expert_index.device, dtype=torch.int32)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return order, offsets
+
+
+def segments_order(batch: int, seq_len: int, segments: tuple[int, int, int], experts: int,
+                   device) -> tuple[torch.Tensor, torch.Tensor]:
+    """VLMo's positional routing (first text_len tokens of each sample to first_expert, the rest to
+    rest_expert) as (order, offsets) by arithmetic: no sort, no bincount, counts known on the host."""
+    text_len, first, rest = segments
+    counts = [0] * experts
+    counts[first] += batch * text_len
+    counts[rest] += batch * (seq_len - text_len)
+    bounds = [0]
+    for count in counts:
+        bounds.append(bounds[-1] + count)
+    offsets = torch.tensor(bounds, dtype=torch.int32).to(device, non_blocking=True)
+    if first == rest or text_len in (0, seq_len):
+        return torch.arange(batch * seq_len, device=device, dtype=torch.int32), offsets
+    starts = torch.arange(batch, device=device, dtype=torch.int32)[:, None] * seq_len
+    text = (starts + torch.arange(text_len, device=device, dtype=torch.int32)).reshape(-1)
+    image = (starts + torch.arange(text_len, seq_len, device=device, dtype=torch.int32)).reshape(-1)
+    return torch.cat([text, image] if first < rest else [image, text]), offsets
+
+
+# ----------------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------------
+def _validate(x, expert_index, w1, b1, w2, b2, activation, ln_weight, ln_bias, eps, segments) -> None:
+    if activation not in _ACTIVATION_CODES:
+        raise ValueError(f"mome_ffn: activation must be one of {tuple(_ACTIVATION_CODES)}, got {activation!r}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"mome_ffn: x must be floating point, got {x.dtype}")
+    if w1.dim() != 3:
+        raise ValueError(f"mome_ffn: w1 must be [E, D, F], got shape {tuple(w1.shape)}")
+    experts, dim, hidden = w1.shape
+    if experts == 0 or dim == 0 or hidden == 0:
+        raise ValueError(f"mome_ffn: empty w1 {tuple(w1.shape)}")
+    if x.shape[-1] != dim or x.dim() < 1:
+        raise ValueError(f"mome_ffn: x must be [..., D] with D = {dim} (w1 is [E, D, F]), got {tuple(x.shape)}")
+    expected = {"b1": (b1, (experts, hidden)), "w2": (w2, (experts, hidden, dim)), "b2": (b2, (experts, dim)),
+                "ln_weight": (ln_weight, (experts, dim)), "ln_bias": (ln_bias, (experts, dim))}
+    for name, (tensor, shape) in expected.items():
+        if tensor is None:
+            if name in ("b1", "w2", "b2"):
+                raise ValueError(f"mome_ffn: {name} is required")
+            continue
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"mome_ffn: {name} must have shape {list(shape)}, got {list(tensor.shape)}")
+        if tensor.dtype != x.dtype:
+            raise TypeError(f"mome_ffn: {name} is {tensor.dtype} but x is {x.dtype}; use one dtype (or torch.autocast)")
+        if tensor.device != x.device:
+            raise ValueError(f"mome_ffn: {name} is on {tensor.device} but x is on {x.device}")
+    if w1.dtype != x.dtype or w1.device != x.device:
+        raise TypeError(f"mome_ffn: w1 is {w1.dtype} on {w1.device} but x is {x.dtype} on {x.device}")
+    if ln_bias is not None and ln_weight is None:
+        raise ValueError("mome_ffn: ln_bias needs ln_weight")
+    if not eps > 0:
+        raise ValueError(f"mome_ffn: eps must be positive, got {eps}")
+    if segments is not None:
+        if expert_index is not None:
+            raise ValueError("mome_ffn: give expert_index or segments, not both")
+        if x.dim() != 3:
+            raise ValueError(f"mome_ffn: segments routing needs x as [B, S, D], got {tuple(x.shape)}")
+        if len(segments) != 3:
+            raise ValueError(f"mome_ffn: segments must be (text_len, first_expert, rest_expert), got {segments}")
+        text_len, first, rest = (int(v) for v in segments)
+        if not 0 <= text_len <= x.shape[1]:
+            raise ValueError(f"mome_ffn: segments text_len {text_len} outside [0, {x.shape[1]}]")
+        for value in (first, rest):
+            if not 0 <= value < experts:
+                raise ValueError(f"mome_ffn: segments expert id {value} outside [0, {experts})")
+        return
+    if expert_index is None:
+        raise ValueError("mome_ffn: expert_index is required (or segments)")
+    if expert_index.dtype in (torch.bool,) or expert_index.dtype.is_floating_point or expert_index.is_complex():
+        raise TypeError(f"mome_ffn: expert_index must be an integer tensor, got {expert_index.dtype}")
+    if tuple(expert_index.shape) != tuple(x.shape[:-1]):
+        raise ValueError(f"mome_ffn: expert_index must have shape {list(x.shape[:-1])} (x without D), "
+                         f"got {list(expert_index.shape)}")
+    if expert_index.device != x.device:
+        raise ValueError(f"mome_ffn: expert_index is on {expert_index.device} but x is on {x.device}")
+    if expert_index.numel():
+        low, high = (v.item() for v in torch.aminmax(expert_index))  # the one device sync: ids checked before launch
+        if low < 0 or high >= experts:
+            raise ValueError(f"mome_ffn: expert ids must be in [0, {experts}), got values in [{low}, {high}]")
+
+
+def _triton_refusal(x, *args) -> Optional[str]:
+    why = _backend.triton_refusal(x.device)
+    if why is None and x.dtype not in _SUPPORTED_DTYPES:
+        why = f"dtype {x.dtype} is not one of float32, float16, bfloat16"
+    return why
+
+
+def _run_triton(x, expert_index, w1, b1, w2, b2, activation, ln_weight, ln_bias, eps, segments):
+    shape = x.shape
+    tokens = x.reshape(-1, shape[-1]).contiguous()
+    experts = w1.shape[0]
+    if segments is not None:
+        order, offsets = segments_order(shape[0], shape[1], tuple(int(v) for v in segments), experts, x.device)
+    else:
+        order, offsets = expert_order(expert_index.reshape(-1).long(), experts)
+    if ln_weight is not None:
+        ln_weight = ln_weight.contiguous()
+        ln_bias = torch.zeros_like(ln_weight) if ln_bias is None else ln_bias.contiguous()
+    tensors = (x, w1, b1, w2, b2, ln_weight, ln_bias)
+    need_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    out = _mome_ffn_fwd_op(tokens, order, offsets, w1, b1.contiguous(), w2, b2.contiguous(), ln_weight, ln_bias,
+                           float(eps), activation, need_backward)[0]
+    return out.reshape(shape)
+
+
+def _run_torch(x, expert_index, w1, b1, w2, b2, activation, ln_weight, ln_bias, eps, segments):
+    return reference.mome_ffn(x, expert_index, w1, b1, w2, b2, activation=activation, ln_weight=ln_weight,
+                              ln_bias=ln_bias, eps=eps, segments=segments)
+
+
+_IMPLEMENTATIONS = [
+    Implementation("triton", _triton_refusal, _run_triton),
+    Implementation("torch", lambda *args: None, _run_torch),
+]
+
+
+def mome_ffn(
+    x: torch.Tensor,
+    expert_index: Optional[torch.Tensor],
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    *,
+    activation: str = "gelu",
+    ln_weight: Optional[torch.Tensor] = None,
+    ln_bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-6,
+    segments: Optional[tuple[int, int, int]] = None,
+) -> torch.Tensor:
+    """VLMo's mixture-of-modality-experts FFN: each token through its own expert's
+    LayerNorm (optional) -> Linear(D, F) -> activation -> Linear(F, D).
+
+    x: [T, D] (or any [..., D]); expert_index: int tensor of x's leading shape, ids in [0, E)
+      (any order, any counts, experts may get no token); None when ``segments`` is given.
+    w1: [E, D, F], b1: [E, F], w2: [E, F, D], b2: [E, D] (any strides: nn.Linear weights stacked
+      as [E, F, D] and viewed with .transpose(1, 2) are read in place).
+    ln_weight, ln_bias: [E, D], expert e's pre-LayerNorm (VLMo's norm2_*), eps as LayerNorm's.
+    activation: "gelu" (exact erf, VLMo) or "relu".
+    segments: (text_len, first_expert, rest_expert) with x [B, S, D]: tokens [0, text_len) of each
+      sample go to first_expert, the rest to rest_expert (VLMo's joint input) - no sort at all.
+    returns: x's shape, tokens in their original order.
+
+    Bad expert ids raise ValueError before any launch (one device-side min/max, one sync).
+    Under torch.autocast every float input is cast to the autocast dtype, as nn.Linear's are.
+    """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, w1, b1, w2, b2, ln_weight, ln_bias = (
+            t.to(dtype) if t is not None and t.is_floating_point() else t for t in (x, w1, b1, w2, b2, ln_weight, ln_bias)
+        )
+    _validate(x, expert_index, w1, b1, w2, b2, activation, ln_weight, ln_bias, eps, segments)
+    return _backend.dispatch("mome_ffn", _IMPLEMENTATIONS, x.device, x, expert_index, w1, b1, w2, b2, activation,
+                             ln_weight, ln_bias, eps, segments)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time variants for the sm_90a report (python -m vlkernels.report)
+# ----------------------------------------------------------------------------------------------
+def aot_variants():
+    """Every kernel configuration the launchers above can pick, as report.KernelVariant entries,
+    with the runtime integers of VLMo-B (D 768, F 3072, 3 experts)."""
+    from vlkernels.report import KernelVariant
+
+    dim, hidden, experts = 768, 3072, 3
+    i32, fp32 = torch.int32, torch.float32
+    variants = []
+    for dtype, precision in ((torch.bfloat16, "tf32"), (torch.float16, "tf32"), (torch.float32, "tf32"),
+                             (torch.float32, "ieee")):
+        cfg = _GEMM_CONFIGS[dtype]
+        label = f"{str(dtype)[6:]}-{precision}"
+        blocks = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_PRECISION=precision)
+        options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        rows_pointers = {"a": dtype, "order": i32, "offsets": i32, "weight": dtype, "bias": dtype,
+                         "ln_weight": dtype, "ln_bias": dtype, "mean": fp32, "rstd": fp32, "pre": dtype, "out": dtype}
+        rows_common = dict(blocks, NUM_EXPERTS=experts, ACTIVATION=0)
+        # (what, K, N, weight strides e/k/n, flags): FC1 with LayerNorm, FC2, dz, d(normalised x)
+        uses = [
+            ("fc1", dim, hidden, (dim * hidden, hidden, 1),
+             dict(GATHER_A=True, LN_A=True, SCATTER_OUT=False, EPILOGUE=kernels.EPILOGUE_BIAS_ACT, STORE_PRE=True)),
+            ("fc2", hidden, dim, (hidden * dim, dim, 1),
+             dict(GATHER_A=False, LN_A=False, SCATTER_OUT=True, EPILOGUE=kernels.EPILOGUE_BIAS, STORE_PRE=False)),
+            ("dz", dim, hidden, (hidden * dim, 1, dim),
+             dict(GATHER_A=True, LN_A=False, SCATTER_OUT=False, EPILOGUE=kernels.EPILOGUE_ACT_GRAD,
+                  STORE_PRE=False)),
+            ("dxn", hidden, dim, (dim * hidden, 1, hidden),
+             dict(GATHER_A=False, LN_A=False, SCATTER_OUT=False, EPILOGUE=kernels.EPILOGUE_NONE, STORE_PRE=False)),
+        ]
+        for what, k_size, n_size, (se, sk, sn), flags in uses:
+            pointers = dict(rows_pointers, out=fp32 if what == "dxn" else dtype)
+            scalars = dict(K=k_size, N=n_size, stride_we=se, stride_wk=sk, stride_wn=sn, eps=1e-6)
+            variants.append(KernelVariant(kernels._mome_rows_kernel, f"{label}-{what}", dict(rows_common, **flags),
+                                          pointers, scalars, options, gemm_shaped=True))
+        grad_pointers = {"a": dtype, "b": dtype, "order": i32, "offsets": i32, "mean": fp32, "rstd": fp32,
+                         "ln_weight": dtype, "ln_bias": dtype, "grad_weight_parts": fp32, "grad_bias_parts": fp32}
+        for what, m_size, n_size, flags in (("dw1", dim, hidden, dict(GATHER_A=True, GATHER_B=False, LN_A=True)),
+                                            ("dw2", hidden, dim, dict(GATHER_A=False, GATHER_B=True, LN_A=False))):
+            variants.append(KernelVariant(kernels._mome_weight_grad_kernel, f"{label}-{what}", dict(blocks, **flags),
+                                          grad_pointers, dict(M=m_size, N=n_size, splits=1), options,
+                                          gemm_shaped=True))
+    for dtype in _SUPPORTED_DTYPES:
+        for dim in (544, 768, 1024):
+            block_r, block_d = _ln_bwd_blocks(dim)
+            variants.append(KernelVariant(
+                kernels._mome_ln_bwd_kernel, f"{str(dtype)[6:]}-D{dim}", dict(BLOCK_R=block_r, BLOCK_D=block_d),
+                {"x": dtype, "order": i32, "offsets": i32, "mean": fp32, "rstd": fp32, "grad_normed": fp32,
+                 "ln_weight": dtype, "grad_x": dtype, "grad_ln_weight_parts": fp32, "grad_ln_bias_parts": fp32},
+                dict(D=dim, chunks=44), dict(num_warps=_LN_BWD_WARPS)))
+    return variants

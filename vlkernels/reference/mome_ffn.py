@@ -1,0 +1,69 @@
+"""Reference mixture-of-modality-experts FFN (VLMo): gather each expert's tokens, run its
+pre-LayerNorm + MLP, scatter the results back. Short, float64-capable: the spec, the CPU
+fallback and the tests' oracle (and the benchmarks' "eager gather/loop/scatter" provider)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("gelu", "relu")
+
+
+def segments_expert_index(batch: int, seq_len: int, segments: tuple[int, int, int], device=None) -> torch.Tensor:
+    """VLMo's positional routing as per-token ids: segments = (text_len, first_expert, rest_expert)
+    sends tokens [0, text_len) of every sample to first_expert and the rest to rest_expert.
+    Returns [batch * seq_len] int64 (sample-major, as x.reshape(-1, D))."""
+    text_len, first, rest = segments
+    position = torch.arange(seq_len, device=device)
+    per_sample = torch.where(position < text_len, first, rest)
+    return per_sample.repeat(batch)
+
+
+def _activation(z: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "gelu":
+        return F.gelu(z)  # exact erf GELU, as VLMo's nn.GELU()
+    if activation == "relu":
+        return F.relu(z)
+    raise ValueError(f"mome_ffn: activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def mome_ffn(
+    x: torch.Tensor,
+    expert_index: Optional[torch.Tensor],
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    *,
+    activation: str = "gelu",
+    ln_weight: Optional[torch.Tensor] = None,
+    ln_bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-6,
+    segments: Optional[tuple[int, int, int]] = None,
+) -> torch.Tensor:
+    """x: [T, D] (or [B, S, D]), expert_index: [T] (or [B, S]) int in [0, E), or None with
+    segments = (text_len, first_expert, rest_expert) and x [B, S, D];
+    w1: [E, D, F], b1: [E, F], w2: [E, F, D], b2: [E, D]; ln_weight, ln_bias: [E, D] or None.
+
+    out[t] = act(LN_e(x[t]) @ w1[e] + b1[e]) @ w2[e] + b2[e] with e = expert of token t,
+    LN_e = LayerNorm(D, eps) with weight ln_weight[e] and bias ln_bias[e] (when given).
+    Returns the shape of x, tokens in their original order.
+    """
+    shape, dim = x.shape, x.shape[-1]
+    if segments is not None:
+        expert_index = segments_expert_index(shape[0], shape[1], segments, x.device)
+    tokens = x.reshape(-1, dim)
+    expert_index = expert_index.reshape(-1)
+    out = tokens.new_zeros(tokens.shape[0], w2.shape[-1])
+    for e in range(w1.shape[0]):
+        rows = (expert_index == e).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        h = tokens.index_select(0, rows)
+        if ln_weight is not None:
+            h = F.layer_norm(h, (dim,), ln_weight[e], None if ln_bias is None else ln_bias[e], eps)
+        h = _activation(h @ w1[e] + b1[e], activation)
+        out = out.index_copy(0, rows, h @ w2[e] + b2[e])
+    return out.reshape(shape)
