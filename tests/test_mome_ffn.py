@@ -287,3 +287,63 @@ def test_moffn_matches_vlmo_formulation(route):
             assert grad is None or not grad.any(), name
             continue
         assert_matches_reference(f"grad {name}", grad, grad64, grad)
+
+
+def vlmo_block_restated(sd, x, mask, modality_type, bias, heads, max_text_len, eps=1e-6):
+    """VLMo's multiway Block in plain torch (float64), over its own state-dict keys."""
+    def layer_norm(t, name):
+        return F.layer_norm(t, t.shape[-1:], sd[f"{name}.weight"], sd[f"{name}.bias"], eps)
+
+    def mlp(t, name):
+        hidden = F.gelu(F.linear(t, sd[f"mlp_{name}.fc1.weight"], sd[f"mlp_{name}.fc1.bias"]))
+        return F.linear(hidden, sd[f"mlp_{name}.fc2.weight"], sd[f"mlp_{name}.fc2.bias"])
+
+    h = layer_norm(x, "norm1")
+    qkv_bias = torch.cat([sd["attn.q_bias"], torch.zeros_like(sd["attn.v_bias"]), sd["attn.v_bias"]])
+    q, k, v = F.linear(h, sd["attn.qkv.weight"], qkv_bias).reshape(x.shape[0], x.shape[1], 3, heads, -1).permute(
+        2, 0, 3, 1, 4)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+    if bias is not None:
+        scores = scores + bias
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    attended = (scores.softmax(-1) @ v).transpose(1, 2).flatten(2)
+    x = x + sd["gamma_1"] * F.linear(attended, sd["attn.proj.weight"], sd["attn.proj.bias"])
+    if modality_type in ("text", "image"):
+        name = "text" if modality_type == "text" else "imag"
+        return x + sd["gamma_2"] * mlp(layer_norm(x, f"norm2_{name}"), name)
+    if "mlp_vl.fc1.weight" in sd:
+        return x + sd["gamma_2"] * mlp(layer_norm(x, "norm2_vl"), "vl")
+    text, image = x[:, :max_text_len], x[:, max_text_len:]
+    return torch.cat([text + sd["gamma_2"] * mlp(layer_norm(text, "norm2_text"), "text"),
+                      image + sd["gamma_2"] * mlp(layer_norm(image, "norm2_imag"), "imag")], 1)
+
+
+@pytest.mark.parametrize("case", ["joint-split", "joint-vl", "text", "image", "relative-bias"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_mome_block_matches_vlmo_and_loads_its_keys(backend, case):
+    from vlkernels.nn.mome import MoMEBlock
+
+    torch.manual_seed(21)
+    dim, heads, text_len, seq = 24, 2, 5, 13
+    vlmo_keys = {"norm1.weight": (dim,), "norm1.bias": (dim,), "attn.qkv.weight": (3 * dim, dim),
+                 "attn.q_bias": (dim,), "attn.v_bias": (dim,), "attn.proj.weight": (dim, dim),
+                 "attn.proj.bias": (dim,), "gamma_1": (dim,), "gamma_2": (dim,)}
+    experts = ["text", "imag"] + (["vl"] if case == "joint-vl" else [])
+    for name in experts:
+        vlmo_keys.update({f"norm2_{name}.weight": (dim,), f"norm2_{name}.bias": (dim,),
+                          f"mlp_{name}.fc1.weight": (4 * dim, dim), f"mlp_{name}.fc1.bias": (4 * dim,),
+                          f"mlp_{name}.fc2.weight": (dim, 4 * dim), f"mlp_{name}.fc2.bias": (dim,)})
+    checkpoint = {k: torch.randn(shape, dtype=torch.float64) * 0.3 for k, shape in vlmo_keys.items()}
+    block = MoMEBlock(dim, heads, with_vlffn=case == "joint-vl", max_text_len=text_len).to(DEVICE)
+    block.load_state_dict({k: v.float() for k, v in checkpoint.items()})
+    x = torch.randn(3, seq, dim, dtype=torch.float64)
+    mask = torch.rand(3, seq) < 0.8
+    mask[:, 0] = True
+    bias = torch.randn(heads, seq, seq, dtype=torch.float64) if case == "relative-bias" else None
+    modality = case if case in ("text", "image") else None
+    with vlkernels.use_backend(backend):
+        out = block(x.float().to(DEVICE), mask.to(DEVICE), modality,
+                    None if bias is None else bias.float().to(DEVICE))
+    expected = vlmo_block_restated(checkpoint, x, mask, modality, bias, heads, text_len)
+    assert_matches_reference("block", out, expected, out)

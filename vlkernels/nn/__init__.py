@@ -1,11 +1,11 @@
 """Drop-in nn.Modules over the vlkernels ops, state-dict compatible with the modules users already have."""
 from vlkernels.nn.attention import MultiheadAttention, PostLNAttention, PostLNFeedForward, real_token_mask
 from vlkernels.nn.co_attention import LXMERTCrossLayer, METERCrossLayer, ViLBERTCoLayer
-from vlkernels.nn.mome import MoMEFFN
+from vlkernels.nn.mome import MoMEBlock, MoMEFFN, VLMoAttention
 from vlkernels.nn.patch_embed import PatchEmbed
 from vlkernels.nn.visual_dictionary import VisualDictionary, mvm_mask
 
 __all__ = [
-    "LXMERTCrossLayer", "METERCrossLayer", "MoMEFFN", "MultiheadAttention", "PatchEmbed", "PostLNAttention",
-    "PostLNFeedForward", "ViLBERTCoLayer", "VisualDictionary", "mvm_mask", "real_token_mask",
+    "LXMERTCrossLayer", "METERCrossLayer", "MoMEBlock", "MoMEFFN", "MultiheadAttention", "PatchEmbed", "PostLNAttention",
+    "PostLNFeedForward", "ViLBERTCoLayer", "VLMoAttention", "VisualDictionary", "mvm_mask", "real_token_mask",
 ]

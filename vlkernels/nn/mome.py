@@ -15,8 +15,10 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from vlkernels.ops.attention import attention
 from vlkernels.ops.mome_ffn import mome_ffn
 
 _SUFFIX = {"text": "text", "image": "imag", "vl": "vl"}
@@ -95,3 +97,81 @@ class MoMEFFN(nn.Module):
             raise ValueError("MoMEFFN: a joint input without a 'vl' expert needs text_len (VLMo's max_text_len)")
         self._expert("text"), self._expert("image")
         return self._run(x, None, ("text", "image"), segments=(int(text_len), 0, 1))
+
+
+class VLMoAttention(nn.Module):
+    """VLMo's shared self-attention: one bias-free qkv Linear plus ``q_bias`` and ``v_bias`` (k has
+    none), then ``proj`` (keys ``qkv.weight``, ``q_bias``, ``v_bias``, ``proj.*`` as in VLMo).
+
+    forward(x [B, S, D], mask [B, S] bool (True = real token) = None,
+            relative_position_bias [H, S, S] = None) -> [B, S, D]
+    Without a relative position bias it runs the attention op (Triton on GPU); with one it runs
+    the same math in torch (the op takes no additive bias yet).
+    """
+
+    def __init__(self, dim: int, heads: int, *, qkv_bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"VLMoAttention: dim {dim} is not a multiple of heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False, device=device, dtype=dtype)
+        self.q_bias = nn.Parameter(torch.zeros(dim, device=device, dtype=dtype)) if qkv_bias else None
+        self.v_bias = nn.Parameter(torch.zeros(dim, device=device, dtype=dtype)) if qkv_bias else None
+        self.proj = nn.Linear(dim, dim, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                relative_position_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        bias = None
+        if self.q_bias is not None:
+            bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+        q, k, v = F.linear(x, self.qkv.weight, bias).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        if relative_position_bias is None:
+            out = attention(q, k, v, key_mask=mask)
+        else:
+            scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5 + relative_position_bias
+            if mask is not None:
+                scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+            out = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).to(v.dtype) @ v
+        return self.proj(out.transpose(1, 2).flatten(2))
+
+
+class MoMEBlock(nn.Module):
+    """VLMo's Transformer block: pre-LN shared attention and per-modality expert FFNs, each
+    branch scaled by LayerScale (gamma init 0.1):
+
+        x = x + gamma_1 * attn(norm1(x), mask)
+        x = x + gamma_2 * MoMEFFN(x, modality_type / text_len)
+
+    State dict: VLMo's Block keys (norm1.*, attn.qkv.weight, attn.q_bias, attn.v_bias,
+    attn.proj.*, gamma_1, gamma_2, norm2_{text,imag[,vl]}.*, mlp_{text,imag[,vl]}.fc{1,2}.*).
+    ``with_vlffn`` adds the vision-language expert (VLMo's top layers).
+
+    forward(x [B, S, D], mask [B, S] bool = None, modality_type "text" | "image" | None,
+            relative_position_bias [H, S, S] = None) -> [B, S, D]; modality_type None is the
+    joint input: the first ``max_text_len`` tokens go to the text expert and the rest to the
+    image expert, or all to the vl expert when the block has one.
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, *, qkv_bias: bool = True,
+                 with_vlffn: bool = False, layer_scale_init_values: float = 0.1, max_text_len: int = 40,
+                 eps: float = 1e-6, device=None, dtype=None) -> None:
+        super().__init__()
+        self.max_text_len = max_text_len
+        self.norm1 = nn.LayerNorm(dim, eps=eps, device=device, dtype=dtype)
+        self.attn = VLMoAttention(dim, heads, qkv_bias=qkv_bias, device=device, dtype=dtype)
+        self.gamma_1 = nn.Parameter(layer_scale_init_values * torch.ones(dim, device=device, dtype=dtype))
+        self.gamma_2 = nn.Parameter(layer_scale_init_values * torch.ones(dim, device=device, dtype=dtype))
+        experts = ("text", "image", "vl") if with_vlffn else ("text", "image")
+        self.ffn = MoMEFFN(dim, int(dim * mlp_ratio), experts, eps=eps, device=device, dtype=dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # VLMo keeps the experts' norm2_* / mlp_* at the block's top level: read them into ffn.
+        for key in [k for k in state_dict if k.startswith((prefix + "norm2_", prefix + "mlp_"))]:
+            state_dict[prefix + "ffn." + key[len(prefix):]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, modality_type: Optional[str] = None,
+                relative_position_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.gamma_1 * self.attn(self.norm1(x), mask, relative_position_bias)
+        return x + self.gamma_2 * self.ffn(x, modality_type=modality_type,
+                                           text_len=None if modality_type else self.max_text_len)
