@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import importlib
 
-# op name -> "module:function", the function giving its cases(device, quick). Modules import lazily: an op under construction
-# elsewhere in the tree must not break the benchmarks of the others.
+# op name -> "module:function", the function giving its cases(device, quick). Modules import
+# lazily: an op under construction elsewhere in the tree must not break the others' benchmarks.
 OPS = {
     "patch_embed": "vlkernels.bench.patch_embed:cases",
     "attention": "vlkernels.bench.attention:attention_cases",
     "co_attention": "vlkernels.bench.attention:co_attention_cases",
     "vd_nearest": "vlkernels.bench.visual_dictionary:nearest_cases",
     "vd_ema_update": "vlkernels.bench.visual_dictionary:update_cases",
+    "wra_distance": "vlkernels.bench.optimal_transport:wra_cases",
+    "sinkhorn": "vlkernels.bench.optimal_transport:sinkhorn_cases",
     "mome_ffn": "vlkernels.bench.mome_ffn:cases",
 }
 

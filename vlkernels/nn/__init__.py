@@ -2,10 +2,12 @@
 from vlkernels.nn.attention import MultiheadAttention, PostLNAttention, PostLNFeedForward, real_token_mask
 from vlkernels.nn.co_attention import LXMERTCrossLayer, METERCrossLayer, ViLBERTCoLayer
 from vlkernels.nn.mome import MoMEBlock, MoMEFFN, VLMoAttention
+from vlkernels.nn.optimal_transport import WPALoss, WRALoss
 from vlkernels.nn.patch_embed import PatchEmbed
 from vlkernels.nn.visual_dictionary import VisualDictionary, mvm_mask
 
 __all__ = [
     "LXMERTCrossLayer", "METERCrossLayer", "MoMEBlock", "MoMEFFN", "MultiheadAttention", "PatchEmbed", "PostLNAttention",
-    "PostLNFeedForward", "ViLBERTCoLayer", "VLMoAttention", "VisualDictionary", "mvm_mask", "real_token_mask",
+    "PostLNFeedForward", "ViLBERTCoLayer", "VLMoAttention", "VisualDictionary", "WPALoss", "WRALoss", "mvm_mask",
+    "real_token_mask",
 ]

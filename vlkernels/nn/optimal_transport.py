@@ -34,7 +34,8 @@ class WRALoss(nn.Module):
     def forward(self, txt: torch.Tensor, img: torch.Tensor, txt_mask: Optional[torch.Tensor],
                 img_mask: Optional[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
         if targets.shape != txt.shape[:1]:
-            raise ValueError(f"{type(self).__name__}: targets must have shape [{txt.shape[0]}], got {list(targets.shape)}")
+            raise ValueError(f"{type(self).__name__}: targets must have shape [{txt.shape[0]}], "
+                             f"got {list(targets.shape)}")
         return self.weight * ot_loss(self.distances(txt, img, txt_mask, img_mask), targets)
 
     def extra_repr(self) -> str:

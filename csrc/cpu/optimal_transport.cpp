@@ -1,0 +1,616 @@
+#include "optimal_transport.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if defined(__SSE__) || defined(__x86_64__)
+#include <xmmintrin.h>
+#endif
+
+#include "ot_step.h"
+
+// The hot per-problem loops are compiled for AVX-512, AVX2+FMA and the baseline, and the loader
+// picks the best the machine has (GCC function multiversioning on x86-64 Linux); the build's
+// flags stay baseline so the wheel runs everywhere.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+#define VLK_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define VLK_SIMD_CLONES
+#endif
+
+namespace vlkernels {
+namespace cpu {
+namespace {
+
+namespace ot = vlkernels::ot;
+
+// Rows are padded to a multiple of 16 floats (one AVX-512 register, two AVX2 ones), so every
+// inner loop runs whole vectors; entries past the end hold zeros (or -inf logs) that add nothing.
+constexpr int64_t kLanes = 16;
+
+int64_t padded(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+
+// exp(x) in fp32 for vector loops: Cephes' expf (range reduction by ln 2, degree-6 polynomial,
+// ~1 ulp). Branch-free so that loops over it vectorise; x < -87 gives 0 (fp32's normal range
+// ends at exp(-87.3)), so -inf marks entries off the support.
+inline float exp_vec(float x) {
+  const float clamped = std::min(std::max(x, -87.0f), 88.0f);
+  // round-to-nearest by the 1.5 * 2^23 trick: no call to nearbyint, vectorises on SSE2
+  const float shifted = clamped * 1.44269504088896341f + 12582912.0f;
+  const float n = shifted - 12582912.0f;
+  const float r = (clamped - n * 0.693359375f) - n * -2.12194440e-4f;  // ln 2 split in two for exactness
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float e = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < -87.0f ? 0.0f : e * scale;
+}
+
+#if defined(__GNUC__)
+// The vector helpers are internal (inlined): the ABI note GCC gives on 64-byte vector returns
+// in the baseline clone does not apply.
+#if !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+// 16 floats as one value: a zmm register, two ymm or four xmm ones, by the clone being compiled.
+typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t LaneIndex __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+inline Lanes load_lanes(const float* p) {
+  Lanes v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// Sum of the 16 lanes by halving (shuffles within registers, no trip through memory).
+inline float sum_lanes(Lanes v) {
+  v += __builtin_shuffle(v, LaneIndex{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  v += __builtin_shuffle(v, LaneIndex{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+  v += __builtin_shuffle(v, LaneIndex{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+  v += __builtin_shuffle(v, LaneIndex{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+  return v[0];
+}
+
+// sum_j a_j * b_j over n (a multiple of kLanes) entries, in 16 lane-wise partial sums.
+inline float dot(const float* a, const float* b, int64_t n) {
+  Lanes acc = {};
+  for (int64_t j = 0; j < n; j += kLanes) acc += load_lanes(a + j) * load_lanes(b + j);
+  return sum_lanes(acc);
+}
+
+
+// sum_d a_d * b_d over any length n (vectors, then a scalar tail).
+inline float dot_any(const float* a, const float* b, int64_t n) {
+  const int64_t whole = n / kLanes * kLanes;
+  float sum = whole ? dot(a, b, whole) : 0.0f;
+  for (int64_t d = whole; d < n; ++d) sum += a[d] * b[d];
+  return sum;
+}
+
+// out[a][b] = <x[a], y[b]> for four rows of x and four of y, each of length n: sixteen vector
+// accumulators stay in registers while the rows stream through once.
+inline void dot_4x4(const float* const* x, const float* const* y, int64_t n, float out[4][4]) {
+  Lanes acc[4][4] = {};
+  const int64_t whole = n / kLanes * kLanes;
+  for (int64_t d = 0; d < whole; d += kLanes) {
+    Lanes xv[4], yv[4];
+    for (int a = 0; a < 4; ++a) xv[a] = load_lanes(x[a] + d);
+    for (int b = 0; b < 4; ++b) yv[b] = load_lanes(y[b] + d);
+    for (int a = 0; a < 4; ++a) {
+      for (int b = 0; b < 4; ++b) acc[a][b] += xv[a] * yv[b];
+    }
+  }
+  for (int a = 0; a < 4; ++a) {
+    for (int b = 0; b < 4; ++b) {
+      float sum = sum_lanes(acc[a][b]);
+      for (int64_t d = whole; d < n; ++d) sum += x[a][d] * y[b][d];
+      out[a][b] = sum;
+    }
+  }
+}
+#else
+inline float dot(const float* a, const float* b, int64_t n) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) sum += a[j] * b[j];
+  return sum;
+}
+inline float dot_any(const float* a, const float* b, int64_t n) { return dot(a, b, n); }
+inline void dot_4x4(const float* const* x, const float* const* y, int64_t n, float out[4][4]) {
+  for (int a = 0; a < 4; ++a) {
+    for (int b = 0; b < 4; ++b) out[a][b] = dot(x[a], y[b], n);
+  }
+}
+#endif
+
+// Denormals flushed to zero while a kernel runs: IPOT's plans decay geometrically (T ~ A^t),
+// and x86 handles subnormal operands in microcode, hundreds of times slower. Restored after.
+class FlushDenormals {
+ public:
+#if defined(__SSE__) || defined(__x86_64__)
+  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040); }  // FTZ | DAZ
+  ~FlushDenormals() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned int saved_;
+#endif
+};
+
+// One problem's working set, reused across the problems a thread solves.
+struct Scratch {
+  std::vector<float> kernel, work, col_vec, col_acc, col_pen, col_aux, row_vec, row_pen;
+  std::vector<float> cost, x_len, y_len, accum;  // WRA: the cost of the stored rows, norms, gradient rows
+  std::vector<int64_t> row_index, col_index;
+  void resize(int64_t rows, int64_t cols, int64_t dim = 0) {
+    const int64_t npad = padded(cols);
+    row_index.resize(rows);
+    col_index.resize(cols);
+    col_aux.resize(npad);
+    if (dim > 0) {
+      cost.resize(std::max(rows * npad, rows * cols));
+      x_len.resize(rows);
+      y_len.resize(cols);
+      accum.resize(4 * dim);
+    }
+    kernel.resize(rows * npad);
+    work.resize(rows * npad);
+    col_vec.resize(npad);
+    col_acc.resize(npad);
+    col_pen.resize(npad);
+    row_vec.resize(rows);
+    row_pen.resize(rows);
+  }
+};
+
+// Where a problem's cost comes from: a cost matrix by original row (ipot), or (WRA) one the
+// caller formed for the stored (valid) rows, [valid rows, padded(col_end)].
+struct CostSource {
+  const float* cost;       // [rows, cols], or nullptr
+  const float* row_costs;  // WRA
+  float at(int64_t r, int64_t i, int64_t j, int64_t cols, int64_t npad) const {
+    return cost ? cost[i * cols + j] : row_costs[r * npad + j];
+  }
+};
+
+// The valid rows in order (the rows ipot_problem stores) and one past the last valid column.
+struct Compaction {
+  int64_t rows, cols, col_end;
+};
+
+Compaction compact(const uint8_t* x_mask, const uint8_t* y_mask, int64_t rows, int64_t cols, int64_t* row_index,
+                   int64_t* col_index) {
+  Compaction c{0, 0, 0};
+  for (int64_t i = 0; i < rows; ++i) {
+    if (x_mask[i]) row_index[c.rows++] = i;
+  }
+  for (int64_t j = 0; j < cols; ++j) {
+    if (y_mask[j]) {
+      col_index[c.cols++] = j;
+      c.col_end = j + 1;
+    }
+  }
+  return c;
+}
+
+// UNITER's IPOT on one problem (see ot_step.h). Padded rows have Q = 0, so they add nothing
+// to the column sums, and their plan rows are zero: only the valid rows are stored and swept,
+// over the columns up to the last valid one. Each iteration is one sweep over those rows:
+// row i's scaling sigma_i needs the row sum of delta * Q, after which the row's plan
+// T = delta Q sigma, the next Q = A T and its share of the next column sums follow in place.
+// Returns sum_ij C_ij T_ij when `distance` is asked for.
+VLK_SIMD_CLONES
+float ipot_problem(const CostSource& source, const uint8_t* x_mask, const uint8_t* y_mask, int64_t rows,
+                   int64_t cols, float beta, int64_t iters, int64_t k, bool distance, float* plan, Scratch& s) {
+  std::fill(plan, plan + rows * cols, 0.0f);
+  int64_t* row_index = s.row_index.data();
+  const Compaction valid = compact(x_mask, y_mask, rows, cols, row_index, s.col_index.data());
+  const int64_t x_count = valid.rows, y_count = valid.cols, col_end = valid.col_end;
+  if (x_count == 0 || y_count == 0) return 0.0f;  // an empty problem: zero plan and distance, as UNITER's masking gives
+  const int64_t npad = padded(col_end);
+  float* A = s.kernel.data();
+  float* Q = s.work.data();
+  float* delta = s.col_vec.data();
+  float* col_sum = s.col_acc.data();
+  float* y_pen = s.col_pen.data();
+  const float x_len = static_cast<float>(x_count), y_len = static_cast<float>(y_count);
+  const float inv_beta = 1.0f / beta;
+  const float x_pen = ot::pad_penalty(true);  // every stored row is valid
+  float sigma = ot::ipot_initial_sigma(true, x_len);
+
+  for (int64_t j = 0; j < npad; ++j) y_pen[j] = ot::pad_penalty(j < cols && y_mask[j]);
+  std::fill(col_sum, col_sum + npad, 0.0f);
+  for (int64_t r = 0; r < x_count; ++r) {
+    const int64_t i = row_index[r];
+    float* a_row = A + r * npad;
+    if (source.cost) {  // split by source so that each loop vectorises
+      const float* c_row = source.cost + i * cols;
+      for (int64_t j = 0; j < col_end; ++j) a_row[j] = y_mask[j] ? -c_row[j] * inv_beta : -INFINITY;
+    } else {
+      const float* c_row = source.row_costs + r * npad;
+      for (int64_t j = 0; j < col_end; ++j) a_row[j] = y_mask[j] ? -c_row[j] * inv_beta : -INFINITY;
+    }
+    std::fill(a_row + col_end, a_row + npad, -INFINITY);  // exp(-inf) = 0 on padding
+#pragma omp simd
+    for (int64_t j = 0; j < npad; ++j) {
+      a_row[j] = exp_vec(a_row[j]);
+      col_sum[j] += a_row[j] * sigma;  // Q = A * T with T = 1 on valid entries
+    }
+    std::memcpy(Q + r * npad, a_row, sizeof(float) * npad);
+  }
+  float* sigmas = s.row_vec.data();
+  std::fill(sigmas, sigmas + x_count, sigma);
+
+  double total = 0.0;  // the distance: fp64 sum of up to rows * cols terms, once
+  for (int64_t t = 0; t < iters; ++t) {
+    // delta_j = 1 / (y_len * sum_i Q_ij sigma_i + pen_j), from the column sums of the last sweep
+#pragma omp simd
+    for (int64_t j = 0; j < npad; ++j) delta[j] = ot::ipot_scaling(y_len, col_sum[j], y_pen[j]);
+    for (int64_t round = 1; round < k; ++round) {  // inner rounds before the fused last one
+      std::fill(col_sum, col_sum + npad, 0.0f);
+      for (int64_t r = 0; r < x_count; ++r) {
+        const float* q_row = Q + r * npad;
+        const float sig = ot::ipot_scaling(x_len, dot(delta, q_row, npad), x_pen);
+        sigmas[r] = sig;
+#pragma omp simd
+        for (int64_t j = 0; j < npad; ++j) col_sum[j] += q_row[j] * sig;
+      }
+#pragma omp simd
+      for (int64_t j = 0; j < npad; ++j) delta[j] = ot::ipot_scaling(y_len, col_sum[j], y_pen[j]);
+    }
+    if (t + 1 < iters) {
+      std::fill(col_sum, col_sum + npad, 0.0f);
+      for (int64_t r = 0; r < x_count; ++r) {
+        float* q_row = Q + r * npad;
+        const float* a_row = A + r * npad;
+        const float sig = ot::ipot_scaling(x_len, dot(delta, q_row, npad), x_pen);
+#pragma omp simd
+        for (int64_t j = 0; j < npad; ++j) {
+          const float next_q = a_row[j] * ot::ipot_plan_entry(delta[j], q_row[j], sig);
+          q_row[j] = next_q;
+          col_sum[j] += next_q * sig;
+        }
+      }
+      continue;
+    }
+    for (int64_t r = 0; r < x_count; ++r) {  // the last iteration writes the plan
+      const int64_t i = row_index[r];
+      const float* q_row = Q + r * npad;
+      const float sig = ot::ipot_scaling(x_len, dot(delta, q_row, npad), x_pen);
+      float* out = plan + i * cols;
+      for (int64_t j = 0; j < col_end; ++j) {
+        // UNITER re-masks T at the end; Q is 0 on padding, so this only matters for NaNs.
+        if (!y_mask[j]) continue;
+        const float entry = ot::ipot_plan_entry(delta[j], q_row[j], sig);
+        out[j] = entry;
+        if (distance) total += static_cast<double>(source.at(r, i, j, cols, npad)) * entry;
+      }
+    }
+  }
+  return static_cast<float>(total);
+}
+
+// UNITER's WRA distance on one problem, from the embeddings x [rows, dim] and y [cols, dim]:
+// the norms and the dot products of the valid rows and columns only (4 x 4 register blocks),
+// the cosine cost of those entries, then IPOT and sum(C * T).
+VLK_SIMD_CLONES
+float wra_problem(const float* x, const float* y, const uint8_t* x_mask, const uint8_t* y_mask, int64_t rows,
+                  int64_t cols, int64_t dim, float beta, int64_t iters, int64_t k, float* plan, Scratch& s) {
+  const int64_t* row_index = s.row_index.data();
+  const int64_t* col_index = s.col_index.data();
+  const Compaction valid = compact(x_mask, y_mask, rows, cols, s.row_index.data(), s.col_index.data());
+  const int64_t npad = padded(valid.col_end);
+  float* cost = s.cost.data();
+  float* x_len = s.x_len.data();
+  float* y_len = s.y_len.data();
+  std::fill(cost, cost + valid.rows * npad, 0.0f);
+  for (int64_t r = 0; r < valid.rows; ++r) {
+    const float* row = x + row_index[r] * dim;
+    x_len[r] = std::sqrt(dot_any(row, row, dim));
+  }
+  for (int64_t c = 0; c < valid.cols; ++c) {
+    const float* row = y + col_index[c] * dim;
+    y_len[c] = std::sqrt(dot_any(row, row, dim));
+  }
+  for (int64_t r0 = 0; r0 < valid.rows; r0 += 4) {
+    for (int64_t c0 = 0; c0 < valid.cols; c0 += 4) {
+      const int64_t nr = std::min<int64_t>(4, valid.rows - r0), nc = std::min<int64_t>(4, valid.cols - c0);
+      const float* xs[4];
+      const float* ys[4];
+      for (int a = 0; a < 4; ++a) xs[a] = x + row_index[r0 + std::min<int64_t>(a, nr - 1)] * dim;  // edge blocks
+      for (int b = 0; b < 4; ++b) ys[b] = y + col_index[c0 + std::min<int64_t>(b, nc - 1)] * dim;  // repeat a row
+      float dots[4][4];
+      dot_4x4(xs, ys, dim, dots);
+      for (int64_t a = 0; a < nr; ++a) {
+        for (int64_t b = 0; b < nc; ++b) {
+          cost[(r0 + a) * npad + col_index[c0 + b]] = ot::cosine_cost(dots[a][b], x_len[r0 + a], y_len[c0 + b]);
+        }
+      }
+    }
+  }
+  const CostSource source{nullptr, cost};
+  return ipot_problem(source, x_mask, y_mask, rows, cols, beta, iters, k, true, plan, s);
+}
+
+// The WRA distance's gradients on one problem: with S = grad * T / (max(|x_i|,eps) max(|y_j|,eps))
+// over the valid entries, d/dx_i = -(S y)_i + [|x_i| > eps] ((S y)_i . x_i) x_i / max(|x_i|,eps)^2
+// (and likewise for y with S^T); padded rows get zeros. Rows are accumulated four at a time,
+// each streamed row of the other side feeding the four.
+VLK_SIMD_CLONES
+void wra_backward_problem(const float* x, const float* y, const uint8_t* x_mask, const uint8_t* y_mask,
+                          const float* plan, float grad, int64_t rows, int64_t cols, int64_t dim, float* grad_x,
+                          float* grad_y, Scratch& s) {
+  std::fill(grad_x, grad_x + rows * dim, 0.0f);
+  std::fill(grad_y, grad_y + cols * dim, 0.0f);
+  const int64_t* row_index = s.row_index.data();
+  const int64_t* col_index = s.col_index.data();
+  const Compaction valid = compact(x_mask, y_mask, rows, cols, s.row_index.data(), s.col_index.data());
+  if (valid.rows == 0 || valid.cols == 0 || grad == 0.0f) return;
+  float* weight = s.cost.data();  // S [valid rows, valid cols]
+  float* x_len = s.x_len.data();
+  float* y_len = s.y_len.data();
+  for (int64_t r = 0; r < valid.rows; ++r) {
+    const float* row = x + row_index[r] * dim;
+    x_len[r] = std::sqrt(dot_any(row, row, dim));
+  }
+  for (int64_t c = 0; c < valid.cols; ++c) {
+    const float* row = y + col_index[c] * dim;
+    y_len[c] = std::sqrt(dot_any(row, row, dim));
+  }
+  for (int64_t r = 0; r < valid.rows; ++r) {
+    const float x_inv = 1.0f / std::max(x_len[r], ot::kNormalizeEps);
+    const float* plan_row = plan + row_index[r] * cols;
+    for (int64_t c = 0; c < valid.cols; ++c) {
+      weight[r * valid.cols + c] = grad * plan_row[col_index[c]] * x_inv / std::max(y_len[c], ot::kNormalizeEps);
+    }
+  }
+  float* accum = s.accum.data();  // four rows of (S y)
+  // side 0: the rows of x against y (S); side 1: the rows of y against x (S^T)
+  for (int side = 0; side < 2; ++side) {
+    const int64_t own_count = side == 0 ? valid.rows : valid.cols;
+    const int64_t other_count = side == 0 ? valid.cols : valid.rows;
+    const int64_t* own_index = side == 0 ? row_index : col_index;
+    const int64_t* other_index = side == 0 ? col_index : row_index;
+    const float* own = side == 0 ? x : y;
+    const float* other = side == 0 ? y : x;
+    const float* own_len = side == 0 ? x_len : y_len;
+    float* out = side == 0 ? grad_x : grad_y;
+    for (int64_t o0 = 0; o0 < own_count; o0 += 4) {
+      const int64_t group = std::min<int64_t>(4, own_count - o0);
+      std::fill(accum, accum + 4 * dim, 0.0f);
+      for (int64_t t = 0; t < other_count; ++t) {
+        const float* other_row = other + other_index[t] * dim;
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t o = o0 + g;
+          const float w = side == 0 ? weight[o * valid.cols + t] : weight[t * valid.cols + o];
+          if (w == 0.0f) continue;
+          float* acc = accum + g * dim;
+#pragma omp simd
+          for (int64_t d = 0; d < dim; ++d) acc[d] += w * other_row[d];
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t o = o0 + g;
+        const float* own_row = own + own_index[o] * dim;
+        const float* acc = accum + g * dim;
+        const float inv = 1.0f / std::max(own_len[o], ot::kNormalizeEps);
+        const float radial = own_len[o] > ot::kNormalizeEps ? dot_any(acc, own_row, dim) * inv * inv : 0.0f;
+        float* target = out + own_index[o] * dim;
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) target[d] = radial * own_row[d] - acc[d];
+      }
+    }
+  }
+}
+
+// Sinkhorn on one problem (see ot_step.h), over its support only: the rows with a_i > 0 are
+// stored compactly, the columns run to the last one with b_j > 0 (-inf / 0 kernel entries off
+// it). In the log domain each line's log-sum-exp is taken relative to its previous potential:
+// sum_k exp(K + other_k + own) is then the line's current marginal, at most ~1 per term, so no
+// max pass is needed; a sum outside [1e-30, 1e30] (first iterations, extreme costs) is redone
+// with the exact maximum.
+VLK_SIMD_CLONES
+void sinkhorn_problem(const float* cost, const float* a, const float* b, int64_t rows, int64_t cols, float reg,
+                      int64_t iters, float tol, bool log_domain, float* plan, Scratch& s) {
+  std::fill(plan, plan + rows * cols, 0.0f);
+  int64_t* row_index = s.row_index.data();
+  int64_t count = 0, col_end = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    if (a[i] > 0.0f) row_index[count++] = i;
+  }
+  for (int64_t j = 0; j < cols; ++j) {
+    if (b[j] > 0.0f) col_end = j + 1;
+  }
+  if (count == 0 || col_end == 0) return;  // nothing to transport: zero plan
+  const int64_t npad = padded(col_end);
+  float* K = s.kernel.data();       // log domain: -C/reg (-inf off the support); else exp(-C/reg) (0 off it)
+  float* g = s.col_vec.data();      // column potentials g_j (log) or scalings v_j; 0 off the support
+  float* col_sum = s.col_acc.data();
+  float* col_target = s.col_pen.data();  // log b_j (log) or b_j
+  float* f = s.row_vec.data();      // row potentials f_i (log) or scalings u_i
+  float* E = s.work.data();         // log domain: the column pass's plan entries exp(K_ij + f_i + g_j)
+  float* factor = s.col_aux.data(); // log domain: exp(g_new - g) per column, to rescale E for the row pass
+  float* column = s.row_pen.data(); // one column of K + f, for an exact log-sum-exp
+  const float inv_reg = 1.0f / reg;
+  auto on_column = [&](int64_t j) { return j < cols && b[j] > 0.0f; };
+
+  for (int64_t j = 0; j < npad; ++j) {
+    col_target[j] = on_column(j) ? (log_domain ? std::log(b[j]) : b[j]) : 0.0f;
+    g[j] = on_column(j) && !log_domain ? 1.0f : 0.0f;
+  }
+  for (int64_t r = 0; r < count; ++r) {
+    const float* c_row = cost + row_index[r] * cols;
+    float* k_row = K + r * npad;
+    for (int64_t j = 0; j < npad; ++j) k_row[j] = on_column(j) ? -c_row[j] * inv_reg : -INFINITY;
+    if (!log_domain) {
+#pragma omp simd
+      for (int64_t j = 0; j < npad; ++j) k_row[j] = exp_vec(k_row[j]);
+    }
+    f[r] = log_domain ? 0.0f : 1.0f;
+  }
+
+  for (int64_t it = 0; it < iters; ++it) {
+    // Column pass: sum_i exp(K_ij + f_i + g_j), the plan's column sums (log), or sum_i K_ij u_i.
+    std::fill(col_sum, col_sum + npad, 0.0f);
+    for (int64_t r = 0; r < count; ++r) {
+      const float* k_row = K + r * npad;
+      const float fi = f[r];
+      if (log_domain) {
+        float* e_row = E + r * npad;
+#pragma omp simd
+        for (int64_t j = 0; j < npad; ++j) {
+          const float e = exp_vec(k_row[j] + fi + g[j]);
+          e_row[j] = e;
+          col_sum[j] += e;
+        }
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < npad; ++j) col_sum[j] += k_row[j] * fi;
+      }
+    }
+    float err2 = 0.0f;
+    bool shifted_columns = true;  // every column's sum was usable: E, rescaled, serves the row pass
+    for (int64_t j = 0; j < col_end; ++j) {
+      if (!on_column(j)) continue;
+      float marginal, update;
+      if (!log_domain) {
+        marginal = g[j] * col_sum[j];
+        update = ot::scaling_update(col_target[j], col_sum[j]);
+      } else if (ot::shifted_sum_usable(col_sum[j])) {
+        marginal = col_sum[j];
+        update = ot::log_potential(col_target[j], ot::shifted_lse(col_sum[j], g[j]));
+      } else {
+        shifted_columns = false;
+        for (int64_t r = 0; r < count; ++r) column[r] = K[r * npad + j] + f[r];
+        float m = -INFINITY, sum = 0.0f;
+        for (int64_t r = 0; r < count; ++r) ot::lse_push(m, sum, column[r]);
+        const float lse = ot::lse_value(m, sum);
+        marginal = ot::line_marginal(g[j], lse);
+        update = ot::log_potential(col_target[j], lse);
+      }
+      const float diff = marginal - b[j];
+      err2 += diff * diff;
+      col_sum[j] = update;  // held back until the convergence test has passed
+    }
+    if (it > 0 && tol >= 0.0f && std::sqrt(err2) <= tol) break;
+    for (int64_t j = 0; j < npad; ++j) {
+      const bool on = on_column(j);
+      factor[j] = on ? ot::potential_ratio(col_sum[j], g[j]) : 1.0f;  // E is 0 off the support
+      if (on) g[j] = col_sum[j];
+    }
+    // Row pass: f_i from sum_j exp(K_ij + f_i + g_j) (shifted by the old f_i), or u_i = a_i / sum_j K_ij v_j.
+    // In the log domain that sum is the column pass's E rescaled column by column by exp(g_new - g),
+    // one product per entry instead of an exp; after a column needed its exact log-sum-exp, E is
+    // not trusted and the entries are exponentiated afresh.
+    for (int64_t r = 0; r < count; ++r) {
+      const float* k_row = K + r * npad;
+      const float target = a[row_index[r]];
+      if (!log_domain) {
+        f[r] = ot::scaling_update(target, dot(k_row, g, npad));
+        continue;
+      }
+      const float fi = f[r];
+      float sum;
+      if (shifted_columns) {
+        sum = dot(E + r * npad, factor, npad);
+      } else {
+        sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < npad; ++j) sum += exp_vec(k_row[j] + fi + g[j]);
+      }
+      float lse;
+      if (ot::shifted_sum_usable(sum)) {
+        lse = ot::shifted_lse(sum, fi);
+      } else {
+        float m = -INFINITY, total = 0.0f;
+        for (int64_t j = 0; j < col_end; ++j) ot::lse_push(m, total, k_row[j] + g[j]);
+        lse = ot::lse_value(m, total);
+      }
+      f[r] = ot::log_potential(std::log(target), lse);
+    }
+  }
+
+  for (int64_t r = 0; r < count; ++r) {
+    const float* k_row = K + r * npad;
+    float* out = plan + row_index[r] * cols;
+    const float fi = f[r];
+    for (int64_t j = 0; j < col_end; ++j) {
+      if (on_column(j)) out[j] = log_domain ? std::exp(k_row[j] + fi + g[j]) : fi * k_row[j] * g[j];
+    }
+  }
+}
+
+}  // namespace
+
+void ipot(const float* cost, const uint8_t* x_mask, const uint8_t* y_mask, int64_t batch, int64_t rows,
+          int64_t cols, float beta, int64_t iters, int64_t k, float* plan) {
+#pragma omp parallel
+  {
+    FlushDenormals flush;
+    Scratch scratch;
+    scratch.resize(rows, cols);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t p = 0; p < batch; ++p) {
+      const CostSource source{cost + p * rows * cols, nullptr};
+      ipot_problem(source, x_mask + p * rows, y_mask + p * cols, rows, cols, beta, iters, k, false,
+                   plan + p * rows * cols, scratch);
+    }
+  }
+}
+
+void wra(const float* txt, const float* img, const uint8_t* x_mask, const uint8_t* y_mask, int64_t batch, int64_t rows,
+         int64_t cols, int64_t dim, float beta, int64_t iters, int64_t k, float* plan, float* distance) {
+#pragma omp parallel
+  {
+    FlushDenormals flush;
+    Scratch scratch;
+    scratch.resize(rows, cols, dim);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t p = 0; p < batch; ++p) {
+      distance[p] = wra_problem(txt + p * rows * dim, img + p * cols * dim, x_mask + p * rows, y_mask + p * cols, rows,
+                                cols, dim, beta, iters, k, plan + p * rows * cols, scratch);
+    }
+  }
+}
+
+void wra_backward(const float* txt, const float* img, const uint8_t* x_mask, const uint8_t* y_mask, const float* plan,
+                  const float* grad_distance, int64_t batch, int64_t rows, int64_t cols, int64_t dim, float* grad_txt,
+                  float* grad_img) {
+#pragma omp parallel
+  {
+    FlushDenormals flush;
+    Scratch scratch;
+    scratch.resize(rows, cols, dim);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t p = 0; p < batch; ++p) {
+      wra_backward_problem(txt + p * rows * dim, img + p * cols * dim, x_mask + p * rows, y_mask + p * cols,
+                           plan + p * rows * cols, grad_distance[p], rows, cols, dim, grad_txt + p * rows * dim,
+                           grad_img + p * cols * dim, scratch);
+    }
+  }
+}
+
+void sinkhorn(const float* cost, const float* a, const float* b, int64_t batch, int64_t rows, int64_t cols,
+              float reg, int64_t iters, float tol, bool log_domain, float* plan) {
+#pragma omp parallel
+  {
+    FlushDenormals flush;
+    Scratch scratch;
+    scratch.resize(rows, cols);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t p = 0; p < batch; ++p) {
+      sinkhorn_problem(cost + p * rows * cols, a + p * rows, b + p * cols, rows, cols, reg, iters, tol, log_domain,
+                       plan + p * rows * cols, scratch);
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace vlkernels

@@ -1,0 +1,370 @@
+#include "optimal_transport.h"
+
+#include "ot_step.h"
+
+namespace vlkernels {
+namespace cuda {
+namespace {
+
+namespace ot = vlkernels::ot;
+
+constexpr int kThreads = 256;  // 8 warps per problem: rows spread over warps, columns over threads
+constexpr int kWarps = kThreads / 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+int64_t round32(int64_t n) { return (n + 31) / 32 * 32; }
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullMask, v, offset);
+  return v;
+}
+
+// Warp-wide online log-sum-exp: merge the lanes' (max, sum) pairs.
+__device__ __forceinline__ float warp_lse(float m, float s) {
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const float other_m = __shfl_xor_sync(kFullMask, m, offset);
+    const float other_s = __shfl_xor_sync(kFullMask, s, offset);
+    ot::lse_merge(m, s, other_m, other_s);
+  }
+  return ot::lse_value(m, s);
+}
+
+// Sum over the block of one value per thread, returned to every thread. scratch: kWarps floats.
+__device__ float block_sum(float v, float* scratch) {
+  v = warp_sum(v);
+  __syncthreads();  // the previous use of scratch is over
+  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float total = 0.0f;
+  for (int w = 0; w < kWarps; ++w) total += scratch[w];
+  return total;
+}
+
+struct IpotArgs {
+  const float* cost;  // [batch, rows, cols], or nullptr for WRA
+  const float* sim;   // WRA: [batch, rows, cols] similarities
+  const float* x_norm;
+  const float* y_norm;
+  const uint8_t* x_mask;
+  const uint8_t* y_mask;
+  int rows, cols, ld;  // ld: cols rounded up to 32, the shared-memory row stride
+  float inv_beta;
+  int iters, k;
+  float* plan;
+  float* distance;  // WRA: [batch], else nullptr
+};
+
+__device__ __forceinline__ float cost_at(const IpotArgs& args, int64_t problem, int i, int j) {
+  const int64_t offset = (problem * args.rows + i) * args.cols + j;
+  if (args.cost) return args.cost[offset];
+  return ot::cosine_cost(args.sim[offset], args.x_norm[problem * args.rows + i], args.y_norm[problem * args.cols + j]);
+}
+
+// Shared memory of one IPOT problem, in floats: A and Q [rows][ld], per-warp column partial sums
+// [kWarps][ld], delta and the column penalties [ld], sigma [rows], a reduction scratch, then the
+// valid rows' indices [rows] (ints).
+int64_t ipot_shared_floats(int64_t rows, int64_t ld) { return 2 * rows * ld + (kWarps + 2) * ld + 2 * rows + kWarps; }
+
+// UNITER's IPOT (ot_step.h) on one problem per block. Only the valid rows are stored (padded
+// rows have Q = 0 and zero plan rows). Each iteration is one sweep: a warp takes a row, sums
+// delta * Q over it with a shuffle reduction to get sigma_i, then updates T = delta Q sigma and
+// the next Q = A T in place, adding Q * sigma into its own partial column sums; the block then
+// adds the warps' partials into the next delta.
+__global__ void __launch_bounds__(kThreads) ipot_kernel(IpotArgs args) {
+  extern __shared__ float smem[];
+  const int64_t problem = blockIdx.x;
+  const int rows = args.rows, cols = args.cols, ld = args.ld;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  float* A = smem;
+  float* Q = A + rows * ld;
+  float* partial = Q + rows * ld;
+  float* delta = partial + kWarps * ld;
+  float* y_pen = delta + ld;
+  float* sigma = y_pen + ld;
+  float* scratch = sigma + rows;
+  int* row_index = reinterpret_cast<int*>(scratch + kWarps);
+  __shared__ int valid_rows, valid_cols;
+
+  const uint8_t* x_mask = args.x_mask + problem * rows;
+  const uint8_t* y_mask = args.y_mask + problem * cols;
+  float* plan = args.plan + problem * rows * cols;
+  for (int64_t e = tid; e < static_cast<int64_t>(rows) * cols; e += kThreads) plan[e] = 0.0f;
+  if (tid == 0) {
+    int count = 0, y_count = 0;
+    for (int i = 0; i < rows; ++i) {
+      if (x_mask[i]) row_index[count++] = i;
+    }
+    for (int j = 0; j < cols; ++j) y_count += y_mask[j] != 0;
+    valid_rows = count;
+    valid_cols = y_count;
+  }
+  __syncthreads();
+  const int count = valid_rows;
+  if (count == 0 || valid_cols == 0) {  // an empty problem: zero plan and distance
+    if (args.distance && tid == 0) args.distance[problem] = 0.0f;
+    return;
+  }
+  const float x_len = static_cast<float>(count), y_len = static_cast<float>(valid_cols);
+  const float x_pen = ot::pad_penalty(true);  // every stored row is valid
+
+  for (int j = tid; j < ld; j += kThreads) y_pen[j] = ot::pad_penalty(j < cols && y_mask[j]);
+  for (int e = tid; e < count * ld; e += kThreads) {
+    const int r = e / ld, j = e % ld;
+    const bool valid = j < cols && y_mask[j];
+    const float a = valid ? ot::ipot_affinity(cost_at(args, problem, row_index[r], j), args.inv_beta) : 0.0f;
+    A[e] = a;
+    Q[e] = a;  // Q = A * T with T = 1 on valid entries
+  }
+  for (int r = tid; r < count; r += kThreads) sigma[r] = ot::ipot_initial_sigma(true, x_len);
+  __syncthreads();
+
+  auto column_scaling = [&]() {  // delta_j = 1 / (y_len * sum_i Q_ij sigma_i + pen_j)
+    for (int j = tid; j < ld; j += kThreads) {
+      float sum = 0.0f;
+      for (int r = 0; r < count; ++r) sum += Q[r * ld + j] * sigma[r];
+      delta[j] = ot::ipot_scaling(y_len, sum, y_pen[j]);
+    }
+    __syncthreads();
+  };
+  column_scaling();
+
+  double distance = 0.0;  // the WRA distance: fp64 sum of the last iteration's C * T
+  for (int t = 0; t < args.iters; ++t) {
+    for (int round = 1; round < args.k; ++round) {  // inner rounds before the fused last one
+      for (int r = warp; r < count; r += kWarps) {
+        float sum = 0.0f;
+        for (int j = lane; j < ld; j += 32) sum += delta[j] * Q[r * ld + j];
+        sum = warp_sum(sum);
+        if (lane == 0) sigma[r] = ot::ipot_scaling(x_len, sum, x_pen);
+      }
+      __syncthreads();
+      column_scaling();
+    }
+    const bool last = t + 1 == args.iters;
+    float* own = partial + warp * ld;
+    if (!last) {
+      for (int j = lane; j < ld; j += 32) own[j] = 0.0f;
+    }
+    for (int r = warp; r < count; r += kWarps) {
+      float* q_row = Q + r * ld;
+      float sum = 0.0f;
+      for (int j = lane; j < ld; j += 32) sum += delta[j] * q_row[j];
+      const float sig = ot::ipot_scaling(x_len, warp_sum(sum), x_pen);
+      if (!last) {
+        const float* a_row = A + r * ld;
+        for (int j = lane; j < ld; j += 32) {
+          const float next_q = a_row[j] * ot::ipot_plan_entry(delta[j], q_row[j], sig);
+          q_row[j] = next_q;
+          own[j] += next_q * sig;
+        }
+        continue;
+      }
+      const int i = row_index[r];
+      for (int j = lane; j < cols; j += 32) {
+        if (!y_mask[j]) continue;  // UNITER re-masks T at the end
+        const float entry = ot::ipot_plan_entry(delta[j], q_row[j], sig);
+        plan[static_cast<int64_t>(i) * cols + j] = entry;
+        if (args.distance) distance += static_cast<double>(cost_at(args, problem, i, j)) * entry;
+      }
+    }
+    if (!last) {
+      __syncthreads();
+      for (int j = tid; j < ld; j += kThreads) {
+        float sum = 0.0f;
+        for (int w = 0; w < kWarps; ++w) sum += partial[w * ld + j];
+        delta[j] = ot::ipot_scaling(y_len, sum, y_pen[j]);
+      }
+      __syncthreads();
+    }
+  }
+  if (args.distance) {
+    const float total = block_sum(static_cast<float>(distance), scratch);
+    if (tid == 0) args.distance[problem] = total;
+  }
+}
+
+struct SinkhornArgs {
+  const float* cost;
+  const float* a;
+  const float* b;
+  int rows, cols, ld;
+  float inv_reg;
+  int iters;
+  float tol;
+  bool log_domain;
+  float* plan;
+};
+
+// Shared memory of one Sinkhorn problem, in floats: K [rows][ld], g, the column targets and the
+// pending column updates [ld], f [rows], a reduction scratch, then the support rows' indices.
+int64_t sinkhorn_shared_floats(int64_t rows, int64_t ld) { return rows * ld + 3 * ld + 2 * rows + kWarps; }
+
+// Sinkhorn (ot_step.h) on one problem per block, over its support. Columns: a thread per
+// column sums exp(K + f + g) down the rows (the plan's column sums: the log-sum-exp shifted by
+// the previous potential, redone exactly with the column's max when it under/overflows);
+// rows: a warp per row, shuffle-reduced. The convergence test (tol) is a block reduction.
+__global__ void __launch_bounds__(kThreads) sinkhorn_kernel(SinkhornArgs args) {
+  extern __shared__ float smem[];
+  const int64_t problem = blockIdx.x;
+  const int rows = args.rows, cols = args.cols, ld = args.ld;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const bool log_domain = args.log_domain;
+  float* K = smem;
+  float* g = K + rows * ld;
+  float* target = g + ld;
+  float* pending = target + ld;
+  float* f = pending + ld;
+  float* row_target = f + rows;
+  float* scratch = row_target + rows;
+  int* row_index = reinterpret_cast<int*>(scratch + kWarps);
+  __shared__ int support_rows, support_end;
+
+  const float* a = args.a + problem * rows;
+  const float* b = args.b + problem * cols;
+  const float* cost = args.cost + problem * rows * cols;
+  float* plan = args.plan + problem * rows * cols;
+  for (int64_t e = tid; e < static_cast<int64_t>(rows) * cols; e += kThreads) plan[e] = 0.0f;
+  if (tid == 0) {
+    int count = 0, end = 0;
+    for (int i = 0; i < rows; ++i) {
+      if (a[i] > 0.0f) row_index[count++] = i;
+    }
+    for (int j = 0; j < cols; ++j) {
+      if (b[j] > 0.0f) end = j + 1;
+    }
+    support_rows = count;
+    support_end = end;
+  }
+  __syncthreads();
+  const int count = support_rows, col_end = support_end;
+  if (count == 0 || col_end == 0) return;  // nothing to transport: zero plan
+
+  for (int j = tid; j < ld; j += kThreads) {
+    const bool on = j < cols && b[j] > 0.0f;
+    target[j] = on ? (log_domain ? logf(b[j]) : b[j]) : 0.0f;
+    g[j] = on && !log_domain ? 1.0f : 0.0f;
+  }
+  for (int r = tid; r < count; r += kThreads) {
+    const float mass = a[row_index[r]];
+    row_target[r] = log_domain ? logf(mass) : mass;
+    f[r] = log_domain ? 0.0f : 1.0f;
+  }
+  for (int e = tid; e < count * ld; e += kThreads) {
+    const int r = e / ld, j = e % ld;
+    const bool on = j < cols && b[j] > 0.0f;
+    const float scaled = -cost[static_cast<int64_t>(row_index[r]) * cols + (on ? j : 0)] * args.inv_reg;
+    K[e] = log_domain ? (on ? scaled : -INFINITY) : (on ? expf(scaled) : 0.0f);
+  }
+  __syncthreads();
+
+  for (int it = 0; it < args.iters; ++it) {
+    float err2 = 0.0f;
+    for (int j = tid; j < col_end; j += kThreads) {
+      if (!(b[j] > 0.0f)) continue;
+      float marginal, update;
+      if (log_domain) {
+        const float gj = g[j];
+        float sum = 0.0f;
+        for (int r = 0; r < count; ++r) sum += expf(K[r * ld + j] + f[r] + gj);
+        if (ot::shifted_sum_usable(sum)) {
+          marginal = sum;
+          update = ot::log_potential(target[j], ot::shifted_lse(sum, gj));
+        } else {
+          float m = -INFINITY, s = 0.0f;
+          for (int r = 0; r < count; ++r) ot::lse_push(m, s, K[r * ld + j] + f[r]);
+          const float lse = ot::lse_value(m, s);
+          marginal = ot::line_marginal(gj, lse);
+          update = ot::log_potential(target[j], lse);
+        }
+      } else {
+        float sum = 0.0f;
+        for (int r = 0; r < count; ++r) sum += K[r * ld + j] * f[r];
+        marginal = g[j] * sum;
+        update = ot::scaling_update(target[j], sum);
+      }
+      const float diff = marginal - b[j];
+      err2 += diff * diff;
+      pending[j] = update;
+    }
+    const float err = sqrtf(block_sum(err2, scratch));  // also orders the pending writes before the reads below
+    if (it > 0 && args.tol >= 0.0f && err <= args.tol) break;
+    for (int j = tid; j < col_end; j += kThreads) {
+      if (b[j] > 0.0f) g[j] = pending[j];
+    }
+    __syncthreads();
+    for (int r = warp; r < count; r += kWarps) {
+      const float* k_row = K + r * ld;
+      const float fr = f[r];
+      float lse_or_sum;
+      if (log_domain) {
+        float sum = 0.0f;
+        for (int j = lane; j < ld; j += 32) sum += expf(k_row[j] + fr + g[j]);
+        sum = warp_sum(sum);
+        if (ot::shifted_sum_usable(sum)) {
+          lse_or_sum = ot::shifted_lse(sum, fr);
+        } else {
+          float m = -INFINITY, s = 0.0f;
+          for (int j = lane; j < ld; j += 32) ot::lse_push(m, s, k_row[j] + g[j]);
+          lse_or_sum = warp_lse(m, s);
+        }
+      } else {
+        float sum = 0.0f;
+        for (int j = lane; j < ld; j += 32) sum += k_row[j] * g[j];
+        lse_or_sum = warp_sum(sum);
+      }
+      if (lane == 0) {
+        f[r] = log_domain ? ot::log_potential(row_target[r], lse_or_sum)
+                          : ot::scaling_update(row_target[r], lse_or_sum);
+      }
+    }
+    __syncthreads();
+  }
+
+  for (int e = tid; e < count * col_end; e += kThreads) {
+    const int r = e / col_end, j = e % col_end;
+    if (!(b[j] > 0.0f)) continue;
+    const float k = K[r * ld + j];
+    plan[static_cast<int64_t>(row_index[r]) * cols + j] = log_domain ? expf(k + f[r] + g[j]) : f[r] * k * g[j];
+  }
+}
+
+template <typename Kernel>
+cudaError_t allow_shared(Kernel kernel, int64_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;  // the default limit needs no opt-in
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+
+}  // namespace
+
+cudaError_t launch_ipot(const float* cost, const float* sim, const float* x_norm, const float* y_norm,
+                        const uint8_t* x_mask, const uint8_t* y_mask, int64_t batch, int64_t rows, int64_t cols,
+                        float beta, int64_t iters, int64_t k, float* plan, float* distance, cudaStream_t stream) {
+  const int64_t ld = round32(cols);
+  if (rows * ld > kMaxIpotTile || beta <= 0.0f || iters < 1 || k < 1) return cudaErrorInvalidValue;
+  if (batch == 0) return cudaSuccess;
+  const int64_t bytes = ipot_shared_floats(rows, ld) * sizeof(float) + rows * sizeof(int);
+  cudaError_t error = allow_shared(ipot_kernel, bytes);
+  if (error != cudaSuccess) return error;
+  const IpotArgs args{cost, sim, x_norm, y_norm, x_mask, y_mask, static_cast<int>(rows), static_cast<int>(cols),
+                      static_cast<int>(ld), 1.0f / beta, static_cast<int>(iters), static_cast<int>(k), plan, distance};
+  ipot_kernel<<<static_cast<unsigned>(batch), kThreads, bytes, stream>>>(args);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_sinkhorn(const float* cost, const float* a, const float* b, int64_t batch, int64_t rows,
+                            int64_t cols, float reg, int64_t iters, float tol, bool log_domain, float* plan,
+                            cudaStream_t stream) {
+  const int64_t ld = round32(cols);
+  if (rows * ld > kMaxSinkhornTile || reg <= 0.0f || iters < 1) return cudaErrorInvalidValue;
+  if (batch == 0) return cudaSuccess;
+  const int64_t bytes = sinkhorn_shared_floats(rows, ld) * sizeof(float) + rows * sizeof(int);
+  cudaError_t error = allow_shared(sinkhorn_kernel, bytes);
+  if (error != cudaSuccess) return error;
+  const SinkhornArgs args{cost, a, b, static_cast<int>(rows), static_cast<int>(cols), static_cast<int>(ld),
+                          1.0f / reg, static_cast<int>(iters), tol, log_domain, plan};
+  sinkhorn_kernel<<<static_cast<unsigned>(batch), kThreads, bytes, stream>>>(args);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace vlkernels

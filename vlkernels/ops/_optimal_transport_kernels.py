@@ -1,0 +1,176 @@
+"""Triton kernels of the optimal-transport ops: one program per problem, the problem's whole
+[BLOCK_M, BLOCK_N] tile (rows = text, columns = regions; next powers of two) held in registers
+through every iteration, so one launch solves a batch.
+
+_ipot_kernel: UNITER's IPOT on a given cost. _wra_kernel: the cosine cost from the embeddings
+(a tl.dot over D per tile, never stored), IPOT, and sum(C * T). _sinkhorn_kernel: entropic OT,
+log domain or scaling form by a runtime flag. All compute in fp32; padding (mask False, or
+rows / columns past M / N) has A = 0, so it never moves the valid entries.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _ipot_iterations(A, x_valid, y_valid, iters, k):
+    # UNITER's loop (reference.ipot) on the plan T [BLOCK_M, BLOCK_N] = UNITER's T transposed:
+    # delta runs over the columns (regions), sigma over the rows (text). A is 0 off the
+    # joint-valid entries, where T starts at 0 too.
+    x_len = tl.sum(x_valid.to(tl.float32), axis=0)
+    y_len = tl.sum(y_valid.to(tl.float32), axis=0)
+    x_pen = tl.where(x_valid, 0.0, 1e4)  # UNITER's x_mask = x_pad * 1e4
+    y_pen = tl.where(y_valid, 0.0, 1e4)
+    sigma = tl.where(x_valid, 1.0 / tl.maximum(x_len, 1.0), 0.0)
+    delta = tl.zeros_like(y_pen)
+    T = tl.where(A > 0.0, 1.0, 0.0)
+    # An empty problem (no valid row or column) skips the loop and stays all-zero, as UNITER's
+    # final masking leaves it (instead of iterating on 1/0).
+    steps = tl.where((x_len > 0) & (y_len > 0), iters, 0)
+    for _ in range(steps):
+        Q = A * T
+        for _ in range(k):
+            delta = 1.0 / (y_len * tl.sum(Q * sigma[:, None], axis=0) + y_pen)
+            sigma = 1.0 / (x_len * tl.sum(Q * delta[None, :], axis=1) + x_pen)
+        T = delta[None, :] * Q * sigma[:, None]
+    return T
+
+
+@triton.jit
+def _load_masks(x_mask, y_mask, problem, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    x_valid = tl.load(x_mask + problem * M + rows, mask=rows < M, other=0) != 0
+    y_valid = tl.load(y_mask + problem * N + cols, mask=cols < N, other=0) != 0
+    return rows, cols, x_valid, y_valid
+
+
+@triton.jit
+def _ipot_kernel(
+    cost, x_mask, y_mask, plan,
+    M, N, stride_cb, stride_cm, stride_cn,
+    beta, iters, k,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # next powers of two of M and N: the register tile
+):
+    problem = tl.program_id(0).to(tl.int64)
+    rows, cols, x_valid, y_valid = _load_masks(x_mask, y_mask, problem, M, N, BLOCK_M, BLOCK_N)
+    joint = x_valid[:, None] & y_valid[None, :]
+    C = tl.load(cost + problem * stride_cb + rows[:, None] * stride_cm + cols[None, :] * stride_cn,
+                mask=joint, other=0.0)
+    A = tl.where(joint, tl.exp(-C / beta), 0.0)
+    T = _ipot_iterations(A, x_valid, y_valid, iters, k)
+    out = plan + problem * M * N + rows[:, None] * N + cols[None, :]
+    tl.store(out, tl.where(joint, T, 0.0), mask=(rows < M)[:, None] & (cols < N)[None, :])
+
+
+@triton.jit
+def _wra_kernel(
+    txt, img, x_mask, y_mask, plan, distance,
+    M, N, D, stride_tb, stride_tm, stride_ib, stride_in,
+    beta, iters, k,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # Cost C = 1 - <x, y> / (max(|x|, eps) max(|y|, eps)) from a tl.dot over D (fp32
+    # accumulation; 16-bit operands are multiplied exactly), IPOT on it, then
+    # distance = sum(C * T) and the plan (kept for the backward).
+    problem = tl.program_id(0).to(tl.int64)
+    rows, cols, x_valid, y_valid = _load_masks(x_mask, y_mask, problem, M, N, BLOCK_M, BLOCK_N)
+    joint = x_valid[:, None] & y_valid[None, :]
+    dots = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    y_sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    txt_rows = txt + problem * stride_tb + rows[:, None] * stride_tm
+    img_cols = img + problem * stride_ib + cols[None, :] * stride_in
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        # padded tokens are never read: their rows / columns of C are masked anyway
+        x = tl.load(txt_rows + d[None, :], mask=x_valid[:, None] & d_ok[None, :], other=0.0)
+        y = tl.load(img_cols + d[:, None], mask=d_ok[:, None] & y_valid[None, :], other=0.0)
+        dots = tl.dot(x, y, dots, input_precision=DOT_PRECISION)
+        xf = x.to(tl.float32)
+        yf = y.to(tl.float32)
+        x_sq += tl.sum(xf * xf, axis=1)
+        y_sq += tl.sum(yf * yf, axis=0)
+    x_norm = tl.maximum(tl.sqrt(x_sq), 1e-5)  # F.normalize's eps, as UNITER
+    y_norm = tl.maximum(tl.sqrt(y_sq), 1e-5)
+    C = tl.where(joint, 1.0 - dots / (x_norm[:, None] * y_norm[None, :]), 0.0)
+    T = _ipot_iterations(tl.where(joint, tl.exp(-C / beta), 0.0), x_valid, y_valid, iters, k)
+    T = tl.where(joint, T, 0.0)
+    out = plan + problem * M * N + rows[:, None] * N + cols[None, :]
+    tl.store(out, T, mask=(rows < M)[:, None] & (cols < N)[None, :])
+    tl.store(distance + problem, tl.sum(tl.sum(C * T, axis=1), axis=0))
+
+
+@triton.jit
+def _lse_over_rows(Z):
+    # log-sum-exp down each column of Z [BLOCK_M, BLOCK_N] (-inf for a column of -inf)
+    m = tl.max(Z, axis=0)
+    shift = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.sum(tl.exp(Z - shift[None, :]), axis=0)
+    return tl.where(total > 0.0, shift + tl.log(tl.where(total > 0.0, total, 1.0)), float("-inf"))
+
+
+@triton.jit
+def _lse_over_cols(Z):
+    m = tl.max(Z, axis=1)
+    shift = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.sum(tl.exp(Z - shift[:, None]), axis=1)
+    return tl.where(total > 0.0, shift + tl.log(tl.where(total > 0.0, total, 1.0)), float("-inf"))
+
+
+@triton.jit
+def _sinkhorn_kernel(
+    cost, a, b, plan,
+    M, N, stride_cb, stride_cm, stride_cn,
+    reg, iters, tol,  # tol < 0: run every iteration
+    log_domain,  # a runtime flag: one compiled kernel serves both iterations
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Columns then rows per iteration (POT's order); a and b are zero off the support. In the
+    # log domain the tile holds K = -C/reg and f, g are potentials; otherwise the tile holds
+    # exp(-C/reg) and f, g are the scalings u, v. A problem stops once the L2 norm of its
+    # column-marginal error is <= tol (it idles through the remaining iterations).
+    problem = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    mass_a = tl.load(a + problem * M + rows, mask=rows < M, other=0.0)
+    mass_b = tl.load(b + problem * N + cols, mask=cols < N, other=0.0)
+    x_on = mass_a > 0.0
+    y_on = mass_b > 0.0
+    joint = x_on[:, None] & y_on[None, :]
+    C = tl.load(cost + problem * stride_cb + rows[:, None] * stride_cm + cols[None, :] * stride_cn,
+                mask=joint, other=0.0)
+    scaled = -C / reg
+    K = tl.where(joint, scaled, float("-inf"))
+    if log_domain == 0:
+        K = tl.where(joint, tl.exp(scaled), 0.0)
+    log_a = tl.where(x_on, tl.log(tl.where(x_on, mass_a, 1.0)), 0.0)
+    log_b = tl.where(y_on, tl.log(tl.where(y_on, mass_b, 1.0)), 0.0)
+    f = tl.where(x_on & (log_domain == 0), 1.0, 0.0)
+    g = tl.where(y_on & (log_domain == 0), 1.0, 0.0)
+    if log_domain != 0:
+        col = _lse_over_rows(K + f[:, None])  # LSE_i(K_ij + f_i)
+    else:
+        col = tl.sum(K * f[:, None], axis=0)  # sum_i K_ij u_i
+    err = float("inf")
+    for _ in range(iters):
+        if err > tol:
+            if log_domain != 0:
+                g = tl.where(y_on, log_b - col, 0.0)
+                f = tl.where(x_on, log_a - _lse_over_cols(K + g[None, :]), 0.0)
+                col = _lse_over_rows(K + f[:, None])
+                marginal = tl.where(y_on, tl.exp(g + col), 0.0)
+            else:
+                g = tl.where(y_on, mass_b / tl.where(y_on, col, 1.0), 0.0)
+                row = tl.sum(K * g[None, :], axis=1)
+                f = tl.where(x_on, mass_a / tl.where(x_on, row, 1.0), 0.0)
+                col = tl.sum(K * f[:, None], axis=0)
+                marginal = g * col
+            err = tl.sqrt(tl.sum((marginal - mass_b) * (marginal - mass_b), axis=0))
+    if log_domain != 0:
+        result = tl.exp(K + f[:, None] + g[None, :])
+    else:
+        result = f[:, None] * K * g[None, :]
+    out = plan + problem * M * N + rows[:, None] * N + cols[None, :]
+    tl.store(out, tl.where(joint, result, 0.0), mask=(rows < M)[:, None] & (cols < N)[None, :])

@@ -1,0 +1,596 @@
+"""Batched optimal transport for vision-language alignment: UNITER's IPOT, its word-region
+alignment (WRA) distance, entropic Sinkhorn, and Gromov-Wasserstein (Graph Optimal Transport).
+
+UNITER and ViLT run 50 IPOT iterations over a batch of small ragged text x region problems
+every ITM step; the original is a Python loop of ~10 torch ops per iteration. Here one launch
+solves the batch: one program (Triton) or thread block (CUDA) per problem keeps the problem's
+matrices in registers / shared memory through all iterations; on the CPU, OpenMP threads take
+the problems and SIMD loops sweep them (csrc/). The WRA kernels also form the cosine cost from
+the embeddings (Triton: a tl.dot per tile; C++: register-blocked dot products of the valid
+tokens), so the cost matrix never exists in memory.
+
+Backends: ``triton`` (CUDA, or CPU tensors in the interpreter), ``cuda`` and ``cpp`` (the
+compiled extension vlkernels._C), ``torch`` (the reference). ``auto`` runs Triton on CUDA
+tensors (the CUDA kernel is opt-in until a GPU benchmark shows it faster) and the C++ kernel on
+CPU tensors. Every backend computes in fp32 (16-bit inputs are cast in); fp64 inputs run on the
+torch backend in fp64.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from vlkernels import _backend, _extension
+from vlkernels._backend import Implementation
+from vlkernels.reference import optimal_transport as reference
+
+try:
+    from vlkernels.ops._optimal_transport_kernels import _ipot_kernel, _sinkhorn_kernel, _wra_kernel
+except ImportError:  # no triton: the torch and C++ backends still work; the triton backend refuses with the reason
+    pass
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_NORMALIZE_EPS = reference.NORMALIZE_EPS
+
+
+# ----------------------------------------------------------------------------------------------
+# Tile configurations (shared by the launchers and the sm_90a report)
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+
+
+_MIN_BLOCK = 16  # tl.dot's least tile side (the WRA kernel); the other kernels share the table
+_MAX_BLOCK = 256  # longest side a tile takes (256 regions / tokens)
+_MAX_TILE = 16384  # elements of a [BLOCK_M, BLOCK_N] tile: three fp32 tiles of it stay in registers at 16 warps
+_WRA_MAX_BLOCK_M = 64  # the WRA kernel's text side (UNITER <= 60, ViLT <= 40 tokens)
+_WRA_BLOCK_D = 64  # D chunk of the cost's tl.dot
+_WRA_BLOCK_D_FP32 = 32  # fp32 operands take twice the registers / shared memory per chunk
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def tile_config(rows: int, cols: int) -> TileConfig:
+    """The tile (next powers of two, at least 16) and warps of a rows x cols problem: warps grow
+    with the tile so that each thread keeps 16 elements of each tile (32 in the 16384 tiles),
+    the programs' iterations being latency-bound reductions over the tile."""
+    block_m, block_n = max(_MIN_BLOCK, _next_pow2(rows)), max(_MIN_BLOCK, _next_pow2(cols))
+    return TileConfig(block_m, block_n, max(1, min(16, block_m * block_n // 512)))
+
+
+def _tile_refusal(rows: int, cols: int, max_block_m: int = _MAX_BLOCK) -> Optional[str]:
+    cfg = tile_config(rows, cols)
+    if cfg.block_m > max_block_m or cfg.block_n > _MAX_BLOCK or cfg.block_m * cfg.block_n > _MAX_TILE:
+        return (f"a {rows} x {cols} problem needs a {cfg.block_m} x {cfg.block_n} register tile; the kernel holds "
+                f"tiles up to {_MAX_TILE} elements, {max_block_m} rows and {_MAX_BLOCK} columns without spilling")
+    return None
+
+
+def all_tile_configs(max_block_m: int = _MAX_BLOCK) -> list[TileConfig]:
+    sides = [_MIN_BLOCK << i for i in range(5)]  # 16 .. 256
+    return [tile_config(m, n) for m in sides for n in sides if m <= max_block_m and m * n <= _MAX_TILE]
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 follows torch's matmul flag, which governs UNITER's cost matmul (IEEE by default).
+    return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+
+
+def _wra_block_d(dtype: torch.dtype) -> int:
+    return _WRA_BLOCK_D_FP32 if dtype == torch.float32 else _WRA_BLOCK_D
+
+
+def _as_bytes(mask: torch.Tensor) -> torch.Tensor:
+    return mask.contiguous().view(torch.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton launchers and custom ops
+# ----------------------------------------------------------------------------------------------
+def _launch_ipot(cost, x_mask, y_mask, beta, iters, k) -> torch.Tensor:
+    batch, rows, cols = cost.shape
+    cost = cost.float()  # 16-bit costs are cast in; fp32 passes through with its strides
+    plan = torch.empty(batch, rows, cols, device=cost.device, dtype=torch.float32)
+    cfg = tile_config(rows, cols)
+    if plan.numel() == 0:  # nothing to solve (and Triton takes no empty grid)
+        return plan
+    _ipot_kernel[(batch,)](cost, _as_bytes(x_mask), _as_bytes(y_mask), plan, rows, cols, *cost.stride(),
+                           float(beta), int(iters), int(k), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                           num_warps=cfg.num_warps)
+    return plan
+
+
+def _launch_wra(txt, img, txt_mask, img_mask, beta, iters, k) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, rows, dim = txt.shape
+    cols = img.shape[1]
+    txt = txt if txt.stride(-1) == 1 else txt.contiguous()  # rows are read with unit stride along D
+    img = img if img.stride(-1) == 1 else img.contiguous()
+    plan = torch.empty(batch, rows, cols, device=txt.device, dtype=torch.float32)
+    distance = torch.empty(batch, device=txt.device, dtype=torch.float32)
+    cfg = tile_config(rows, cols)
+    if plan.numel() == 0:
+        return distance.zero_(), plan
+    _wra_kernel[(batch,)](txt, img, _as_bytes(txt_mask), _as_bytes(img_mask), plan, distance, rows, cols, dim,
+                          txt.stride(0), txt.stride(1), img.stride(0), img.stride(1), float(beta), int(iters), int(k),
+                          BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_wra_block_d(txt.dtype),
+                          DOT_PRECISION=_dot_precision(txt.dtype), num_warps=cfg.num_warps)
+    return distance, plan
+
+
+def _launch_sinkhorn(cost, a, b, reg, iters, tol, log_domain) -> torch.Tensor:
+    batch, rows, cols = cost.shape
+    cost = cost.float()
+    plan = torch.empty(batch, rows, cols, device=cost.device, dtype=torch.float32)
+    cfg = tile_config(rows, cols)
+    if plan.numel() == 0:
+        return plan
+    _sinkhorn_kernel[(batch,)](cost, a.contiguous(), b.contiguous(), plan, rows, cols, *cost.stride(), float(reg),
+                               int(iters), float(tol), int(bool(log_domain)), BLOCK_M=cfg.block_m,
+                               BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
+    return plan
+
+
+@torch.library.custom_op("vlkernels::ipot_triton", mutates_args=())
+def _ipot_triton_op(cost: torch.Tensor, x_mask: torch.Tensor, y_mask: torch.Tensor, beta: float, iters: int,
+                    k: int) -> torch.Tensor:
+    return _launch_ipot(cost, x_mask, y_mask, beta, iters, k)
+
+
+@_ipot_triton_op.register_fake
+def _(cost, x_mask, y_mask, beta, iters, k):
+    return cost.new_empty(cost.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("vlkernels::sinkhorn_triton", mutates_args=())
+def _sinkhorn_triton_op(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, reg: float, iters: int, tol: float,
+                        log_domain: bool) -> torch.Tensor:
+    return _launch_sinkhorn(cost, a, b, reg, iters, tol, log_domain)
+
+
+@_sinkhorn_triton_op.register_fake
+def _(cost, a, b, reg, iters, tol, log_domain):
+    return cost.new_empty(cost.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("vlkernels::wra_distance_triton", mutates_args=())
+def _wra_triton_op(txt: torch.Tensor, img: torch.Tensor, txt_mask: torch.Tensor, img_mask: torch.Tensor, beta: float,
+                   iters: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_wra(txt, img, txt_mask, img_mask, beta, iters, k)
+
+
+def _wra_fake(txt, img, txt_mask, img_mask, beta, iters, k):
+    batch, rows, cols = txt.shape[0], txt.shape[1], img.shape[1]
+    return txt.new_empty(batch, dtype=torch.float32), txt.new_empty(batch, rows, cols, dtype=torch.float32)
+
+
+_wra_triton_op.register_fake(_wra_fake)
+
+
+# ----------------------------------------------------------------------------------------------
+# The compiled extension (csrc/): torch ops vlkernels::ot_ipot, ot_sinkhorn, ot_wra, ot_wra_backward
+# ----------------------------------------------------------------------------------------------
+_native_state: Optional[tuple] = None  # (torch.ops.vlkernels or None,) once decided; a plain global for torch.compile
+
+
+def _native_ops():
+    """torch.ops.vlkernels with the extension's OT ops (their fakes registered), or None."""
+    global _native_state
+    if _native_state is None:
+        _native_state = (_load_native_ops(),)
+    return _native_state[0]
+
+
+def _load_native_ops():
+    if _extension.extension() is None:
+        return None
+    ops = torch.ops.vlkernels
+    if not hasattr(ops, "ot_ipot"):
+        return None
+    torch.library.register_fake("vlkernels::ot_ipot")(lambda cost, *_: torch.empty_like(cost))
+    torch.library.register_fake("vlkernels::ot_sinkhorn")(lambda cost, *_: torch.empty_like(cost))
+    torch.library.register_fake("vlkernels::ot_wra")(
+        lambda txt, img, *_: (txt.new_empty(txt.shape[0]), txt.new_empty(txt.shape[0], txt.shape[1], img.shape[1])))
+    torch.library.register_fake("vlkernels::ot_wra_backward")(
+        lambda txt, img, *_: (torch.empty_like(txt), torch.empty_like(img)))
+    return ops
+
+
+def _native_refusal() -> Optional[str]:
+    why = _extension.unavailable_reason()
+    if why is None and _native_ops() is None:
+        why = "vlkernels._C was built before the optimal-transport kernels existed; rebuild it"
+    return why
+
+
+def _dtype_refusal(dtype: torch.dtype) -> Optional[str]:
+    return None if dtype in _KERNEL_DTYPES else f"the kernels compute in fp32; {dtype} runs on the torch backend"
+
+
+# The CUDA kernel is opt-in (VLKERNELS_BACKEND=cuda): `auto` runs Triton on CUDA tensors until a
+# GPU benchmark shows the CUDA kernel faster.
+_AUTO_USES_CUDA_KERNEL = False
+# Floats of one problem's matrix a CUDA block holds (csrc/cuda/optimal_transport.h kMax*Tile).
+_CUDA_MAX_TILE = {"ipot": 24576, "sinkhorn": 49152}
+
+
+def _cuda_refusal(device: torch.device, dtype: torch.dtype, rows: int, cols: int, max_tile: int) -> Optional[str]:
+    # The cheap tests first: under auto (and torch.compile) the extension is never touched.
+    if device.type != "cuda":
+        return "not a CUDA tensor"
+    if not _AUTO_USES_CUDA_KERNEL and _backend.requested_backend() == "auto":
+        return "auto runs the Triton kernel on CUDA tensors; request backend 'cuda' for the CUDA kernel"
+    if rows * (-(-cols // 32) * 32) > max_tile:
+        return (f"a {rows} x {cols} problem needs more shared memory than a block has "
+                f"(rows x cols rounded up to 32 must be <= {max_tile})")
+    why = _dtype_refusal(dtype) or _native_refusal()
+    if why is None and not _extension.has_cuda_kernels():
+        why = "vlkernels._C was built without CUDA"
+    return why
+
+
+def _cpp_refusal(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    if device.type != "cpu":
+        return "not a CPU tensor"
+    return _dtype_refusal(dtype) or _native_refusal()
+
+
+def _triton_refusal(device: torch.device, dtype: torch.dtype, rows: int, cols: int,
+                    max_block_m: int = _MAX_BLOCK) -> Optional[str]:
+    return _backend.triton_refusal(device) or _dtype_refusal(dtype) or _tile_refusal(rows, cols, max_block_m)
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float32).contiguous()
+
+
+def _cost_implementations(op: str, native, triton_op, torch_run) -> list[Implementation]:
+    """The backends of an op whose first argument is the cost [B, M, N]."""
+    return [
+        Implementation("cuda", lambda cost, *_: _cuda_refusal(cost.device, cost.dtype, *cost.shape[1:],
+                                                              _CUDA_MAX_TILE[op]), native),
+        Implementation("triton", lambda cost, *_: _triton_refusal(cost.device, cost.dtype, *cost.shape[1:]), triton_op),
+        Implementation("cpp", lambda cost, *_: _cpp_refusal(cost.device, cost.dtype), native),
+        Implementation("torch", lambda *_: None, torch_run),
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# WRA autograd (shared by every kernel backend): d distance / d C = T, through the cosine cost
+# ----------------------------------------------------------------------------------------------
+def wra_input_grads(txt, img, plan, grad_distance):
+    """Gradients of distance = sum(C * plan) (plan fixed) w.r.t. txt [B, M, D] and img [B, N, D],
+    C = 1 - x_hat y_hat^T with x_hat = x / max(|x|, eps), in fp32 (fp64 for fp64).
+
+    With S = grad * plan / (max(|x_i|, eps) max(|y_j|, eps)):
+      d/dx_i = -(S y)_i + [|x_i| > eps] ((S y)_i . x_i) x_i / max(|x_i|, eps)^2
+    (the normalisation's Jacobian, folded so that neither x_hat nor y_hat is materialised and
+    each gradient takes one GEMM and two passes), and likewise for y with S^T."""
+    acc = torch.float64 if txt.dtype == torch.float64 else torch.float32
+    x, y = txt.to(acc), img.to(acc)
+    x_len, y_len = torch.linalg.vector_norm(x, dim=-1), torch.linalg.vector_norm(y, dim=-1)
+    x_inv, y_inv = 1 / x_len.clamp_min(_NORMALIZE_EPS), 1 / y_len.clamp_min(_NORMALIZE_EPS)
+    scaled = plan.to(acc) * (grad_distance.to(acc)[:, None, None] * x_inv[:, :, None]) * y_inv[:, None, :]
+
+    def gradient(weights, source, target, length, inv):
+        grad = torch.bmm(weights, source).neg_()  # d/d target_hat, already divided by max(|target|, eps)
+        radial = torch.where(length > _NORMALIZE_EPS, torch.linalg.vecdot(grad, target) * inv * inv, 0)
+        return grad.addcmul_(target, radial[..., None], value=-1)
+
+    return (gradient(scaled, y, x, x_len, x_inv).to(txt.dtype),
+            gradient(scaled.transpose(1, 2), x, y, y_len, y_inv).to(img.dtype))
+
+
+def _wra_setup_context(ctx, inputs, output):
+    txt, img = inputs[:2]
+    ctx.save_for_backward(txt, img, output[1])
+
+
+def _wra_backward(ctx, grad_distance, grad_plan):
+    txt, img, plan = ctx.saved_tensors
+    grad_txt = grad_img = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        grad_txt, grad_img = wra_input_grads(txt, img, plan, grad_distance)
+    return grad_txt, grad_img, None, None, None, None, None
+
+
+torch.library.register_autograd("vlkernels::wra_distance_triton", _wra_backward, setup_context=_wra_setup_context)
+
+
+@torch.library.custom_op("vlkernels::wra_distance_native", mutates_args=())
+def _wra_native_op(txt: torch.Tensor, img: torch.Tensor, txt_mask: torch.Tensor, img_mask: torch.Tensor, beta: float,
+                   iters: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # CPU: the kernel forms the cost of the valid entries itself (register-blocked dot products)
+    # and runs IPOT on it; CUDA: the similarities come from cuBLAS, the kernel does the rest.
+    return _native_ops().ot_wra(_f32(txt), _f32(img), txt_mask.contiguous(), img_mask.contiguous(), float(beta),
+                                int(iters), int(k))
+
+
+def _wra_native_setup_context(ctx, inputs, output):
+    txt, img, txt_mask, img_mask = inputs[:4]
+    ctx.save_for_backward(txt, img, txt_mask, img_mask, output[1])
+
+
+def _wra_native_backward(ctx, grad_distance, grad_plan):
+    txt, img, txt_mask, img_mask, plan = ctx.saved_tensors
+    if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+        return None, None, None, None, None, None, None
+    if txt.device.type == "cpu":  # the C++ kernel (valid rows only, fused normalisation); CUDA uses torch's GEMMs
+        grad_txt, grad_img = _native_ops().ot_wra_backward(_f32(txt), _f32(img), txt_mask.contiguous(),
+                                                           img_mask.contiguous(), plan.contiguous(), _f32(grad_distance))
+        grad_txt, grad_img = grad_txt.to(txt.dtype), grad_img.to(img.dtype)
+    else:
+        grad_txt, grad_img = wra_input_grads(txt, img, plan, grad_distance)
+    return grad_txt, grad_img, None, None, None, None, None
+
+
+_wra_native_op.register_fake(_wra_fake)
+torch.library.register_autograd("vlkernels::wra_distance_native", _wra_native_backward,
+                                setup_context=_wra_native_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+def _check_positive(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _check_count(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def _check_mask(op: str, name: str, mask: Optional[torch.Tensor], shape: tuple, device: torch.device) -> torch.Tensor:
+    if mask is None:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"{op}: {name} must be a bool tensor (True = valid), got "
+                        f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"{op}: {name} is on {mask.device} but the inputs are on {device}")
+    return mask
+
+
+def _check_cost(op: str, cost: torch.Tensor) -> None:
+    if not isinstance(cost, torch.Tensor) or cost.dim() != 3:
+        raise ValueError(f"{op}: cost must be a [B, M, N] tensor, got "
+                         f"{tuple(cost.shape) if isinstance(cost, torch.Tensor) else type(cost).__name__}")
+    if not cost.dtype.is_floating_point:
+        raise TypeError(f"{op}: cost must be floating point, got {cost.dtype}")
+
+
+def _check_finite_cost(op: str, cost: torch.Tensor, x_mask: torch.Tensor, y_mask: torch.Tensor) -> None:
+    # One device-side reduction (and one sync): padding may hold anything, valid entries may not.
+    joint = x_mask[:, :, None] & y_mask[:, None, :]
+    if bool((~torch.isfinite(cost) & joint).any()):
+        raise ValueError(f"{op}: cost has non-finite (inf / nan) entries where both masks are valid")
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------
+def _native_ipot(cost, x_mask, y_mask, beta, iters, k):
+    return _native_ops().ot_ipot(_f32(cost), x_mask.contiguous(), y_mask.contiguous(), float(beta), int(iters), int(k))
+
+
+_IPOT = _cost_implementations(
+    "ipot", _native_ipot, _ipot_triton_op,
+    lambda cost, x_mask, y_mask, beta, iters, k: reference.ipot(cost, x_mask, y_mask, beta=beta, iters=iters, k=k))
+
+
+def ipot(cost: torch.Tensor, x_mask: Optional[torch.Tensor], y_mask: Optional[torch.Tensor], *, beta: float = 0.5,
+         iters: int = 50, k: int = 1) -> torch.Tensor:
+    """UNITER's IPOT (inexact proximal point OT), batched, in one launch.
+
+    cost: [B, M, N] float (fp16 / bf16 are cast to fp32 in; fp64 runs on the torch backend);
+    x_mask: [B, M], y_mask: [B, N] bool, True = valid (None = all valid).
+    returns plan [B, M, N] float32 (float64 for float64 cost): UNITER's plan T transposed to the
+    cost's [M, N] orientation, exactly its iteration (beta, iters, k inner rounds, sigma = 1/len
+    on valid rows, pad penalties 1e4), zero on padding; all zero for a problem with no valid row
+    or column. No gradient flows through the plan.
+    """
+    _check_cost("ipot", cost)
+    batch, rows, cols = cost.shape
+    x_mask = _check_mask("ipot", "x_mask", x_mask, (batch, rows), cost.device)
+    y_mask = _check_mask("ipot", "y_mask", y_mask, (batch, cols), cost.device)
+    _check_positive("ipot: beta", beta)
+    _check_count("ipot: iters", iters)
+    _check_count("ipot: k", k)
+    cost = cost.detach()
+    _check_finite_cost("ipot", cost, x_mask, y_mask)
+    with torch.no_grad():
+        return _backend.dispatch("ipot", _IPOT, cost.device, cost, x_mask, y_mask, float(beta), iters, k)
+
+
+def _native_sinkhorn(cost, a, b, reg, iters, tol, log_domain):
+    return _native_ops().ot_sinkhorn(_f32(cost), _f32(a), _f32(b), float(reg), int(iters), float(tol), bool(log_domain))
+
+
+_SINKHORN = _cost_implementations(
+    "sinkhorn", _native_sinkhorn, _sinkhorn_triton_op,
+    lambda cost, a, b, reg, iters, tol, log_domain: reference.sinkhorn(
+        cost, a, b, reg=reg, iters=iters, tol=None if tol < 0 else tol, log_domain=log_domain))
+
+
+def sinkhorn(cost: torch.Tensor, a: Optional[torch.Tensor] = None, b: Optional[torch.Tensor] = None, *, reg: float,
+             iters: int = 100, tol: Optional[float] = None, x_mask: Optional[torch.Tensor] = None,
+             y_mask: Optional[torch.Tensor] = None, log_domain: bool = True) -> torch.Tensor:
+    """Entropic optimal transport by Sinkhorn's iterations, batched, in one launch.
+
+    cost: [B, M, N] float (16-bit cast to fp32 in; fp64 on the torch backend); a: [B, M] and
+    b: [B, N] nonnegative marginals of equal mass per problem (default: uniform over the valid
+    entries); x_mask [B, M] / y_mask [B, N] bool, True = valid (default all), padded entries'
+    mass is ignored. reg > 0: the entropic regularisation.
+    returns plan [B, M, N] float32 (float64 for float64 cost) minimising <P, C> - reg H(P) with
+    P 1 = a, P^T 1 = b; zero off the support. On each problem it is POT's ``ot.sinkhorn(a, b, C,
+    reg)`` (log_domain=False, the scaling iteration) or ``ot.sinkhorn_log`` (log_domain=True,
+    stabilised in the log domain: use it for small reg), iterated alike: columns, then rows.
+    tol: stop a problem once the L2 norm of its column-marginal error is <= tol (checked after
+    every iteration); None runs exactly ``iters`` iterations. No gradient flows.
+    """
+    _check_cost("sinkhorn", cost)
+    batch, rows, cols = cost.shape
+    x_mask = _check_mask("sinkhorn", "x_mask", x_mask, (batch, rows), cost.device)
+    y_mask = _check_mask("sinkhorn", "y_mask", y_mask, (batch, cols), cost.device)
+    _check_positive("sinkhorn: reg", reg)
+    _check_count("sinkhorn: iters", iters)
+    if tol is not None and not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
+        raise ValueError(f"sinkhorn: tol must be None or a finite number >= 0, got {tol!r}")
+    cost = cost.detach()
+    for name, marginal, length in (("a", a, rows), ("b", b, cols)):
+        if marginal is not None and (not isinstance(marginal, torch.Tensor) or tuple(marginal.shape) != (batch, length)
+                                     or not marginal.dtype.is_floating_point or marginal.device != cost.device):
+            got = tuple(marginal.shape) if isinstance(marginal, torch.Tensor) else type(marginal).__name__
+            raise ValueError(f"sinkhorn: {name} must be a floating [{batch}, {length}] tensor on {cost.device}, "
+                             f"got {got}")
+    a, b, x_on, y_on = reference.sinkhorn_marginals(cost, a, b, x_mask, y_mask)
+    joint = x_on[:, :, None] & y_on[:, None, :]
+    # One sync for every data check: non-finite cost on the support, negative or non-finite
+    # marginals, unequal masses.
+    mass_a, mass_b = a.sum(1), b.sum(1)
+    flags = torch.stack([(~torch.isfinite(cost) & joint).any(),
+                         ((a < 0) | ~torch.isfinite(a)).any() | ((b < 0) | ~torch.isfinite(b)).any(),
+                         ((mass_a > 0) & (mass_b > 0) & ((mass_a - mass_b).abs() > 1e-4 * torch.maximum(mass_a, mass_b))
+                          ).any()]).tolist()
+    if flags[0]:
+        raise ValueError("sinkhorn: cost has non-finite (inf / nan) entries on the support")
+    if flags[1]:
+        raise ValueError("sinkhorn: the marginals a and b must be finite and >= 0")
+    if flags[2]:
+        raise ValueError("sinkhorn: a and b must carry the same mass in every problem (sum a = sum b over the "
+                         "valid entries)")
+    a, b = a.masked_fill(~x_on, 0), b.masked_fill(~y_on, 0)  # an empty problem has no support at all
+    with torch.no_grad():
+        return _backend.dispatch("sinkhorn", _SINKHORN, cost.device, cost, a, b, float(reg), iters,
+                                 -1.0 if tol is None else float(tol), bool(log_domain))
+
+
+def _wra_torch(txt, img, txt_mask, img_mask, beta, iters, k):
+    cost = reference.cost_matrix_cosine(txt, img).masked_fill(reference._joint_pad(txt_mask, img_mask), 0)
+    plan = reference.ipot(cost.detach(), txt_mask, img_mask, beta=beta, iters=iters, k=k)
+    return (cost * plan).sum((1, 2)), plan
+
+
+def _wra_refusal_args(txt, img, *args):
+    return txt.device, txt.dtype, txt.shape[1], img.shape[1]
+
+
+_WRA = [
+    Implementation("cuda", lambda *args: _cuda_refusal(*_wra_refusal_args(*args), _CUDA_MAX_TILE["ipot"]),
+                   _wra_native_op),
+    Implementation("triton", lambda *args: _triton_refusal(*_wra_refusal_args(*args), max_block_m=_WRA_MAX_BLOCK_M),
+                   _wra_triton_op),
+    Implementation("cpp", lambda txt, *args: _cpp_refusal(txt.device, txt.dtype), _wra_native_op),
+    Implementation("torch", lambda *args: None, _wra_torch),
+]
+
+
+def _check_embeddings(op: str, txt, img, txt_mask, img_mask):
+    for name, t in (("txt", txt), ("img", img)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3 or not t.dtype.is_floating_point:
+            raise ValueError(f"{op}: {name} must be a floating [B, L, D] tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if txt.shape[0] != img.shape[0] or txt.shape[2] != img.shape[2]:
+        raise ValueError(f"{op}: txt {list(txt.shape)} and img {list(img.shape)} must share B and D")
+    if txt.dtype != img.dtype:
+        raise TypeError(f"{op}: txt is {txt.dtype} but img is {img.dtype}; cast one of them")
+    if txt.device != img.device:
+        raise ValueError(f"{op}: txt is on {txt.device} but img is on {img.device}")
+    txt_mask = _check_mask(op, "txt_mask", txt_mask, tuple(txt.shape[:2]), txt.device)
+    img_mask = _check_mask(op, "img_mask", img_mask, tuple(img.shape[:2]), img.device)
+    return txt_mask, img_mask
+
+
+def wra_distance(txt: torch.Tensor, img: torch.Tensor, txt_mask: Optional[torch.Tensor],
+                 img_mask: Optional[torch.Tensor], *, beta: float = 0.5, iters: int = 50, k: int = 1,
+                 return_plan: bool = False):
+    """UNITER's word-region alignment distance (optimal_transport_dist), fused.
+
+    txt: [B, M, D], img: [B, N, D] (same float dtype; 16-bit cast to fp32 in, fp64 on the torch
+    backend); txt_mask [B, M], img_mask [B, N] bool, True = valid token (None = all valid).
+    returns distance [B] float32 (float64 for float64 inputs) = sum_ij C_ij T_ij with
+    C = 1 - cos(txt_i, img_j) (L2-normalised with eps 1e-5, 0 on padding) and T the IPOT plan
+    of C (beta, iters, k as UNITER); with return_plan, (distance, plan [B, M, N]). The Triton
+    kernel forms C from the embeddings in registers and the C++ kernel per problem in cache,
+    for the valid tokens only (C is never stored); the CUDA kernel takes the similarities from
+    cuBLAS. Gradients reach txt and img through C only (T is detached, as in UNITER), computed
+    by the C++ kernel on CPU tensors and by torch's batched GEMMs otherwise. A problem with no
+    valid text or region gives 0 (and zero gradients).
+    """
+    txt_mask, img_mask = _check_embeddings("wra_distance", txt, img, txt_mask, img_mask)
+    _check_positive("wra_distance: beta", beta)
+    _check_count("wra_distance: iters", iters)
+    _check_count("wra_distance: k", k)
+    distance, plan = _backend.dispatch("wra_distance", _WRA, txt.device, txt, img, txt_mask, img_mask, float(beta),
+                                       iters, k)
+    return (distance, plan.detach()) if return_plan else distance
+
+
+def gromov_wasserstein_distance(txt: torch.Tensor, img: torch.Tensor, txt_mask: Optional[torch.Tensor],
+                                img_mask: Optional[torch.Tensor], *, beta: float = 0.1, iters: int = 5,
+                                ot_iters: int = 20) -> torch.Tensor:
+    """Graph Optimal Transport's Gromov-Wasserstein distance (GW_distance_uniform) with masks.
+
+    txt: [B, M, D] (GOT's source X), img: [B, N, D]; masks [B, M] / [B, N] bool, True = valid.
+    returns [B] float32 (float64 for float64 inputs). Intra-modal costs Cs = 1 - cos(txt, txt),
+    Ct = 1 - cos(img, img); Cst = (Cs^2 p) 1^T + 1 (Ct^2 q)^T with p, q uniform over the valid
+    tokens; gamma = p q^T, then ``iters`` rounds of C_g = Cst - 2 Cs gamma Ct^T solved by IPOT
+    (``ot_iters`` iterations, beta; GOT scales the text rows first, so each round is vlkernels'
+    ipot on C_g^T); distance = sum(C_g * gamma). The inner IPOTs run on the selected backend
+    (one launch each); the small batched GEMMs are torch's. gamma is detached: gradients reach
+    txt and img through Cs and Ct.
+    """
+    txt_mask, img_mask = _check_embeddings("gromov_wasserstein_distance", txt, img, txt_mask, img_mask)
+    _check_positive("gromov_wasserstein_distance: beta", beta)
+    _check_count("gromov_wasserstein_distance: iters", iters)
+    _check_count("gromov_wasserstein_distance: ot_iters", ot_iters)
+    return reference.gromov_wasserstein_distance(
+        txt, img, txt_mask, img_mask, beta=beta, iters=iters, ot_iters=ot_iters,
+        ipot_fn=lambda cost, x_mask, y_mask, beta, iters: ipot(cost, x_mask, y_mask, beta=beta, iters=iters))
+
+
+# ----------------------------------------------------------------------------------------------
+# sm_90a report
+# ----------------------------------------------------------------------------------------------
+def aot_variants():
+    """Every tile configuration the launchers can pick, with UNITER-B's sizes (B=512 ITM pairs,
+    M=60 words, N=100 regions, D=768), for the sm_90a report."""
+    from vlkernels.report import KernelVariant
+
+    cost_sizes = dict(M=60, N=100, stride_cb=6000, stride_cm=100, stride_cn=1, beta=0.5, iters=50, k=1)
+    variants = []
+    for cfg in all_tile_configs():
+        label = f"{cfg.block_m}x{cfg.block_n}"
+        tile = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
+        options = dict(num_warps=cfg.num_warps)
+        variants.append(KernelVariant(
+            _ipot_kernel, label, tile, {"cost": torch.float32, "x_mask": torch.uint8, "y_mask": torch.uint8,
+                                        "plan": torch.float32}, cost_sizes, options))
+        variants.append(KernelVariant(
+            _sinkhorn_kernel, label, tile,
+            {"cost": torch.float32, "a": torch.float32, "b": torch.float32, "plan": torch.float32},
+            dict(cost_sizes, reg=0.05, tol=1e-6, log_domain=1), options))
+    wra_sizes = dict(M=60, N=100, D=768, stride_tb=60 * 768, stride_tm=768, stride_ib=100 * 768, stride_in=768,
+                     beta=0.5, iters=50, k=1)
+    for cfg in all_tile_configs(_WRA_MAX_BLOCK_M):
+        for dtype, precision in ((torch.bfloat16, "tf32"), (torch.float16, "tf32"), (torch.float32, "tf32"),
+                                 (torch.float32, "ieee")):
+            variants.append(KernelVariant(
+                _wra_kernel, f"{cfg.block_m}x{cfg.block_n}-{str(dtype)[6:]}-{precision}",
+                dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_wra_block_d(dtype), DOT_PRECISION=precision),
+                {"txt": dtype, "img": dtype, "x_mask": torch.uint8, "y_mask": torch.uint8, "plan": torch.float32,
+                 "distance": torch.float32}, wra_sizes, dict(num_warps=cfg.num_warps),
+                # a warpgroup MMA needs 64 rows and 4 warps; smaller tiles use mma.sync
+                gemm_shaped=cfg.block_m >= 64 and cfg.num_warps >= 4))
+    return variants
