@@ -25,13 +25,13 @@ GEMM main loops, D/BLOCK_N times per element; the epilogue-only design keeps mai
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from vlkernels import _backend
 from vlkernels._backend import Implementation
+from vlkernels.ops._gemm import GEMM_CONFIGS
 from vlkernels.reference import mome_ffn as reference
 
 try:
@@ -45,22 +45,6 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ACTIVATION_CODES = {"gelu": 0, "relu": 1}
 
 
-@dataclass(frozen=True)
-class GemmConfig:
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-
-
-# 128x128 tiles with 8 warps feed Hopper's wgmma well for 16-bit inputs; fp32 (tf32 or ieee)
-# operands are twice as wide, so BLOCK_K halves to keep three pipeline stages in shared memory.
-_GEMM_CONFIGS = {
-    torch.float16: GemmConfig(128, 128, 64, 8, 3),
-    torch.bfloat16: GemmConfig(128, 128, 64, 8, 3),
-    torch.float32: GemmConfig(128, 128, 32, 8, 3),
-}
 _LN_BWD_ELEMENTS = 4096  # rows per LayerNorm-backward block: BLOCK_R * BLOCK_D fp32 values in registers
 _LN_BWD_WARPS = 4
 
@@ -91,7 +75,7 @@ def _launch_rows(a, order, offsets, weight, out, *, bias=None, ln_weight=None, l
     tokens, k_size = a.shape
     n_size = out.shape[1]
     experts = offsets.shape[0] - 1
-    cfg = _GEMM_CONFIGS[weight.dtype]
+    cfg = GEMM_CONFIGS[weight.dtype]
     grid = (triton.cdiv(n_size, cfg.block_n), _row_tiles(tokens, experts, cfg.block_m))
     placeholder = weight  # unread when the term is absent
     kernels._mome_rows_kernel[grid](
@@ -113,7 +97,7 @@ def _launch_weight_grad(a, b, order, offsets, *, gather_a, gather_b, mean=None, 
     tokens, m_size = a.shape
     n_size = b.shape[1]
     experts = offsets.shape[0] - 1
-    cfg = _GEMM_CONFIGS[b.dtype]
+    cfg = GEMM_CONFIGS[b.dtype]
     tiles = triton.cdiv(m_size, cfg.block_m) * triton.cdiv(n_size, cfg.block_n) * experts
     # Split each expert's row reduction until the grid covers the device about twice, keeping
     # at least four row blocks per split for an evenly routed batch.
@@ -458,7 +442,7 @@ def aot_variants():
     variants = []
     for dtype, precision in ((torch.bfloat16, "tf32"), (torch.float16, "tf32"), (torch.float32, "tf32"),
                              (torch.float32, "ieee")):
-        cfg = _GEMM_CONFIGS[dtype]
+        cfg = GEMM_CONFIGS[dtype]
         label = f"{str(dtype)[6:]}-{precision}"
         blocks = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_PRECISION=precision)
         options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -12,13 +12,13 @@ accumulated from the tiles it already loads; d(pos_embed) and d(cls_token) are b
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from vlkernels import _backend
 from vlkernels._backend import Implementation
+from vlkernels.ops._gemm import GEMM_CONFIGS
 from vlkernels.reference import patch_embed as reference
 
 try:
@@ -187,22 +187,6 @@ if triton is not None:
 # Launch configurations (shared by the launchers and the sm_90a report, so the report covers
 # exactly the configurations a call can pick)
 # ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class GemmConfig:
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-
-
-# 16-bit operands: 128x128 tiles feed a full Hopper warpgroup MMA; fp32 (tf32) halves BLOCK_K
-# to keep the three pipeline stages within shared memory.
-_GEMM_CONFIGS = {
-    torch.float16: GemmConfig(128, 128, 64, 8, 3),
-    torch.bfloat16: GemmConfig(128, 128, 64, 8, 3),
-    torch.float32: GemmConfig(128, 128, 32, 8, 3),
-}
 _BATCH_SUM_BLOCK = 1024
 _BATCH_SUM_WARPS = 4
 
@@ -240,7 +224,7 @@ def _launch_fwd(images, weight, bias, pos_embed, cls_token) -> torch.Tensor:
     weight = weight.contiguous()
     out = torch.empty(batch, tokens, embed_dim, device=images.device, dtype=images.dtype)
     pos = pos_embed.contiguous() if pos_embed is not None else None
-    cfg = _GEMM_CONFIGS[images.dtype]
+    cfg = GEMM_CONFIGS[images.dtype]
     rows = batch * tokens
     grid = (triton.cdiv(embed_dim, cfg.block_n), triton.cdiv(rows, cfg.block_m))
     _patch_embed_fwd_kernel[grid](
@@ -264,7 +248,7 @@ def _launch_bwd_images(grad_out, images, weight, has_cls) -> torch.Tensor:
     _, grid_w, patches = _grid_shape(images, weight)
     grad_images = torch.empty(images.shape, device=images.device, dtype=images.dtype)
     patch_rows = images.shape[0] * patches
-    cfg = _GEMM_CONFIGS[images.dtype]
+    cfg = GEMM_CONFIGS[images.dtype]
     grid = (triton.cdiv(channels * patch * patch, cfg.block_n), triton.cdiv(patch_rows, cfg.block_m))
     _patch_embed_bwd_images_kernel[grid](
         grad_out, weight.contiguous(), grad_images,
@@ -283,7 +267,7 @@ def _launch_bwd_weight(grad_out, images, weight, has_cls) -> tuple[torch.Tensor,
     images = _unit_stride_width(images)
     _, grid_w, patches = _grid_shape(images, weight)
     patch_rows = images.shape[0] * patches
-    cfg = _GEMM_CONFIGS[images.dtype]
+    cfg = GEMM_CONFIGS[images.dtype]
     tiles = triton.cdiv(embed_dim, cfg.block_m) * triton.cdiv(k_size, cfg.block_n)
     # Split the long reduction over patch rows until the grid covers the device about twice,
     # keeping at least four row blocks per split.
@@ -502,7 +486,7 @@ def aot_variants():
     cases = [(torch.bfloat16, 224, 16, "tf32"), (torch.bfloat16, 384, 32, "tf32"), (torch.float16, 224, 16, "tf32"),
              (torch.float32, 224, 16, "tf32"), (torch.float32, 224, 16, "ieee")]
     for dtype, size, patch, precision in cases:
-        cfg = _GEMM_CONFIGS[dtype]
+        cfg = GEMM_CONFIGS[dtype]
         gemm = dict(CHANNELS=3, PATCH=patch, HAS_CLS=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                     BLOCK_K=cfg.block_k, DOT_PRECISION=precision)
         label = f"{str(dtype)[6:]}-P{patch}-{precision}"

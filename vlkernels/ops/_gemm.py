@@ -1,0 +1,22 @@
+"""The GEMM tile configurations shared by the GEMM-shaped Triton kernels (patch_embed, mome_ffn)."""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# 16-bit operands: 128x128 tiles with 8 warps feed a full Hopper warpgroup MMA; fp32 (tf32 or
+# IEEE) operands are twice as wide, so BLOCK_K halves to keep three pipeline stages in shared memory.
+GEMM_CONFIGS = {
+    torch.float16: GemmConfig(128, 128, 64, 8, 3),
+    torch.bfloat16: GemmConfig(128, 128, 64, 8, 3),
+    torch.float32: GemmConfig(128, 128, 32, 8, 3),
+}
