@@ -74,7 +74,9 @@ VLK_OT_HD float shifted_lse(float sum, float shift) { return logf(sum) - shift; 
 VLK_OT_HD float line_marginal(float potential, float lse) { return expf(potential + lse); }
 
 // exp(new - old): what a line's plan entries are multiplied by when its potential moves.
-VLK_OT_HD float potential_ratio(float new_potential, float old_potential) { return expf(new_potential - old_potential); }
+VLK_OT_HD float potential_ratio(float new_potential, float old_potential) {
+  return expf(new_potential - old_potential);
+}
 
 // Scaling-form update: v_j = b_j / sum_i K_ij u_i.
 VLK_OT_HD float scaling_update(float marginal, float sum) { return marginal / sum; }

@@ -2,8 +2,9 @@
 // ot_wra_backward (CPU only; on CUDA the backward is torch's), registered when vlkernels._C
 // loads (TORCH_LIBRARY_FRAGMENT: no entry in module.cpp needed), with a CPU implementation
 // (csrc/cpu, OpenMP) and, in the GPU build, a CUDA one (csrc/cuda) on torch's current stream.
-// torch allocates, the kernels only see raw pointers. Inputs arrive prepared by vlkernels/ops/optimal_transport.py (contiguous float32,
-// bool masks); the checks here guard direct calls.
+// torch allocates, the kernels only see raw pointers. Inputs arrive prepared by
+// vlkernels/ops/optimal_transport.py (contiguous float32, bool masks); the checks here guard
+// direct calls.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -170,7 +171,8 @@ at::Tensor sinkhorn_cuda(const at::Tensor& cost, const at::Tensor& a, const at::
 
 TORCH_LIBRARY_FRAGMENT(vlkernels, m) {
   m.def("ot_ipot(Tensor cost, Tensor x_mask, Tensor y_mask, float beta, int iters, int k) -> Tensor");
-  m.def("ot_wra(Tensor txt, Tensor img, Tensor x_mask, Tensor y_mask, float beta, int iters, int k) -> (Tensor, Tensor)");
+  m.def("ot_wra(Tensor txt, Tensor img, Tensor x_mask, Tensor y_mask, float beta, int iters, int k) "
+        "-> (Tensor, Tensor)");
   m.def("ot_wra_backward(Tensor txt, Tensor img, Tensor x_mask, Tensor y_mask, Tensor plan, Tensor grad_distance) "
         "-> (Tensor, Tensor)");
   m.def("ot_sinkhorn(Tensor cost, Tensor a, Tensor b, float reg, int iters, float tol, bool log_domain) -> Tensor");

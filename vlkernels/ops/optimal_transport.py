@@ -323,8 +323,8 @@ def _wra_native_backward(ctx, grad_distance, grad_plan):
     if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
         return None, None, None, None, None, None, None
     if txt.device.type == "cpu":  # the C++ kernel (valid rows only, fused normalisation); CUDA uses torch's GEMMs
-        grad_txt, grad_img = _native_ops().ot_wra_backward(_f32(txt), _f32(img), txt_mask.contiguous(),
-                                                           img_mask.contiguous(), plan.contiguous(), _f32(grad_distance))
+        grad_txt, grad_img = _native_ops().ot_wra_backward(
+            _f32(txt), _f32(img), txt_mask.contiguous(), img_mask.contiguous(), plan.contiguous(), _f32(grad_distance))
         grad_txt, grad_img = grad_txt.to(txt.dtype), grad_img.to(img.dtype)
     else:
         grad_txt, grad_img = wra_input_grads(txt, img, plan, grad_distance)
