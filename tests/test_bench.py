@@ -199,7 +199,7 @@ def test_patch_embed_presets_and_flops():
     assert images.shape == (2, 3, 384, 384) and weight.shape == (768, 3, 32, 32) and bias.shape == (768,)
     assert inputs.kwargs["pos_embed"].shape == (1, 1 + 144, 768) and inputs.kwargs["cls_token"].shape == (1, 1, 768)
     assert len(inputs.grad_tensors()) == 5
-    assert all((t != 0).all() for t in inputs.grad_tensors())  # fresh random, never zeros
+    assert all(t.std() > 0 for t in inputs.grad_tensors())  # fresh random values, not a zero-filled tensor
     forward = 2 * 2 * 144 * 768 * 3 * 32 * 32
     assert case.flops("forward") == forward and case.flops("backward") == 2 * forward
     assert case.flops("full") == 3 * forward
