@@ -62,6 +62,13 @@ pybind11::dict build_info() {
 #else
   info["openmp"] = false;
 #endif
+  // The libstdc++ string/list ABI: a module and a torch that disagree on it cannot share
+  // std:: types across the boundary (the loader compares it with torch's).
+#if defined(_GLIBCXX_USE_CXX11_ABI)
+  info["cxx11_abi"] = static_cast<bool>(_GLIBCXX_USE_CXX11_ABI);
+#else
+  info["cxx11_abi"] = pybind11::none();
+#endif
   return info;
 }
 
@@ -72,7 +79,7 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "vlkernels' compiled kernels (C++/OpenMP on CPU, CUDA in the GPU build)";
   module.def("build_info", &vlkernels::bindings::build_info,
-             "How this module was built: torch_version, cuda, cuda_archs, cuda_version, compiler, openmp.");
+             "How this module was built: torch_version, cuda, cuda_archs, cuda_version, compiler, openmp, cxx11_abi.");
   vlkernels::bindings::register_visual_dictionary(module);
 #ifdef VLKERNELS_WITH_CUDA
   vlkernels::bindings::register_cuda(module);

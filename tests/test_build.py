@@ -49,7 +49,8 @@ def test_extension_loads_and_matches_running_torch():
     module = _extension.extension()
     assert module is not None and module.__name__ == "vlkernels._C"
     info = _extension.build_info()
-    assert set(info) >= {"torch_version", "cuda", "cuda_archs", "cuda_version", "compiler", "openmp"}
+    assert set(info) >= {"torch_version", "cuda", "cuda_archs", "cuda_version", "compiler", "openmp", "cxx11_abi"}
+    assert info["cxx11_abi"] == torch.compiled_with_cxx11_abi()
     assert info["torch_version"] == torch.__version__
     assert isinstance(info["cuda"], bool) and isinstance(info["openmp"], bool)
     assert _extension.has_cuda_kernels() is info["cuda"]
@@ -96,6 +97,24 @@ def test_loader_refuses_a_module_built_against_another_torch(monkeypatch, fresh_
         assert _extension.extension() is None
     assert "--no-build-isolation" in _extension.unavailable_reason()
     assert _extension.build_info() is None and _extension.has_cuda_kernels() is False
+
+
+@pytest.mark.parametrize("built, message", [
+    ({"cxx11_abi": not torch.compiled_with_cxx11_abi()}, "_GLIBCXX_USE_CXX11_ABI"),
+    ({"cuda": True, "cuda_archs": ["sm_90a"], "cuda_version": "9.9"}, "carries CUDA 9.9 kernels"),
+], ids=["cxx11-abi", "cuda-version"])
+def test_loader_refuses_an_abi_mismatch_and_falls_back(monkeypatch, fresh_loader, built, message):
+    stale = types.ModuleType("vlkernels._C")
+    stale.__spec__ = importlib.machinery.ModuleSpec("vlkernels._C", None)
+    stale.build_info = lambda: {"torch_version": torch.__version__, "cuda": False, "cuda_archs": [], **built}
+    monkeypatch.setitem(sys.modules, "vlkernels._C", stale)
+    monkeypatch.delenv("VLKERNELS_NO_EXTENSION", raising=False)
+    with pytest.warns(RuntimeWarning, match=message):
+        assert _extension.extension() is None
+    # The ops fall back: auto on CPU runs the torch reference instead of the refused extension.
+    from vlkernels.ops import vd_nearest
+    x, codebook = torch.randn(5, 4), torch.randn(3, 4)
+    assert torch.equal(vd_nearest(x, codebook)[0], torch.cdist(x, codebook).argmin(1))
 
 
 def test_loader_survives_a_missing_module(monkeypatch, fresh_loader):

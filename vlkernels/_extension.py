@@ -40,12 +40,25 @@ def _load() -> tuple[Optional[ModuleType], Optional[str]]:
         info = dict(module.build_info())
     except Exception as error:
         return _refuse(f"vlkernels._C has no usable build_info() ({error}); rebuild it with {HOW_TO_BUILD}")
-    if info.get("torch_version") != torch.__version__:
-        return _refuse(
-            f"vlkernels._C was built against torch {info.get('torch_version')} but torch {torch.__version__} "
-            f"is running (the C++ ABI may differ); rebuild it with {HOW_TO_BUILD}"
-        )
+    mismatch = abi_mismatch(info)
+    if mismatch:
+        return _refuse(f"{mismatch}; rebuild it with {HOW_TO_BUILD}")
     return module, None
+
+
+def abi_mismatch(info: dict) -> Optional[str]:
+    """Why a module with this build_info() cannot run with the running torch, or None."""
+    if info.get("torch_version") != torch.__version__:
+        return (f"vlkernels._C was built against torch {info.get('torch_version')} but torch {torch.__version__} "
+                "is running (the C++ ABI may differ)")
+    abi = info.get("cxx11_abi")
+    if abi is not None and abi != torch.compiled_with_cxx11_abi():
+        return (f"vlkernels._C was built with _GLIBCXX_USE_CXX11_ABI={int(abi)} but torch with "
+                f"{int(torch.compiled_with_cxx11_abi())}")
+    if info.get("cuda") and info.get("cuda_version") != torch.version.cuda:
+        return (f"vlkernels._C carries CUDA {info.get('cuda_version')} kernels but torch runs CUDA "
+                f"{torch.version.cuda or 'none (a CPU build)'}")
+    return None
 
 
 def _refuse(reason: str) -> tuple[None, str]:
@@ -64,7 +77,8 @@ def unavailable_reason() -> Optional[str]:
 
 
 def build_info() -> Optional[dict]:
-    """How the extension was built (torch_version, cuda, cuda_archs, cuda_version, compiler, openmp), or None."""
+    """How the extension was built (torch_version, cuda, cuda_archs, cuda_version, compiler, openmp,
+    cxx11_abi), or None."""
     module = extension()
     return None if module is None else dict(module.build_info())
 

@@ -61,7 +61,8 @@ def lines() -> list[str]:
         cuda_part = f"CUDA {info['cuda_version']} for {archs}" if info["cuda"] else "no CUDA kernels"
         out.append(
             f"extension        vlkernels._C built against torch {info['torch_version']}, {cuda_part}, "
-            f"{info['compiler']}, OpenMP {'on' if info['openmp'] else 'off'}"
+            f"{info['compiler']}, OpenMP {'on' if info['openmp'] else 'off'}, "
+            f"_GLIBCXX_USE_CXX11_ABI={info.get('cxx11_abi')}"
         )
     return out
 
