@@ -4,10 +4,11 @@ from vlkernels.nn.co_attention import LXMERTCrossLayer, METERCrossLayer, ViLBERT
 from vlkernels.nn.mome import MoMEBlock, MoMEFFN, VLMoAttention
 from vlkernels.nn.optimal_transport import WPALoss, WRALoss
 from vlkernels.nn.patch_embed import PatchEmbed
+from vlkernels.nn.transformer import BertLayer, MLMHead, Mlp, Pooler, PreLNBlock, TextEmbeddings
 from vlkernels.nn.visual_dictionary import VisualDictionary, mvm_mask
 
 __all__ = [
-    "LXMERTCrossLayer", "METERCrossLayer", "MoMEBlock", "MoMEFFN", "MultiheadAttention", "PatchEmbed", "PostLNAttention",
-    "PostLNFeedForward", "ViLBERTCoLayer", "VLMoAttention", "VisualDictionary", "WPALoss", "WRALoss", "mvm_mask",
-    "real_token_mask",
+    "BertLayer", "LXMERTCrossLayer", "METERCrossLayer", "MLMHead", "Mlp", "MoMEBlock", "MoMEFFN", "MultiheadAttention",
+    "PatchEmbed", "Pooler", "PostLNAttention", "PostLNFeedForward", "PreLNBlock", "TextEmbeddings", "ViLBERTCoLayer",
+    "VLMoAttention", "VisualDictionary", "WPALoss", "WRALoss", "mvm_mask", "real_token_mask",
 ]

@@ -18,19 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlkernels.nn.transformer import Mlp
 from vlkernels.ops.attention import attention
 from vlkernels.ops.mome_ffn import mome_ffn
 
 _SUFFIX = {"text": "text", "image": "imag", "vl": "vl"}
-
-
-class Mlp(nn.Module):
-    """timm's / VLMo's Mlp parameters: fc1 Linear(D, F), fc2 Linear(F, D) (the op runs them)."""
-
-    def __init__(self, dim: int, hidden_dim: int, device=None, dtype=None) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim, device=device, dtype=dtype)
-        self.fc2 = nn.Linear(hidden_dim, dim, device=device, dtype=dtype)
 
 
 class MoMEFFN(nn.Module):
