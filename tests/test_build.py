@@ -111,10 +111,15 @@ def test_loader_refuses_an_abi_mismatch_and_falls_back(monkeypatch, fresh_loader
     monkeypatch.delenv("VLKERNELS_NO_EXTENSION", raising=False)
     with pytest.warns(RuntimeWarning, match=message):
         assert _extension.extension() is None
-    # The ops fall back: auto on CPU runs the torch reference instead of the refused extension.
-    from vlkernels.ops import vd_nearest
-    x, codebook = torch.randn(5, 4), torch.randn(3, 4)
-    assert torch.equal(vd_nearest(x, codebook)[0], torch.cdist(x, codebook).argmin(1))
+    # The ops fall back: auto on CPU runs the torch reference instead of the refused C++ ipot.
+    import vlkernels
+    from vlkernels.ops import ipot
+    cost = torch.rand(2, 5, 4)
+    with pytest.raises(vlkernels.NoBackendError, match="cpp"), vlkernels.use_backend("cpp"):
+        ipot(cost, None, None)
+    with vlkernels.use_backend("torch"):
+        expected = ipot(cost, None, None)
+    assert torch.equal(ipot(cost, None, None), expected)
 
 
 def test_loader_survives_a_missing_module(monkeypatch, fresh_loader):
