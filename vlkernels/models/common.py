@@ -1,0 +1,154 @@
+"""What every reference model shares: the kernels switch, the output type, input checks,
+BERT-style token masking and the pretraining losses."""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlkernels._backend import use_backend
+
+IGNORE_INDEX = -100  # label of positions without a target (torch's cross_entropy default)
+
+
+class ModelOutput(dict):
+    """A dict whose entries are also attributes (``out.loss``, ``out["loss"]``). Models fill
+    ``loss`` (the summed objective, when labels were given), ``losses`` (each objective by
+    name), their encoders' outputs and each head's ``*_logits``."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value) -> None:
+        self[name] = value
+
+
+class PretrainingModel(nn.Module):
+    """Base of the reference models: ``use_kernels`` True runs the vlkernels ops on the backend
+    vlkernels picks (``VLKERNELS_BACKEND`` / ``vlkernels.use_backend``); False runs every op on
+    its pure-torch reference. Subclasses wrap their forward in ``with self.kernels():``; the
+    backend is chosen when an op runs forward, so the backward follows the same choice."""
+
+    def __init__(self, config, use_kernels: bool = True) -> None:
+        super().__init__()
+        self.config, self.use_kernels = config, use_kernels
+
+    def kernels(self):
+        return contextlib.nullcontext() if self.use_kernels else use_backend("torch")
+
+    def synthetic_batch(self, batch_size: int, generator: Optional[torch.Generator] = None,
+                        device: Optional[torch.device] = None) -> dict:
+        """A pretraining batch (inputs and labels for every objective) from vlkernels.models.synthetic:
+        ``model(**batch).loss`` trains all objectives."""
+        raise NotImplementedError
+
+
+def check_batch(model: str, **tensors: Optional[torch.Tensor]) -> int:
+    """The common batch size of the given tensors (None entries skipped); a ValueError naming
+    each tensor's batch size when they differ."""
+    sizes = {name: t.shape[0] for name, t in tensors.items() if t is not None}
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{name} {size}" for name, size in sizes.items())
+        raise ValueError(f"{model}: the inputs disagree on the batch size ({listed})")
+    return next(iter(sizes.values()))
+
+
+def check_text(model: str, input_ids: torch.Tensor, max_len: int, vocab_size: Optional[int] = None) -> None:
+    """input_ids must be an integer [B, S] tensor with S <= max_len (and ids < vocab_size)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+        shape = list(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"{model}: input_ids must be an integer [B, S] tensor, got {shape}")
+    if input_ids.shape[1] > max_len:
+        raise ValueError(f"{model}: the text has {input_ids.shape[1]} tokens, more than max_text_len {max_len}")
+    if vocab_size is not None and input_ids.numel() and not torch.compiler.is_compiling():
+        low, high = (int(v) for v in torch.aminmax(input_ids))
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"{model}: token ids must lie in [0, {vocab_size}), got [{low}, {high}]")
+
+
+def check_features(model: str, name: str, x: torch.Tensor, dim: int, rank: int = 3) -> None:
+    """x must be a floating tensor of ``rank`` dims whose last dim is ``dim``."""
+    if not isinstance(x, torch.Tensor) or x.dim() != rank or x.shape[-1] != dim or not x.is_floating_point():
+        shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{model}: {name} must be a floating [{', '.join(['.'] * (rank - 1))}, {dim}] tensor, "
+                         f"got {shape}")
+
+
+def as_bool_mask(model: str, name: str, mask: Optional[torch.Tensor], shape) -> Optional[torch.Tensor]:
+    """An HF-style 0/1 (or bool) mask as bool True = real token, checked against ``shape``."""
+    if mask is None:
+        return None
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{model}: {name} must have shape {list(shape)}, got {list(mask.shape)}")
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def mask_tokens(input_ids: torch.Tensor, *, vocab_size: int, mask_token_id: int, maskable: torch.Tensor,
+                word_ids: Optional[torch.Tensor] = None, prob: float = 0.15,
+                generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's masked-LM corruption, with whole-word masking when ``word_ids`` is given.
+
+    input_ids: [B, S] int; maskable: [B, S] bool (real, non-special tokens); word_ids: [B, S]
+    int, equal for the pieces of one word (whole-word masking picks words, then all their pieces).
+    Each chosen token becomes [MASK] with prob. 0.8, a random token 0.1, itself 0.1.
+    returns (corrupted ids [B, S], labels [B, S]: the original id where chosen, -100 elsewhere).
+    """
+    device = input_ids.device
+
+    def draw(*shape):
+        return torch.rand(*shape, generator=generator, device=generator.device if generator else "cpu").to(device)
+
+    if word_ids is None:
+        chosen = (draw(*input_ids.shape) < prob) & maskable
+    else:
+        # One draw per word id: token t is chosen when its word's draw is below prob.
+        words = int(word_ids.max()) + 1 if word_ids.numel() else 1
+        per_word = draw(input_ids.shape[0], words) < prob
+        chosen = per_word.gather(1, word_ids.clamp_min(0)) & maskable
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    roll = draw(*input_ids.shape)
+    random_ids = (draw(*input_ids.shape) * vocab_size).long().clamp_max(vocab_size - 1)
+    corrupted = torch.where(chosen & (roll < 0.8), torch.full_like(input_ids, mask_token_id), input_ids)
+    corrupted = torch.where(chosen & (roll >= 0.8) & (roll < 0.9), random_ids, corrupted)
+    return corrupted, labels
+
+
+def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the labelled positions (labels -100 elsewhere); logits [..., V],
+    labels [...]. Zero (still connected to the graph) when nothing is labelled."""
+    flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1)
+    if not torch.compiler.is_compiling() and not bool((flat_labels != IGNORE_INDEX).any()):
+        return flat_logits.sum() * 0.0
+    return F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX)
+
+
+def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
+                     logit_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric InfoNCE over L2-normalised [B, D] features with temperature exp(logit_scale)
+    (CLIP / VLMo ITC). returns (loss, image-to-text logits [B, B])."""
+    image_features = F.normalize(image_features.float(), dim=-1)
+    text_features = F.normalize(text_features.float(), dim=-1)
+    logits = logit_scale.exp() * image_features @ text_features.T
+    targets = torch.arange(logits.shape[0], device=logits.device)
+    loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    return loss, logits
+
+
+def hard_negative_indices(similarity: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """For each row i of a [B, B] similarity, one column j != i drawn from softmax(similarity[i])
+    without the diagonal (VLMo's ITM hard negatives). [B] int64; needs B >= 2."""
+    if similarity.shape[0] < 2:
+        raise ValueError("hard negatives need a batch of at least 2 pairs")
+    weights = torch.softmax(similarity.detach().float(), dim=1)
+    weights = weights.masked_fill(torch.eye(len(weights), dtype=torch.bool, device=weights.device), 0.0)
+    # A row whose off-diagonal mass underflowed to zero falls back to uniform negatives.
+    weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, 1.0 - torch.eye(len(weights),
+                                                                                    device=weights.device))
+    return torch.multinomial(weights.cpu() if generator is not None else weights, 1,
+                             generator=generator).view(-1).to(similarity.device)
