@@ -1,0 +1,159 @@
+"""What the single-stream region models (VisualBERT, UNITER, Oscar) share.
+
+All three run ONE BERT encoder over the concatenation [text tokens; region tokens] with a
+joint key-padding mask, pool the first ([CLS]) token, and train a masked-LM head tied to the
+word embeddings plus a binary head on the pooled output. This module holds that encoder,
+BERT's initialisation, the input checks the three models make the same way, box features
+and the synthetic-region helper their ``synthetic_batch`` methods use.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from vlkernels.models.synthetic import SyntheticPairs
+from vlkernels.nn import BertLayer, MultiheadAttention, Pooler
+
+
+class SingleStreamEncoder(nn.Module):
+    """``num_layers`` post-LN BERT layers over [text; regions], then BERT's pooler.
+
+    forward(text [B, S, D], regions [B, N, D] (N may be 0), text_mask [B, S] bool = None,
+            region_mask [B, N] bool = None) -> (hidden [B, S + N, D], pooled [B, D])
+    Masks are True on real tokens (None: all real); padded tokens are never attended, but
+    their own rows are computed like any other (as HF BERT does).
+    """
+
+    def __init__(self, hidden: int, heads: int, intermediate: int, num_layers: int, *, dropout: float,
+                 attention_dropout: float, activation: str, layer_norm_eps: float) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            BertLayer(hidden, heads, intermediate, dropout=dropout, attention_dropout=attention_dropout,
+                      activation=activation, layer_norm_eps=layer_norm_eps) for _ in range(num_layers))
+        self.pooler = Pooler(hidden)
+
+    def forward(self, text: torch.Tensor, regions: torch.Tensor, text_mask: Optional[torch.Tensor] = None,
+                region_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([text, regions], dim=1)
+        mask = joint_mask(text_mask, region_mask, text.shape[:2], regions.shape[:2], text.device)
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x, self.pooler(x)
+
+    def load_hf(self, hf_layers, hf_pooler: nn.Module) -> None:
+        """Copy HF BERT-style encoder layers (``encoder.layer``) and pooler weights."""
+        if len(hf_layers) != len(self.layers):
+            raise ValueError(f"SingleStreamEncoder.load_hf: {len(hf_layers)} source layers for {len(self.layers)}")
+        for ours, theirs in zip(self.layers, hf_layers):
+            ours.load_hf_state_dict(theirs.state_dict())
+        self.pooler.load_state_dict(hf_pooler.state_dict(), strict=True)
+
+
+def joint_mask(text_mask: Optional[torch.Tensor], region_mask: Optional[torch.Tensor], text_shape, region_shape,
+               device) -> Optional[torch.Tensor]:
+    """The [B, S + N] bool mask of the concatenation (None when both parts are all real)."""
+    if text_mask is None and region_mask is None:
+        return None
+    if text_mask is None:
+        text_mask = torch.ones(tuple(text_shape), dtype=torch.bool, device=device)
+    if region_mask is None:
+        region_mask = torch.ones(tuple(region_shape), dtype=torch.bool, device=device)
+    return torch.cat([text_mask, region_mask], dim=1)
+
+
+def init_bert_weights(model: nn.Module, std: float) -> None:
+    """BERT's initialisation over every submodule: N(0, std) for Linear, Embedding and attention
+    projection weights, zero biases, unit LayerNorms; then the padding rows of embeddings back
+    to zero (a tied decoder shares the word table, so this runs after everything else)."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, MultiheadAttention):
+            # HF BERT draws query, key and value as separate Linears; same distribution here.
+            for weight in (module.in_proj_weight, module.q_proj_weight, module.k_proj_weight, module.v_proj_weight):
+                if weight is not None:
+                    nn.init.normal_(weight, std=std)
+            if module.in_proj_bias is not None:
+                nn.init.zeros_(module.in_proj_bias)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
+
+
+# -- input checks ---------------------------------------------------------------------------------
+def check_shape(model: str, name: str, tensor: Optional[torch.Tensor], shape) -> None:
+    """A ValueError unless tensor is None or has exactly ``shape``."""
+    if tensor is not None and tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{model}: {name} must have shape {list(shape)}, got {list(tensor.shape)}")
+
+
+def check_ids(model: str, name: str, tensor: Optional[torch.Tensor], low: int, high: int,
+              ignore: Optional[int] = None) -> None:
+    """A ValueError unless tensor is None or an integer tensor with values in [low, high)
+    (``ignore`` also allowed, e.g. -100 for unlabelled positions)."""
+    if tensor is None:
+        return
+    if not isinstance(tensor, torch.Tensor) or tensor.is_floating_point() or tensor.is_complex():
+        raise ValueError(f"{model}: {name} must be an integer tensor, got "
+                         f"{tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__}")
+    if tensor.numel() == 0 or torch.compiler.is_compiling():
+        return
+    values = tensor if ignore is None else tensor[tensor != ignore]
+    if values.numel():
+        lowest, highest = (int(v) for v in torch.aminmax(values))
+        if lowest < low or highest >= high:
+            allowed = f"[{low}, {high})" + ("" if ignore is None else f" or {ignore}")
+            raise ValueError(f"{model}: {name} must lie in {allowed}, got values in [{lowest}, {highest}]")
+
+
+def check_regions(model: str, name: str, features: torch.Tensor, dim: int) -> None:
+    """features must be a floating [B, N, dim] tensor."""
+    if not isinstance(features, torch.Tensor) or features.dim() != 3 or features.shape[-1] != dim \
+            or not features.is_floating_point():
+        shape = list(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+        raise ValueError(f"{model}: {name} must be a floating [B, N, {dim}] tensor, got {shape}")
+
+
+def weighted_total(losses: dict, weights: dict) -> torch.Tensor:
+    """sum of weights[name] * losses[name] over the computed objectives."""
+    return sum(weights[name] * value for name, value in losses.items())
+
+
+# -- boxes and synthetic regions ------------------------------------------------------------------
+def box_features(boxes: torch.Tensor, *, area: bool) -> torch.Tensor:
+    """Normalised boxes [..., 4] (x1, y1, x2, y2) -> [..., 6] (x1, y1, x2, y2, w, h), Oscar's box
+    values, or with ``area`` [..., 7] (x1, y1, x2, y2, w, h, w*h), UNITER's location."""
+    width = boxes[..., 2] - boxes[..., 0]
+    height = boxes[..., 3] - boxes[..., 1]
+    parts = [boxes, width[..., None], height[..., None]]
+    if area:
+        parts.append((width * height)[..., None])
+    return torch.cat(parts, dim=-1)
+
+
+def regions_with_content(pairs: SyntheticPairs, input_ids: torch.Tensor, count: int, feature_dim: int,
+                         generator: torch.Generator) -> dict:
+    """``pairs.regions(...)`` plus ``region_tokens`` [B, N] int64: the caption token each region
+    depicts (what a detector would name it). ``SyntheticPairs.regions`` draws the depicted
+    tokens first, so replaying the generator's state reproduces that draw."""
+    replay = torch.Generator(device=generator.device)
+    replay.set_state(generator.get_state())
+    regions = pairs.regions(input_ids, count, feature_dim, generator)
+    regions["region_tokens"] = pairs._depicted_tokens(input_ids, count, replay)
+    return regions
+
+
+def seeded_generator(generator: Optional[torch.Generator]) -> torch.Generator:
+    """The given generator, or a CPU one seeded from torch's global RNG (so that
+    ``torch.manual_seed`` fixes a batch drawn without a generator)."""
+    if generator is not None:
+        return generator
+    return torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, ())))
