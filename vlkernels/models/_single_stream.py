@@ -13,7 +13,6 @@ from typing import Optional
 import torch
 from torch import nn
 
-from vlkernels.models.synthetic import SyntheticPairs
 from vlkernels.nn import BertLayer, MultiheadAttention, Pooler
 
 
@@ -137,23 +136,3 @@ def box_features(boxes: torch.Tensor, *, area: bool) -> torch.Tensor:
     if area:
         parts.append((width * height)[..., None])
     return torch.cat(parts, dim=-1)
-
-
-def regions_with_content(pairs: SyntheticPairs, input_ids: torch.Tensor, count: int, feature_dim: int,
-                         generator: torch.Generator) -> dict:
-    """``pairs.regions(...)`` plus ``region_tokens`` [B, N] int64: the caption token each region
-    depicts (what a detector would name it). ``SyntheticPairs.regions`` draws the depicted
-    tokens first, so replaying the generator's state reproduces that draw."""
-    replay = torch.Generator(device=generator.device)
-    replay.set_state(generator.get_state())
-    regions = pairs.regions(input_ids, count, feature_dim, generator)
-    regions["region_tokens"] = pairs._depicted_tokens(input_ids, count, replay)
-    return regions
-
-
-def seeded_generator(generator: Optional[torch.Generator]) -> torch.Generator:
-    """The given generator, or a CPU one seeded from torch's global RNG (so that
-    ``torch.manual_seed`` fixes a batch drawn without a generator)."""
-    if generator is not None:
-        return generator
-    return torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, ())))

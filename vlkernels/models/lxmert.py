@@ -51,8 +51,10 @@ from vlkernels.models.common import (
     IGNORE_INDEX, ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_features, check_text, mask_tokens,
     masked_lm_loss,
 )
-from vlkernels.models.synthetic import MASK, PAD, SyntheticPairs, mismatched_pairs, to_device
-from vlkernels.nn import BertLayer, LXMERTCrossLayer, MLMHead, Pooler, TextEmbeddings
+from vlkernels.models.synthetic import (
+    MASK, PAD, SyntheticPairs, mask_regions, mismatched_pairs, seeded_generator, to_device,
+)
+from vlkernels.nn import BertLayer, LXMERTCrossLayer, MLMHead, Pooler, PredictionTransform, TextEmbeddings
 from vlkernels.nn.attention import ACTIVATIONS, activation_name
 
 
@@ -130,19 +132,6 @@ class VisualFeatureEncoder(nn.Module):
         return self.dropout((features + positions) / 2)
 
 
-class PredictionTransform(nn.Module):
-    """BERT's head transform LN(act(dense(x))) (HF keys ``dense``, ``LayerNorm``); x [..., D] -> [..., D]."""
-
-    def __init__(self, hidden: int, *, activation: str = "gelu", layer_norm_eps: float = 1e-12) -> None:
-        super().__init__()
-        self.activation = activation
-        self.dense = nn.Linear(hidden, hidden)
-        self.LayerNorm = nn.LayerNorm(hidden, eps=layer_norm_eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(ACTIVATIONS[self.activation](self.dense(x)))
-
-
 class ObjectPredictionHead(nn.Module):
     """LXMERT's masked-object head (HF ``LxmertVisualObjHead`` keys): one shared transform, then a
     decoder per target: ``obj`` [.., num_object_labels], ``attr`` [.., num_attr_labels] logits and
@@ -169,45 +158,6 @@ def answer_head(hidden: int, num_answers: int, layer_norm_eps: float = 1e-12) ->
 
 
 # -- synthetic data helpers (shared with ViLBERT) ---------------------------------------------------
-def depicted_regions(pairs: SyntheticPairs, input_ids: torch.Tensor, count: int, feature_dim: int,
-                     generator: torch.Generator) -> dict:
-    """``pairs.regions(...)`` plus ``region_tokens`` [B, N] int64: the caption token each region
-    depicts, the ground truth that region class labels are derived from.
-
-    ``SyntheticPairs.regions`` draws the depicted tokens first, so a copy of the generator's
-    state replays that draw."""
-    replay = torch.Generator(device=generator.device)
-    replay.set_state(generator.get_state())
-    regions = pairs.regions(input_ids, count, feature_dim, generator)
-    regions["region_tokens"] = pairs._depicted_tokens(input_ids, count, replay)
-    return regions
-
-
-def mask_regions(features: torch.Tensor, region_mask: torch.Tensor, *, prob: float, zero_prob: float,
-                 random_prob: float, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masked region modelling's input corruption: each real region (region_mask [B, N]) is
-    chosen with probability ``prob``; a chosen one is zeroed with probability ``zero_prob``,
-    replaced by a random real region's feature of the batch with ``random_prob``, else kept.
-    features [B, N, F] -> (corrupted features [B, N, F], chosen [B, N] bool)."""
-    batch, count = region_mask.shape
-    real = region_mask.bool()
-    chosen = (torch.rand(batch, count, generator=generator) < prob) & real
-    roll = torch.rand(batch, count, generator=generator)
-    real_flat = real.flatten().nonzero().squeeze(1)
-    donors = real_flat[torch.randint(0, len(real_flat), (batch, count), generator=generator)]
-    corrupted = torch.where((chosen & (roll < zero_prob))[..., None], torch.zeros_like(features), features)
-    replaced = chosen & (roll >= zero_prob) & (roll < zero_prob + random_prob)
-    corrupted = torch.where(replaced[..., None], features.flatten(0, 1)[donors], corrupted)
-    return corrupted, chosen
-
-
-def seeded_generator(generator: Optional[torch.Generator]) -> torch.Generator:
-    """The given CPU generator, or a fresh one seeded from torch's global RNG."""
-    if generator is not None:
-        return generator
-    return torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, ())))
-
-
 class LXMERT(PretrainingModel):
     """LXMERT (see the module docstring for the architecture, objectives and SPEC facts).
 
@@ -390,7 +340,7 @@ class LXMERT(PretrainingModel):
         mlm_input_ids, mlm_labels = mask_tokens(input_ids, vocab_size=c.vocab_size, mask_token_id=MASK,
                                                 maskable=text["maskable"], prob=c.mlm_probability,
                                                 generator=generator)
-        regions = depicted_regions(pairs, input_ids, c.num_regions, c.visual_feat_dim, generator)
+        regions = pairs.regions(input_ids, c.num_regions, c.visual_feat_dim, generator)
         image_index, itm_labels = mismatched_pairs(batch_size, generator)
         regions = {name: value[image_index] for name, value in regions.items()}
         boxes = regions["boxes"]

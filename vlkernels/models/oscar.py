@@ -38,13 +38,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlkernels.models._single_stream import (
-    SingleStreamEncoder, box_features, check_ids, check_regions, check_shape, init_bert_weights, regions_with_content,
-    seeded_generator, weighted_total,
+    SingleStreamEncoder, box_features, check_ids, check_regions, check_shape, init_bert_weights, weighted_total,
 )
 from vlkernels.models.common import (
     IGNORE_INDEX, ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_text, mask_tokens, masked_lm_loss,
 )
-from vlkernels.models.synthetic import FIRST_WORD_ID, MASK, PAD, SEP, SyntheticPairs, mismatched_pairs, to_device
+from vlkernels.models.synthetic import (
+    FIRST_WORD_ID, MASK, PAD, SEP, SyntheticPairs, mismatched_pairs, seeded_generator, to_device,
+)
 from vlkernels.nn import MLMHead, TextEmbeddings
 from vlkernels.nn.attention import ACTIVATIONS
 
@@ -226,7 +227,7 @@ class Oscar(PretrainingModel):
         generator = seeded_generator(generator)
         pairs = SyntheticPairs(c.vocab_size)
         caption = pairs.text(batch_size, c.max_seq_length - c.max_tag_len - 1, generator)
-        regions = regions_with_content(pairs, caption["input_ids"], c.max_img_seq_length,
+        regions = pairs.regions(caption["input_ids"], c.max_img_seq_length,
                                        c.img_feature_dim - BOX_VALUES, generator)
         real = regions["region_mask"].bool()
         own_tags = [regions["region_tokens"][b][real[b]][:c.max_tag_len].tolist() for b in range(batch_size)]

@@ -80,7 +80,8 @@ class SyntheticPairs:
                 generator: Optional[torch.Generator] = None) -> dict:
         """Detector-style regions: region_features [B, N, F] (a depicted word's concept projected
         to F, plus noise), boxes [B, N, 4] normalised (x1, y1, x2, y2), region_mask [B, N] int64
-        (1 = real; at least half the regions are real)."""
+        (1 = real; at least half the regions are real), region_tokens [B, N] int64 (the caption
+        token each region depicts: what a detector would name it, for region class labels)."""
         batch = input_ids.shape[0]
         shown = self._depicted_tokens(input_ids, count, generator)
         features = self.concepts[shown] @ self._projection(feature_dim)
@@ -90,7 +91,7 @@ class SyntheticPairs:
         real = _randint(generator, max(1, count // 2), count + 1, (batch,))
         region_mask = (torch.arange(count)[None, :] < real[:, None]).long()
         return {"region_features": features * region_mask[..., None], "boxes": boxes,
-                "region_mask": region_mask}
+                "region_mask": region_mask, "region_tokens": shown}
 
     def images(self, input_ids: torch.Tensor, height: int, width: int, patch: int, channels: int = 3,
                generator: Optional[torch.Generator] = None, pad: bool = True) -> dict:
@@ -134,6 +135,32 @@ def mismatched_pairs(batch: int, generator: Optional[torch.Generator] = None,
     shift = _randint(generator, 1, batch, (batch,))
     image_index = torch.where(negative, (torch.arange(batch) + shift) % batch, torch.arange(batch))
     return image_index, (~negative).long()
+
+
+def mask_regions(features: torch.Tensor, region_mask: torch.Tensor, *, prob: float, zero_prob: float,
+                 random_prob: float, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked region modelling's input corruption: each real region (region_mask [B, N]) is
+    chosen with probability ``prob``; a chosen one is zeroed with probability ``zero_prob``,
+    replaced by a random real region's feature of the batch with ``random_prob``, else kept.
+    features [B, N, F] -> (corrupted features [B, N, F], chosen [B, N] bool)."""
+    batch, count = region_mask.shape
+    real = region_mask.bool()
+    chosen = (torch.rand(batch, count, generator=generator) < prob) & real
+    roll = torch.rand(batch, count, generator=generator)
+    real_flat = real.flatten().nonzero().squeeze(1)
+    donors = real_flat[torch.randint(0, len(real_flat), (batch, count), generator=generator)]
+    corrupted = torch.where((chosen & (roll < zero_prob))[..., None], torch.zeros_like(features), features)
+    replaced = chosen & (roll >= zero_prob) & (roll < zero_prob + random_prob)
+    corrupted = torch.where(replaced[..., None], features.flatten(0, 1)[donors], corrupted)
+    return corrupted, chosen
+
+
+def seeded_generator(generator: Optional[torch.Generator]) -> torch.Generator:
+    """The given CPU generator, or a fresh one seeded from torch's global RNG (so that
+    ``torch.manual_seed`` fixes a batch drawn without a generator)."""
+    if generator is not None:
+        return generator
+    return torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, ())))
 
 
 def to_device(batch: dict, device: Optional[torch.device]) -> dict:

@@ -53,13 +53,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlkernels.models._single_stream import (
-    SingleStreamEncoder, box_features, check_ids, check_regions, check_shape, init_bert_weights, regions_with_content,
-    seeded_generator, weighted_total,
+    SingleStreamEncoder, box_features, check_ids, check_regions, check_shape, init_bert_weights, weighted_total,
 )
 from vlkernels.models.common import (
     IGNORE_INDEX, ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_text, mask_tokens, masked_lm_loss,
 )
-from vlkernels.models.synthetic import MASK, PAD, SyntheticPairs, mismatched_pairs, to_device
+from vlkernels.models.synthetic import MASK, PAD, SyntheticPairs, mismatched_pairs, seeded_generator, to_device
 from vlkernels.nn import MLMHead, TextEmbeddings, WRALoss
 from vlkernels.nn.attention import ACTIVATIONS
 
@@ -396,7 +395,7 @@ class UNITER(PretrainingModel):
         mlm_input_ids, mlm_labels = mask_tokens(text["input_ids"], vocab_size=c.vocab_size, mask_token_id=MASK,
                                                 maskable=text["maskable"], prob=c.mlm_probability,
                                                 generator=generator)
-        regions = regions_with_content(pairs, text["input_ids"], c.num_regions, c.img_dim, generator)
+        regions = pairs.regions(text["input_ids"], c.num_regions, c.img_dim, generator)
         masked_regions = mask_real_regions(regions["region_mask"], c.mrm_probability, generator)
         soft_labels = synthetic_soft_labels(regions["region_tokens"], c.num_region_classes)
         itm_image_index, itm_labels = mismatched_pairs(batch_size, generator, c.itm_negative_prob)

@@ -51,9 +51,10 @@ from torch import nn
 from vlkernels.models.common import (
     ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_text, mask_tokens, masked_lm_loss,
 )
-from vlkernels.models.lxmert import PredictionTransform, depicted_regions, mask_regions, seeded_generator
-from vlkernels.models.synthetic import MASK, PAD, SyntheticPairs, mismatched_pairs, to_device
-from vlkernels.nn import BertLayer, MLMHead, TextEmbeddings, ViLBERTCoLayer
+from vlkernels.models.synthetic import (
+    MASK, PAD, SyntheticPairs, mask_regions, mismatched_pairs, seeded_generator, to_device,
+)
+from vlkernels.nn import BertLayer, MLMHead, PredictionTransform, TextEmbeddings, ViLBERTCoLayer
 from vlkernels.nn.attention import ACTIVATIONS
 
 
@@ -366,7 +367,7 @@ class ViLBERT(PretrainingModel):
         mlm_input_ids, mlm_labels = mask_tokens(text["input_ids"], vocab_size=c.vocab_size, mask_token_id=MASK,
                                                 maskable=text["maskable"], prob=c.mlm_probability,
                                                 generator=generator)
-        regions = depicted_regions(pairs, text["input_ids"], c.num_regions, c.v_feature_size, generator)
+        regions = pairs.regions(text["input_ids"], c.num_regions, c.v_feature_size, generator)
         image_index, itm_labels = mismatched_pairs(batch_size, generator)
         regions = {name: value[image_index] for name, value in regions.items()}
         feats, chosen = mask_regions(regions["region_features"], regions["region_mask"],

@@ -4,11 +4,13 @@ from vlkernels.nn.co_attention import LXMERTCrossLayer, METERCrossLayer, ViLBERT
 from vlkernels.nn.mome import MoMEBlock, MoMEFFN, VLMoAttention
 from vlkernels.nn.optimal_transport import WPALoss, WRALoss
 from vlkernels.nn.patch_embed import PatchEmbed
-from vlkernels.nn.transformer import BertLayer, MLMHead, Mlp, Pooler, PreLNBlock, TextEmbeddings
+from vlkernels.nn.transformer import (
+    BertLayer, MLMHead, Mlp, Pooler, PredictionTransform, PreLNBlock, TextEmbeddings,
+)
 from vlkernels.nn.visual_dictionary import VisualDictionary, mvm_mask
 
 __all__ = [
     "BertLayer", "LXMERTCrossLayer", "METERCrossLayer", "MLMHead", "Mlp", "MoMEBlock", "MoMEFFN", "MultiheadAttention",
-    "PatchEmbed", "Pooler", "PostLNAttention", "PostLNFeedForward", "PreLNBlock", "TextEmbeddings", "ViLBERTCoLayer",
+    "PatchEmbed", "Pooler", "PostLNAttention", "PostLNFeedForward", "PredictionTransform", "PreLNBlock", "TextEmbeddings", "ViLBERTCoLayer",
     "VLMoAttention", "VisualDictionary", "WPALoss", "WRALoss", "mvm_mask", "real_token_mask",
 ]

@@ -7,8 +7,8 @@
   FFN): UNITER, Oscar, VisualBERT, LXMERT's single-stream layers, ViLBERT's text stream.
 - :class:`TextEmbeddings`: BERT's word + position + token-type embeddings, LayerNorm, dropout
   (HF ``BertEmbeddings`` key names, so its state dict loads unchanged).
-- :class:`Pooler` (tanh on a linear of token 0) and :class:`MLMHead` (BERT's prediction head
-  with a decoder tied to the word embeddings).
+- :class:`Pooler` (tanh on a linear of token 0), :class:`PredictionTransform` (BERT's head
+  transform) and :class:`MLMHead` (BERT's prediction head with a decoder tied to the word embeddings).
 
 Masks are bool [B, S] with True = a real token, as in the ops.
 """
@@ -166,6 +166,22 @@ class Pooler(nn.Module):
         return torch.tanh(self.dense(x[:, 0]))
 
 
+class PredictionTransform(nn.Module):
+    """BERT's head transform LayerNorm(act(dense(x))) (HF keys ``dense``, ``LayerNorm``); x [..., D] -> [..., D]."""
+
+    def __init__(self, hidden: int, *, activation: str = "gelu", layer_norm_eps: float = 1e-12,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"PredictionTransform: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        self.activation = activation
+        self.dense = nn.Linear(hidden, hidden, device=device, dtype=dtype)
+        self.LayerNorm = nn.LayerNorm(hidden, eps=layer_norm_eps, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(ACTIVATIONS[self.activation](self.dense(x)))
+
+
 class MLMHead(nn.Module):
     """BERT's masked-LM head (HF ``BertLMPredictionHead`` keys ``transform.dense``,
     ``transform.LayerNorm``, ``decoder``, ``bias``):
@@ -179,15 +195,11 @@ class MLMHead(nn.Module):
                  word_embeddings: Optional[nn.Embedding] = None, device=None, dtype=None) -> None:
         super().__init__()
         factory = dict(device=device, dtype=dtype)
-        self.activation = activation
-        self.transform = nn.Module()
-        self.transform.dense = nn.Linear(hidden, hidden, **factory)
-        self.transform.LayerNorm = nn.LayerNorm(hidden, eps=layer_norm_eps, **factory)
+        self.transform = PredictionTransform(hidden, activation=activation, layer_norm_eps=layer_norm_eps, **factory)
         self.decoder = nn.Linear(hidden, vocab_size, bias=False, **factory)
         if word_embeddings is not None:
             self.decoder.weight = word_embeddings.weight
         self.bias = nn.Parameter(torch.zeros(vocab_size, **factory))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.transform.LayerNorm(ACTIVATIONS[self.activation](self.transform.dense(x)))
-        return self.decoder(hidden) + self.bias
+        return self.decoder(self.transform(x)) + self.bias
