@@ -15,7 +15,7 @@ from vlkernels.models.common import IGNORE_INDEX, contrastive_loss, hard_negativ
 from vlkernels.models.simvlm import SimVLM, SimVLMConfig
 from vlkernels.models.synthetic import SyntheticPairs
 from vlkernels.models.vlmo import VLMo, VLMoConfig, relative_position_index
-from vlkernels.testing import rel_error
+from vlkernels.testing import DEVICE, rel_error
 
 TOLERANCE = 1e-5  # fp32, the same ops in another order
 
@@ -178,10 +178,10 @@ def test_vlmo_zero_relative_position_bias_changes_nothing_and_a_learned_one_gets
 
 
 def test_vlmo_relative_position_bias_model_on_the_triton_kernels_matches_references():
-    reference = _vlmo(relative_position_bias=True)
+    reference = _vlmo(relative_position_bias=True).to(DEVICE)
     kernels = copy.deepcopy(reference)
     kernels.use_kernels = True
-    batch = reference.synthetic_batch(4, generator=torch.Generator().manual_seed(2))
+    batch = reference.synthetic_batch(4, generator=torch.Generator().manual_seed(2), device=DEVICE)
     results = []
     for model, backend in ((reference, "torch"), (kernels, "triton")):
         torch.manual_seed(0)
@@ -190,9 +190,11 @@ def test_vlmo_relative_position_bias_model_on_the_triton_kernels_matches_referen
             out.loss.backward()
         results.append((out.loss, {n: p.grad for n, p in model.named_parameters()}))
     (expected, expected_grads), (actual, actual_grads) = results
-    assert rel_error(actual, expected) <= 1e-5
+    # fp32 in the interpreter; tf32 dots on a GPU
+    loss_bound, grad_bound = (1e-5, 1e-4) if DEVICE.type == "cpu" else (1e-2, 1e-2)
+    assert rel_error(actual, expected) <= loss_bound
     for name, grad in expected_grads.items():
-        assert rel_error(actual_grads[name], grad) <= 1e-4, name
+        assert rel_error(actual_grads[name], grad) <= grad_bound, name
 
 
 def test_vlmo_heads_and_objectives():
