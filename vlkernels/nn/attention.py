@@ -36,6 +36,7 @@ ACTIVATIONS = {
     "gelu": F.gelu,  # BERT / LXMERT / ViLBERT / METER "gelu": the exact erf form
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # HF "gelu_new"
     "relu": F.relu,
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # CLIP's (METER's image tower)
 }
 
 
