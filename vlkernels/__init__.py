@@ -1,5 +1,7 @@
 """vlkernels: Triton and CUDA kernels for vision-language pretraining, with drop-in torch modules."""
 from vlkernels._backend import BACKENDS, NoBackendError, requested_backend, use_backend
+from vlkernels._deterministic import deterministic, is_deterministic, set_deterministic
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "NoBackendError", "requested_backend", "use_backend", "__version__"]
+__all__ = ["BACKENDS", "NoBackendError", "deterministic", "is_deterministic", "requested_backend",
+           "set_deterministic", "use_backend", "__version__"]

@@ -73,8 +73,9 @@ def mvm_mask(index: torch.Tensor, valid: torch.Tensor, prob: float = 0.015,
     if not 0.0 <= prob <= 1.0:
         raise ValueError(f"mvm_mask: prob must lie in [0, 1], got {prob}")
     batch, cells = index.shape
-    position = int(torch.randint(cells, (1,), generator=generator))
-    drawn = index[:, position : position + 1]
+    # The position stays a tensor (a gather, no int()): no host sync, no graph break under torch.compile.
+    position = torch.randint(cells, (1,), generator=generator).to(index.device).expand(batch, 1)
+    drawn = index.gather(1, position)
     keep = torch.rand(batch, 1, generator=generator, device=generator.device if generator else "cpu") < prob
-    masked = (index == drawn) & valid & valid[:, position : position + 1] & keep.to(index.device)
+    masked = (index == drawn) & valid & valid.gather(1, position) & keep.to(index.device)
     return masked, torch.where(masked, index, torch.full_like(index, -100))

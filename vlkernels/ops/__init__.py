@@ -1,4 +1,9 @@
-"""The ops: each a public function that validates its inputs and dispatches to a backend."""
+"""The ops: each a public function that validates its inputs and dispatches to a backend.
+
+Every op traces into torch.compile(fullgraph=True) without a graph break; the checks of input
+values that need a host sync in eager mode run inside the graph there (vlkernels.ops._checks).
+Excepted by nature: unpad_input and the ViLT patch helpers, whose output shapes depend on the data.
+"""
 from vlkernels.ops import attention as _attention_module
 from vlkernels.ops import mome_ffn as _mome_ffn_module
 from vlkernels.ops import optimal_transport as _optimal_transport_module

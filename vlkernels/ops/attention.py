@@ -16,6 +16,7 @@ import torch
 
 from vlkernels import _backend
 from vlkernels._backend import Implementation
+from vlkernels.ops._checks import assert_in_graph, compiling
 from vlkernels.reference import attention as reference
 
 try:
@@ -61,17 +62,30 @@ def _unit_stride_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _dense(t: torch.Tensor) -> torch.Tensor:
-    """t itself when its elements fill its memory without gaps (any dim order, unit stride
-    along Dh), else a contiguous copy. The backward writes each gradient with its input's
-    strides; a view with gaps (q of a fused qkv projection) would make that gradient as
-    large as the whole projection."""
+def _is_dense(t: torch.Tensor) -> bool:
+    """True when t's elements fill its memory without gaps (any dim order) with unit stride along Dh."""
     expected = 1
     for size, stride in sorted(zip(t.shape, t.stride()), key=lambda pair: pair[1]):
         if size > 1 and stride != expected:
-            return t.contiguous()
+            return False
         expected *= size
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+    return t.stride(-1) == 1 or t.shape[-1] == 1
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """t itself when it is dense (``_is_dense``), else a contiguous copy. The backward writes
+    each gradient with its input's strides; a view with gaps (q of a fused qkv projection)
+    would make that gradient as large as the whole projection."""
+    return t if _is_dense(t) else t.contiguous()
+
+
+def _grad_buffer(t: torch.Tensor) -> torch.Tensor:
+    """The gradient buffer of input t as the backward launchers allocate it: t's strides when t
+    is dense, else contiguous. The fake implementations call it too, so that the strides
+    torch.compile plans with are the ones the kernels write."""
+    if _is_dense(t):
+        return torch.empty_strided(t.shape, t.stride(), device=t.device, dtype=t.dtype)
+    return torch.empty(t.shape, device=t.device, dtype=t.dtype)
 
 
 def _key_limits(key_mask: Optional[torch.Tensor], batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +148,7 @@ def _launch_bwd(grad_out, q, k, v, out, lse, key_mask, prefix_len, cu_q, cu_k, m
     grad_out = grad_out.contiguous()  # out is contiguous: both use its strides
     batch, heads, seq_q, seq_k, strides = _layout(q, k, v, cu_q, cu_k, max_q, max_k)
     head_dim = q.shape[-1]
-    grads = [torch.empty_strided(t.shape, t.stride(), device=t.device, dtype=t.dtype) for t in (q, k, v)]
+    grads = [_grad_buffer(t) for t in (q, k, v)]
     lse_strides = (heads * seq_q, seq_q) if cu_q is None else (0, q.shape[0])
     mask, limit = _key_limits(key_mask, batch, q.device)
     placeholder = limit
@@ -186,8 +200,7 @@ def _launch_co_bwd(grad_t, grad_i, q_t, k_t, v_t, q_i, k_i, v_i, out_t, lse_t, o
     q_t, k_t, v_t, q_i, k_i, v_i = (_dense(t) for t in (q_t, k_t, v_t, q_i, k_i, v_i))
     grad_t, grad_i = grad_t.contiguous(), grad_i.contiguous()
     batch, heads, head_dim = q_t.shape[0], q_t.shape[1], q_t.shape[-1]
-    grads = {name: torch.empty_strided(t.shape, t.stride(), device=t.device, dtype=t.dtype)
-             for name, t in dict(q_t=q_t, k_t=k_t, v_t=v_t, q_i=q_i, k_i=k_i, v_i=v_i).items()}
+    grads = {name: _grad_buffer(t) for name, t in dict(q_t=q_t, k_t=k_t, v_t=v_t, q_i=q_i, k_i=k_i, v_i=v_i).items()}
     image = _key_limits(image_mask, batch, q_t.device)
     text = _key_limits(text_mask, batch, q_t.device)
     cfg = _config(q_t.dtype, _block_d(head_dim), backward=True)
@@ -237,7 +250,7 @@ def _attention_bwd_op(
 
 @_attention_bwd_op.register_fake
 def _(grad_out, q, k, v, out, lse, key_mask, prefix_len, cu_q, cu_k, max_q, max_k, causal, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return _grad_buffer(q), _grad_buffer(k), _grad_buffer(v)
 
 
 def _attention_setup(ctx, inputs, output):
@@ -287,7 +300,7 @@ def _co_attention_bwd_op(
 
 @_co_attention_bwd_op.register_fake
 def _(grad_t, grad_i, q_t, k_t, v_t, q_i, k_i, v_i, out_t, lse_t, out_i, lse_i, text_mask, image_mask, scale):
-    return tuple(torch.empty_like(t) for t in (q_t, k_t, v_t, q_i, k_i, v_i))
+    return tuple(_grad_buffer(t) for t in (q_t, k_t, v_t, q_i, k_i, v_i))
 
 
 def _co_attention_setup(ctx, inputs, output):
@@ -399,7 +412,9 @@ def attention(
     if isinstance(prefix_len, torch.Tensor):
         if prefix_len.dtype.is_floating_point or prefix_len.dim() > 1 or prefix_len.numel() not in (1, batch):
             raise ValueError(f"{op}: prefix_len must be an int or an integer tensor of shape [{batch}]")
-        if prefix_len.numel() and int(prefix_len.min()) < 0:
+        if compiling():  # no host read under torch.compile (see vlkernels.ops._checks)
+            assert_in_graph((prefix_len >= 0).all(), f"{op}: prefix_len must be non-negative")
+        elif prefix_len.numel() and int(prefix_len.min()) < 0:
             raise ValueError(f"{op}: prefix_len must be non-negative")
     elif prefix_len is not None and (not isinstance(prefix_len, int) or prefix_len < 0):
         raise ValueError(f"{op}: prefix_len must be a non-negative int or an integer tensor, got {prefix_len!r}")
@@ -492,6 +507,11 @@ def attention_varlen(
         if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2 or cu.device != q.device:
             raise ValueError(f"{op}: {name} must be an int32 [N+1] tensor on {q.device}")
         lengths = cu.diff()
+        if compiling():  # no host read under torch.compile (see vlkernels.ops._checks)
+            assert_in_graph((cu[0] == 0) & (cu[-1] == total) & (lengths >= 0).all() & (lengths <= longest).all(),
+                            f"{op}: {name} must rise from 0 to {total} in steps of at most "
+                            f"{name.replace('cu_seqlens', 'max_seqlen')}={longest}")
+            continue
         if int(cu[0]) != 0 or int(cu[-1]) != total or bool((lengths < 0).any()):
             raise ValueError(f"{op}: {name} must rise from 0 to {total} (the packed rows)")
         if int(lengths.max()) > longest:
@@ -499,7 +519,10 @@ def attention_varlen(
                              f"={longest}")
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
         raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
-    if causal and not torch.equal(cu_seqlens_q, cu_seqlens_k):
+    if causal and compiling():
+        assert_in_graph((cu_seqlens_q == cu_seqlens_k).all(), f"{op}: causal attention needs each sequence's q and "
+                        "k lengths equal")
+    elif causal and not torch.equal(cu_seqlens_q, cu_seqlens_k):
         raise ValueError(f"{op}: causal attention needs each sequence's q and k lengths equal")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _backend.dispatch(op, _VARLEN, q.device, q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),

@@ -2,8 +2,9 @@
 as grouped GEMMs over expert segments, without gathering, padding or scattering copies.
 
 Routing (glue in torch, all on device, no host sync): order = stable argsort(expert_index)
-(int32), offsets = [0, cumsum(bincount(expert_index))] (int32, E+1). With ``segments``
-(VLMo's positional split) order and offsets are built by arithmetic: no sort, no bincount.
+(int32), offsets[e] = searchsorted(sorted ids, e) for e in 0..E (int32, E+1): static shapes for
+torch.compile (a bincount's length depends on the largest id), no atomics. With ``segments``
+(VLMo's positional split) order and offsets are built by arithmetic: no sort at all.
 
 Forward (2 launches):
   FC1  rows of x gathered through order; LayerNorm statistics of each row in a prologue pass
@@ -31,6 +32,7 @@ import torch
 
 from vlkernels import _backend
 from vlkernels._backend import Implementation
+from vlkernels.ops._checks import assert_in_graph, compiling
 from vlkernels.ops._gemm import GEMM_CONFIGS
 from vlkernels.reference import mome_ffn as reference
 
@@ -179,8 +181,10 @@ def _launch_bwd(grad_out, x, order, offsets, w1, w2, h, pre, mean, rstd, ln_weig
         _launch_rows(grad_pre, order, offsets, w1, grad_normed, gather_a=False, scatter_out=not ln,
                      epilogue=kernels.EPILOGUE_NONE, weight_kn_strides=(w1.stride(2), w1.stride(1)))
         if ln:
-            grad_x, grad_lnw, grad_lnb = _launch_ln_bwd(x, order, offsets, mean, rstd, grad_normed, ln_weight)
-            grad_lnw, grad_lnb = grad_lnw.to(x.dtype), grad_lnb.to(x.dtype)
+            grad_x, ln_weight_grad, ln_bias_grad = _launch_ln_bwd(x, order, offsets, mean, rstd, grad_normed,
+                                                                  ln_weight)
+            if need_weights:  # the LayerNorm's weight gradients come with the others (the fake's contract)
+                grad_lnw, grad_lnb = ln_weight_grad.to(x.dtype), ln_bias_grad.to(x.dtype)
         else:
             grad_x = grad_normed
     return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_lnw, grad_lnb
@@ -235,6 +239,8 @@ def _setup_context(ctx, inputs, output):
     _, h, pre, mean, rstd = output
     ctx.save_for_backward(x, order, offsets, w1, w2, h, pre, mean, rstd, ln_weight, ln_bias)
     ctx.activation = activation
+    # h, pre, mean and rstd are saved for the backward, not results: no gradient flows through them.
+    ctx.mark_non_differentiable(h, pre, mean, rstd)
 
 
 def _backward(ctx, grad_out, _grad_h, _grad_pre, _grad_mean, _grad_rstd):
@@ -262,11 +268,10 @@ torch.library.register_autograd("vlkernels::mome_ffn_fwd", _backward, setup_cont
 def expert_order(expert_index: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """expert_index [T] int in [0, E) -> (order [T] int32: token rows sorted by expert, stable;
     offsets [E+1] int32: expert e owns sorted positions [offsets[e], offsets[e+1]))."""
-    order = torch.argsort(expert_index, stable=True).to(torch.int32)
-    counts = torch.bincount(expert_index, minlength=experts)
-    offsets = torch.zeros(experts + 1, device=expert_index.device, dtype=torch.int32)
-    offsets[1:] = torch.cumsum(counts, 0)
-    return order, offsets
+    sorted_ids, order = torch.sort(expert_index, stable=True)
+    bounds = torch.arange(experts + 1, device=expert_index.device, dtype=sorted_ids.dtype)
+    offsets = torch.searchsorted(sorted_ids, bounds).to(torch.int32)  # expert e starts after the ids below e
+    return order.to(torch.int32), offsets
 
 
 def segments_order(batch: int, seq_len: int, segments: tuple[int, int, int], experts: int,
@@ -346,7 +351,10 @@ def _validate(x, expert_index, w1, b1, w2, b2, activation, ln_weight, ln_bias, e
                          f"got {list(expert_index.shape)}")
     if expert_index.device != x.device:
         raise ValueError(f"mome_ffn: expert_index is on {expert_index.device} but x is on {x.device}")
-    if expert_index.numel():
+    if compiling():  # no host read under torch.compile (see vlkernels.ops._checks)
+        assert_in_graph(((expert_index >= 0) & (expert_index < experts)).all(),
+                        f"mome_ffn: expert ids must be in [0, {experts})")
+    elif expert_index.numel():
         low, high = (v.item() for v in torch.aminmax(expert_index))  # the one device sync: ids checked before launch
         if low < 0 or high >= experts:
             raise ValueError(f"mome_ffn: expert ids must be in [0, {experts}), got values in [{low}, {high}]")
@@ -415,7 +423,8 @@ def mome_ffn(
       sample go to first_expert, the rest to rest_expert (VLMo's joint input) - no sort at all.
     returns: x's shape, tokens in their original order.
 
-    Bad expert ids raise ValueError before any launch (one device-side min/max, one sync).
+    Bad expert ids raise ValueError before any launch (one device-side min/max, one sync); under
+    torch.compile the check runs in the graph instead (RuntimeError, see vlkernels.ops._checks).
     Under torch.autocast every float input is cast to the autocast dtype, as nn.Linear's are.
     """
     device_type = x.device.type

@@ -25,6 +25,7 @@ import torch
 
 from vlkernels import _backend, _extension
 from vlkernels._backend import Implementation
+from vlkernels.ops._checks import assert_in_graph, compiling
 from vlkernels.reference import optimal_transport as reference
 
 try:
@@ -194,19 +195,26 @@ def _load_native_ops():
     ops = torch.ops.vlkernels
     if not hasattr(ops, "ot_ipot"):
         return None
-    torch.library.register_fake("vlkernels::ot_ipot")(lambda cost, *_: torch.empty_like(cost))
-    torch.library.register_fake("vlkernels::ot_sinkhorn")(lambda cost, *_: torch.empty_like(cost))
+    # The kernels take contiguous float32 tensors and return new contiguous float32 ones.
+    torch.library.register_fake("vlkernels::ot_ipot")(lambda cost, *_: cost.new_empty(cost.shape))
+    torch.library.register_fake("vlkernels::ot_sinkhorn")(lambda cost, *_: cost.new_empty(cost.shape))
     torch.library.register_fake("vlkernels::ot_wra")(
         lambda txt, img, *_: (txt.new_empty(txt.shape[0]), txt.new_empty(txt.shape[0], txt.shape[1], img.shape[1])))
     torch.library.register_fake("vlkernels::ot_wra_backward")(
-        lambda txt, img, *_: (torch.empty_like(txt), torch.empty_like(img)))
+        lambda txt, img, *_: (txt.new_empty(txt.shape), img.new_empty(img.shape)))
     return ops
 
 
-def _native_refusal() -> Optional[str]:
+# torch.compile takes the answer as a constant (it runs the function once while tracing): the
+# extension's lazy loader (lru_cache, import) cannot be traced, and its answer does not change.
+@torch.compiler.assume_constant_result
+def _native_refusal(cuda: bool = False) -> Optional[str]:
+    """Why the extension's OT ops cannot run (None when they can); cuda: its CUDA kernels are needed."""
     why = _extension.unavailable_reason()
     if why is None and _native_ops() is None:
         why = "vlkernels._C was built before the optimal-transport kernels existed; rebuild it"
+    if why is None and cuda and not _extension.has_cuda_kernels():
+        why = "vlkernels._C was built without CUDA"
     return why
 
 
@@ -230,10 +238,7 @@ def _cuda_refusal(device: torch.device, dtype: torch.dtype, rows: int, cols: int
     if rows * (-(-cols // 32) * 32) > max_tile:
         return (f"a {rows} x {cols} problem needs more shared memory than a block has "
                 f"(rows x cols rounded up to 32 must be <= {max_tile})")
-    why = _dtype_refusal(dtype) or _native_refusal()
-    if why is None and not _extension.has_cuda_kernels():
-        why = "vlkernels._C was built without CUDA"
-    return why
+    return _dtype_refusal(dtype) or _native_refusal(cuda=True)
 
 
 def _cpp_refusal(device: torch.device, dtype: torch.dtype) -> Optional[str]:
@@ -291,6 +296,7 @@ def wra_input_grads(txt, img, plan, grad_distance):
 def _wra_setup_context(ctx, inputs, output):
     txt, img = inputs[:2]
     ctx.save_for_backward(txt, img, output[1])
+    ctx.mark_non_differentiable(output[1])  # the plan is detached, as in UNITER
 
 
 def _wra_backward(ctx, grad_distance, grad_plan):
@@ -309,13 +315,14 @@ def _wra_native_op(txt: torch.Tensor, img: torch.Tensor, txt_mask: torch.Tensor,
                    iters: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     # CPU: the kernel forms the cost of the valid entries itself (register-blocked dot products)
     # and runs IPOT on it; CUDA: the similarities come from cuBLAS, the kernel does the rest.
-    return _native_ops().ot_wra(_f32(txt), _f32(img), txt_mask.contiguous(), img_mask.contiguous(), float(beta),
-                                int(iters), int(k))
+    return torch.ops.vlkernels.ot_wra(_f32(txt), _f32(img), txt_mask.contiguous(), img_mask.contiguous(),
+                                      float(beta), int(iters), int(k))
 
 
 def _wra_native_setup_context(ctx, inputs, output):
     txt, img, txt_mask, img_mask = inputs[:4]
     ctx.save_for_backward(txt, img, txt_mask, img_mask, output[1])
+    ctx.mark_non_differentiable(output[1])  # the plan is detached, as in UNITER
 
 
 def _wra_native_backward(ctx, grad_distance, grad_plan):
@@ -323,7 +330,7 @@ def _wra_native_backward(ctx, grad_distance, grad_plan):
     if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
         return None, None, None, None, None, None, None
     if txt.device.type == "cpu":  # the C++ kernel (valid rows only, fused normalisation); CUDA uses torch's GEMMs
-        grad_txt, grad_img = _native_ops().ot_wra_backward(
+        grad_txt, grad_img = torch.ops.vlkernels.ot_wra_backward(
             _f32(txt), _f32(img), txt_mask.contiguous(), img_mask.contiguous(), plan.contiguous(), _f32(grad_distance))
         grad_txt, grad_img = grad_txt.to(txt.dtype), grad_img.to(img.dtype)
     else:
@@ -373,15 +380,19 @@ def _check_cost(op: str, cost: torch.Tensor) -> None:
 def _check_finite_cost(op: str, cost: torch.Tensor, x_mask: torch.Tensor, y_mask: torch.Tensor) -> None:
     # One device-side reduction (and one sync): padding may hold anything, valid entries may not.
     joint = x_mask[:, :, None] & y_mask[:, None, :]
-    if bool((~torch.isfinite(cost) & joint).any()):
-        raise ValueError(f"{op}: cost has non-finite (inf / nan) entries where both masks are valid")
+    message = f"{op}: cost has non-finite (inf / nan) entries where both masks are valid"
+    if compiling():  # no host read under torch.compile (see vlkernels.ops._checks)
+        assert_in_graph((torch.isfinite(cost) | ~joint).all(), message)
+    elif bool((~torch.isfinite(cost) & joint).any()):
+        raise ValueError(message)
 
 
 # ----------------------------------------------------------------------------------------------
 # Public functions
 # ----------------------------------------------------------------------------------------------
 def _native_ipot(cost, x_mask, y_mask, beta, iters, k):
-    return _native_ops().ot_ipot(_f32(cost), x_mask.contiguous(), y_mask.contiguous(), float(beta), int(iters), int(k))
+    return torch.ops.vlkernels.ot_ipot(_f32(cost), x_mask.contiguous(), y_mask.contiguous(), float(beta), int(iters),
+                                       int(k))
 
 
 _IPOT = _cost_implementations(
@@ -414,7 +425,8 @@ def ipot(cost: torch.Tensor, x_mask: Optional[torch.Tensor], y_mask: Optional[to
 
 
 def _native_sinkhorn(cost, a, b, reg, iters, tol, log_domain):
-    return _native_ops().ot_sinkhorn(_f32(cost), _f32(a), _f32(b), float(reg), int(iters), float(tol), bool(log_domain))
+    return torch.ops.vlkernels.ot_sinkhorn(_f32(cost), _f32(a), _f32(b), float(reg), int(iters), float(tol),
+                                           bool(log_domain))
 
 
 _SINKHORN = _cost_implementations(
@@ -462,14 +474,16 @@ def sinkhorn(cost: torch.Tensor, a: Optional[torch.Tensor] = None, b: Optional[t
     flags = torch.stack([(~torch.isfinite(cost) & joint).any(),
                          ((a < 0) | ~torch.isfinite(a)).any() | ((b < 0) | ~torch.isfinite(b)).any(),
                          ((mass_a > 0) & (mass_b > 0) & ((mass_a - mass_b).abs() > 1e-4 * torch.maximum(mass_a, mass_b))
-                          ).any()]).tolist()
-    if flags[0]:
-        raise ValueError("sinkhorn: cost has non-finite (inf / nan) entries on the support")
-    if flags[1]:
-        raise ValueError("sinkhorn: the marginals a and b must be finite and >= 0")
-    if flags[2]:
-        raise ValueError("sinkhorn: a and b must carry the same mass in every problem (sum a = sum b over the "
-                         "valid entries)")
+                          ).any()])
+    messages = ("sinkhorn: cost has non-finite (inf / nan) entries on the support",
+                "sinkhorn: the marginals a and b must be finite and >= 0",
+                "sinkhorn: a and b must carry the same mass in every problem (sum a = sum b over the valid entries)")
+    if compiling():  # no host read under torch.compile (see vlkernels.ops._checks)
+        assert_in_graph(~flags.any(), " / ".join(messages))
+    else:
+        for flag, message in zip(flags.tolist(), messages):
+            if flag:
+                raise ValueError(message)
     a, b = a.masked_fill(~x_on, 0), b.masked_fill(~y_on, 0)  # an empty problem has no support at all
     with torch.no_grad():
         return _backend.dispatch("sinkhorn", _SINKHORN, cost.device, cost, a, b, float(reg), iters,

@@ -15,6 +15,7 @@ import torch
 
 from vlkernels import _backend, _extension
 from vlkernels._backend import Implementation
+from vlkernels.ops._checks import assert_in_graph, compiling
 from vlkernels.reference import visual_dictionary as reference
 
 try:
@@ -196,7 +197,7 @@ def _cluster_statistics_op(
 
 
 @_cluster_statistics_op.register_fake
-def _(x, index, entries, mask):
+def _cluster_statistics_fake(x, index, entries, mask):
     return x.new_empty(entries, dtype=torch.float32), x.new_empty(entries, x.shape[1], dtype=torch.float32)
 
 
@@ -206,6 +207,29 @@ def _apply_statistics_op(
     counts: torch.Tensor, sums: torch.Tensor, decay: float, eps: float,
 ) -> None:
     _launch_apply_statistics(codebook, cluster_size, embed_avg, counts, sums, decay, eps)
+
+
+# The C++ kernels (vlkernels._C, pybind11 functions) wrapped as custom ops, so that torch.compile
+# sees ops with fakes instead of opaque Python calls (a graph break).
+@torch.library.custom_op("vlkernels::vd_cluster_statistics_cpp", mutates_args=())
+def _cpp_cluster_statistics_op(
+    x: torch.Tensor, index: torch.Tensor, entries: int, mask: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _extension.extension().vd_cluster_statistics(x.float().contiguous(), index.contiguous(), entries,
+                                                        None if mask is None else mask.contiguous())
+
+
+_cpp_cluster_statistics_op.register_fake(_cluster_statistics_fake)
+
+
+@torch.library.custom_op("vlkernels::vd_apply_statistics_cpp_", mutates_args=("codebook", "cluster_size", "embed_avg"))
+def _cpp_apply_statistics_op(
+    codebook: torch.Tensor, cluster_size: torch.Tensor, embed_avg: torch.Tensor,
+    counts: torch.Tensor, sums: torch.Tensor, decay: float, eps: float,
+) -> None:
+    # The kernel takes contiguous float32 state (the cpp refusal guarantees it) and statistics.
+    _extension.extension().vd_apply_statistics_(codebook, cluster_size, embed_avg, counts.contiguous(),
+                                                sums.contiguous(), decay, eps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,8 +290,15 @@ def _triton_update(codebook, cluster_size, embed_avg, x, index, decay, eps, mask
     _apply_statistics_op(codebook, cluster_size, embed_avg, counts, sums, decay, eps)
 
 
+# torch.compile takes the answer as a constant (it runs the function once while tracing): the
+# extension's lazy loader (lru_cache, import) cannot be traced, and its answer does not change.
+@torch.compiler.assume_constant_result
+def _extension_refusal() -> Optional[str]:
+    return _extension.unavailable_reason()
+
+
 def _cpp_refusal(codebook, cluster_size, embed_avg, x, *rest) -> Optional[str]:
-    why = _extension.unavailable_reason()
+    why = _extension_refusal()
     if why is None and codebook.device.type != "cpu":
         why = "the C++ kernels take CPU tensors"
     if why is None and any(t.dtype != torch.float32 for t in (codebook, cluster_size, embed_avg)):
@@ -276,11 +307,9 @@ def _cpp_refusal(codebook, cluster_size, embed_avg, x, *rest) -> Optional[str]:
 
 
 def _cpp_update(codebook, cluster_size, embed_avg, x, index, decay, eps, mask):
-    compiled = _extension.extension()
-    counts, sums = compiled.vd_cluster_statistics(x.float().contiguous(), index.contiguous(), codebook.shape[0],
-                                                  None if mask is None else mask.contiguous())
+    counts, sums = _cpp_cluster_statistics_op(x, index, codebook.shape[0], mask)
     _sum_across_processes(counts, sums)
-    compiled.vd_apply_statistics_(codebook, cluster_size, embed_avg, counts, sums, decay, eps)
+    _cpp_apply_statistics_op(codebook, cluster_size, embed_avg, counts, sums, decay, eps)
 
 
 _UPDATE = [
@@ -336,11 +365,16 @@ def vd_ema_update_(
     tensors = (codebook, cluster_size, embed_avg, x, index) + ((mask,) if mask is not None else ())
     if any(t.device != codebook.device for t in tensors):
         raise ValueError("vd_ema_update_: all tensors must be on one device")
-    checked = index if mask is None else index[mask]
-    if checked.numel():
-        low, high = (int(v) for v in torch.aminmax(checked))
-        if low < 0 or high >= entries:
-            raise IndexError(f"vd_ema_update_: index values must lie in [0, {entries}), got [{low}, {high}]")
+    if compiling():  # no host read under torch.compile (see vlkernels.ops._checks)
+        in_range = (index >= 0) & (index < entries)
+        assert_in_graph((in_range if mask is None else in_range | ~mask).all(),
+                        f"vd_ema_update_: index values must lie in [0, {entries})")
+    else:
+        checked = index if mask is None else index[mask]
+        if checked.numel():
+            low, high = (int(v) for v in torch.aminmax(checked))
+            if low < 0 or high >= entries:
+                raise IndexError(f"vd_ema_update_: index values must lie in [0, {entries}), got [{low}, {high}]")
     with torch.no_grad():
         _backend.dispatch("vd_ema_update_", _UPDATE, codebook.device, codebook, cluster_size, embed_avg,
                           x.detach(), index, float(decay), float(eps), mask)

@@ -51,7 +51,12 @@ def co_attention(q_t, k_t, v_t, q_i, k_i, v_i, *, text_mask=None, image_mask=Non
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale=None):
     """Packed sequences: q [total_q, H, Dh], k and v [total_k, H, Dh]; sequence b is rows
-    cu_seqlens[b]:cu_seqlens[b+1]. Each sequence attends within itself; returns [total_q, H, Dh]."""
+    cu_seqlens[b]:cu_seqlens[b+1]. Each sequence attends within itself; returns [total_q, H, Dh].
+
+    Eager: one attention per sequence. Under torch.compile, whose graphs need shapes that do not
+    depend on cu_seqlens' values, the same math as one masked attention over all packed rows."""
+    if torch.compiler.is_compiling():
+        return _attention_varlen_masked(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale)
     out = q.new_zeros(q.shape)
     bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for b in range(len(bounds_q) - 1):
@@ -61,3 +66,25 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale
                             v[None, rows_k].transpose(1, 2), causal=causal, scale=scale)
             out = out.index_copy(0, torch.arange(rows_q.start, rows_q.stop, device=q.device), seq[0].transpose(0, 1))
     return out
+
+
+def _packed_positions(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence [total], position within it [total]) of each packed row."""
+    rows = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    sequence = torch.searchsorted(cu_seqlens[1:], rows, right=True)  # the sequence ends at or before each row
+    return sequence, rows - cu_seqlens[sequence]
+
+
+def _attention_varlen_masked(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale=None):
+    """attention_varlen as one [H, total_q, total_k] masked attention: a query sees the keys of its own
+    sequence (and with causal those at or before its position). Static shapes, for torch.compile."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    sequence_q, position_q = _packed_positions(cu_seqlens_q, q.shape[0])
+    sequence_k, position_k = _packed_positions(cu_seqlens_k, k.shape[0])
+    visible = sequence_q[:, None] == sequence_k[None, :]
+    if causal:
+        visible = visible & (position_k[None, :] <= position_q[:, None])
+    scores = (q.to(acc).transpose(0, 1) @ k.to(acc).permute(1, 2, 0)) * scale  # [H, total_q, total_k]
+    weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+    return (weights @ v.to(acc).transpose(0, 1)).transpose(0, 1).to(q.dtype)

@@ -50,6 +50,10 @@ def mome_ffn(
     out[t] = act(LN_e(x[t]) @ w1[e] + b1[e]) @ w2[e] + b2[e] with e = expert of token t,
     LN_e = LayerNorm(D, eps) with weight ln_weight[e] and bias ln_bias[e] (when given).
     Returns the shape of x, tokens in their original order.
+
+    Eager: each expert runs on its own tokens (gathered by index). Under torch.compile, whose
+    graphs need shapes that do not depend on the ids, each expert runs on every token and keeps
+    the rows routed to it (E times the FLOPs, the same result).
     """
     shape, dim = x.shape, x.shape[-1]
     if segments is not None:
@@ -57,13 +61,18 @@ def mome_ffn(
     tokens = x.reshape(-1, dim)
     expert_index = expert_index.reshape(-1)
     out = tokens.new_zeros(tokens.shape[0], w2.shape[-1])
+
+    def expert(e: int, h: torch.Tensor) -> torch.Tensor:
+        if ln_weight is not None:
+            h = F.layer_norm(h, (dim,), ln_weight[e], None if ln_bias is None else ln_bias[e], eps)
+        return _activation(h @ w1[e] + b1[e], activation) @ w2[e] + b2[e]
+
     for e in range(w1.shape[0]):
+        if torch.compiler.is_compiling():
+            out = torch.where((expert_index == e)[:, None], expert(e, tokens), out)
+            continue
         rows = (expert_index == e).nonzero().squeeze(1)
         if rows.numel() == 0:
             continue
-        h = tokens.index_select(0, rows)
-        if ln_weight is not None:
-            h = F.layer_norm(h, (dim,), ln_weight[e], None if ln_bias is None else ln_bias[e], eps)
-        h = _activation(h @ w1[e] + b1[e], activation)
-        out = out.index_copy(0, rows, h @ w2[e] + b2[e])
+        out = out.index_copy(0, rows, expert(e, tokens.index_select(0, rows)))
     return out.reshape(shape)

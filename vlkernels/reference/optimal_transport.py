@@ -119,7 +119,9 @@ def sinkhorn(cost: torch.Tensor, a: Optional[torch.Tensor] = None, b: Optional[t
       otherwise:  v = b / (K^T u); u = a / (K v) with K = exp(-C / reg); P = u_i K_ij v_j
                   (POT's sinkhorn_knopp; underflows when C / reg is large)
     tol: a problem stops once its column marginals are within tol (L2 norm of P^T 1 - b) after
-    a full iteration; None runs exactly ``iters`` iterations.
+    a full iteration; None runs exactly ``iters`` iterations. (Eager leaves the loop once every
+    problem has stopped; under torch.compile, which cannot branch on data, stopped problems stay
+    frozen until ``iters``: the same plan.)
     """
     acc = accumulation_dtype(cost)
     cost = cost.detach().to(acc)
@@ -137,7 +139,7 @@ def sinkhorn(cost: torch.Tensor, a: Optional[torch.Tensor] = None, b: Optional[t
             if tol is not None and it > 0:
                 marginal = torch.where(y_on, torch.exp(g + lse_col), 0)
                 active = active & ((marginal - b).norm(dim=1, keepdim=True) > tol)
-                if not active.any():
+                if not torch.compiler.is_compiling() and not active.any():
                     break
             g_new = torch.where(y_on, log_b - lse_col, 0)
             f_new = torch.where(x_on, log_a - torch.logsumexp(log_kernel + g_new[:, None, :], dim=2), 0)
@@ -150,7 +152,7 @@ def sinkhorn(cost: torch.Tensor, a: Optional[torch.Tensor] = None, b: Optional[t
         col = (kernel * u[:, :, None]).sum(1)
         if tol is not None and it > 0:
             active = active & ((v * col - b).norm(dim=1, keepdim=True) > tol)
-            if not active.any():
+            if not torch.compiler.is_compiling() and not active.any():
                 break
         v_new = torch.where(y_on, b / col, 0)
         u_new = torch.where(x_on, a / (kernel * v_new[:, None, :]).sum(2), 0)
@@ -212,7 +214,8 @@ def wpa_masks(text_mask: torch.Tensor, image_mask: torch.Tensor, *, image_skip: 
 
 def ot_loss(distance: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """UNITER's ot_loss from per-pair distances [B] and ITM targets [B] (1 = matched pair, 0 =
-    negative): (sum of positive distances - sum of negative distances) / (n_pos + n_neg)."""
-    pos = distance.masked_select(targets == 1)
-    neg = distance.masked_select(targets == 0)
-    return (pos.sum() - neg.sum()) / (pos.numel() + neg.numel())
+    negative): (sum of positive distances - sum of negative distances) / (n_pos + n_neg).
+    Masked sums rather than selections: shapes that do not depend on the targets, for torch.compile."""
+    pos, neg = targets == 1, targets == 0
+    zero = distance.new_zeros(())
+    return (torch.where(pos, distance, zero).sum() - torch.where(neg, distance, zero).sum()) / (pos | neg).sum()

@@ -5,6 +5,8 @@ from typing import Optional
 
 import torch
 
+from vlkernels._deterministic import is_deterministic
+
 
 def vd_nearest(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [N, D], codebook: [K, D] -> (index [N] int64, sqdist [N] float32, or float64 for float64 inputs).
@@ -29,13 +31,29 @@ def vd_nearest(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, t
 def vd_cluster_statistics(x: torch.Tensor, index: torch.Tensor, num_embeddings: int,
                           mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [N, D], index: [N], mask: [N] bool (True = counted) -> (counts [K], sums [K, D]) in fp32
-    (fp64 for fp64 x): how many rows chose each entry and the sum of those rows."""
+    (fp64 for fp64 x): how many rows chose each entry and the sum of those rows.
+
+    index_add_ (float atomics on CUDA: the order of the additions varies from run to run), or in
+    vlkernels' deterministic mode a segmented sum over the rows sorted by entry (fixed order)."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     weights = torch.ones(x.shape[0], dtype=acc, device=x.device) if mask is None else mask.to(acc)
+    if is_deterministic():
+        return _sorted_cluster_statistics(x.to(acc) * weights[:, None], weights, index, num_embeddings)
     counts = torch.zeros(num_embeddings, dtype=acc, device=x.device).index_add_(0, index, weights)
     sums = torch.zeros(num_embeddings, x.shape[1], dtype=acc, device=x.device)
     sums.index_add_(0, index, x.to(acc) * weights[:, None])
     return counts, sums
+
+
+def _sorted_cluster_statistics(rows: torch.Tensor, weights: torch.Tensor, index: torch.Tensor,
+                               num_embeddings: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of weights [K], sum of rows [K, D]) by entry: a stable sort by entry, then one
+    segment per entry summed in row order."""
+    sorted_index, order = torch.sort(index, stable=True)
+    bounds = torch.arange(num_embeddings + 1, device=index.device, dtype=index.dtype)
+    lengths = torch.searchsorted(sorted_index, bounds).diff()  # rows of each entry
+    return (torch.segment_reduce(weights[order], "sum", lengths=lengths),
+            torch.segment_reduce(rows[order], "sum", lengths=lengths, axis=0))
 
 
 def vd_apply_statistics_(codebook: torch.Tensor, cluster_size: torch.Tensor, embed_avg: torch.Tensor,

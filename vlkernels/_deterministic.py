@@ -1,0 +1,58 @@
+"""Deterministic mode: bit-identical outputs and gradients from run to run (see set_deterministic)."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+# A plain module global (not a ContextVar): torch.compile reads and guards on globals.
+_enabled = False
+
+
+def set_deterministic(enabled: bool) -> None:
+    """Switch vlkernels' deterministic mode on or off for the whole process: with it on, every
+    op gives bit-identical outputs and gradients from one run to the next on the same inputs.
+
+    Which op paths are deterministic whatever the flag (audited; the Triton kernels hold no
+    ``tl.atomic_*``, the C++ and CUDA sources no ``atomicAdd``, no launcher autotunes):
+
+    - Triton kernels, every op: each output element is written by one program; patch_embed's
+      d(weight) split over patch rows sums fixed fp32 partial slots in torch; attention's and
+      co-attention's backward give dk/dv and dq to separate programs; vd's cluster sums are a
+      segmented reduction over rows sorted by entry (one program per entry, rows in input order).
+    - C++ kernels (optimal transport, visual dictionary): OpenMP threads own whole problems /
+      feature slabs and walk rows in order. CUDA kernels (optimal transport): fixed warp-shuffle trees.
+    - torch references of attention, co-attention, varlen, mome_ffn (index_select / index_copy of
+      distinct rows: each gradient row receives one contribution), optimal transport.
+
+    What the flag changes (torch backend, the two paths that reach ops torch runs with atomics on CUDA):
+
+    - ``vd_ema_update_``: the per-entry sums are a segmented sum over rows sorted by entry
+      (``torch.segment_reduce``) instead of ``index_add_`` (float atomics on CUDA).
+    - ``patch_embed``: the projection is a GEMM over the patches (a reshape: stride = kernel) instead
+      of ``conv2d``, whose cuDNN weight gradient may pick an algorithm that accumulates with atomics.
+
+    The flag is on when ``set_deterministic(True)`` was called (or inside ``deterministic()``) or
+    when torch's own ``torch.use_deterministic_algorithms(True)`` is in force. Same-machine,
+    same-thread-count determinism: CPU libraries may pick other kernels on other hardware.
+    """
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def is_deterministic() -> bool:
+    """True when vlkernels runs its deterministic schedules: ``set_deterministic(True)`` or
+    ``torch.use_deterministic_algorithms(True)``."""
+    return _enabled or torch.are_deterministic_algorithms_enabled()
+
+
+@contextlib.contextmanager
+def deterministic(enabled: bool = True) -> Iterator[None]:
+    """Run the block with deterministic mode on (or off), restoring the previous setting after."""
+    global _enabled
+    outer, _enabled = _enabled, bool(enabled)
+    try:
+        yield
+    finally:
+        _enabled = outer
