@@ -211,3 +211,17 @@ def test_patch_embed_presets_and_flops():
 def test_gpu_check_script_parses():
     script = os.path.join(REPO, "bench", "gpu_check.sh")
     assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
+
+
+def test_model_step_cases_time_every_model_with_kernels_and_references():
+    from vlkernels.bench import models as model_bench
+    from vlkernels.models import MODELS
+
+    cases = load_cases("model_step", torch.device("cpu"), quick=True)
+    assert [case.shape for case in cases] == [f"{name}-tiny-B4" for name in MODELS]
+    result = run_cases(cases[:2], device=torch.device("cpu"), dtype=torch.float32, modes=("full",),
+                       providers=("vlkernels", "eager"), budget=QUICK_BUDGET, progress=False)
+    assert not result.failures and not result.skipped, result.failures + result.skipped
+    timed = {(r["shape"], r["provider"]) for r in result.rows if r["metric"] == "time_ms"}
+    assert timed == {(case.shape, provider) for case in cases[:2] for provider in ("vlkernels", "eager")}
+    assert model_bench.OP == "model_step"

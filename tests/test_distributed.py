@@ -165,6 +165,28 @@ def wra_case():
     return AlignmentHead(), make_batch, lambda m, b: m(*b)
 
 
+def tiny_model_case():
+    """A whole reference model (LXMERT, tiny) trained on its matching objective: a mean of
+    per-sample cross-entropies, so the shards' average gradient is the global batch's."""
+    from vlkernels.models import build_model
+
+    class MatchingLoss(nn.Module):  # DDP gets the loss alone: the model's other outputs take no part in it
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = build_model("lxmert", "tiny")
+
+        def forward(self, **batch) -> torch.Tensor:
+            return self.model(**batch).loss
+
+    module = MatchingLoss()
+    keys = ("input_ids", "visual_feats", "visual_pos", "attention_mask", "visual_attention_mask", "itm_labels")
+
+    def make_batch(step):
+        batch = module.model.synthetic_batch(GLOBAL_BATCH, generator=_generator(step))
+        return {key: batch[key] for key in keys}
+    return module, make_batch, lambda m, b: m(**b)
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -185,6 +207,8 @@ CASES = [
     Case("visual_dictionary-torch", visual_dictionary_case, backend="torch"),
     Case("visual_dictionary-triton", visual_dictionary_case, backend="triton"),
     Case("wra_loss", wra_case),
+    # Only the matching head is trained: the other heads' parameters get no gradient.
+    Case("lxmert-tiny-model", tiny_model_case, ddp_options=(("find_unused_parameters", True),)),
 ]
 MODES = ("ddp", "fsdp2")
 

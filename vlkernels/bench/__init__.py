@@ -22,6 +22,7 @@ OPS = {
     "wra_distance": "vlkernels.bench.optimal_transport:wra_cases",
     "sinkhorn": "vlkernels.bench.optimal_transport:sinkhorn_cases",
     "mome_ffn": "vlkernels.bench.mome_ffn:cases",
+    "model_step": "vlkernels.bench.models:cases",  # one pretraining step of each reference model
 }
 
 

@@ -286,7 +286,8 @@ class UNITER(PretrainingModel):
         text_mask = as_bool_mask(NAME, "attention_mask", attention_mask, text_shape)
         real_regions = as_bool_mask(NAME, "region_mask", region_mask, regions)
         masked = as_bool_mask(NAME, "masked_regions", labels["masked_regions"], regions)
-        if masked is not None and real_regions is not None and bool((masked & ~real_regions).any()):
+        if (masked is not None and real_regions is not None and not torch.compiler.is_compiling()
+                and bool((masked & ~real_regions).any())):
             raise ValueError(f"{NAME}: masked_regions marks padded regions (region_mask 0)")
         return text_mask, real_regions, masked
 
@@ -343,13 +344,13 @@ class UNITER(PretrainingModel):
         """MRFR always, MRC / MRC-kl when their labels are given, over the masked regions."""
         losses = {}
         out.mrfr_logits = self.feat_regress(region_hidden)
-        chosen = masked.flatten()
-        any_masked = torch.compiler.is_compiling() or bool(chosen.any())
 
         def over_masked(per_element: torch.Tensor) -> torch.Tensor:
-            # mean over the masked regions' elements; 0 (still in the graph) when none is masked
-            rows = per_element.flatten(0, 1)[chosen]
-            return rows.mean() if any_masked else per_element.sum() * 0.0
+            # Mean over the masked regions' elements, as weighted sums (no data-dependent shape,
+            # so torch.compile traces it); 0, still in the graph, when no region is masked.
+            weight = masked.to(per_element.dtype).view(*masked.shape, *[1] * (per_element.dim() - 2))
+            count = weight.sum() * per_element[0, 0].numel()
+            return (per_element * weight).sum() / count.clamp_min(1)
 
         prediction = out.mrfr_logits.float()
         losses["mrfr"] = over_masked(F.mse_loss(prediction, targets.float(), reduction="none"))
