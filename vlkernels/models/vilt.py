@@ -61,6 +61,7 @@ from vlkernels.models.synthetic import MASK, PAD, SyntheticPairs, mismatched_pai
 from vlkernels.nn import MLMHead, MultiheadAttention, PatchEmbed, Pooler, PreLNBlock, TextEmbeddings, WPALoss
 from vlkernels.nn.attention import activation_name
 from vlkernels.ops import interpolate_pos_embed, patch_embed, valid_patch_grid, vilt_visual_embed
+from vlkernels.ops._checks import assert_in_graph
 
 
 @dataclass
@@ -262,7 +263,8 @@ class ViLT(PretrainingModel):
         if tensor.shape != (batch,) or tensor.is_floating_point():
             raise ValueError(f"ViLT: {name} must be an integer [{batch}] tensor, got "
                              f"{tensor.dtype} {list(tensor.shape)}")
-        if torch.compiler.is_compiling():  # the host read below would break the graph
+        if torch.compiler.is_compiling():  # a host read would break the graph: assert in it instead
+            assert_in_graph(((tensor >= 0) & (tensor < high)).all(), f"ViLT: {name} must lie in [0, {high})")
             return
         if tensor.numel() and (int(tensor.min()) < 0 or int(tensor.max()) >= high):
             raise ValueError(f"ViLT: {name} must lie in [0, {high}), got [{int(tensor.min())}, {int(tensor.max())}]")
