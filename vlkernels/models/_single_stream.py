@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from vlkernels.nn import BertLayer, MultiheadAttention, Pooler
+from vlkernels.nn import BertLayer, Pooler
 
 
 class SingleStreamEncoder(nn.Module):
@@ -60,31 +60,6 @@ def joint_mask(text_mask: Optional[torch.Tensor], region_mask: Optional[torch.Te
     if region_mask is None:
         region_mask = torch.ones(tuple(region_shape), dtype=torch.bool, device=device)
     return torch.cat([text_mask, region_mask], dim=1)
-
-
-def init_bert_weights(model: nn.Module, std: float) -> None:
-    """BERT's initialisation over every submodule: N(0, std) for Linear, Embedding and attention
-    projection weights, zero biases, unit LayerNorms; then the padding rows of embeddings back
-    to zero (a tied decoder shares the word table, so this runs after everything else)."""
-    for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=std)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, MultiheadAttention):
-            # HF BERT draws query, key and value as separate Linears; same distribution here.
-            for weight in (module.in_proj_weight, module.q_proj_weight, module.k_proj_weight, module.v_proj_weight):
-                if weight is not None:
-                    nn.init.normal_(weight, std=std)
-            if module.in_proj_bias is not None:
-                nn.init.zeros_(module.in_proj_bias)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-                module.weight[module.padding_idx].zero_()
 
 
 # -- input checks ---------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlkernels._backend import use_backend
+from vlkernels.nn import MultiheadAttention
 
 IGNORE_INDEX = -100  # label of positions without a target (torch's cross_entropy default)
 
@@ -47,6 +48,31 @@ class PretrainingModel(nn.Module):
         """A pretraining batch (inputs and labels for every objective) from vlkernels.models.synthetic:
         ``model(**batch).loss`` trains all objectives."""
         raise NotImplementedError
+
+
+def init_bert_weights(model: nn.Module, std: float) -> None:
+    """BERT's initialisation over every submodule: N(0, std) for Linear, Embedding and attention
+    projection weights, zero biases, unit LayerNorms; then the padding rows of embeddings back
+    to zero (a tied decoder shares the word table, so this runs after everything else)."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, MultiheadAttention):
+            # HF BERT draws query, key and value as separate Linears; same distribution here.
+            for weight in (module.in_proj_weight, module.q_proj_weight, module.k_proj_weight, module.v_proj_weight):
+                if weight is not None:
+                    nn.init.normal_(weight, std=std)
+            if module.in_proj_bias is not None:
+                nn.init.zeros_(module.in_proj_bias)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
 
 
 def check_batch(model: str, **tensors: Optional[torch.Tensor]) -> int:

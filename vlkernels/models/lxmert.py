@@ -48,8 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlkernels.models.common import (
-    IGNORE_INDEX, ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_features, check_text, mask_tokens,
-    masked_lm_loss,
+    IGNORE_INDEX, ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_features, check_text,
+    init_bert_weights, mask_tokens, masked_lm_loss,
 )
 from vlkernels.models.synthetic import (
     MASK, PAD, SyntheticPairs, mask_regions, mismatched_pairs, seeded_generator, to_device,
@@ -213,22 +213,7 @@ class LXMERT(PretrainingModel):
         self.obj_head = ObjectPredictionHead(d, c.num_object_labels, c.num_attr_labels, c.visual_feat_dim,
                                              activation=c.hidden_act, layer_norm_eps=c.layer_norm_eps)
         self.qa_head = answer_head(d, c.num_qa_labels, c.layer_norm_eps)
-        self.apply(self._init_weights)
-        with torch.no_grad():  # the tied decoder's init above overwrote the [PAD] row
-            for embedding in (self.embeddings.word_embeddings, self.embeddings.position_embeddings,
-                              self.embeddings.token_type_embeddings):
-                embedding.weight[embedding.padding_idx].zero_()
-
-    def _init_weights(self, module: nn.Module) -> None:
-        # BERT's initialisation: N(0, initializer_range) weights, zero biases, unit LayerNorms.
-        std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=std)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+        init_bert_weights(self, c.initializer_range)
 
     # -- inputs ----------------------------------------------------------------------------------
     def _check_inputs(self, input_ids, visual_feats, visual_pos, attention_mask, visual_attention_mask,

@@ -38,10 +38,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlkernels.models._single_stream import (
-    SingleStreamEncoder, box_features, check_ids, check_regions, check_shape, init_bert_weights, weighted_total,
+    SingleStreamEncoder, box_features, check_ids, check_regions, check_shape, weighted_total,
 )
 from vlkernels.models.common import (
-    IGNORE_INDEX, ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_text, mask_tokens, masked_lm_loss,
+    IGNORE_INDEX, ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_text, init_bert_weights,
+    mask_tokens, masked_lm_loss,
 )
 from vlkernels.models.synthetic import (
     FIRST_WORD_ID, MASK, PAD, SEP, SyntheticPairs, mismatched_pairs, seeded_generator, to_device,

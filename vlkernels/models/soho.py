@@ -49,7 +49,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlkernels.models.common import (
-    IGNORE_INDEX, ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_text, mask_tokens, masked_lm_loss,
+    IGNORE_INDEX, ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_text, init_bert_weights,
+    mask_tokens, masked_lm_loss,
 )
 from vlkernels.models.synthetic import MASK, PAD, SyntheticPairs, mismatched_pairs, to_device
 from vlkernels.nn import BertLayer, TextEmbeddings, VisualDictionary, mvm_mask
@@ -175,29 +176,12 @@ class SOHO(PretrainingModel):
                       layer_norm_eps=c.layer_norm_eps)
             for _ in range(c.num_layers))
         self.itm_head = nn.Linear(d, 2, bias=False)
-        self.apply(self._init_weights)
+        init_bert_weights(self, c.initializer_range)
         # SOHO's kaiming initialisation of its convolutions (fan_out, ReLU gain) and ITM head.
         nn.init.kaiming_normal_(self.visual_projection.weight, mode="fan_out", nonlinearity="relu")
         if self.mix_gate is not None:
             nn.init.kaiming_normal_(self.mix_gate.weight, mode="fan_out", nonlinearity="relu")
         nn.init.kaiming_normal_(self.itm_head.weight)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        # BERT's initialisation: N(0, initializer_range) weights, zero biases, unit LayerNorms.
-        std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=std)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-                nn.init.zeros_(module.weight[module.padding_idx])
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-        elif hasattr(module, "in_proj_weight"):  # vlkernels MultiheadAttention: fused q | k | v rows
-            nn.init.normal_(module.in_proj_weight, std=std)
-            if module.in_proj_bias is not None:
-                nn.init.zeros_(module.in_proj_bias)
 
     # -- inputs ----------------------------------------------------------------------------------
     def _check_inputs(self, input_ids, grid_features, attention_mask, grid_mask, mlm_labels, itm_labels):

@@ -49,7 +49,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlkernels.models.common import (
-    ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_text, mask_tokens, masked_lm_loss,
+    ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_text, init_bert_weights, mask_tokens,
+    masked_lm_loss,
 )
 from vlkernels.models.synthetic import (
     MASK, PAD, SyntheticPairs, mask_regions, mismatched_pairs, seeded_generator, to_device,
@@ -205,9 +206,7 @@ class ViLBERT(PretrainingModel):
         self.region_head.decoder = nn.Linear(c.v_hidden_size, c.v_target_size)
         self.itm_dropout = nn.Dropout(c.dropout)
         self.itm_head = nn.Linear(c.bi_hidden_size, 2)
-        self.apply(self._init_weights)
-        with torch.no_grad():  # the tied decoder's init above overwrote the [PAD] row
-            self.embeddings.word_embeddings.weight[PAD].zero_()
+        init_bert_weights(self, c.initializer_range)
 
     @staticmethod
     def _check_config(c: ViLBERTConfig) -> None:
@@ -230,17 +229,6 @@ class ViLBERT(PretrainingModel):
         if c.max_text_len > c.max_position_embeddings:
             raise ValueError(f"ViLBERT: max_text_len {c.max_text_len} exceeds max_position_embeddings "
                              f"{c.max_position_embeddings}")
-
-    def _init_weights(self, module: nn.Module) -> None:
-        # BERT's initialisation: N(0, initializer_range) weights, zero biases, unit LayerNorms.
-        std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=std)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
 
     # -- inputs ----------------------------------------------------------------------------------
     def _check_inputs(self, input_ids, image_feat, image_loc, attention_mask, image_attention_mask, token_type_ids,

@@ -40,10 +40,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlkernels.models._single_stream import (
-    SingleStreamEncoder, check_ids, check_regions, check_shape, init_bert_weights, weighted_total,
+    SingleStreamEncoder, check_ids, check_regions, check_shape, weighted_total,
 )
 from vlkernels.models.common import (
-    IGNORE_INDEX, ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_text, mask_tokens, masked_lm_loss,
+    IGNORE_INDEX, ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_text, init_bert_weights,
+    mask_tokens, masked_lm_loss,
 )
 from vlkernels.models.synthetic import MASK, PAD, SyntheticPairs, mismatched_pairs, seeded_generator, to_device
 from vlkernels.nn import MLMHead, TextEmbeddings
