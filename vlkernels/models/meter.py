@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlkernels.models.common import (
-    ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_text, mask_tokens, masked_lm_loss,
+    ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_text, init_bert_weights, mask_tokens,
+    masked_lm_loss,
 )
 from vlkernels.models.synthetic import MASK, PAD, SyntheticPairs, mismatched_pairs, to_device
 from vlkernels.nn import BertLayer, METERCrossLayer, MLMHead, PatchEmbed, Pooler, PreLNBlock, TextEmbeddings
@@ -160,27 +161,12 @@ class METER(PretrainingModel):
         self.image_pooler = Pooler(c.hidden_size)
         self.mlm_head = MLMHead(c.hidden_size, c.vocab_size, layer_norm_eps=c.layer_norm_eps)
         self.itm_head = nn.Linear(2 * c.hidden_size, 2)
-        self.apply(self._init_weights)
+        # METER's init_weights (BERT's), which also draws the patch projection from N(0, initializer_range).
+        init_bert_weights(self, c.initializer_range)
+        nn.init.normal_(self.patch_embed.proj.weight, std=c.initializer_range)
         # CLIP's initialisation scale for the class and position embeddings: width ** -0.5.
         nn.init.normal_(self.class_embedding, std=width ** -0.5)
         nn.init.normal_(self.image_position_embedding, std=width ** -0.5)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        # METER's init_weights (BERT's): N(0, initializer_range) weights, zero biases, unit LayerNorms.
-        std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d)):
-            nn.init.normal_(module.weight, std=std)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-                nn.init.zeros_(module.weight[module.padding_idx])
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-        elif hasattr(module, "in_proj_weight"):  # vlkernels MultiheadAttention: fused q | k | v rows
-            nn.init.normal_(module.in_proj_weight, std=std)
-            if module.in_proj_bias is not None:
-                nn.init.zeros_(module.in_proj_bias)
 
     # -- inputs ----------------------------------------------------------------------------------
     def _check_inputs(self, input_ids, pixel_values, attention_mask, mlm_input_ids, mlm_labels, itm_labels,
