@@ -106,6 +106,17 @@ def check_features(model: str, name: str, x: torch.Tensor, dim: int, rank: int =
                          f"got {shape}")
 
 
+def check_fixed_size_pixels(model: str, pixel_values: torch.Tensor, channels: int, image_size: int) -> None:
+    """pixel_values must be a floating [B, channels, image_size, image_size] tensor (models whose
+    position embedding has one fixed grid)."""
+    expected = (channels, image_size, image_size)
+    if (not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4
+            or not pixel_values.is_floating_point() or tuple(pixel_values.shape[1:]) != expected):
+        shape = list(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+        raise ValueError(f"{model}: pixel_values must be a floating [B, {', '.join(map(str, expected))}] tensor "
+                         f"(the position embedding is fixed to image_size), got {shape}")
+
+
 def as_bool_mask(model: str, name: str, mask: Optional[torch.Tensor], shape) -> Optional[torch.Tensor]:
     """An HF-style 0/1 (or bool) mask as bool True = real token, checked against ``shape``."""
     if mask is None:

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlkernels.models.common import (
-    ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_text, init_bert_weights, mask_tokens,
-    masked_lm_loss,
+    ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_fixed_size_pixels, check_text, init_bert_weights,
+    mask_tokens, masked_lm_loss,
 )
 from vlkernels.models.synthetic import MASK, PAD, SyntheticPairs, mismatched_pairs, to_device
 from vlkernels.nn import BertLayer, METERCrossLayer, MLMHead, PatchEmbed, Pooler, PreLNBlock, TextEmbeddings
@@ -173,12 +173,7 @@ class METER(PretrainingModel):
                       itm_image_index) -> Optional[torch.Tensor]:
         c = self.config
         check_text("METER", input_ids, c.max_text_len, c.vocab_size)
-        expected = (c.num_channels, c.image_size, c.image_size)
-        if (not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4
-                or not pixel_values.is_floating_point() or tuple(pixel_values.shape[1:]) != expected):
-            shape = list(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
-            raise ValueError(f"METER: pixel_values must be a floating [B, {', '.join(map(str, expected))}] tensor "
-                             f"(the position embedding is fixed to image_size), got {shape}")
+        check_fixed_size_pixels("METER", pixel_values, c.num_channels, c.image_size)
         batch = check_batch("METER", input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                             mlm_input_ids=mlm_input_ids, mlm_labels=mlm_labels, itm_labels=itm_labels,
                             itm_image_index=itm_image_index)

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from vlkernels.models.common import (
-    IGNORE_INDEX, ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_text, masked_lm_loss,
+    IGNORE_INDEX, ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_fixed_size_pixels, check_text,
+    masked_lm_loss,
 )
 from vlkernels.models.synthetic import PAD, SyntheticPairs, to_device
 from vlkernels.nn import PreLNBlock
@@ -122,15 +123,6 @@ class SimVLM(PretrainingModel):
             nn.init.zeros_(module.weight[module.padding_idx])
 
     # -- inputs ----------------------------------------------------------------------------------
-    def _check_pixels(self, pixel_values: torch.Tensor) -> None:
-        c = self.config
-        expected = (c.num_channels, c.image_size, c.image_size)
-        if (not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4
-                or not pixel_values.is_floating_point() or tuple(pixel_values.shape[1:]) != expected):
-            shape = list(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
-            raise ValueError(f"SimVLM: pixel_values must be a floating [B, {', '.join(map(str, expected))}] tensor "
-                             f"(the position embedding is fixed to image_size), got {shape}")
-
     def _text_prefix_len(self, text_prefix_len, text_mask: Optional[torch.Tensor], labels, batch: int,
                          length: int, device) -> torch.Tensor:
         """The [B] int64 text prefix lengths: given (checked to lie in [0, S]) or drawn."""
@@ -161,7 +153,7 @@ class SimVLM(PretrainingModel):
         if input_ids.shape[1] < 1:
             raise ValueError("SimVLM: input_ids needs at least one token")
         if pixel_values is not None:
-            self._check_pixels(pixel_values)
+            check_fixed_size_pixels("SimVLM", pixel_values, c.num_channels, c.image_size)
         batch = check_batch("SimVLM", input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                             labels=labels)
         if labels is not None and labels.shape != input_ids.shape:

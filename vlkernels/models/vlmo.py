@@ -49,8 +49,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlkernels.models.common import (
-    ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_text, contrastive_loss, hard_negative_indices,
-    mask_tokens, masked_lm_loss,
+    ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_fixed_size_pixels, check_text, contrastive_loss,
+    hard_negative_indices, mask_tokens, masked_lm_loss,
 )
 from vlkernels.models.synthetic import MASK, PAD, SyntheticPairs, to_device
 from vlkernels.nn import MLMHead, MoMEBlock, Pooler, TextEmbeddings
@@ -211,15 +211,6 @@ class VLMo(PretrainingModel):
                 nn.init.zeros_(module.weight[module.padding_idx])
 
     # -- inputs ----------------------------------------------------------------------------------
-    def _check_pixels(self, pixel_values: torch.Tensor) -> None:
-        c = self.config
-        expected = (c.num_channels, c.image_size, c.image_size)
-        if (not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4
-                or not pixel_values.is_floating_point() or tuple(pixel_values.shape[1:]) != expected):
-            shape = list(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
-            raise ValueError(f"VLMo: pixel_values must be a floating [B, {', '.join(map(str, expected))}] tensor "
-                             f"(the position embedding is fixed to image_size), got {shape}")
-
     def _text_mask(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
         mask = as_bool_mask("VLMo", "attention_mask", attention_mask, input_ids.shape)
         return torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask
@@ -279,7 +270,7 @@ class VLMo(PretrainingModel):
     # -- public encoders (retrieval) -------------------------------------------------------------
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Dual-encoder image features: pixel_values [B, C, H, W] -> normalised ITC features [B, D]."""
-        self._check_pixels(pixel_values)
+        check_fixed_size_pixels("VLMo", pixel_values, self.config.num_channels, self.config.image_size)
         with self.kernels():
             return self._image_features(self._embed_image(pixel_values))[1]
 
@@ -303,7 +294,7 @@ class VLMo(PretrainingModel):
         if input_ids is not None:
             check_text("VLMo", input_ids, c.max_text_len, c.vocab_size)
         if pixel_values is not None:
-            self._check_pixels(pixel_values)
+            check_fixed_size_pixels("VLMo", pixel_values, c.num_channels, c.image_size)
         batch = check_batch("VLMo", input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                             mlm_input_ids=mlm_input_ids, mlm_labels=mlm_labels)
         for name, tensor in (("mlm_input_ids", mlm_input_ids), ("mlm_labels", mlm_labels)):
