@@ -29,6 +29,13 @@ class ModelOutput(dict):
     def __setattr__(self, name: str, value) -> None:
         self[name] = value
 
+    def set_losses(self, losses: dict, weights: dict) -> None:
+        """Record the computed objectives: ``losses`` (name -> scalar) and ``loss``, their sum
+        weighted by ``weights`` (name -> float). Nothing is set when no objective was computed."""
+        if losses:
+            self.losses = losses
+            self.loss = sum(weights[name] * value for name, value in losses.items())
+
 
 class PretrainingModel(nn.Module):
     """Base of the reference models: ``use_kernels`` True runs the vlkernels ops on the backend

@@ -302,9 +302,7 @@ class LXMERT(PretrainingModel):
             if qa_labels is not None:
                 out.qa_logits = self.qa_head(pooled)
                 losses["qa"], weights["qa"] = masked_lm_loss(out.qa_logits, qa_labels), c.qa_weight
-            if losses:
-                out.losses = losses
-                out.loss = sum(weights[name] * value for name, value in losses.items())
+            out.set_losses(losses, weights)
             return out
 
     # -- synthetic data --------------------------------------------------------------------------

@@ -260,10 +260,7 @@ class METER(PretrainingModel):
                 plain = self._fuse(encoded_text(), text_mask, image)
             if plain is not None:
                 out.update(plain)
-            if losses:
-                weights = {"mlm": c.mlm_weight, "itm": c.itm_weight}
-                out.losses = losses
-                out.loss = sum(weights[name] * value for name, value in losses.items())
+            out.set_losses(losses, {"mlm": c.mlm_weight, "itm": c.itm_weight})
             return out
 
     def synthetic_batch(self, batch_size: int, generator: Optional[torch.Generator] = None,

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlkernels.models._single_stream import (
-    SingleStreamEncoder, box_features, check_ids, check_regions, check_shape, weighted_total,
+    SingleStreamEncoder, box_features, check_ids, check_regions, check_shape,
 )
 from vlkernels.models.common import (
     IGNORE_INDEX, ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_text, init_bert_weights,
@@ -212,9 +212,7 @@ class Oscar(PretrainingModel):
             if contrastive_labels is not None:
                 out.contrastive_logits = self.contrastive_head(pooled)
                 losses["contrastive"] = F.cross_entropy(out.contrastive_logits.float(), contrastive_labels)
-            if losses:
-                out.losses = losses
-                out.loss = weighted_total(losses, {"mlm": c.mlm_weight, "contrastive": c.contrastive_weight})
+            out.set_losses(losses, {"mlm": c.mlm_weight, "contrastive": c.contrastive_weight})
             return out
 
     def synthetic_batch(self, batch_size: int, generator: Optional[torch.Generator] = None,

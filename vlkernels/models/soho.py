@@ -277,10 +277,7 @@ class SOHO(PretrainingModel):
             if itm_labels is not None:
                 out.itm_logits = self.itm_head(hidden[:, 0])
                 losses["itm"] = F.cross_entropy(out.itm_logits.float(), itm_labels)
-            if losses:
-                weights = {"mlm": c.mlm_weight, "mvm": c.mvm_weight, "itm": c.itm_weight}
-                out.losses = losses
-                out.loss = sum(weights[name] * value for name, value in losses.items())
+            out.set_losses(losses, {"mlm": c.mlm_weight, "mvm": c.mvm_weight, "itm": c.itm_weight})
             return out
 
     def synthetic_batch(self, batch_size: int, generator: Optional[torch.Generator] = None,

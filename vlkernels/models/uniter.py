@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlkernels.models._single_stream import (
-    SingleStreamEncoder, box_features, check_ids, check_regions, check_shape, weighted_total,
+    SingleStreamEncoder, box_features, check_ids, check_regions, check_shape,
 )
 from vlkernels.models.common import (
     IGNORE_INDEX, ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_text, init_bert_weights,
@@ -334,11 +334,8 @@ class UNITER(PretrainingModel):
             if not losses:
                 out.last_hidden_state, out.pooler_output = self.encode(input_ids, region_features, location,
                                                                        text_mask, real_regions, token_type_ids)
-            else:
-                out.losses = losses
-                out.loss = weighted_total(losses, {"mlm": c.mlm_weight, "mrfr": c.mrfr_weight, "mrc": c.mrc_weight,
-                                                   "mrc_kl": c.mrc_kl_weight, "itm": c.itm_weight,
-                                                   "wra": c.itm_ot_lambda})
+            out.set_losses(losses, {"mlm": c.mlm_weight, "mrfr": c.mrfr_weight, "mrc": c.mrc_weight,
+                                    "mrc_kl": c.mrc_kl_weight, "itm": c.itm_weight, "wra": c.itm_ot_lambda})
             return out
 
     def _region_losses(self, out, region_hidden, masked, targets, region_labels, region_soft_labels) -> dict:

@@ -334,9 +334,7 @@ class ViLBERT(PretrainingModel):
             if itm_labels is not None:
                 out.itm_logits = self.itm_head(self.itm_dropout(pooled))
                 losses["itm"], weights["itm"] = F.cross_entropy(out.itm_logits.float(), itm_labels), c.itm_weight
-            if losses:
-                out.losses = losses
-                out.loss = sum(weights[name] * value for name, value in losses.items())
+            out.set_losses(losses, weights)
             return out
 
     # -- synthetic data --------------------------------------------------------------------------

@@ -445,10 +445,7 @@ class ViLT(PretrainingModel):
                 plain = encode(input_ids, keep_hidden_states=bool(output_hidden_states))
             if plain is not None:
                 out.update(plain)
-            if losses:
-                weights = {"mlm": c.mlm_weight, "itm": c.itm_weight, "wpa": c.wpa_weight}
-                out.losses = losses
-                out.loss = sum(weights[name] * value for name, value in losses.items())
+            out.set_losses(losses, {"mlm": c.mlm_weight, "itm": c.itm_weight, "wpa": c.wpa_weight})
             return out
 
     def synthetic_batch(self, batch_size: int, generator: Optional[torch.Generator] = None,

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlkernels.models._single_stream import (
-    SingleStreamEncoder, check_ids, check_regions, check_shape, weighted_total,
+    SingleStreamEncoder, check_ids, check_regions, check_shape,
 )
 from vlkernels.models.common import (
     IGNORE_INDEX, ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_text, init_bert_weights,
@@ -265,9 +265,7 @@ class VisualBERT(PretrainingModel):
             if itm_labels is not None:
                 out.itm_logits = self.itm_head(pooled)
                 losses["itm"] = F.cross_entropy(out.itm_logits.float(), itm_labels)
-            if losses:
-                out.losses = losses
-                out.loss = weighted_total(losses, {"mlm": c.mlm_weight, "itm": c.itm_weight})
+            out.set_losses(losses, {"mlm": c.mlm_weight, "itm": c.itm_weight})
             return out
 
     # -- synthetic data --------------------------------------------------------------------------

@@ -352,10 +352,7 @@ class VLMo(PretrainingModel):
             out.text_hidden_state = hidden[:, :length]
             out.image_hidden_state = hidden[:, c.max_text_len:]
             out.pooler_output = self.pooler(hidden)
-            if losses:
-                weights = {"itc": c.itc_weight, "itm": c.itm_weight, "mlm": c.mlm_weight}
-                out.losses = losses
-                out.loss = sum(weights[name] * value for name, value in losses.items())
+            out.set_losses(losses, {"itc": c.itc_weight, "itm": c.itm_weight, "mlm": c.mlm_weight})
             return out
 
     def synthetic_batch(self, batch_size: int, generator: Optional[torch.Generator] = None,
