@@ -96,7 +96,7 @@ def check_regions(model: str, name: str, features: torch.Tensor, dim: int) -> No
         raise ValueError(f"{model}: {name} must be a floating [B, N, {dim}] tensor, got {shape}")
 
 
-# -- boxes ----------------------------------------------------------------------------------------------
+# -- boxes -----------------------------------------------------------------------------------------
 def box_features(boxes: torch.Tensor, *, area: bool) -> torch.Tensor:
     """Normalised boxes [..., 4] (x1, y1, x2, y2) -> [..., 6] (x1, y1, x2, y2, w, h), Oscar's box
     values, or with ``area`` [..., 7] (x1, y1, x2, y2, w, h, w*h), UNITER's location."""
