@@ -547,69 +547,56 @@ void sinkhorn_problem(const float* cost, const float* a, const float* b, int64_t
   }
 }
 
-}  // namespace
-
-void ipot(const float* cost, const uint8_t* x_mask, const uint8_t* y_mask, int64_t batch, int64_t rows,
-          int64_t cols, float beta, int64_t iters, int64_t k, float* plan) {
-#pragma omp parallel
-  {
-    FlushDenormals flush;
-    Scratch scratch;
-    scratch.resize(rows, cols);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t p = 0; p < batch; ++p) {
-      const CostSource source{cost + p * rows * cols, nullptr};
-      ipot_problem(source, x_mask + p * rows, y_mask + p * cols, rows, cols, beta, iters, k, false,
-                   plan + p * rows * cols, scratch);
-    }
-  }
-}
-
-void wra(const float* txt, const float* img, const uint8_t* x_mask, const uint8_t* y_mask, int64_t batch, int64_t rows,
-         int64_t cols, int64_t dim, float beta, int64_t iters, int64_t k, float* plan, float* distance) {
+// Runs solve(p, scratch) for every problem p of the batch, problems spread over the OpenMP
+// threads (dynamic: problems differ in their valid lengths), each thread with its own scratch
+// sized for rows x cols (x dim for WRA) and denormals flushed.
+template <typename Solve>
+void for_each_problem(int64_t batch, int64_t rows, int64_t cols, int64_t dim, Solve solve) {
 #pragma omp parallel
   {
     FlushDenormals flush;
     Scratch scratch;
     scratch.resize(rows, cols, dim);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t p = 0; p < batch; ++p) {
-      distance[p] = wra_problem(txt + p * rows * dim, img + p * cols * dim, x_mask + p * rows, y_mask + p * cols, rows,
-                                cols, dim, beta, iters, k, plan + p * rows * cols, scratch);
-    }
+    for (int64_t p = 0; p < batch; ++p) solve(p, scratch);
   }
+}
+
+}  // namespace
+
+void ipot(const float* cost, const uint8_t* x_mask, const uint8_t* y_mask, int64_t batch, int64_t rows,
+          int64_t cols, float beta, int64_t iters, int64_t k, float* plan) {
+  for_each_problem(batch, rows, cols, 0, [&](int64_t p, Scratch& scratch) {
+    const CostSource source{cost + p * rows * cols, nullptr};
+    ipot_problem(source, x_mask + p * rows, y_mask + p * cols, rows, cols, beta, iters, k, false,
+                 plan + p * rows * cols, scratch);
+  });
+}
+
+void wra(const float* txt, const float* img, const uint8_t* x_mask, const uint8_t* y_mask, int64_t batch, int64_t rows,
+         int64_t cols, int64_t dim, float beta, int64_t iters, int64_t k, float* plan, float* distance) {
+  for_each_problem(batch, rows, cols, dim, [&](int64_t p, Scratch& scratch) {
+    distance[p] = wra_problem(txt + p * rows * dim, img + p * cols * dim, x_mask + p * rows, y_mask + p * cols, rows,
+                              cols, dim, beta, iters, k, plan + p * rows * cols, scratch);
+  });
 }
 
 void wra_backward(const float* txt, const float* img, const uint8_t* x_mask, const uint8_t* y_mask, const float* plan,
                   const float* grad_distance, int64_t batch, int64_t rows, int64_t cols, int64_t dim, float* grad_txt,
                   float* grad_img) {
-#pragma omp parallel
-  {
-    FlushDenormals flush;
-    Scratch scratch;
-    scratch.resize(rows, cols, dim);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t p = 0; p < batch; ++p) {
-      wra_backward_problem(txt + p * rows * dim, img + p * cols * dim, x_mask + p * rows, y_mask + p * cols,
-                           plan + p * rows * cols, grad_distance[p], rows, cols, dim, grad_txt + p * rows * dim,
-                           grad_img + p * cols * dim, scratch);
-    }
-  }
+  for_each_problem(batch, rows, cols, dim, [&](int64_t p, Scratch& scratch) {
+    wra_backward_problem(txt + p * rows * dim, img + p * cols * dim, x_mask + p * rows, y_mask + p * cols,
+                         plan + p * rows * cols, grad_distance[p], rows, cols, dim, grad_txt + p * rows * dim,
+                         grad_img + p * cols * dim, scratch);
+  });
 }
 
 void sinkhorn(const float* cost, const float* a, const float* b, int64_t batch, int64_t rows, int64_t cols,
               float reg, int64_t iters, float tol, bool log_domain, float* plan) {
-#pragma omp parallel
-  {
-    FlushDenormals flush;
-    Scratch scratch;
-    scratch.resize(rows, cols);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t p = 0; p < batch; ++p) {
-      sinkhorn_problem(cost + p * rows * cols, a + p * rows, b + p * cols, rows, cols, reg, iters, tol, log_domain,
-                       plan + p * rows * cols, scratch);
-    }
-  }
+  for_each_problem(batch, rows, cols, 0, [&](int64_t p, Scratch& scratch) {
+    sinkhorn_problem(cost + p * rows * cols, a + p * rows, b + p * cols, rows, cols, reg, iters, tol, log_domain,
+                     plan + p * rows * cols, scratch);
+  });
 }
 
 }  // namespace cpu
