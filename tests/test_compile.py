@@ -20,6 +20,7 @@ from torch import nn
 
 import vlkernels
 from vlkernels import _extension, nn as vnn, ops
+from vlkernels.testing import random_key_mask as _mask
 
 # The backends that run on CPU tensors here; cpp only for the ops with C++ kernels.
 BACKENDS = ["torch", "triton"]
@@ -82,12 +83,6 @@ def check_compiles(target, inputs, *, compiler="aot_eager"):
 
 def _rand(*shape, grad=False):
     return torch.randn(*shape).requires_grad_(grad)
-
-
-def _mask(*shape):
-    mask = torch.rand(*shape) < 0.7
-    mask[..., 0] = True
-    return mask
 
 
 # ----------------------------------------------------------------------------------------------

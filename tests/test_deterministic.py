@@ -10,6 +10,7 @@ import vlkernels
 from vlkernels import _extension, ops
 from vlkernels.reference import patch_embed as patch_embed_reference
 from vlkernels.reference import visual_dictionary as vd_reference
+from vlkernels.testing import random_key_mask as _mask
 
 BACKENDS = ["torch", "triton"]
 CPP_BACKENDS = BACKENDS + ["cpp"]
@@ -23,12 +24,6 @@ def flag_off_after():
 
 def _rand(*shape, grad=False):
     return torch.randn(*shape).requires_grad_(grad)
-
-
-def _mask(*shape):
-    mask = torch.rand(*shape) < 0.7
-    mask[..., 0] = True
-    return mask
 
 
 def _vd_update(codebook, cluster_size, embed_avg, x, index, mask):

@@ -52,6 +52,14 @@ def assert_matches_reference(name, actual, reference64, same_dtype_torch, *, use
     assert error <= bound, f"{name}: relative error {error:.3e} exceeds {bound:.3e} ({actual.dtype})"
 
 
+def random_key_mask(*shape: int, real: float = 0.7) -> torch.Tensor:
+    """A bool mask of ``shape`` (True = real token, each with probability ``real``) whose first
+    position along the last dim is always real, so no row is fully masked."""
+    mask = torch.rand(*shape) < real
+    mask[..., 0] = True
+    return mask
+
+
 @contextlib.contextmanager
 def poisoned_allocations() -> Iterator[None]:
     """Inside the block, torch.empty / empty_like fill floating tensors with NaN and integer
