@@ -69,25 +69,6 @@ def check_shape(model: str, name: str, tensor: Optional[torch.Tensor], shape) ->
         raise ValueError(f"{model}: {name} must have shape {list(shape)}, got {list(tensor.shape)}")
 
 
-def check_ids(model: str, name: str, tensor: Optional[torch.Tensor], low: int, high: int,
-              ignore: Optional[int] = None) -> None:
-    """A ValueError unless tensor is None or an integer tensor with values in [low, high)
-    (``ignore`` also allowed, e.g. -100 for unlabelled positions)."""
-    if tensor is None:
-        return
-    if not isinstance(tensor, torch.Tensor) or tensor.is_floating_point() or tensor.is_complex():
-        raise ValueError(f"{model}: {name} must be an integer tensor, got "
-                         f"{tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__}")
-    if tensor.numel() == 0 or torch.compiler.is_compiling():
-        return
-    values = tensor if ignore is None else tensor[tensor != ignore]
-    if values.numel():
-        lowest, highest = (int(v) for v in torch.aminmax(values))
-        if lowest < low or highest >= high:
-            allowed = f"[{low}, {high})" + ("" if ignore is None else f" or {ignore}")
-            raise ValueError(f"{model}: {name} must lie in {allowed}, got values in [{lowest}, {highest}]")
-
-
 def check_regions(model: str, name: str, features: torch.Tensor, dim: int) -> None:
     """features must be a floating [B, N, dim] tensor."""
     if not isinstance(features, torch.Tensor) or features.dim() != 3 or features.shape[-1] != dim \

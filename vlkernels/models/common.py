@@ -99,10 +99,27 @@ def check_text(model: str, input_ids: torch.Tensor, max_len: int, vocab_size: Op
         raise ValueError(f"{model}: input_ids must be an integer [B, S] tensor, got {shape}")
     if input_ids.shape[1] > max_len:
         raise ValueError(f"{model}: the text has {input_ids.shape[1]} tokens, more than max_text_len {max_len}")
-    if vocab_size is not None and input_ids.numel() and not torch.compiler.is_compiling():
-        low, high = (int(v) for v in torch.aminmax(input_ids))
-        if low < 0 or high >= vocab_size:
-            raise ValueError(f"{model}: token ids must lie in [0, {vocab_size}), got [{low}, {high}]")
+    if vocab_size is not None:
+        check_ids(model, "token ids", input_ids, 0, vocab_size)
+
+
+def check_ids(model: str, name: str, tensor: Optional[torch.Tensor], low: int, high: int,
+              ignore: Optional[int] = None) -> None:
+    """A ValueError unless tensor is None or an integer tensor with values in [low, high)
+    (``ignore`` also allowed, e.g. -100 for unlabelled positions)."""
+    if tensor is None:
+        return
+    if not isinstance(tensor, torch.Tensor) or tensor.is_floating_point() or tensor.is_complex():
+        raise ValueError(f"{model}: {name} must be an integer tensor, got "
+                         f"{tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__}")
+    if tensor.numel() == 0 or torch.compiler.is_compiling():
+        return
+    values = tensor if ignore is None else tensor[tensor != ignore]
+    if values.numel():
+        lowest, highest = (int(v) for v in torch.aminmax(values))
+        if lowest < low or highest >= high:
+            allowed = f"[{low}, {high})" + ("" if ignore is None else f" or {ignore}")
+            raise ValueError(f"{model}: {name} must lie in {allowed}, got values in [{lowest}, {highest}]")
 
 
 def check_features(model: str, name: str, x: torch.Tensor, dim: int, rank: int = 3) -> None:

@@ -39,11 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlkernels.models._single_stream import (
-    SingleStreamEncoder, check_ids, check_regions, check_shape,
-)
+from vlkernels.models._single_stream import SingleStreamEncoder, check_regions, check_shape
 from vlkernels.models.common import (
-    IGNORE_INDEX, ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_text, init_bert_weights,
+    IGNORE_INDEX, ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_ids, check_text, init_bert_weights,
     mask_tokens, masked_lm_loss,
 )
 from vlkernels.models.synthetic import MASK, PAD, SyntheticPairs, mismatched_pairs, seeded_generator, to_device
