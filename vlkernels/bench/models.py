@@ -23,12 +23,10 @@ from vlkernels.bench.harness import Case, Compiled, Inputs
 OP = "model_step"
 
 
-def _step(model):
+def _step(model, device: torch.device, dtype: torch.dtype):
     def loss(*parameters, **batch):  # parameters are the differentiated inputs; the model holds them
         torch.manual_seed(0)
-        dtype = batch.pop("_autocast_dtype")
-        device = next(model.parameters()).device
-        context = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
+        context = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
         with context:
             return model(**batch).loss.float()
 
@@ -44,10 +42,10 @@ def _case(name: str, size: str, batch_size: int) -> Case:
         model = build_model(name, size, use_kernels=True).to(device).train()
         eager = copy.copy(model)  # the same submodules and parameters, only the switch differs
         eager.use_kernels = False
-        state.update(vlkernels=_step(model), eager=_step(eager))
+        state.update(vlkernels=_step(model, device, dtype), eager=_step(eager, device, dtype))
         batch = model.synthetic_batch(batch_size, generator=torch.Generator().manual_seed(0), device=device)
         parameters = tuple(p for p in model.parameters() if p.requires_grad)
-        return Inputs(parameters, dict(batch, _autocast_dtype=dtype))
+        return Inputs(parameters, batch)
 
     providers = {
         "vlkernels": lambda *args, **kwargs: state["vlkernels"](*args, **kwargs),
