@@ -9,6 +9,31 @@ whose sequences start at cu_seqlens[b] (batch stride 0).
 Scores are kept in log2 units (scale * log2(e) folded into one multiplier) so the softmax
 uses exp2. The saved logsumexp is in the same units; a row that sees no key stores +inf, so
 its probabilities recompute to exactly 0 in the backward pass and its output is 0.
+
+Masked positions are excluded, not multiplied by zero: a padded key (key_mask, or past its
+sequence's end) is loaded as k = v = 0, so a NaN stored there reaches no query; a key hidden
+by the causal / PrefixLM mask gets probability 0 whatever its score. Whether a row is empty
+is decided by the mask alone (``seen``), never by the values, so NaN / Inf fed in through q
+or a visible k / v propagate as IEEE arithmetic gives them (as in the torch reference).
+
+Launch shape (all kernels): program axis 0 enumerates (batch * heads) x (blocks of one
+head), the head's blocks fastest, so that the programs running together share K / V in L2;
+axis 1 is 1 and axis 2 is 1 or 2 (the co-attention direction). Axis 0 holds up to 2**31 - 1
+programs (the launchers check), axes 1 and 2 stay far below CUDA's 65535.
+
+Concurrency rules (the interpreter runs programs one at a time and cannot show a violation):
+- one writer per output element: a forward program owns BLOCK_M query rows of one (batch,
+  head) and writes their out and logsumexp; a backward program owns either BLOCK_N key rows
+  (dk, dv) or BLOCK_M query rows (dq) of one (batch, head); the delta pre-pass owns BLOCK_R
+  rows of delta.
+- no program reads what another program of the same launch writes: the backward reads only
+  q, k, v, out, dO, the logsumexp and delta, written by earlier launches (forward, pre-pass);
+  dk/dv programs and dq programs recompute P independently and never read each other's results.
+- no tile loaded in a pipelined dot loop has a second, non-dot consumer (triton-lang/triton#6691):
+  inside the loops, k, v, q and dO tiles feed tl.dot only (q and dO two dots each, which the
+  pipeliner sizes for); delta = rowsum(dO * O) is computed by the separate pre-pass kernel
+  instead of from the dO tile of the loop; the key-mask bytes, logsumexp and delta vectors
+  loaded in the loops are register-side only and feed no dot.
 """
 import triton
 import triton.language as tl
@@ -24,12 +49,18 @@ def _sequence(cu_seqlens, batch, max_len, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _visible(offs_m, offs_n, key_len, key_mask_row, prefix, HAS_KEY_MASK: tl.constexpr, CAUSAL: tl.constexpr):
-    # [BLOCK_M, BLOCK_N] bool: may query offs_m see key offs_n (CAUSAL covers PrefixLM: prefix = 0 is plain causal).
-    visible = (offs_n < key_len)[None, :]
+def _real_keys(offs_n, key_len, key_mask_row, HAS_KEY_MASK: tl.constexpr):
+    # [BLOCK_N] bool: is key offs_n a real key (inside the sequence and not padding).
+    real = offs_n < key_len
     if HAS_KEY_MASK:
-        allowed = tl.load(key_mask_row + offs_n, mask=offs_n < key_len, other=0)
-        visible = visible & (allowed != 0)[None, :]
+        real = real & (tl.load(key_mask_row + offs_n, mask=real, other=0) != 0)
+    return real
+
+
+@triton.jit
+def _visible(offs_m, offs_n, real, prefix, CAUSAL: tl.constexpr):
+    # [BLOCK_M, BLOCK_N] bool: may query offs_m see key offs_n (CAUSAL covers PrefixLM: prefix = 0 is plain causal).
+    visible = real[None, :]
     if CAUSAL:
         visible = visible & ((offs_n[None, :] <= offs_m[:, None]) | (offs_n[None, :] < prefix))
     return visible
@@ -44,16 +75,15 @@ def _key_end(start_m, key_len, prefix, BLOCK_M: tl.constexpr, CAUSAL: tl.constex
 
 
 @triton.jit
-def _query_rows(q_base, do_base, o_base, lse_base, offs_m, offs_d, q_len, d_ok, sq_s, so_s):
-    # One query block's q and dO rows, delta = rowsum(dO * O) and the saved logsumexp (+inf
+def _query_rows(q_base, do_base, lse_base, delta_base, offs_m, offs_d, q_len, d_ok, sq_s, so_s, delta_ss):
+    # One query block's q and dO rows, its delta (from the pre-pass) and saved logsumexp (+inf
     # past the end, so those rows' probabilities recompute to 0), and the rows' load mask.
     m_ok = offs_m < q_len
     row_mask = m_ok[:, None] & d_ok[None, :]
     rows = offs_m[:, None].to(tl.int64)
     q_tile = tl.load(q_base + rows * sq_s + offs_d[None, :], mask=row_mask, other=0.0)
     do_tile = tl.load(do_base + rows * so_s + offs_d[None, :], mask=row_mask, other=0.0)
-    o_tile = tl.load(o_base + rows * so_s + offs_d[None, :], mask=row_mask, other=0.0)
-    delta = tl.sum(do_tile.to(tl.float32) * o_tile.to(tl.float32), axis=1)
+    delta = tl.load(delta_base + offs_m.to(tl.int64) * delta_ss, mask=m_ok, other=0.0)
     logsumexp = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))
     return q_tile, do_tile, delta, logsumexp, row_mask
 
@@ -62,15 +92,16 @@ def _query_rows(q_base, do_base, o_base, lse_base, offs_m, offs_d, q_len, d_ok, 
 def _attention_fwd_tile(
     q, k, v, out, lse, key_mask, key_limit, prefix_len, cu_q, cu_k,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s, lse_sb, lse_sh, mask_sb,
-    heads, seq_q, seq_k, scale_log2,
+    heads, seq_q, seq_k, scale_log2, pid_m, pid_bh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    batch = tl.program_id(1) // heads
-    head = tl.program_id(1) % heads
+    # Query block pid_m of (batch, head) = divmod(pid_bh, heads): writes its out and logsumexp rows.
+    batch = pid_bh // heads
+    head = pid_bh % heads
     q_begin, q_len = _sequence(cu_q, batch, seq_q, VARLEN)
     k_begin, k_len = _sequence(cu_k, batch, seq_k, VARLEN)
-    start_m = tl.program_id(0) * BLOCK_M
+    start_m = pid_m * BLOCK_M
     if start_m < q_len:
         if HAS_KEY_MASK:
             k_len = tl.minimum(k_len, tl.load(key_limit + batch))  # trailing padding: skip its tiles
@@ -89,27 +120,32 @@ def _attention_fwd_tile(
 
         row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        seen = tl.zeros((BLOCK_M,), dtype=tl.int32)  # 1 once a row has a visible key (decided by the mask only)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         for start_n in range(0, _key_end(start_m, k_len, prefix, BLOCK_M, CAUSAL), BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < k_len
+            real = _real_keys(offs_n, k_len, mask_row, HAS_KEY_MASK)
+            # Padded keys load as 0: a NaN stored there must not reach the products.
             k_tile = tl.load(k_base + offs_n[None, :].to(tl.int64) * sk_s + offs_d[:, None],
-                             mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+                             mask=d_ok[:, None] & real[None, :], other=0.0)
             scores = tl.dot(q_tile, k_tile, input_precision=DOT_PRECISION) * scale_log2
-            visible = _visible(offs_m, offs_n, k_len, mask_row, prefix, HAS_KEY_MASK, CAUSAL)
+            visible = _visible(offs_m, offs_n, real, prefix, CAUSAL)
+            seen = tl.maximum(seen, tl.max(visible.to(tl.int32), axis=1))
             scores = tl.where(visible, scores, float("-inf"))
             new_max = tl.maximum(row_max, tl.max(scores, axis=1))
             shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # no visible key yet: avoid inf - inf
-            p = tl.exp2(scores - shift[:, None])
+            p = tl.where(visible, tl.exp2(scores - shift[:, None]), 0.0)
             rescale = tl.exp2(row_max - shift)
             row_sum = row_sum * rescale + tl.sum(p, axis=1)
             v_tile = tl.load(v_base + offs_n[:, None].to(tl.int64) * sv_s + offs_d[None, :],
-                             mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+                             mask=real[:, None] & d_ok[None, :], other=0.0)
             acc = acc * rescale[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=DOT_PRECISION)
             row_max = new_max
 
-        empty = row_sum == 0.0
-        acc = acc / tl.where(empty, 1.0, row_sum)[:, None]
+        empty = seen == 0
+        # A row with visible keys divides by its sum even when that is 0 or NaN (Inf / NaN inputs:
+        # 0 / 0 = NaN, as the reference's softmax gives); an empty row is 0 whatever acc holds.
+        acc = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, row_sum)[:, None])
         out_rows = out + batch.to(tl.int64) * so_b + head * so_h + (q_begin + offs_m).to(tl.int64)[:, None] * so_s
         tl.store(out_rows + offs_d[None, :], acc.to(out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
         logsumexp = tl.where(empty, float("inf"), row_max + tl.log2(tl.where(empty, 1.0, row_sum)))
@@ -118,18 +154,19 @@ def _attention_fwd_tile(
 
 @triton.jit
 def _attention_bwd_tile(
-    q, k, v, out, grad_out, lse, grad_q, grad_k, grad_v, key_mask, key_limit, prefix_len, cu_q, cu_k,
+    q, k, v, grad_out, lse, delta, grad_q, grad_k, grad_v, key_mask, key_limit, prefix_len, cu_q, cu_k,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s, lse_sb, lse_sh, mask_sb,
-    heads, seq_q, seq_k, scale_log2, scale, role_pid,
+    delta_sb, delta_sh, delta_ss, heads, seq_q, seq_k, scale_log2, scale, role_pid, pid_bh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # Programs [0, cdiv(seq_k, BLOCK_N)) compute dk, dv of one key block; the programs after
-    # them compute dq of one query block. Both recompute P from the saved logsumexp and
-    # delta = rowsum(dO * O) from the tiles they load, so one launch needs no atomics.
-    # grad_q/grad_k/grad_v share the strides of q/k/v; grad_out those of out.
-    batch = tl.program_id(1) // heads
-    head = tl.program_id(1) % heads
+    # Programs role_pid in [0, cdiv(seq_k, BLOCK_N)) compute dk, dv of one key block; the
+    # programs after them compute dq of one query block. Both recompute P from the saved
+    # logsumexp and read delta = rowsum(dO * O) from the pre-pass, so one launch needs no
+    # atomics and no program reads another's output. grad_q/grad_k/grad_v share the strides of
+    # q/k/v; grad_out has the strides of out (so_*).
+    batch = pid_bh // heads
+    head = pid_bh % heads
     q_begin, q_len = _sequence(cu_q, batch, seq_q, VARLEN)
     k_begin, k_len = _sequence(cu_k, batch, seq_k, VARLEN)
     key_len = k_len
@@ -147,9 +184,9 @@ def _attention_bwd_tile(
     dk_base = grad_k + b64 * sk_b + head * sk_h + k_begin.to(tl.int64) * sk_s
     v_base = v + b64 * sv_b + head * sv_h + k_begin.to(tl.int64) * sv_s
     dv_base = grad_v + b64 * sv_b + head * sv_h + k_begin.to(tl.int64) * sv_s
-    o_base = out + b64 * so_b + head * so_h + q_begin.to(tl.int64) * so_s
     do_base = grad_out + b64 * so_b + head * so_h + q_begin.to(tl.int64) * so_s
     lse_base = lse + b64 * lse_sb + head * lse_sh + q_begin
+    delta_base = delta + b64 * delta_sb + head * delta_sh + q_begin.to(tl.int64) * delta_ss
     mask_row = key_mask + b64 * mask_sb
     key_blocks = tl.cdiv(seq_k, BLOCK_N)
 
@@ -158,9 +195,10 @@ def _attention_bwd_tile(
         if start_n < k_len:
             offs_n = start_n + tl.arange(0, BLOCK_N)
             n_ok = offs_n < k_len
-            kv_mask = n_ok[:, None] & d_ok[None, :]
-            k_tile = tl.load(k_base + offs_n[:, None].to(tl.int64) * sk_s + offs_d[None, :], mask=kv_mask, other=0.0)
-            v_tile = tl.load(v_base + offs_n[:, None].to(tl.int64) * sv_s + offs_d[None, :], mask=kv_mask, other=0.0)
+            real = _real_keys(offs_n, key_len, mask_row, HAS_KEY_MASK)
+            load_mask = real[:, None] & d_ok[None, :]  # padded keys load as 0 (a NaN there reaches nothing)
+            k_tile = tl.load(k_base + offs_n[:, None].to(tl.int64) * sk_s + offs_d[None, :], mask=load_mask, other=0.0)
+            v_tile = tl.load(v_base + offs_n[:, None].to(tl.int64) * sv_s + offs_d[None, :], mask=load_mask, other=0.0)
             grad_k_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
             grad_v_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
             begin_m = 0
@@ -171,68 +209,100 @@ def _attention_bwd_tile(
                 begin_m = q_len  # keys in trailing padding: nobody sees them, their gradients are 0
             for start_m in range(begin_m, q_len, BLOCK_M):
                 offs_m = start_m + tl.arange(0, BLOCK_M)
-                q_tile, do_tile, delta, logsumexp, _ = _query_rows(q_base, do_base, o_base, lse_base, offs_m, offs_d,
-                                                                   q_len, d_ok, sq_s, so_s)
+                q_tile, do_tile, delta_rows, logsumexp, _ = _query_rows(q_base, do_base, lse_base, delta_base, offs_m,
+                                                                        offs_d, q_len, d_ok, sq_s, so_s, delta_ss)
                 scores = tl.dot(q_tile, tl.trans(k_tile), input_precision=DOT_PRECISION) * scale_log2
-                visible = _visible(offs_m, offs_n, key_len, mask_row, prefix, HAS_KEY_MASK, CAUSAL)
+                visible = _visible(offs_m, offs_n, real, prefix, CAUSAL)
                 p = tl.where(visible, tl.exp2(scores - logsumexp[:, None]), 0.0)
                 grad_v_acc += tl.dot(tl.trans(p.to(do_tile.dtype)), do_tile, input_precision=DOT_PRECISION)
                 grad_p = tl.dot(do_tile, tl.trans(v_tile), input_precision=DOT_PRECISION)
-                grad_s = p * (grad_p - delta[:, None])
+                grad_s = p * (grad_p - delta_rows[:, None])
                 grad_k_acc += tl.dot(tl.trans(grad_s.to(q_tile.dtype)), q_tile, input_precision=DOT_PRECISION)
+            store_mask = n_ok[:, None] & d_ok[None, :]  # every key row of the block, padding included (zeros)
             tl.store(dk_base + offs_n[:, None].to(tl.int64) * sk_s + offs_d[None, :],
-                     (grad_k_acc * scale).to(grad_k.dtype.element_ty), mask=kv_mask)
+                     (grad_k_acc * scale).to(grad_k.dtype.element_ty), mask=store_mask)
             tl.store(dv_base + offs_n[:, None].to(tl.int64) * sv_s + offs_d[None, :],
-                     grad_v_acc.to(grad_v.dtype.element_ty), mask=kv_mask)
+                     grad_v_acc.to(grad_v.dtype.element_ty), mask=store_mask)
     else:
         start_m = (role_pid - key_blocks) * BLOCK_M
         if start_m < q_len:
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            q_tile, do_tile, delta, logsumexp, row_mask = _query_rows(q_base, do_base, o_base, lse_base, offs_m,
-                                                                      offs_d, q_len, d_ok, sq_s, so_s)
+            q_tile, do_tile, delta_rows, logsumexp, row_mask = _query_rows(q_base, do_base, lse_base, delta_base,
+                                                                           offs_m, offs_d, q_len, d_ok, sq_s, so_s,
+                                                                           delta_ss)
             grad_q_acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
             for start_n in range(0, _key_end(start_m, key_len, prefix, BLOCK_M, CAUSAL), BLOCK_N):
                 offs_n = start_n + tl.arange(0, BLOCK_N)
-                n_ok = offs_n < k_len
-                k_tile = tl.load(k_base + offs_n[None, :].to(tl.int64) * sk_s + offs_d[:, None],
-                                 mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-                v_tile = tl.load(v_base + offs_n[None, :].to(tl.int64) * sv_s + offs_d[:, None],
-                                 mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+                real = _real_keys(offs_n, key_len, mask_row, HAS_KEY_MASK)
+                load_mask = d_ok[:, None] & real[None, :]
+                k_tile = tl.load(k_base + offs_n[None, :].to(tl.int64) * sk_s + offs_d[:, None], mask=load_mask,
+                                 other=0.0)
+                v_tile = tl.load(v_base + offs_n[None, :].to(tl.int64) * sv_s + offs_d[:, None], mask=load_mask,
+                                 other=0.0)
                 scores = tl.dot(q_tile, k_tile, input_precision=DOT_PRECISION) * scale_log2
-                visible = _visible(offs_m, offs_n, key_len, mask_row, prefix, HAS_KEY_MASK, CAUSAL)
+                visible = _visible(offs_m, offs_n, real, prefix, CAUSAL)
                 p = tl.where(visible, tl.exp2(scores - logsumexp[:, None]), 0.0)
                 grad_p = tl.dot(do_tile, v_tile, input_precision=DOT_PRECISION)
-                grad_s = p * (grad_p - delta[:, None])
+                grad_s = p * (grad_p - delta_rows[:, None])
                 grad_q_acc += tl.dot(grad_s.to(k_tile.dtype), tl.trans(k_tile), input_precision=DOT_PRECISION)
             tl.store(dq_base + offs_m[:, None].to(tl.int64) * sq_s + offs_d[None, :],
                      (grad_q_acc * scale).to(grad_q.dtype.element_ty), mask=row_mask)
 
 
 @triton.jit
+def _attention_bwd_delta_kernel(out, grad_out, delta, rows, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr,
+                                BLOCK_D: tl.constexpr):
+    """delta[r] = sum_d dO[r, d] * O[r, d] in fp32 over the contiguous [rows, HEAD_DIM] out and dO.
+
+    The backward pre-pass, so the backward's dot loops need not reduce their dO tiles (#6691).
+    Grid (cdiv(rows, BLOCK_R),) on axis 0; each program writes its BLOCK_R entries of delta
+    (one writer) and reads only out and dO (written by earlier launches). No dot."""
+    offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_r < rows)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    offsets = offs_r[:, None] * HEAD_DIM + offs_d[None, :]
+    o = tl.load(out + offsets, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(grad_out + offsets, mask=mask, other=0.0).to(tl.float32)
+    tl.store(delta + offs_r, tl.sum(o * do, axis=1), mask=offs_r < rows)
+
+
+@triton.jit
 def _attention_fwd_kernel(
     q, k, v, out, lse, key_mask, key_limit, prefix_len, cu_q, cu_k,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s, lse_sb, lse_sh, mask_sb,
-    heads, seq_q, seq_k, scale_log2,
+    heads, seq_q, seq_k, scale_log2, programs_per_head,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    """Forward of attention / attention_varlen. Grid (B * H * programs_per_head,): program
+    (bh, m) = divmod(pid, programs_per_head) writes query rows [m * BLOCK_M, +BLOCK_M) of
+    (batch, head) = divmod(bh, H): out and logsumexp, one writer each; it reads only inputs.
+    Its dot loop loads k and v tiles, each consumed by one tl.dot (see the module docstring)."""
+    pid = tl.program_id(0)
     _attention_fwd_tile(q, k, v, out, lse, key_mask, key_limit, prefix_len, cu_q, cu_k,
                         sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s, lse_sb, lse_sh, mask_sb,
-                        heads, seq_q, seq_k, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
-                        CAUSAL, HAS_KEY_MASK, VARLEN, DOT_PRECISION)
+                        heads, seq_q, seq_k, scale_log2, pid % programs_per_head, pid // programs_per_head,
+                        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_KEY_MASK, VARLEN, DOT_PRECISION)
 
 
 @triton.jit
 def _attention_bwd_kernel(
-    q, k, v, out, grad_out, lse, grad_q, grad_k, grad_v, key_mask, key_limit, prefix_len, cu_q, cu_k,
+    q, k, v, grad_out, lse, delta, grad_q, grad_k, grad_v, key_mask, key_limit, prefix_len, cu_q, cu_k,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s, lse_sb, lse_sh, mask_sb,
-    heads, seq_q, seq_k, scale_log2, scale,
+    delta_sb, delta_sh, delta_ss, heads, seq_q, seq_k, scale_log2, scale, programs_per_head,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    _attention_bwd_tile(q, k, v, out, grad_out, lse, grad_q, grad_k, grad_v, key_mask, key_limit, prefix_len,
+    """Backward of attention / attention_varlen after the delta pre-pass. Grid
+    (B * H * programs_per_head,) with programs_per_head = cdiv(Sk, BLOCK_N) + cdiv(Sq, BLOCK_M):
+    role = pid % programs_per_head picks a key block (writes its dk, dv rows) or a query block
+    (writes its dq rows) of (batch, head) = divmod(pid // programs_per_head, H). One writer
+    per element, no atomics; programs read only forward outputs, delta and inputs."""
+    pid = tl.program_id(0)
+    _attention_bwd_tile(q, k, v, grad_out, lse, delta, grad_q, grad_k, grad_v, key_mask, key_limit, prefix_len,
                         cu_q, cu_k, sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s,
-                        lse_sb, lse_sh, mask_sb, heads, seq_q, seq_k, scale_log2, scale, tl.program_id(0),
+                        lse_sb, lse_sh, mask_sb, delta_sb, delta_sh, delta_ss, heads, seq_q, seq_k, scale_log2, scale,
+                        pid % programs_per_head, pid // programs_per_head,
                         HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_KEY_MASK, VARLEN, DOT_PRECISION)
 
 
@@ -244,47 +314,59 @@ def _co_attention_fwd_kernel(
     q_b, k_b, v_b, out_b, lse_b, mask_b, limit_b,
     sq_b_b, sq_h_b, sq_s_b, sk_b_b, sk_h_b, sk_s_b, sv_b_b, sv_h_b, sv_s_b, so_b_b, so_h_b, so_s_b, mask_sb_b,
     seq_q_b, seq_k_b,
-    heads, scale_log2,
+    heads, scale_log2, programs_per_head,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MASK_A: tl.constexpr, HAS_MASK_B: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # Program axis 2 picks the direction: 0 = queries a over keys b, 1 = queries b over keys a.
-    # The saved logsumexp of each direction is [B, H, Sq] contiguous.
+    """Both directions of co-attention's forward in one launch. Grid (B * H * programs_per_head,
+    1, 2): axis 2 picks the direction (0 = queries a over keys b, 1 = queries b over keys a),
+    axis 0 the (batch, head) and query block as in _attention_fwd_kernel (programs_per_head
+    covers the longer query stream; the other direction's extra programs exit). The two
+    directions write disjoint outputs; the saved logsumexp of each is [B, H, Sq] contiguous."""
+    pid = tl.program_id(0)
     if tl.program_id(2) == 0:
         _attention_fwd_tile(q_a, k_a, v_a, out_a, lse_a, mask_a, limit_a, mask_a, mask_a, mask_a,
                             sq_b_a, sq_h_a, sq_s_a, sk_b_a, sk_h_a, sk_s_a, sv_b_a, sv_h_a, sv_s_a,
                             so_b_a, so_h_a, so_s_a, heads * seq_q_a, seq_q_a, mask_sb_a,
-                            heads, seq_q_a, seq_k_a, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
-                            False, HAS_MASK_A, False, DOT_PRECISION)
+                            heads, seq_q_a, seq_k_a, scale_log2, pid % programs_per_head, pid // programs_per_head,
+                            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_MASK_A, False, DOT_PRECISION)
     else:
         _attention_fwd_tile(q_b, k_b, v_b, out_b, lse_b, mask_b, limit_b, mask_b, mask_b, mask_b,
                             sq_b_b, sq_h_b, sq_s_b, sk_b_b, sk_h_b, sk_s_b, sv_b_b, sv_h_b, sv_s_b,
                             so_b_b, so_h_b, so_s_b, heads * seq_q_b, seq_q_b, mask_sb_b,
-                            heads, seq_q_b, seq_k_b, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
-                            False, HAS_MASK_B, False, DOT_PRECISION)
+                            heads, seq_q_b, seq_k_b, scale_log2, pid % programs_per_head, pid // programs_per_head,
+                            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_MASK_B, False, DOT_PRECISION)
 
 
 @triton.jit
 def _co_attention_bwd_kernel(
-    q_a, k_a, v_a, out_a, grad_out_a, lse_a, grad_q_a, grad_k_a, grad_v_a, mask_a, limit_a,
+    q_a, k_a, v_a, grad_out_a, lse_a, delta_a, grad_q_a, grad_k_a, grad_v_a, mask_a, limit_a,
     sq_b_a, sq_h_a, sq_s_a, sk_b_a, sk_h_a, sk_s_a, sv_b_a, sv_h_a, sv_s_a, so_b_a, so_h_a, so_s_a, mask_sb_a,
     seq_q_a, seq_k_a,
-    q_b, k_b, v_b, out_b, grad_out_b, lse_b, grad_q_b, grad_k_b, grad_v_b, mask_b, limit_b,
+    q_b, k_b, v_b, grad_out_b, lse_b, delta_b, grad_q_b, grad_k_b, grad_v_b, mask_b, limit_b,
     sq_b_b, sq_h_b, sq_s_b, sk_b_b, sk_h_b, sk_s_b, sv_b_b, sv_h_b, sv_s_b, so_b_b, so_h_b, so_s_b, mask_sb_b,
     seq_q_b, seq_k_b,
-    heads, scale_log2, scale,
+    heads, scale_log2, scale, programs_per_head,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MASK_A: tl.constexpr, HAS_MASK_B: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    """Both directions of co-attention's backward in one launch, after the delta pre-pass.
+    Grid (B * H * programs_per_head, 1, 2), roles as in _attention_bwd_kernel per direction.
+    Direction 0 writes dq_a, dk_b, dv_b (gradients of q_t, k_i, v_i) and direction 1 writes
+    dq_b, dk_a, dv_a: distinct buffers, one writer per element; delta and lse of each
+    direction are [B, H, Sq] contiguous and written by earlier launches."""
+    pid = tl.program_id(0)
     if tl.program_id(2) == 0:
-        _attention_bwd_tile(q_a, k_a, v_a, out_a, grad_out_a, lse_a, grad_q_a, grad_k_a, grad_v_a, mask_a, limit_a,
+        _attention_bwd_tile(q_a, k_a, v_a, grad_out_a, lse_a, delta_a, grad_q_a, grad_k_a, grad_v_a, mask_a, limit_a,
                             mask_a, mask_a, mask_a, sq_b_a, sq_h_a, sq_s_a, sk_b_a, sk_h_a, sk_s_a,
                             sv_b_a, sv_h_a, sv_s_a, so_b_a, so_h_a, so_s_a, heads * seq_q_a, seq_q_a, mask_sb_a,
-                            heads, seq_q_a, seq_k_a, scale_log2, scale, tl.program_id(0),
+                            heads * seq_q_a, seq_q_a, 1, heads, seq_q_a, seq_k_a, scale_log2, scale,
+                            pid % programs_per_head, pid // programs_per_head,
                             HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_MASK_A, False, DOT_PRECISION)
     else:
-        _attention_bwd_tile(q_b, k_b, v_b, out_b, grad_out_b, lse_b, grad_q_b, grad_k_b, grad_v_b, mask_b, limit_b,
+        _attention_bwd_tile(q_b, k_b, v_b, grad_out_b, lse_b, delta_b, grad_q_b, grad_k_b, grad_v_b, mask_b, limit_b,
                             mask_b, mask_b, mask_b, sq_b_b, sq_h_b, sq_s_b, sk_b_b, sk_h_b, sk_s_b,
                             sv_b_b, sv_h_b, sv_s_b, so_b_b, so_h_b, so_s_b, heads * seq_q_b, seq_q_b, mask_sb_b,
-                            heads, seq_q_b, seq_k_b, scale_log2, scale, tl.program_id(0),
+                            heads * seq_q_b, seq_q_b, 1, heads, seq_q_b, seq_k_b, scale_log2, scale,
+                            pid % programs_per_head, pid // programs_per_head,
                             HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_MASK_B, False, DOT_PRECISION)

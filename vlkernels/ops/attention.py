@@ -2,9 +2,16 @@
 causal and PrefixLM masks, bidirectional co-attention in one launch, and packed varlen.
 
 Flash-attention style Triton kernels (see _attention_kernels.py): forward with online
-softmax saving the logsumexp, backward in one launch whose programs compute either dk/dv of
-a key block or dq of a query block (no atomics, deterministic). A query that sees no key
-gets zeros and zero gradients, never NaN.
+softmax saving the logsumexp, backward (after a delta = rowsum(dO * O) pre-pass) in one
+launch whose programs compute either dk/dv of a key block or dq of a query block (no atomics,
+deterministic).
+
+Masked positions, on every backend: a query that sees no key gets zeros and zero gradients
+(decided by the masks, not by the values); the k and v of a padded key (key_mask, past a
+varlen sequence's end) reach no query, so padding may hold NaN; a key hidden by causal /
+prefix_len has its score excluded (its v enters the kernels' and SDPA's products with weight
+0, so a non-finite v there is not guaranteed excluded). NaN and Inf in q or in the k and v of
+visible keys propagate into the rows that see them; nothing is replaced.
 """
 from __future__ import annotations
 
@@ -94,9 +101,59 @@ def _key_limits(key_mask: Optional[torch.Tensor], batch: int, device) -> tuple[t
     if key_mask is None:
         empty = torch.zeros(1, dtype=torch.int32, device=device)
         return empty, empty
+    if key_mask.shape[1] == 0:  # no keys at all (amax has nothing to reduce): every row is empty
+        return key_mask.contiguous().view(torch.uint8), torch.zeros(batch, dtype=torch.int32, device=device)
     positions = torch.arange(1, key_mask.shape[1] + 1, device=device, dtype=torch.int32)
     limit = (key_mask.to(torch.int32) * positions).amax(1).to(torch.int32)
     return key_mask.contiguous().view(torch.uint8), limit
+
+
+# CUDA caps grid axis 0 at 2**31 - 1 programs and axes 1 and 2 at 65535. Every launch here puts
+# (batch * heads) x (blocks of one head) on axis 0, which grows with the data, and keeps axis 1
+# at 1 and axis 2 at 1 or 2 (the co-attention direction); B * H on axis 1 would stop at 65535
+# (a varlen batch of many sequences).
+_MAX_GRID_X = 2 ** 31 - 1
+
+
+def _grid(op: str, programs_per_head: int, batch_heads: int, directions: int = 1) -> tuple[int, int, int]:
+    """Launch shape of a kernel with ``programs_per_head`` programs for each of ``batch_heads``
+    (batch, head) pairs: (batch_heads * programs_per_head, 1, directions)."""
+    programs = batch_heads * programs_per_head
+    if programs > _MAX_GRID_X:
+        raise ValueError(f"{op}: {batch_heads} (batch, head) pairs x {programs_per_head} blocks each is "
+                         f"{programs} programs, over the {_MAX_GRID_X} a launch can have; split the batch")
+    return programs, 1, directions
+
+
+def _fwd_grid(op: str, seq_q: int, batch_heads: int, dtype: torch.dtype, head_dim: int, directions: int = 1):
+    """(grid, programs_per_head) of a forward launch over query blocks."""
+    cfg = _config(dtype, _block_d(head_dim), backward=False)
+    per_head = triton.cdiv(seq_q, cfg.block_m)
+    return _grid(op, per_head, batch_heads, directions), per_head
+
+
+def _bwd_grid(op: str, seq_q: int, seq_k: int, batch_heads: int, dtype: torch.dtype, head_dim: int,
+              directions: int = 1):
+    """(grid, programs_per_head) of a backward launch: the key blocks, then the query blocks."""
+    cfg = _config(dtype, _block_d(head_dim), backward=True)
+    per_head = triton.cdiv(seq_k, cfg.block_n) + triton.cdiv(seq_q, cfg.block_m)
+    return _grid(op, per_head, batch_heads, directions), per_head
+
+
+_DELTA_BLOCK_ROWS = 64  # rows of the delta pre-pass per program: a [64, <=128] fp32 tile per 4 warps
+
+
+def _delta(out: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """delta = rowsum(dO * O) in fp32, one entry per row of the contiguous out (the backward's
+    pre-pass): [B, H, Sq] for a dense out, [total, H] for a packed one."""
+    head_dim = out.shape[-1]
+    rows = out.numel() // head_dim if head_dim else 0
+    delta = torch.empty(out.shape[:-1], device=out.device, dtype=torch.float32)
+    if rows:
+        kernels._attention_bwd_delta_kernel[(triton.cdiv(rows, _DELTA_BLOCK_ROWS),)](
+            out, grad_out, delta, rows, HEAD_DIM=head_dim, BLOCK_R=_DELTA_BLOCK_ROWS, BLOCK_D=_block_d(head_dim),
+            num_warps=4)
+    return delta
 
 
 def _dense_strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -128,14 +185,16 @@ def _launch_fwd(q, k, v, key_mask, prefix_len, cu_q, cu_k, max_q, max_k, causal,
     mask, limit = _key_limits(key_mask, batch, q.device)
     placeholder = limit
     cfg = _config(q.dtype, _block_d(head_dim), backward=False)
-    grid = (triton.cdiv(seq_q, cfg.block_m), batch * heads)
+    grid, per_head = _fwd_grid("attention", seq_q, batch * heads, q.dtype, head_dim)
+    if grid[0] == 0:  # no query rows or no (batch, head): nothing to compute
+        return out, lse
     kernels._attention_fwd_kernel[grid](
         q, k, v, out, lse, mask, limit,
         prefix_len if prefix_len is not None else placeholder,
         cu_q if cu_q is not None else placeholder, cu_k if cu_k is not None else placeholder,
         *strides(q), *strides(k), *strides(v), *strides(out), *lse_strides,
         mask.stride(0) if key_mask is not None else 0,
-        heads, seq_q, seq_k, scale * math.log2(math.e),
+        heads, seq_q, seq_k, scale * math.log2(math.e), per_head,
         HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         CAUSAL=causal, HAS_KEY_MASK=key_mask is not None, VARLEN=cu_q is not None,
         DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -150,17 +209,22 @@ def _launch_bwd(grad_out, q, k, v, out, lse, key_mask, prefix_len, cu_q, cu_k, m
     head_dim = q.shape[-1]
     grads = [_grad_buffer(t) for t in (q, k, v)]
     lse_strides = (heads * seq_q, seq_q) if cu_q is None else (0, q.shape[0])
+    # delta has one entry per row of out: [B, H, Sq] (dense) or [total, H] (packed).
+    delta_strides = (heads * seq_q, seq_q, 1) if cu_q is None else (0, 1, heads)
     mask, limit = _key_limits(key_mask, batch, q.device)
     placeholder = limit
     cfg = _config(q.dtype, _block_d(head_dim), backward=True)
-    grid = (triton.cdiv(seq_k, cfg.block_n) + triton.cdiv(seq_q, cfg.block_m), batch * heads)
+    grid, per_head = _bwd_grid("attention", seq_q, seq_k, batch * heads, q.dtype, head_dim)
+    if grid[0] == 0 or q.numel() == 0:  # nothing to differentiate (and an empty key side has no gradient)
+        return [g.zero_() for g in grads]
+    delta = _delta(out, grad_out)
     kernels._attention_bwd_kernel[grid](
-        q, k, v, out, grad_out, lse, *grads, mask, limit,
+        q, k, v, grad_out, lse, delta, *grads, mask, limit,
         prefix_len if prefix_len is not None else placeholder,
         cu_q if cu_q is not None else placeholder, cu_k if cu_k is not None else placeholder,
         *strides(q), *strides(k), *strides(v), *strides(out), *lse_strides,
-        mask.stride(0) if key_mask is not None else 0,
-        heads, seq_q, seq_k, scale * math.log2(math.e), scale,
+        mask.stride(0) if key_mask is not None else 0, *delta_strides,
+        heads, seq_q, seq_k, scale * math.log2(math.e), scale, per_head,
         HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         CAUSAL=causal, HAS_KEY_MASK=key_mask is not None, VARLEN=cu_q is not None,
         DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -169,7 +233,8 @@ def _launch_bwd(grad_out, q, k, v, out, lse, key_mask, prefix_len, cu_q, cu_k, m
 
 
 def _direction_args(q, k, v, out, lse, key_mask, limit, grads=()):
-    """The per-direction arguments of the co-attention kernels, in their order."""
+    """The per-direction arguments of the co-attention forward kernel, in their order; the
+    backward's take (q, k, v, grad_out, lse, delta, grad_q, grad_k, grad_v, mask, limit, ...)."""
     mask_stride = key_mask.stride(0) if key_mask.dim() == 2 else 0
     return [q, k, v, out, *grads, lse, key_mask, limit, *_dense_strides(q), *_dense_strides(k), *_dense_strides(v),
             *_dense_strides(out), mask_stride, q.shape[2], k.shape[2]]
@@ -183,11 +248,14 @@ def _launch_co_fwd(q_t, k_t, v_t, q_i, k_i, v_i, text_mask, image_mask, scale):
     image = _key_limits(image_mask, batch, q_t.device)  # text queries attend image keys
     text = _key_limits(text_mask, batch, q_t.device)
     cfg = _config(q_t.dtype, _block_d(head_dim), backward=False)
-    grid = (triton.cdiv(max(q_t.shape[2], q_i.shape[2]), cfg.block_m), batch * heads, 2)
+    grid, per_head = _fwd_grid("co_attention", max(q_t.shape[2], q_i.shape[2]), batch * heads, q_t.dtype,
+                               head_dim, directions=2)
+    if grid[0] == 0:
+        return outs[0], lses[0], outs[1], lses[1]
     kernels._co_attention_fwd_kernel[grid](
         *_direction_args(q_t, k_i, v_i, outs[0], lses[0], *image),
         *_direction_args(q_i, k_t, v_t, outs[1], lses[1], *text),
-        heads, scale * math.log2(math.e),
+        heads, scale * math.log2(math.e), per_head,
         HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         HAS_MASK_A=image_mask is not None, HAS_MASK_B=text_mask is not None,
         DOT_PRECISION=_dot_precision(q_t.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -201,23 +269,26 @@ def _launch_co_bwd(grad_t, grad_i, q_t, k_t, v_t, q_i, k_i, v_i, out_t, lse_t, o
     grad_t, grad_i = grad_t.contiguous(), grad_i.contiguous()
     batch, heads, head_dim = q_t.shape[0], q_t.shape[1], q_t.shape[-1]
     grads = {name: _grad_buffer(t) for name, t in dict(q_t=q_t, k_t=k_t, v_t=v_t, q_i=q_i, k_i=k_i, v_i=v_i).items()}
+    names = ("q_t", "k_t", "v_t", "q_i", "k_i", "v_i")
     image = _key_limits(image_mask, batch, q_t.device)
     text = _key_limits(text_mask, batch, q_t.device)
     cfg = _config(q_t.dtype, _block_d(head_dim), backward=True)
-    programs = max(triton.cdiv(k.shape[2], cfg.block_n) + triton.cdiv(q.shape[2], cfg.block_m)
-                   for q, k in ((q_t, k_i), (q_i, k_t)))
-    text_args = _direction_args(q_t, k_i, v_i, out_t, lse_t, *image, grads=(grad_t,))
-    image_args = _direction_args(q_i, k_t, v_t, out_i, lse_i, *text, grads=(grad_i,))
-    # The kernel takes (q, k, v, out, grad_out, lse, grad_q, grad_k, grad_v, mask, limit, ...).
-    text_args[6:6] = [grads["q_t"], grads["k_i"], grads["v_i"]]
-    image_args[6:6] = [grads["q_i"], grads["k_t"], grads["v_t"]]
-    kernels._co_attention_bwd_kernel[(programs, batch * heads, 2)](
-        *text_args, *image_args, heads, scale * math.log2(math.e), scale,
+    grid, per_head = max(_bwd_grid("co_attention", q.shape[2], k.shape[2], batch * heads, q_t.dtype, head_dim,
+                                   directions=2) for q, k in ((q_t, k_i), (q_i, k_t)))
+    if grid[0] == 0 or q_t.numel() + q_i.numel() == 0:
+        return [grads[name].zero_() for name in names]
+    # The kernel takes (q, k, v, grad_out, lse, delta, grad_q, grad_k, grad_v, mask, limit, ...).
+    text_args = _direction_args(q_t, k_i, v_i, grad_t, lse_t, *image)
+    image_args = _direction_args(q_i, k_t, v_t, grad_i, lse_i, *text)
+    text_args[5:5] = [_delta(out_t, grad_t), grads["q_t"], grads["k_i"], grads["v_i"]]
+    image_args[5:5] = [_delta(out_i, grad_i), grads["q_i"], grads["k_t"], grads["v_t"]]
+    kernels._co_attention_bwd_kernel[grid](
+        *text_args, *image_args, heads, scale * math.log2(math.e), scale, per_head,
         HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         HAS_MASK_A=image_mask is not None, HAS_MASK_B=text_mask is not None,
         DOT_PRECISION=_dot_precision(q_t.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return [grads[name] for name in ("q_t", "k_t", "v_t", "q_i", "k_i", "v_i")]
+    return [grads[name] for name in names]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,10 +434,13 @@ def _triton_refusal(q: torch.Tensor) -> Optional[str]:
 
 
 def _run_attention_triton(q, k, v, key_mask, prefix_len, causal, scale):
+    # The kernels take an int32 prefix; any prefix >= Sk means every key is in it, so clamp to Sk
+    # before narrowing (2**31 + 5 would otherwise wrap to 5, 2**32 to plain causal).
+    seq_k = k.shape[2]
     if prefix_len is not None and not isinstance(prefix_len, torch.Tensor):
-        prefix_len = torch.full((q.shape[0],), prefix_len, dtype=torch.int32, device=q.device)
+        prefix_len = torch.full((q.shape[0],), min(prefix_len, seq_k), dtype=torch.int32, device=q.device)
     elif prefix_len is not None:
-        prefix_len = prefix_len.to(device=q.device, dtype=torch.int32).expand(q.shape[0]).contiguous()
+        prefix_len = prefix_len.to(q.device).clamp(max=seq_k).to(torch.int32).expand(q.shape[0]).contiguous()
     elif causal:
         prefix_len = torch.zeros(q.shape[0], dtype=torch.int32, device=q.device)  # plain causal: an empty prefix
     out, _ = _attention_fwd_op(q, k, v, key_mask, prefix_len, None, None, q.shape[2], k.shape[2],
@@ -410,13 +484,15 @@ def attention(
     if (causal or prefix_len is not None) and seq_q != k.shape[2]:
         raise ValueError(f"{op}: causal and prefix_len masks need Sq == Sk, got {seq_q} and {k.shape[2]}")
     if isinstance(prefix_len, torch.Tensor):
-        if prefix_len.dtype.is_floating_point or prefix_len.dim() > 1 or prefix_len.numel() not in (1, batch):
-            raise ValueError(f"{op}: prefix_len must be an int or an integer tensor of shape [{batch}]")
+        if prefix_len.dtype.is_floating_point or prefix_len.dtype.is_complex or prefix_len.dtype == torch.bool or \
+                prefix_len.dim() > 1 or prefix_len.numel() not in (1, batch):
+            raise ValueError(f"{op}: prefix_len must be an int or an integer tensor of shape [{batch}], got "
+                             f"{prefix_len.dtype} {list(prefix_len.shape)}")
         if compiling():  # no host read under torch.compile (see vlkernels.ops._checks)
             assert_in_graph((prefix_len >= 0).all(), f"{op}: prefix_len must be non-negative")
         elif prefix_len.numel() and int(prefix_len.min()) < 0:
             raise ValueError(f"{op}: prefix_len must be non-negative")
-    elif prefix_len is not None and (not isinstance(prefix_len, int) or prefix_len < 0):
+    elif prefix_len is not None and (not isinstance(prefix_len, int) or isinstance(prefix_len, bool) or prefix_len < 0):
         raise ValueError(f"{op}: prefix_len must be a non-negative int or an integer tensor, got {prefix_len!r}")
     scale = head_dim ** -0.5 if scale is None else float(scale)
     return _backend.dispatch(op, _ATTENTION, q.device, q, k, v, key_mask, prefix_len, causal, scale)
@@ -476,7 +552,7 @@ _VARLEN = [
     Implementation("triton", lambda q, *rest: _triton_refusal(q), _run_varlen_triton),
     Implementation("torch", lambda *args: None,
                    lambda q, k, v, cu_q, cu_k, max_q, max_k, causal, scale: reference.attention_varlen(
-                       q, k, v, cu_q, cu_k, causal=causal, scale=scale)),
+                       q, k, v, cu_q, cu_k, causal=causal, scale=scale, max_seqlen_q=max_q, max_seqlen_k=max_k)),
 ]
 
 
@@ -541,9 +617,31 @@ def unpad_input(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def pad_input(packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
-    """Inverse of unpad_input: packed [total, ...] -> [batch, seqlen, ...] with zeros at padding."""
-    out = packed.new_zeros((batch * seqlen, *packed.shape[1:]))
-    return out.index_copy(0, indices, packed).view(batch, seqlen, *packed.shape[1:])
+    """Inverse of unpad_input: packed [total, ...] -> [batch, seqlen, ...] with zeros at padding.
+    indices: [total] integer, distinct, in [0, batch * seqlen) (unpad_input's)."""
+    op = "pad_input"
+    if not isinstance(packed, torch.Tensor) or packed.dim() < 1:
+        raise ValueError(f"{op}: packed must be a [total, ...] tensor")
+    if not isinstance(indices, torch.Tensor) or indices.dim() != 1 or indices.dtype.is_floating_point or \
+            indices.dtype.is_complex or indices.dtype == torch.bool:
+        raise ValueError(f"{op}: indices must be a 1-D integer tensor (unpad_input's), got "
+                         f"{getattr(indices, 'dtype', type(indices).__name__)} {list(getattr(indices, 'shape', []))}")
+    if indices.shape[0] != packed.shape[0]:
+        raise ValueError(f"{op}: {indices.shape[0]} indices for {packed.shape[0]} packed rows")
+    if indices.device != packed.device:
+        raise ValueError(f"{op}: indices are on {indices.device} but packed on {packed.device}")
+    for name, value in (("batch", batch), ("seqlen", seqlen)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{op}: {name} must be a non-negative int, got {value!r}")
+    rows = batch * seqlen
+    in_range = (indices >= 0).all() & (indices < rows).all()  # True when there are no indices
+    if compiling():  # no host read under torch.compile (see vlkernels.ops._checks)
+        assert_in_graph(in_range, f"{op}: indices must be in [0, batch * seqlen = {rows})")
+    elif not bool(in_range):
+        raise ValueError(f"{op}: indices must be in [0, batch * seqlen = {rows}), got values in "
+                         f"[{int(indices.min())}, {int(indices.max())}]")
+    out = packed.new_zeros((rows, *packed.shape[1:]))
+    return out.index_copy(0, indices.long(), packed).view(batch, seqlen, *packed.shape[1:])
 
 
 def aot_variants():
@@ -552,7 +650,8 @@ def aot_variants():
     from vlkernels.report import KernelVariant
 
     sizes = dict(heads=12, seq_q=185, seq_k=185, seq_q_a=40, seq_k_a=145, seq_q_b=145, seq_k_b=40,
-                 scale_log2=0.18, scale=0.125)
+                 scale_log2=0.18, scale=0.125, programs_per_head=5, rows=32 * 12 * 185,
+                 delta_sb=12 * 185, delta_sh=185, delta_ss=1)
     for prefix in ("sq", "sk", "sv", "so"):
         sizes.update({f"{prefix}_b": 12 * 185 * 64, f"{prefix}_h": 64, f"{prefix}_s": 12 * 64})
         sizes.update({f"{prefix}_{axis}_{side}": value for side in "ab"
@@ -563,13 +662,17 @@ def aot_variants():
     for dtype, head_dim in cases:
         block_d = max(16, 1 << (head_dim - 1).bit_length())
         pointers = {name: dtype for name in ("q", "k", "v", "out", "grad_out", "grad_q", "grad_k", "grad_v")}
-        pointers.update(lse=torch.float32, key_mask=torch.uint8, key_limit=torch.int32, prefix_len=torch.int32,
-                        cu_q=torch.int32, cu_k=torch.int32)
+        pointers.update(lse=torch.float32, delta=torch.float32, key_mask=torch.uint8, key_limit=torch.int32,
+                        prefix_len=torch.int32, cu_q=torch.int32, cu_k=torch.int32)
         for side in "ab":
             pointers.update({f"{name}_{side}": dtype for name in ("q", "k", "v", "out", "grad_out", "grad_q",
                                                                  "grad_k", "grad_v")})
-            pointers.update({f"lse_{side}": torch.float32, f"mask_{side}": torch.uint8, f"limit_{side}": torch.int32})
+            pointers.update({f"lse_{side}": torch.float32, f"delta_{side}": torch.float32,
+                             f"mask_{side}": torch.uint8, f"limit_{side}": torch.int32})
         label = f"{str(dtype)[6:]}-D{head_dim}"
+        variants.append(KernelVariant(kernels._attention_bwd_delta_kernel, label,
+                                      dict(HEAD_DIM=head_dim, BLOCK_R=_DELTA_BLOCK_ROWS, BLOCK_D=block_d),
+                                      pointers, sizes, dict(num_warps=4)))
         for backward, single, pair in ((False, kernels._attention_fwd_kernel, kernels._co_attention_fwd_kernel),
                                        (True, kernels._attention_bwd_kernel, kernels._co_attention_bwd_kernel)):
             cfg = _config(dtype, block_d, backward)

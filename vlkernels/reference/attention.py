@@ -1,5 +1,12 @@
 """Reference attention: softmax(q k^T * scale + mask) v with VL models' masks (key padding,
-causal, PrefixLM); rows with no visible key give zeros."""
+causal, PrefixLM).
+
+Masked positions are excluded, never computed with: a query that sees no key gives zeros
+(and zero gradients), whatever q holds; the k and v of a key that a query cannot see do not
+reach it, so padding may hold anything, NaN included (key_mask and sequence ends exclude
+k and v exactly; causal / PrefixLM masks exclude k exactly, see ``attention``). NaN and Inf
+in q, or in the k and v of visible keys, propagate as IEEE arithmetic gives them: they are
+never replaced."""
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -20,24 +27,51 @@ def visibility(batch: int, seq_q: int, seq_k: int, device, *, key_mask: Optional
         key = torch.arange(seq_k, device=device)[None, :]
         allowed = (key <= query)[None, None]
         if prefix_len is not None:
+            if not isinstance(prefix_len, torch.Tensor):
+                prefix_len = min(prefix_len, seq_k)  # a prefix past the end is all keys (and fits any int dtype)
             prefix = torch.as_tensor(prefix_len, device=device).reshape(-1, 1, 1, 1).expand(batch, 1, 1, 1)
             allowed = allowed | (key[None, None] < prefix)
         visible = visible & allowed
     return visible
 
 
+def masked_softmax(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """softmax over the last dim of ``scores`` restricted to ``visible`` (broadcastable bool):
+    hidden positions get weight 0 and ignore their score; a row with no visible position
+    gives all zeros (and zero gradients). NaN / Inf scores at visible positions propagate.
+
+    Unlike ``softmax(...).nan_to_num(0)``, which also erases a NaN that came from the inputs,
+    this decides the empty rows by ``visible`` alone."""
+    seen = visible.any(-1, keepdim=True)
+    # Empty rows get finite stand-in scores (0): softmax over all -inf would be NaN, and a NaN
+    # forward value poisons the backward even where torch.where drops it.
+    scores = scores.masked_fill(~visible, float("-inf")).masked_fill(~seen, 0.0)
+    return torch.softmax(scores, dim=-1).masked_fill(~seen, 0.0)
+
+
+def _drop_masked_keys(t: torch.Tensor, key_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    # A padded key's k and v become 0, so that 0 * NaN in the products of the masked positions
+    # cannot reach any query (their weights are 0 already).
+    return t if key_mask is None else t.masked_fill(~key_mask[:, None, :, None].to(t.device), 0.0)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: Optional[torch.Tensor] = None,
               causal: bool = False, prefix_len: Union[int, torch.Tensor, None] = None,
               scale: Optional[float] = None, dropout_p: float = 0.0) -> torch.Tensor:
     """q: [B, H, Sq, Dh], k and v: [B, H, Sk, Dh] -> [B, H, Sq, Dh]. Softmax in fp32 (fp64 for fp64);
-    dropout_p > 0 drops attention probabilities (training-time attention dropout)."""
+    dropout_p > 0 drops attention probabilities (training-time attention dropout).
+
+    Keys hidden by key_mask do not reach any query (their k and v are excluded). Keys hidden
+    from query i by causal / prefix_len only have their k excluded: their v enters the
+    product with weight 0, so a NaN or Inf there still reaches row i (as in SDPA; excluding it
+    per (query, key) pair would cost the kernels an extra product)."""
     batch, _, seq_q, head_dim = q.shape
     scale = head_dim ** -0.5 if scale is None else scale
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    k, v = _drop_masked_keys(k, key_mask), _drop_masked_keys(v, key_mask)
     scores = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale
     visible = visibility(batch, seq_q, k.shape[2], q.device, key_mask=key_mask, causal=causal, prefix_len=prefix_len)
-    scores = scores.masked_fill(~visible, float("-inf"))
-    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no visible key: all zeros
+    weights = masked_softmax(scores, visible)
     if dropout_p > 0:
         weights = F.dropout(weights, p=dropout_p)
     return (weights @ v.to(acc)).to(q.dtype)
@@ -49,12 +83,19 @@ def co_attention(q_t, k_t, v_t, q_i, k_i, v_i, *, text_mask=None, image_mask=Non
             attention(q_i, k_t, v_t, key_mask=text_mask, scale=scale))
 
 
-def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale=None):
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale=None, max_seqlen_q=None,
+                     max_seqlen_k=None):
     """Packed sequences: q [total_q, H, Dh], k and v [total_k, H, Dh]; sequence b is rows
     cu_seqlens[b]:cu_seqlens[b+1]. Each sequence attends within itself; returns [total_q, H, Dh].
 
-    Eager: one attention per sequence. Under torch.compile, whose graphs need shapes that do not
-    depend on cu_seqlens' values, the same math as one masked attention over all packed rows."""
+    With max_seqlen_q / max_seqlen_k (bounds on the lengths, as the op takes them): the
+    sequences are scattered into a zero-padded [N, H, max_seqlen, Dh] batch, attended with a
+    key padding mask and gathered back (static shapes, no host read: the torch backend's path,
+    eager and under torch.compile). Without them: one attention per sequence in eager (the
+    test oracle), and under torch.compile one masked attention over all packed rows."""
+    if max_seqlen_q is not None and max_seqlen_k is not None:
+        return _attention_varlen_padded(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+                                        causal=causal, scale=scale)
     if torch.compiler.is_compiling():
         return _attention_varlen_masked(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale)
     out = q.new_zeros(q.shape)
@@ -75,9 +116,31 @@ def _packed_positions(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tenso
     return sequence, rows - cu_seqlens[sequence]
 
 
+def _attention_varlen_padded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, *, causal, scale):
+    """attention_varlen through a zero-padded batch: keys of other sequences and padding are
+    excluded by the key mask (exactly: their values never enter a product)."""
+    if causal:  # causal needs Sq == Sk; the lengths are equal, only the bounds may differ
+        max_q = max_k = max(max_q, max_k)
+    sequences = cu_seqlens_q.shape[0] - 1
+    sequence_q, position_q = _packed_positions(cu_seqlens_q, q.shape[0])
+    sequence_k, position_k = _packed_positions(cu_seqlens_k, k.shape[0])
+
+    def pad(t, sequence, position, longest):  # [total, H, Dh] -> [N, H, longest, Dh]
+        padded = t.new_zeros(sequences, longest, *t.shape[1:])
+        return padded.index_put((sequence.long(), position.long()), t).transpose(1, 2)
+
+    lengths_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1])[:, None]
+    key_mask = torch.arange(max_k, device=k.device)[None, :] < lengths_k
+    out = attention(pad(q, sequence_q, position_q, max_q), pad(k, sequence_k, position_k, max_k),
+                    pad(v, sequence_k, position_k, max_k), key_mask=key_mask, causal=causal, scale=scale)
+    return out.transpose(1, 2)[sequence_q.long(), position_q.long()]
+
+
 def _attention_varlen_masked(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale=None):
     """attention_varlen as one [H, total_q, total_k] masked attention: a query sees the keys of its own
-    sequence (and with causal those at or before its position). Static shapes, for torch.compile."""
+    sequence (and with causal those at or before its position). Static shapes, for torch.compile.
+    A non-finite value in one sequence's v reaches the other sequences' rows (weight 0 times NaN):
+    pass the max lengths to take the padded path, which excludes it."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     sequence_q, position_q = _packed_positions(cu_seqlens_q, q.shape[0])
@@ -86,5 +149,5 @@ def _attention_varlen_masked(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=Fals
     if causal:
         visible = visible & (position_k[None, :] <= position_q[:, None])
     scores = (q.to(acc).transpose(0, 1) @ k.to(acc).permute(1, 2, 0)) * scale  # [H, total_q, total_k]
-    weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+    weights = masked_softmax(scores, visible)
     return (weights @ v.to(acc).transpose(0, 1)).transpose(0, 1).to(q.dtype)
