@@ -56,17 +56,27 @@ if triton is not None:
         images, weight, bias, pos, cls, out,
         rows, tokens, embed_dim, grid_w,
         stride_b, stride_c, stride_h,
-        pos_stride_b,  # 0 when pos_embed is shared by the batch ([1, T, D]), T*D when it is [B, T, D]
+        bias_stride, cls_stride,  # stride of bias [D] and of cls_token [1, 1, D] along D (any strides)
+        pos_stride_b, pos_stride_t, pos_stride_d,  # pos_stride_b is 0 when pos_embed is shared ([1, T, D])
         CHANNELS: tl.constexpr, PATCH: tl.constexpr,  # constexpr: K = C*P*P fixes the loop and the index math
         HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, HAS_CLS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
     ):
+        """out[B*T, D] tile by tile: (im2col patches [BLOCK_M, K] @ weight^T [K, BLOCK_N]) + epilogue.
+
+        Concurrency: a 1-D grid (axis 0 holds up to 2**31 - 1 programs; see _fwd_grid) over
+        (row block, column tile); each program writes only its own [BLOCK_M, BLOCK_N] tile of
+        `out` (one writer per element) and reads only the inputs, never `out`. The two tiles
+        loaded in the pipelined K loop (pixels, weight) have the tl.dot as their only consumer;
+        bias, cls and pos are loaded after the loop, in the epilogue.
+        """
         K: tl.constexpr = CHANNELS * PATCH * PATCH
-        # Axis 0 (launched fastest) walks the channel tiles of one row block, so the programs
-        # that read the same pixels run together and read them from L2, not HBM.
-        col = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # embedding channel
-        row = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # output row b*T + t
+        # The column tiles of one row block are consecutive programs (launched together), so the
+        # programs that read the same pixels run together and read them from L2, not HBM.
+        col_tiles = tl.cdiv(embed_dim, BLOCK_N)
+        col = (tl.program_id(0) % col_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)  # embedding channel
+        row = (tl.program_id(0) // col_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)  # output row b*T + t
         row_ok = row < rows
         col_ok = col < embed_dim
         batch = row // tokens
@@ -84,14 +94,18 @@ if triton is not None:
             w = tl.load(weight + col[None, :] * K + k[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
 
+        # The cls row multiplied zeros by the weight: a NaN/Inf weight made it NaN, where the
+        # reference's cls row never meets the weight. Zero it, so NaN propagates as there.
+        acc = tl.where(is_patch[:, None], acc, 0.0)
         if HAS_BIAS:
-            bias_row = tl.load(bias + col, mask=col_ok, other=0.0).to(tl.float32)
+            bias_row = tl.load(bias + col * bias_stride, mask=col_ok, other=0.0).to(tl.float32)
             acc += tl.where(is_patch[:, None], bias_row[None, :], 0.0)
         if HAS_CLS:
-            cls_row = tl.load(cls + col, mask=col_ok, other=0.0).to(tl.float32)
+            cls_row = tl.load(cls + col * cls_stride, mask=col_ok, other=0.0).to(tl.float32)
             acc += tl.where((token == 0)[:, None], cls_row[None, :], 0.0)
         if HAS_POS:
-            pos_offset = batch.to(tl.int64)[:, None] * pos_stride_b + token[:, None] * embed_dim + col[None, :]
+            pos_offset = (batch.to(tl.int64) * pos_stride_b + token.to(tl.int64) * pos_stride_t)[:, None] \
+                + col.to(tl.int64)[None, :] * pos_stride_d
             acc += tl.load(pos + pos_offset, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         out_offset = row.to(tl.int64)[:, None] * embed_dim + col[None, :]
         tl.store(out + out_offset, acc.to(out.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
@@ -105,10 +119,17 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
     ):
-        # grad_patches[M, K] = grad_out_patches[M, D] @ weight[D, K], stored at the pixels it came from.
+        """grad_patches[M, K] = grad_out_patches[M, D] @ weight[D, K], stored at the pixels it came from.
+
+        Concurrency: a 1-D grid (see _bwd_images_grid) over (patch-row block, patch-element tile);
+        patches do not overlap (stride = kernel) and tile the image (H, W multiples of P), so each
+        pixel of grad_images is written by exactly one program, once. Programs read only
+        grad_out and weight. The two tiles loaded in the pipelined D loop feed only the tl.dot.
+        """
         K: tl.constexpr = CHANNELS * PATCH * PATCH
-        k = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # patch element (c, i, j), fastest as above
-        m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # patch row b*N + n
+        k_tiles = tl.cdiv(K, BLOCK_N)
+        k = (tl.program_id(0) % k_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)  # patch element (c, i, j), fastest as above
+        m = (tl.program_id(0) // k_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)  # patch row b*N + n
         m_ok = m < patch_rows
         k_ok = k < K
         batch = m // patches_per_image
@@ -130,26 +151,32 @@ if triton is not None:
 
     @triton.jit
     def _patch_embed_bwd_weight_kernel(
-        grad_out, images, grad_weight_parts, grad_bias_parts,
+        grad_out, images, grad_weight_parts,
         patch_rows, rows_per_split, patches_per_image, tokens, embed_dim, grid_w,
         stride_b, stride_c, stride_h,
         CHANNELS: tl.constexpr, PATCH: tl.constexpr, HAS_CLS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
     ):
-        # Split s of grad_weight[D, K] = grad_out_patches^T[D, M] @ patches[M, K] over the rows
-        # [s*rows_per_split, (s+1)*rows_per_split); partial sums go to fp32 slot s, summed after.
+        """Split s of grad_weight[D, K] = grad_out_patches^T[D, M] @ patches[M, K] over the rows
+        [s*rows_per_split, (s+1)*rows_per_split); partial sums go to fp32 slot s, summed after.
+
+        Concurrency: axis 0 holds the (D tile, K tile) pairs, axis 1 the splits, at most
+        2 * multiprocessors (see _bwd_weight_launch); program (tile, s) alone writes its tile of
+        slot s. Programs read only grad_out and images. The two tiles loaded in the pipelined
+        row loop feed only the tl.dot: d(bias), which once summed the grad_out tile on the side
+        (a second consumer, triton-lang/triton#6691), is a batch sum of its own (_backward).
+        """
         K: tl.constexpr = CHANNELS * PATCH * PATCH
-        d = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        split = tl.program_id(2)
+        d_tiles = tl.cdiv(embed_dim, BLOCK_M)
+        d = (tl.program_id(0) % d_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+        k = (tl.program_id(0) // d_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+        split = tl.program_id(1)
         d_ok = d < embed_dim
         k_ok = k < K
         inner = _patch_inner_offsets(k, stride_c, stride_h, PATCH)
-        first_tile = tl.program_id(1) == 0  # one column of tiles also sums grad_bias
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        bias_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
         row_begin = split * rows_per_split
         row_end = tl.minimum(row_begin + rows_per_split, patch_rows)
         for m0 in range(row_begin, row_end, BLOCK_K):
@@ -162,17 +189,18 @@ if triton is not None:
             pixel_base = _patch_pixel_offsets(patch, batch, grid_w, stride_b, stride_h, PATCH)
             a = tl.load(images + pixel_base[:, None] + inner[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             acc = tl.dot(g, a, acc, input_precision=DOT_PRECISION)
-            if first_tile:
-                bias_acc += tl.sum(g.to(tl.float32), axis=1)
 
         part = split.to(tl.int64) * embed_dim * K
         tl.store(grad_weight_parts + part + d[:, None] * K + k[None, :], acc, mask=d_ok[:, None] & k_ok[None, :])
-        if first_tile:
-            tl.store(grad_bias_parts + split * embed_dim + d, bias_acc, mask=d_ok)
 
     @triton.jit
     def _batch_sum_kernel(x, out, batch, batch_stride, numel, BLOCK: tl.constexpr):
-        # out[i] = sum_b x[b * batch_stride + i] in fp32, for i < numel: grads of batch-broadcast inputs.
+        """out[i] = sum_b x[b * batch_stride + i] in fp32, for i < numel: grads of batch-broadcast inputs.
+
+        Concurrency: a 1-D grid; program p alone writes out[p*BLOCK : (p+1)*BLOCK] and reads only
+        x. There is no tl.dot: the loaded values feed the sum only. The sum runs over b in order,
+        so the result is deterministic.
+        """
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = i < numel
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -215,27 +243,62 @@ def _multiprocessors(device: torch.device) -> int:
     return 4  # the interpreter: a few splits, so tests cover the split path
 
 
+# CUDA limits grid axes 1 and 2 to 65535 programs, axis 0 to 2**31 - 1. Whatever grows with the
+# data (rows of the batch) is folded into axis 0; axis 1 of the weight gradient is bounded below.
+_MAX_GRID_AXIS_0 = 2**31 - 1
+_MAX_GRID_AXIS_12 = 65535
+
+
+def _fwd_grid(rows: int, embed_dim: int, cfg) -> tuple[int]:
+    """One program per (row block of the B*T output rows, column tile of D), all on axis 0."""
+    return (triton.cdiv(embed_dim, cfg.block_n) * triton.cdiv(rows, cfg.block_m),)
+
+
+def _bwd_images_grid(patch_rows: int, k_size: int, cfg) -> tuple[int]:
+    """One program per (row block of the B*N patch rows, tile of the K = C*P*P patch elements)."""
+    return (triton.cdiv(k_size, cfg.block_n) * triton.cdiv(patch_rows, cfg.block_m),)
+
+
+def _bwd_weight_launch(patch_rows: int, embed_dim: int, k_size: int, cfg, multiprocessors: int):
+    """(grid, rows_per_split) of the weight gradient: axis 0 the [D, K] tiles, axis 1 the splits.
+
+    The long reduction over patch rows is split until the grid covers the device about twice,
+    keeping at least four row blocks per split; so splits <= 2 * multiprocessors (and capped at
+    the axis limit besides), and every split gets at least one row.
+    """
+    tiles = triton.cdiv(embed_dim, cfg.block_m) * triton.cdiv(k_size, cfg.block_n)
+    splits = max(1, min(triton.cdiv(2 * multiprocessors, tiles), patch_rows // (4 * cfg.block_k), _MAX_GRID_AXIS_12))
+    rows_per_split = triton.cdiv(triton.cdiv(patch_rows, splits), cfg.block_k) * cfg.block_k
+    return (tiles, triton.cdiv(patch_rows, rows_per_split)), rows_per_split
+
+
+def _batch_sum_grid(numel: int) -> tuple[int]:
+    return (triton.cdiv(numel, _BATCH_SUM_BLOCK),)
+
+
 def _launch_fwd(images, weight, bias, pos_embed, cls_token) -> torch.Tensor:
     batch, channels = images.shape[:2]
     embed_dim, patch = weight.shape[0], weight.shape[-1]
     _, grid_w, patches = _grid_shape(images, weight)
     tokens = patches + (cls_token is not None)
     images = _unit_stride_width(images)
-    weight = weight.contiguous()
+    weight = weight.contiguous()  # any layout (channels-last, permuted): the kernel reads it as [D, K]
     out = torch.empty(batch, tokens, embed_dim, device=images.device, dtype=images.dtype)
-    pos = pos_embed.contiguous() if pos_embed is not None else None
     cfg = GEMM_CONFIGS[images.dtype]
     rows = batch * tokens
-    grid = (triton.cdiv(embed_dim, cfg.block_n), triton.cdiv(rows, cfg.block_m))
-    _patch_embed_fwd_kernel[grid](
+    # bias, cls_token and pos_embed are read through their strides (a view of any layout, an
+    # expanded batch); a shared pos_embed [1, T, D] gets batch stride 0.
+    pos_strides = (0, 0, 0) if pos_embed is None else (
+        0 if pos_embed.shape[0] == 1 else pos_embed.stride(0), pos_embed.stride(1), pos_embed.stride(2))
+    _patch_embed_fwd_kernel[_fwd_grid(rows, embed_dim, cfg)](
         images, weight,
         bias if bias is not None else weight,  # unread placeholders when a term is absent
-        pos if pos is not None else weight,
+        pos_embed if pos_embed is not None else weight,
         cls_token if cls_token is not None else weight,
         out, rows, tokens, embed_dim, grid_w, *images.stride()[:3],
-        0 if pos is None or pos.shape[0] == 1 else tokens * embed_dim,
+        bias.stride(0) if bias is not None else 0, cls_token.stride(2) if cls_token is not None else 0, *pos_strides,
         CHANNELS=channels, PATCH=patch,
-        HAS_BIAS=bias is not None, HAS_POS=pos is not None, HAS_CLS=cls_token is not None,
+        HAS_BIAS=bias is not None, HAS_POS=pos_embed is not None, HAS_CLS=cls_token is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         DOT_PRECISION=_dot_precision(images.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -249,9 +312,8 @@ def _launch_bwd_images(grad_out, images, weight, has_cls) -> torch.Tensor:
     grad_images = torch.empty(images.shape, device=images.device, dtype=images.dtype)
     patch_rows = images.shape[0] * patches
     cfg = GEMM_CONFIGS[images.dtype]
-    grid = (triton.cdiv(channels * patch * patch, cfg.block_n), triton.cdiv(patch_rows, cfg.block_m))
-    _patch_embed_bwd_images_kernel[grid](
-        grad_out, weight.contiguous(), grad_images,
+    _patch_embed_bwd_images_kernel[_bwd_images_grid(patch_rows, channels * patch * patch, cfg)](
+        grad_out.contiguous(), weight.contiguous(), grad_images,
         patch_rows, patches, grad_out.shape[1], embed_dim, grid_w, *grad_images.stride()[:3],
         CHANNELS=channels, PATCH=patch, HAS_CLS=has_cls,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
@@ -260,7 +322,7 @@ def _launch_bwd_images(grad_out, images, weight, has_cls) -> torch.Tensor:
     return grad_images
 
 
-def _launch_bwd_weight(grad_out, images, weight, has_cls) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch_bwd_weight(grad_out, images, weight, has_cls) -> torch.Tensor:
     channels, patch = images.shape[1], weight.shape[-1]
     embed_dim = weight.shape[0]
     k_size = channels * patch * patch
@@ -268,32 +330,24 @@ def _launch_bwd_weight(grad_out, images, weight, has_cls) -> tuple[torch.Tensor,
     _, grid_w, patches = _grid_shape(images, weight)
     patch_rows = images.shape[0] * patches
     cfg = GEMM_CONFIGS[images.dtype]
-    tiles = triton.cdiv(embed_dim, cfg.block_m) * triton.cdiv(k_size, cfg.block_n)
-    # Split the long reduction over patch rows until the grid covers the device about twice,
-    # keeping at least four row blocks per split.
-    splits = max(1, min(triton.cdiv(2 * _multiprocessors(images.device), tiles),
-                        patch_rows // (4 * cfg.block_k)))
-    rows_per_split = triton.cdiv(triton.cdiv(patch_rows, splits), cfg.block_k) * cfg.block_k
-    splits = triton.cdiv(patch_rows, rows_per_split)
-    weight_parts = torch.empty(splits, embed_dim, k_size, device=images.device, dtype=torch.float32)
-    bias_parts = torch.empty(splits, embed_dim, device=images.device, dtype=torch.float32)
-    grid = (triton.cdiv(embed_dim, cfg.block_m), triton.cdiv(k_size, cfg.block_n), splits)
+    grid, rows_per_split = _bwd_weight_launch(patch_rows, embed_dim, k_size, cfg, _multiprocessors(images.device))
+    weight_parts = torch.empty(grid[1], embed_dim, k_size, device=images.device, dtype=torch.float32)
     _patch_embed_bwd_weight_kernel[grid](
-        grad_out, images, weight_parts, bias_parts,
+        grad_out.contiguous(), images, weight_parts,
         patch_rows, rows_per_split, patches, grad_out.shape[1], embed_dim, grid_w, *images.stride()[:3],
         CHANNELS=channels, PATCH=patch, HAS_CLS=has_cls,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         DOT_PRECISION=_dot_precision(images.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    grad_weight = weight_parts.sum(0).view(weight.shape).to(weight.dtype)
-    return grad_weight, bias_parts.sum(0).to(weight.dtype)
+    return weight_parts.sum(0).view(weight.shape).to(weight.dtype)
 
 
 def _launch_batch_sum(x: torch.Tensor, rows: int) -> torch.Tensor:
-    """x: [B, T, D] contiguous -> [rows, D] fp32, the sum over B of the first `rows` rows."""
+    """x: [B, T, D] -> [rows, D] fp32, the sum over B of the first `rows` rows."""
+    x = x.contiguous()
     numel = rows * x.shape[2]
     out = torch.empty(rows, x.shape[2], device=x.device, dtype=torch.float32)
-    _batch_sum_kernel[(triton.cdiv(numel, _BATCH_SUM_BLOCK),)](
+    _batch_sum_kernel[_batch_sum_grid(numel)](
         x, out, x.shape[0], x.shape[1] * x.shape[2], numel, BLOCK=_BATCH_SUM_BLOCK, num_warps=_BATCH_SUM_WARPS
     )
     return out
@@ -327,15 +381,13 @@ def _(grad_out, images, weight, has_cls):
 
 
 @torch.library.custom_op("vlkernels::patch_embed_bwd_weight", mutates_args=())
-def _bwd_weight_op(
-    grad_out: torch.Tensor, images: torch.Tensor, weight: torch.Tensor, has_cls: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _bwd_weight_op(grad_out: torch.Tensor, images: torch.Tensor, weight: torch.Tensor, has_cls: bool) -> torch.Tensor:
     return _launch_bwd_weight(grad_out, images, weight, has_cls)
 
 
 @_bwd_weight_op.register_fake
 def _(grad_out, images, weight, has_cls):
-    return torch.empty_like(weight, memory_format=torch.contiguous_format), weight.new_empty(weight.shape[0])
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("vlkernels::batch_sum", mutates_args=())
@@ -351,29 +403,37 @@ def _(x, rows):
 def _setup_context(ctx, inputs, output):
     images, weight, bias, pos_embed, cls_token = inputs
     ctx.save_for_backward(images, weight)
-    ctx.has_bias = bias is not None
     ctx.has_cls = cls_token is not None
     ctx.pos_shared = pos_embed is not None and pos_embed.shape[0] == 1
 
 
 def _backward(ctx, grad_out):
+    """Every gradient returned owns its storage (none is grad_out, a view of it or of another
+    gradient): autograd hands them on as they are, and accumulation into .grad, clipping or any
+    in-place update of one must not change another."""
     images, weight = ctx.saved_tensors
     grad_out = grad_out.contiguous()
     need_images, need_weight, need_bias, need_pos, need_cls = ctx.needs_input_grad
+    need_pos_sum = need_pos and ctx.pos_shared
     grad_images = grad_weight = grad_bias = grad_pos = grad_cls = None
     if need_images:
         grad_images = _bwd_images_op(grad_out, images, weight, ctx.has_cls)
-    if need_weight or need_bias:
-        grad_weight, grad_bias = _bwd_weight_op(grad_out, images, weight, ctx.has_cls)
-        grad_bias = grad_bias if ctx.has_bias else None
+    if need_weight:
+        grad_weight = _bwd_weight_op(grad_out, images, weight, ctx.has_cls)
     if need_pos and not ctx.pos_shared:
-        grad_pos = grad_out  # a per-sample pos_embed [B, T, D] receives the output gradient as it is
-    if (need_pos and ctx.pos_shared) or need_cls:
-        summed = _batch_sum_op(grad_out, grad_out.shape[1] if need_pos and ctx.pos_shared else 1)
-        if need_pos and ctx.pos_shared:
-            grad_pos = summed.unsqueeze(0).to(grad_out.dtype)
+        # A per-sample pos_embed [B, T, D] receives the output gradient, copied: grad_out may be
+        # another tensor's gradient as well (the other operand of an add, say).
+        grad_pos = grad_out.clone()
+    if need_bias or need_pos_sum or need_cls:
+        # One batch sum [rows, D] in fp32 serves the three: d(pos) is all of it, d(cls) its row 0,
+        # d(bias) the sum of its patch rows (a fixed-order reduction: deterministic, no atomics).
+        summed = _batch_sum_op(grad_out, grad_out.shape[1] if need_bias or need_pos_sum else 1)
+        if need_bias:
+            grad_bias = summed[int(ctx.has_cls):].sum(0).to(grad_out.dtype)
         if need_cls:
-            grad_cls = summed[:1].unsqueeze(0).to(grad_out.dtype)
+            grad_cls = summed[:1].unsqueeze(0).to(grad_out.dtype, copy=True)  # not a view of grad_pos
+        if need_pos_sum:
+            grad_pos = summed.unsqueeze(0).to(grad_out.dtype)  # the only gradient left on `summed`
     return grad_images, grad_weight, grad_bias, grad_pos, grad_cls
 
 
@@ -392,10 +452,12 @@ def _validate(images, weight, bias, pos_embed, cls_token) -> None:
     embed_dim, patch = weight.shape[0], weight.shape[-1]
     if weight.shape[1] != channels:
         raise ValueError(f"patch_embed: images have {channels} channels but weight expects {weight.shape[1]}")
+    if patch == 0:
+        raise ValueError(f"patch_embed: the patch size must be positive, got weight shape {tuple(weight.shape)}")
     if height % patch or width % patch or height == 0 or width == 0:
         raise ValueError(f"patch_embed: image size {height}x{width} must be a positive multiple of the patch size {patch}")
-    if batch == 0 or embed_dim == 0:
-        raise ValueError(f"patch_embed: empty input (batch {batch}, embed_dim {embed_dim})")
+    if batch == 0 or channels == 0 or embed_dim == 0:
+        raise ValueError(f"patch_embed: empty input (batch {batch}, channels {channels}, embed_dim {embed_dim})")
     tokens = (height // patch) * (width // patch) + (cls_token is not None)
     expected = {
         "bias": (bias, [(embed_dim,)]),
@@ -425,11 +487,36 @@ def _triton_refusal(images, weight, bias, pos_embed, cls_token) -> Optional[str]
     return why
 
 
+class _CopiedGradient(torch.autograd.Function):
+    """Identity whose backward returns a copy of the gradient."""
+
+    @staticmethod
+    def forward(x):
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.clone()
+
+
+def _torch_patch_embed(images, weight, bias, pos_embed, cls_token):
+    # Through the reference's add and cat, autograd hands pos_embed (when it has the output's
+    # shape) grad_out itself, and cls_token (batch 1) a view of it: the gradients would share
+    # storage with each other and with grad_out. Copy those two so every gradient owns its own.
+    if pos_embed is not None:
+        pos_embed = _CopiedGradient.apply(pos_embed)
+    if cls_token is not None:
+        cls_token = _CopiedGradient.apply(cls_token)
+    return reference.patch_embed(images, weight, bias, pos_embed=pos_embed, cls_token=cls_token)
+
+
 _IMPLEMENTATIONS = [
     Implementation("triton", _triton_refusal, _patch_embed_op),
-    Implementation("torch", lambda *args: None,
-                   lambda images, weight, bias, pos_embed, cls_token: reference.patch_embed(
-                       images, weight, bias, pos_embed=pos_embed, cls_token=cls_token)),
+    Implementation("torch", lambda *args: None, _torch_patch_embed),
 ]
 
 
@@ -472,7 +559,7 @@ def _example_scalars(batch: int, size: int, patch: int, embed_dim: int = 768, ch
     tokens = grid * grid + 1
     patch_rows = batch * grid * grid
     return dict(rows=batch * tokens, tokens=tokens, embed_dim=embed_dim, grid_w=grid, stride_b=channels * size * size,
-                stride_c=size * size, stride_h=size, pos_stride_b=0, patch_rows=patch_rows,
+                stride_c=size * size, stride_h=size, pos_stride_b=0, pos_stride_t=embed_dim, patch_rows=patch_rows,
                 patches_per_image=grid * grid, rows_per_split=patch_rows // 4, batch=batch,
                 batch_stride=tokens * embed_dim, numel=tokens * embed_dim)
 
@@ -494,13 +581,16 @@ def aot_variants():
         scalars = _example_scalars(64, size, patch)
         fp32 = torch.float32
         variants += [
-            KernelVariant(_patch_embed_fwd_kernel, label, dict(gemm, HAS_BIAS=True, HAS_POS=True),
+            # Contiguous bias, cls and pos have unit stride along D, which a launch specializes
+            # into a constant (Triton does so for ints equal to 1): the report does the same.
+            KernelVariant(_patch_embed_fwd_kernel, label,
+                          dict(gemm, HAS_BIAS=True, HAS_POS=True, bias_stride=1, cls_stride=1, pos_stride_d=1),
                           {"images": dtype, "weight": dtype, "bias": dtype, "pos": dtype, "cls": dtype, "out": dtype},
                           scalars, options, gemm_shaped=True),
             KernelVariant(_patch_embed_bwd_images_kernel, label, gemm,
                           {"grad_out": dtype, "weight": dtype, "grad_images": dtype}, scalars, options, gemm_shaped=True),
             KernelVariant(_patch_embed_bwd_weight_kernel, label, gemm,
-                          {"grad_out": dtype, "images": dtype, "grad_weight_parts": fp32, "grad_bias_parts": fp32},
+                          {"grad_out": dtype, "images": dtype, "grad_weight_parts": fp32},
                           scalars, options, gemm_shaped=True),
         ]
     for dtype in _SUPPORTED_DTYPES:
