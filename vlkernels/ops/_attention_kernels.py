@@ -216,11 +216,15 @@ def _attention_bwd_tile(
                 p = tl.where(visible, tl.exp2(scores - logsumexp[:, None]), 0.0)
                 grad_v_acc += tl.dot(tl.trans(p.to(do_tile.dtype)), do_tile, input_precision=DOT_PRECISION)
                 grad_p = tl.dot(do_tile, tl.trans(v_tile), input_precision=DOT_PRECISION)
-                grad_s = p * (grad_p - delta_rows[:, None])
+                grad_s = tl.where(visible, p * (grad_p - delta_rows[:, None]), 0.0)  # hidden: exactly 0 (NaN delta)
                 grad_k_acc += tl.dot(tl.trans(grad_s.to(q_tile.dtype)), q_tile, input_precision=DOT_PRECISION)
-            store_mask = n_ok[:, None] & d_ok[None, :]  # every key row of the block, padding included (zeros)
+            # Every key row of the block is stored; a padded key's gradients are exactly 0 (not
+            # 0 * Inf = NaN from a row whose delta is infinite), as the reference's masking gives.
+            store_mask = n_ok[:, None] & d_ok[None, :]
+            grad_k_acc = tl.where(real[:, None], grad_k_acc * scale, 0.0)
+            grad_v_acc = tl.where(real[:, None], grad_v_acc, 0.0)
             tl.store(dk_base + offs_n[:, None].to(tl.int64) * sk_s + offs_d[None, :],
-                     (grad_k_acc * scale).to(grad_k.dtype.element_ty), mask=store_mask)
+                     grad_k_acc.to(grad_k.dtype.element_ty), mask=store_mask)
             tl.store(dv_base + offs_n[:, None].to(tl.int64) * sv_s + offs_d[None, :],
                      grad_v_acc.to(grad_v.dtype.element_ty), mask=store_mask)
     else:
@@ -243,7 +247,7 @@ def _attention_bwd_tile(
                 visible = _visible(offs_m, offs_n, real, prefix, CAUSAL)
                 p = tl.where(visible, tl.exp2(scores - logsumexp[:, None]), 0.0)
                 grad_p = tl.dot(do_tile, v_tile, input_precision=DOT_PRECISION)
-                grad_s = p * (grad_p - delta_rows[:, None])
+                grad_s = tl.where(visible, p * (grad_p - delta_rows[:, None]), 0.0)  # hidden: exactly 0 (NaN delta)
                 grad_q_acc += tl.dot(grad_s.to(k_tile.dtype), tl.trans(k_tile), input_precision=DOT_PRECISION)
             tl.store(dq_base + offs_m[:, None].to(tl.int64) * sq_s + offs_d[None, :],
                      (grad_q_acc * scale).to(grad_q.dtype.element_ty), mask=row_mask)

@@ -44,9 +44,11 @@ def masked_softmax(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     this decides the empty rows by ``visible`` alone."""
     seen = visible.any(-1, keepdim=True)
     # Empty rows get finite stand-in scores (0): softmax over all -inf would be NaN, and a NaN
-    # forward value poisons the backward even where torch.where drops it.
+    # forward value poisons the backward even where a later fill drops it.
     scores = scores.masked_fill(~visible, float("-inf")).masked_fill(~seen, 0.0)
-    return torch.softmax(scores, dim=-1).masked_fill(~seen, 0.0)
+    # Hidden weights are set to exactly 0 afterwards too: a row whose visible scores give NaN
+    # (an Inf score) has NaN everywhere after softmax, and that must not reach hidden keys' dv.
+    return torch.softmax(scores, dim=-1).masked_fill(~visible, 0.0)
 
 
 def _drop_masked_keys(t: torch.Tensor, key_mask: Optional[torch.Tensor]) -> torch.Tensor:
