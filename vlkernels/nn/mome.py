@@ -7,7 +7,9 @@ State-dict mapping (VLMo multiway_transformer.Block -> this module, same keys):
 Expert names -> key suffixes: "text" -> text, "image" -> imag, "vl" -> vl (others: the name).
 The op's w1 [E, D, F] is torch.stack([mlp.fc1.weight, ...]).transpose(1, 2): a strided view the
 kernels read in place (one stack copy per forward, through which autograd reaches the
-nn.Linear parameters); w2 [E, F, D] likewise from fc2.weight. Dropout in VLMo's Mlp is 0 in
+nn.Linear parameters); w2 [E, F, D] likewise from fc2.weight. The stacks' backward gives each
+parameter a gradient of its own storage (torch.stack's backward hands out views of one tensor,
+which would leave the experts' .grad sharing storage). Dropout in VLMo's Mlp is 0 in
 its configs and is not implemented here.
 """
 from __future__ import annotations
@@ -23,6 +25,30 @@ from vlkernels.ops.attention import attention
 from vlkernels.ops.mome_ffn import mome_ffn
 
 _SUFFIX = {"text": "text", "image": "imag", "vl": "vl"}
+
+
+class _StackOwnGrads(torch.autograd.Function):
+    """torch.stack(tensors) whose backward gives every input a gradient that owns its storage.
+
+    torch.stack's backward is grad.unbind(0): views of one tensor, which AccumulateGrad keeps
+    as they are, so the experts' parameters would end up with .grad sharing one storage. One
+    clone per parameter gradient (small next to the GEMMs) keeps every .grad independent."""
+
+    @staticmethod
+    def forward(*tensors):
+        return torch.stack(tensors)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return tuple(g.clone() if need else None for g, need in zip(grad.unbind(0), ctx.needs_input_grad))
+
+
+def _stack(tensors) -> torch.Tensor:
+    return _StackOwnGrads.apply(*tensors)
 
 
 class MoMEFFN(nn.Module):
@@ -63,12 +89,12 @@ class MoMEFFN(nn.Module):
     def _run(self, x, expert_index, names, segments=None):
         """The op over the experts ``names`` only (a single-expert pass stacks one expert's weights)."""
         mlps, norms = [self.mlp(n) for n in names], [self.norm(n) for n in names]
-        w1 = torch.stack([m.fc1.weight for m in mlps]).transpose(1, 2)
-        w2 = torch.stack([m.fc2.weight for m in mlps]).transpose(1, 2)
-        b1 = torch.stack([m.fc1.bias for m in mlps])
-        b2 = torch.stack([m.fc2.bias for m in mlps])
-        ln_weight = torch.stack([n.weight for n in norms])
-        ln_bias = torch.stack([n.bias for n in norms])
+        w1 = _stack([m.fc1.weight for m in mlps]).transpose(1, 2)
+        w2 = _stack([m.fc2.weight for m in mlps]).transpose(1, 2)
+        b1 = _stack([m.fc1.bias for m in mlps])
+        b2 = _stack([m.fc2.bias for m in mlps])
+        ln_weight = _stack([n.weight for n in norms])
+        ln_bias = _stack([n.bias for n in norms])
         return mome_ffn(x, expert_index, w1, b1, w2, b2, activation=self.activation, ln_weight=ln_weight,
                         ln_bias=ln_bias, eps=self.eps, segments=segments)
 
@@ -88,7 +114,8 @@ class MoMEFFN(nn.Module):
         if text_len is None:
             raise ValueError("MoMEFFN: a joint input without a 'vl' expert needs text_len (VLMo's max_text_len)")
         self._expert("text"), self._expert("image")
-        return self._run(x, None, ("text", "image"), segments=(int(text_len), 0, 1))
+        # text_len goes to the op as given: it refuses a float or a bool rather than truncating it.
+        return self._run(x, None, ("text", "image"), segments=(text_len, 0, 1))
 
 
 class VLMoAttention(nn.Module):

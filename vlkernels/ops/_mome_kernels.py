@@ -10,6 +10,19 @@ Row tiles never straddle two experts: the row tiles of expert e are the cdiv(cou
 tiles starting at offsets[e]. Each program finds its (expert, first row) by scanning the E+1
 offsets on device (no host sync); the launch grid is an upper bound on the tile count and
 programs past the last real tile exit at once.
+
+Concurrency rules, kept by every kernel below (the interpreter runs programs one after another
+and cannot show a violation; each kernel's docstring says how it keeps them):
+- one writer per output element: `order` is a permutation (a stable sort, or the segments
+  arithmetic), so distinct sorted positions p scatter to distinct token rows, and each program
+  owns a disjoint (rows, columns) tile or a partial-sum slot of its own;
+- no program reads what another program of the same launch writes (outputs are only read by
+  later launches);
+- no tile loaded in a pipelined dot loop has a second, non-dot consumer (triton-lang/triton#6691:
+  the pipeliner may under-allocate its buffers and overwrite a tile the tensor core still
+  reads): bias gradients are column sums in their own kernel, not summed from a dot operand;
+- every launch grid is 1-D (axis 0 allows 2**31 - 1 programs), or its axis 1 is bounded by the
+  device size: nothing that grows with the tokens is on axis 1 or 2 (CUDA stops those at 65535).
 """
 from __future__ import annotations
 
@@ -78,10 +91,20 @@ def _mome_rows_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    # out[rows of expert e] = epilogue(prologue(A[rows]) @ weight[e]), one [BLOCK_M, BLOCK_N] tile.
-    # Axis 0 (launched fastest) walks the N tiles of one row tile, so its A rows are read from L2.
-    pid_n = tl.program_id(0)
-    expert, row_begin, row_end = _expert_tile(offsets, tl.program_id(1), NUM_EXPERTS, BLOCK_M)
+    """out[rows of expert e] = epilogue(prologue(A[rows]) @ weight[e]), one [BLOCK_M, BLOCK_N] tile.
+
+    Grid (n_tiles * row_tiles,), 1-D: program pid is N tile pid % n_tiles of row tile
+    pid // n_tiles, so consecutive programs walk the N tiles of one row tile and read its A rows
+    from L2. Rules: the program owning (row tile, N tile) is the only writer of those elements
+    of out (and of pre); mean/rstd of a row are written by the N-tile-0 program of its row tile
+    only, while the other N tiles recompute the same statistics rather than read them. The
+    main loop's loaded tiles have one consumer each: w and (without a LayerNorm) xa feed the dot
+    only; with a LayerNorm xa feeds only the normalisation whose result is the dot operand.
+    """
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    pid_n = pid % n_tiles
+    expert, row_begin, row_end = _expert_tile(offsets, pid // n_tiles, NUM_EXPERTS, BLOCK_M)
     if expert < 0:
         return
     p = row_begin + tl.arange(0, BLOCK_M)
@@ -149,23 +172,37 @@ def _mome_rows_kernel(
 
 @triton.jit
 def _mome_weight_grad_kernel(
-    a, b, order, offsets, mean, rstd, ln_weight, ln_bias, grad_weight_parts, grad_bias_parts,
-    M, N, splits,
+    a, b, order, offsets, mean, rstd, ln_weight, ln_bias, grad_weight_parts,
+    M, N, experts, splits,
     GATHER_A: tl.constexpr, GATHER_B: tl.constexpr,  # rows of A / B are token rows order[p], else sorted rows p
     LN_A: tl.constexpr,  # A = LayerNorm(x) rebuilt from the saved mean/rstd
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    # Split s of grad_weight[e][M, N] = A[rows_e]^T @ B[rows_e] over its share of expert e's
-    # rows (a grouped GEMM reducing over each expert's rows; an empty expert gets zeros), and
-    # grad_bias[e][N] = column sums of B[rows_e] (one column of tiles sums it). fp32 partials.
-    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    expert = tl.program_id(2) // splits
-    split = tl.program_id(2) % splits
+    """Split s of grad_weight[e][M, N] = A[rows_e]^T @ B[rows_e] over its share of expert e's rows
+    (a grouped GEMM reducing over each expert's rows; an empty expert gets zeros), in fp32
+    partials grad_weight_parts[s, e] that torch sums afterwards (deterministic, no atomics).
+
+    Grid (experts * splits * m_tiles * n_tiles,), 1-D: pid -> (expert, split) slot
+    pid // (m_tiles * n_tiles), then M tile, then N tile (fastest; tiles of one slot read the
+    same rows from L2). Rules: each program stores only its own [M tile, N tile] of its own
+    [split, expert] slot; it reads only inputs. In the pipelined dot loop each loaded tile has
+    one consumer: bt feeds the dot only (the bias gradient, once summed from bt here, is
+    _mome_column_sum_kernel's: triton-lang/triton#6691); at feeds the dot, or with a LayerNorm
+    only the normalisation whose result is the dot operand.
+    """
+    pid = tl.program_id(0)
+    m_tiles = tl.cdiv(M, BLOCK_M)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    pid_n = pid % n_tiles
+    pid_m = (pid // n_tiles) % m_tiles
+    slot = pid // (n_tiles * m_tiles)
+    expert = slot // splits
+    split = slot % splits
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = m < M
     n_ok = n < N
-    first_tile = tl.program_id(0) == 0
     begin = tl.load(offsets + expert)
     end = tl.load(offsets + expert + 1)
     per_split = tl.cdiv(tl.cdiv(end - begin, splits), BLOCK_K) * BLOCK_K
@@ -176,7 +213,6 @@ def _mome_weight_grad_kernel(
         beta = tl.load(ln_bias + expert * M + m, mask=m_ok, other=0.0).to(tl.float32)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    bias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for r0 in range(row_begin, row_end, BLOCK_K):
         p = r0 + tl.arange(0, BLOCK_K)
         p_ok = p < row_end
@@ -197,13 +233,50 @@ def _mome_weight_grad_kernel(
             at = tl.where(a_ok, normed, 0.0).to(b.dtype.element_ty)  # rounded as the forward's A operand
         bt = tl.load(b + b_row[:, None] * N + n[None, :], mask=p_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(at, bt, acc, input_precision=DOT_PRECISION)
-        if first_tile:
-            bias_acc += tl.sum(bt.to(tl.float32), axis=0)
 
-    part = (split * tl.num_programs(2) // splits + expert).to(tl.int64)  # slot [split, expert]
+    part = (split * experts + expert).to(tl.int64)  # slot [split, expert]
     tl.store(grad_weight_parts + part * M * N + m[:, None] * N + n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
-    if first_tile:
-        tl.store(grad_bias_parts + part * N + n, bias_acc, mask=n_ok)
+
+
+@triton.jit
+def _mome_column_sum_kernel(
+    b, order, offsets, grad_bias_parts,
+    N, experts, splits,
+    GATHER: tl.constexpr,  # rows of B are token rows order[p] (grad_out), else sorted rows p (dz)
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Split s of grad_bias[e][N] = column sums of B over expert e's rows, as fp32 partials
+    grad_bias_parts[s, e] that torch sums afterwards (deterministic, no atomics).
+
+    Grid (experts * splits * n_tiles,), 1-D: pid -> (expert, split) slot pid // n_tiles, N tile
+    pid % n_tiles. Rules: each program stores only its own N tile of its own slot and reads only
+    inputs; there is no dot, so nothing here is a pipelined dot operand. The [BLOCK_R, BLOCK_N]
+    accumulator is summed over rows once at the end (a fixed order: the same bits every run).
+    """
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    pid_n = pid % n_tiles
+    slot = pid // n_tiles
+    expert = slot // splits
+    split = slot % splits
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    begin = tl.load(offsets + expert)
+    end = tl.load(offsets + expert + 1)
+    per_split = tl.cdiv(tl.cdiv(end - begin, splits), BLOCK_R) * BLOCK_R
+    row_begin = begin + split * per_split
+    row_end = tl.minimum(row_begin + per_split, end)
+    acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    for r0 in range(row_begin, row_end, BLOCK_R):
+        p = r0 + tl.arange(0, BLOCK_R)
+        p_ok = p < row_end
+        if GATHER:
+            row = tl.load(order + p, mask=p_ok, other=0).to(tl.int64)
+        else:
+            row = p.to(tl.int64)
+        acc += tl.load(b + row[:, None] * N + n[None, :], mask=p_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+    part = (split * experts + expert).to(tl.int64)  # slot [split, expert]
+    tl.store(grad_bias_parts + part * N + n, tl.sum(acc, axis=0), mask=n_ok)
 
 
 @triton.jit
@@ -212,8 +285,14 @@ def _mome_ln_bwd_kernel(
     D, chunks,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,  # BLOCK_D >= D: a row's reductions stay in registers
 ):
-    # LayerNorm backward of chunk c of expert e's rows: grad_x (scattered to the token rows) and
-    # fp32 partial sums of grad ln_weight / ln_bias for slot [c, e].
+    """LayerNorm backward of chunk c of expert e's rows: grad_x (scattered to the token rows) and
+    fp32 partial sums of grad ln_weight / ln_bias for slot [c, e], summed by torch afterwards.
+
+    Grid (experts, chunks): chunks <= cdiv(2 * multiprocessors, experts) (see the launcher), so
+    axis 1 stays far below 65535 whatever the token count. Rules: expert e's chunks own disjoint
+    sorted positions, and order is a permutation, so each grad_x row has one writer; each program
+    stores its own partial slot and reads only inputs. No dot: no pipelined dot operand here.
+    """
     expert = tl.program_id(0)
     chunk = tl.program_id(1)
     experts = tl.num_programs(0)

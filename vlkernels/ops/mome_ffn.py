@@ -12,11 +12,18 @@ Forward (2 launches):
        Writes h = act(z) [T, F] in sorted order, and (when a backward will run) the
        pre-activation z [T, F].
   FC2  A = h rows, epilogue + b2[e], stored straight to the token row order[p].
-Backward (up to 5 launches): dz = (dY[order] @ W2[e]^T) * act'(z) (epilogue); dW2, db2 =
-grouped h^T @ dY[order] per expert; dW1, db1 = grouped LN(x)^T @ dz per expert (LN rebuilt
-from the saved statistics); d(normalised x) = dz @ W1[e]^T; LayerNorm backward with d ln
-weight/bias, grad_x scattered to token rows (without a LayerNorm, the previous GEMM stores
-grad_x itself, scattered).
+Backward (up to 7 launches): dz = (dY[order] @ W2[e]^T) * act'(z) (epilogue); dW2 = grouped
+h^T @ dY[order] per expert; dW1 = grouped LN(x)^T @ dz per expert (LN rebuilt from the saved
+statistics); db2, db1 = per-expert column sums of dY[order] and dz in a kernel of their own
+(summing them from the dW GEMMs' operand tiles would give those tiles a second, non-dot
+consumer in a pipelined dot loop: triton-lang/triton#6691); d(normalised x) = dz @ W1[e]^T;
+LayerNorm backward with d ln weight/bias, grad_x scattered to token rows (without a LayerNorm,
+the previous GEMM stores grad_x itself, scattered). Every weight-type reduction is split into
+fp32 partials that torch sums: deterministic, no atomics.
+
+Launch grids are 1-D (row tiles and splits flattened into axis 0), except the LayerNorm
+backward's (experts, chunks) whose axis 1 is bounded by the device size: CUDA's grid axes 1
+and 2 stop at 65535 (see the grid functions and tests/test_mome_ffn.py).
 
 Why z is stored rather than recomputed: act'(z) needs z, and h cannot give it back; recomputing
 z costs a whole FC1 GEMM (1/3 of the forward FLOPs) in the backward, whereas storing it costs
@@ -49,6 +56,10 @@ _ACTIVATION_CODES = {"gelu": 0, "relu": 1}
 
 _LN_BWD_ELEMENTS = 4096  # rows per LayerNorm-backward block: BLOCK_R * BLOCK_D fp32 values in registers
 _LN_BWD_WARPS = 4
+# Bias-gradient column sums: 32 rows x 128 columns per step (16 fp32 accumulators per thread at
+# 4 warps, 16-byte loads along the contiguous columns).
+_COLUMN_SUM_ROWS, _COLUMN_SUM_COLUMNS, _COLUMN_SUM_WARPS = 32, 128, 4
+_MAX_TOKENS = 2**31 - 1  # offsets, order and sorted positions are int32
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -65,8 +76,39 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def _row_tiles(tokens: int, experts: int, block_m: int) -> int:
-    # Upper bound of sum_e cdiv(count_e, BLOCK_M) over any routing: cdiv(T, BLOCK_M) + E - 1.
-    return triton.cdiv(tokens, block_m) + experts - 1
+    # Upper bound of sum_e cdiv(count_e, BLOCK_M) over any routing: cdiv(T, BLOCK_M) + E - 1
+    # (0 when there are no tokens: each expert has cdiv(0, BLOCK_M) = 0 tiles).
+    return triton.cdiv(tokens, block_m) + experts - 1 if tokens else 0
+
+
+# Launch shapes. Pure functions of the sizes (tested at huge sizes without launching): every
+# grid that grows with the tokens is 1-D, since CUDA stops grid axes 1 and 2 at 65535.
+def _rows_grid(tokens: int, n_size: int, experts: int, cfg) -> tuple[int]:
+    return (triton.cdiv(n_size, cfg.block_n) * _row_tiles(tokens, experts, cfg.block_m),)
+
+
+def _weight_grad_launch(tokens: int, m_size: int, n_size: int, experts: int, cfg, multiprocessors: int):
+    """(splits, grid): each expert's row reduction is split until the grid covers the device about
+    twice, keeping at least four row blocks per split for an evenly routed batch."""
+    tiles = triton.cdiv(m_size, cfg.block_m) * triton.cdiv(n_size, cfg.block_n) * experts
+    splits = max(1, min(triton.cdiv(2 * multiprocessors, tiles), tokens // (4 * cfg.block_k * experts)))
+    return splits, (tiles * splits,)
+
+
+def _column_sum_launch(tokens: int, n_size: int, experts: int, multiprocessors: int):
+    """(splits, grid) of the bias-gradient column sums: split as the weight gradients are, with
+    at least two row blocks per split."""
+    tiles = triton.cdiv(n_size, _COLUMN_SUM_COLUMNS) * experts
+    splits = max(1, min(triton.cdiv(2 * multiprocessors, tiles), tokens // (2 * _COLUMN_SUM_ROWS * experts)))
+    return splits, (tiles * splits,)
+
+
+def _ln_bwd_launch(tokens: int, dim: int, experts: int, multiprocessors: int):
+    """(block_r, block_d, chunks, grid (experts, chunks)): chunks <= cdiv(2 * multiprocessors,
+    experts), so axis 1 is bounded by the device size, not by the tokens."""
+    block_r, block_d = _ln_bwd_blocks(dim)
+    chunks = max(1, min(triton.cdiv(2 * multiprocessors, experts), tokens // (4 * block_r * experts)))
+    return block_r, block_d, chunks, (experts, chunks)
 
 
 def _launch_rows(a, order, offsets, weight, out, *, bias=None, ln_weight=None, ln_bias=None, mean=None, rstd=None,
@@ -78,7 +120,9 @@ def _launch_rows(a, order, offsets, weight, out, *, bias=None, ln_weight=None, l
     n_size = out.shape[1]
     experts = offsets.shape[0] - 1
     cfg = GEMM_CONFIGS[weight.dtype]
-    grid = (triton.cdiv(n_size, cfg.block_n), _row_tiles(tokens, experts, cfg.block_m))
+    grid = _rows_grid(tokens, n_size, experts, cfg)
+    if grid[0] == 0:  # no tokens: nothing to compute (a 0-program launch is not valid on every driver)
+        return
     placeholder = weight  # unread when the term is absent
     kernels._mome_rows_kernel[grid](
         a, order, offsets, weight,
@@ -94,28 +138,36 @@ def _launch_rows(a, order, offsets, weight, out, *, bias=None, ln_weight=None, l
 
 
 def _launch_weight_grad(a, b, order, offsets, *, gather_a, gather_b, mean=None, rstd=None, ln_weight=None,
-                        ln_bias=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per expert e: (A[rows_e]^T @ B[rows_e] [M, N], column sums of B[rows_e] [N]), both [E, ...] fp32."""
+                        ln_bias=None) -> torch.Tensor:
+    """Per expert e: A[rows_e]^T @ B[rows_e], [E, M, N] fp32 (zeros for an expert without rows)."""
     tokens, m_size = a.shape
     n_size = b.shape[1]
     experts = offsets.shape[0] - 1
     cfg = GEMM_CONFIGS[b.dtype]
-    tiles = triton.cdiv(m_size, cfg.block_m) * triton.cdiv(n_size, cfg.block_n) * experts
-    # Split each expert's row reduction until the grid covers the device about twice, keeping
-    # at least four row blocks per split for an evenly routed batch.
-    splits = max(1, min(triton.cdiv(2 * _multiprocessors(a.device), tiles), tokens // (4 * cfg.block_k * experts)))
+    splits, grid = _weight_grad_launch(tokens, m_size, n_size, experts, cfg, _multiprocessors(a.device))
     weight_parts = torch.empty(splits, experts, m_size, n_size, device=a.device, dtype=torch.float32)
-    bias_parts = torch.empty(splits, experts, n_size, device=a.device, dtype=torch.float32)
     ln = ln_weight is not None
-    grid = (triton.cdiv(m_size, cfg.block_m), triton.cdiv(n_size, cfg.block_n), experts * splits)
     kernels._mome_weight_grad_kernel[grid](
         a, b, order, offsets, mean if ln else a, rstd if ln else a, ln_weight if ln else a, ln_bias if ln else a,
-        weight_parts, bias_parts, m_size, n_size, splits,
+        weight_parts, m_size, n_size, experts, splits,
         GATHER_A=gather_a, GATHER_B=gather_b, LN_A=ln,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_PRECISION=_dot_precision(b.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return weight_parts.sum(0), bias_parts.sum(0)
+    return weight_parts.sum(0)
+
+
+def _launch_column_sum(b, order, offsets, *, gather) -> torch.Tensor:
+    """Per expert e: column sums of B[rows_e] (rows order[p] when ``gather``), [E, N] fp32."""
+    tokens, n_size = b.shape
+    experts = offsets.shape[0] - 1
+    splits, grid = _column_sum_launch(tokens, n_size, experts, _multiprocessors(b.device))
+    parts = torch.empty(splits, experts, n_size, device=b.device, dtype=torch.float32)
+    kernels._mome_column_sum_kernel[grid](
+        b, order, offsets, parts, n_size, experts, splits, GATHER=gather,
+        BLOCK_R=_COLUMN_SUM_ROWS, BLOCK_N=_COLUMN_SUM_COLUMNS, num_warps=_COLUMN_SUM_WARPS,
+    )
+    return parts.sum(0)
 
 
 def _ln_bwd_blocks(dim: int) -> tuple[int, int]:
@@ -126,12 +178,11 @@ def _ln_bwd_blocks(dim: int) -> tuple[int, int]:
 def _launch_ln_bwd(x, order, offsets, mean, rstd, grad_normed, ln_weight):
     tokens, dim = x.shape
     experts = offsets.shape[0] - 1
-    block_r, block_d = _ln_bwd_blocks(dim)
-    chunks = max(1, min(triton.cdiv(2 * _multiprocessors(x.device), experts), tokens // (4 * block_r * experts)))
+    block_r, block_d, chunks, grid = _ln_bwd_launch(tokens, dim, experts, _multiprocessors(x.device))
     grad_x = torch.empty_like(x)
     weight_parts = torch.empty(chunks, experts, dim, device=x.device, dtype=torch.float32)
     bias_parts = torch.empty(chunks, experts, dim, device=x.device, dtype=torch.float32)
-    kernels._mome_ln_bwd_kernel[(experts, chunks)](
+    kernels._mome_ln_bwd_kernel[grid](
         x, order, offsets, mean, rstd, grad_normed, ln_weight, grad_x, weight_parts, bias_parts, dim, chunks,
         BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_LN_BWD_WARPS,
     )
@@ -171,9 +222,12 @@ def _launch_bwd(grad_out, x, order, offsets, w1, w2, h, pre, mean, rstd, ln_weig
                  epilogue=kernels.EPILOGUE_ACT_GRAD, activation=_ACTIVATION_CODES[activation],
                  weight_kn_strides=(w2.stride(2), w2.stride(1)))
     if need_weights:
-        grad_w2, grad_b2 = _launch_weight_grad(h, grad_out, order, offsets, gather_a=False, gather_b=True)
-        grad_w1, grad_b1 = _launch_weight_grad(x, grad_pre, order, offsets, gather_a=True, gather_b=False,
-                                               mean=mean, rstd=rstd, ln_weight=ln_weight, ln_bias=ln_bias)
+        # Each gradient is a fresh sum of its own partials: none is a view of another (.to keeps that).
+        grad_w2 = _launch_weight_grad(h, grad_out, order, offsets, gather_a=False, gather_b=True)
+        grad_b2 = _launch_column_sum(grad_out, order, offsets, gather=True)
+        grad_w1 = _launch_weight_grad(x, grad_pre, order, offsets, gather_a=True, gather_b=False,
+                                      mean=mean, rstd=rstd, ln_weight=ln_weight, ln_bias=ln_bias)
+        grad_b1 = _launch_column_sum(grad_pre, order, offsets, gather=False)
         grad_w1, grad_b1, grad_w2, grad_b2 = (t.to(x.dtype) for t in (grad_w1, grad_b1, grad_w2, grad_b2))
     if need_x or (need_weights and ln):
         # d(LN output) = dz @ W1[e]^T (W1[e] [D, F] read as [F, D]); without a LayerNorm it is grad_x.
@@ -274,24 +328,30 @@ def expert_order(expert_index: torch.Tensor, experts: int) -> tuple[torch.Tensor
     return order.to(torch.int32), offsets
 
 
-def segments_order(batch: int, seq_len: int, segments: tuple[int, int, int], experts: int,
+def segments_order(batch: int, seq_len: int, segments: tuple, experts: int,
                    device) -> tuple[torch.Tensor, torch.Tensor]:
     """VLMo's positional routing (first text_len tokens of each sample to first_expert, the rest to
-    rest_expert) as (order, offsets) by arithmetic: no sort, no bincount, counts known on the host."""
+    rest_expert) as (order, offsets) by arithmetic on device: no sort, no host sync, static shapes
+    (each entry of ``segments`` an int, a SymInt or a 0-dim integer tensor).
+
+    A token's sorted position is offsets[its expert] + the tokens of that expert before it:
+    text tokens before (b, s) are b * L + min(s, L), image tokens b * (S - L) + max(s - L, 0)
+    (both count when first_expert == rest_expert); order is the inverse permutation (a scatter
+    of distinct positions: deterministic)."""
     text_len, first, rest = segments
-    counts = [0] * experts
-    counts[first] += batch * text_len
-    counts[rest] += batch * (seq_len - text_len)
-    bounds = [0]
-    for count in counts:
-        bounds.append(bounds[-1] + count)
-    offsets = torch.tensor(bounds, dtype=torch.int32).to(device, non_blocking=True)
-    if first == rest or text_len in (0, seq_len):
-        return torch.arange(batch * seq_len, device=device, dtype=torch.int32), offsets
-    starts = torch.arange(batch, device=device, dtype=torch.int32)[:, None] * seq_len
-    text = (starts + torch.arange(text_len, device=device, dtype=torch.int32)).reshape(-1)
-    image = (starts + torch.arange(text_len, seq_len, device=device, dtype=torch.int32)).reshape(-1)
-    return torch.cat([text, image] if first < rest else [image, text]), offsets
+    position = torch.arange(seq_len, device=device)
+    sample = torch.arange(batch, device=device)[:, None]
+    is_text = position < text_len
+    ids = torch.where(is_text, first, rest).long()  # [S]
+    bounds = torch.arange(experts + 1, device=device)
+    # offsets[e] = tokens of the experts below e
+    offsets = (batch * text_len) * (bounds > first) + (batch * (seq_len - text_len)) * (bounds > rest)
+    text_before = sample * text_len + torch.where(is_text, position, text_len)  # [B, S]
+    image_before = sample * (seq_len - text_len) + torch.where(is_text, 0, position - text_len)
+    sorted_position = (offsets[ids] + text_before * (ids == first) + image_before * (ids == rest)).reshape(-1)
+    tokens = torch.arange(batch * seq_len, device=device)
+    order = torch.empty_like(sorted_position).scatter_(0, sorted_position, tokens)
+    return order.to(torch.int32), offsets.to(torch.int32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,7 +367,7 @@ def _validate(x, expert_index, w1, b1, w2, b2, activation, ln_weight, ln_bias, e
     experts, dim, hidden = w1.shape
     if experts == 0 or dim == 0 or hidden == 0:
         raise ValueError(f"mome_ffn: empty w1 {tuple(w1.shape)}")
-    if x.shape[-1] != dim or x.dim() < 1:
+    if x.dim() < 1 or x.shape[-1] != dim:
         raise ValueError(f"mome_ffn: x must be [..., D] with D = {dim} (w1 is [E, D, F]), got {tuple(x.shape)}")
     expected = {"b1": (b1, (experts, hidden)), "w2": (w2, (experts, hidden, dim)), "b2": (b2, (experts, dim)),
                 "ln_weight": (ln_weight, (experts, dim)), "ln_bias": (ln_bias, (experts, dim))}
@@ -333,14 +393,7 @@ def _validate(x, expert_index, w1, b1, w2, b2, activation, ln_weight, ln_bias, e
             raise ValueError("mome_ffn: give expert_index or segments, not both")
         if x.dim() != 3:
             raise ValueError(f"mome_ffn: segments routing needs x as [B, S, D], got {tuple(x.shape)}")
-        if len(segments) != 3:
-            raise ValueError(f"mome_ffn: segments must be (text_len, first_expert, rest_expert), got {segments}")
-        text_len, first, rest = (int(v) for v in segments)
-        if not 0 <= text_len <= x.shape[1]:
-            raise ValueError(f"mome_ffn: segments text_len {text_len} outside [0, {x.shape[1]}]")
-        for value in (first, rest):
-            if not 0 <= value < experts:
-                raise ValueError(f"mome_ffn: segments expert id {value} outside [0, {experts})")
+        _validate_segments(reference.segment_values(segments), x, experts)
         return
     if expert_index is None:
         raise ValueError("mome_ffn: expert_index is required (or segments)")
@@ -360,10 +413,30 @@ def _validate(x, expert_index, w1, b1, w2, b2, activation, ln_weight, ln_bias, e
             raise ValueError(f"mome_ffn: expert ids must be in [0, {experts}), got values in [{low}, {high}]")
 
 
+def _validate_segments(values, x, experts: int) -> None:
+    # Integers only (segment_values raised TypeError otherwise); a tensor entry is read on the
+    # host in eager (one sync; plain ints need none) and checked in the graph under torch.compile.
+    seq_len = x.shape[1]
+    ranges = (("text_len", 0, seq_len, f"[0, {seq_len}]"), ("expert id", 0, experts - 1, f"[0, {experts})"),
+              ("expert id", 0, experts - 1, f"[0, {experts})"))
+    for value, (what, low, high, shown) in zip(values, ranges):
+        if isinstance(value, torch.Tensor):
+            if value.device != x.device and value.device.type != "cpu":
+                raise ValueError(f"mome_ffn: segments {what} is on {value.device} but x is on {x.device}")
+            if compiling():
+                assert_in_graph((value >= low) & (value <= high), f"mome_ffn: segments {what} outside {shown}")
+                continue
+            value = value.item()
+        if not low <= value <= high:
+            raise ValueError(f"mome_ffn: segments {what} {value} outside {shown}")
+
+
 def _triton_refusal(x, *args) -> Optional[str]:
     why = _backend.triton_refusal(x.device)
     if why is None and x.dtype not in _SUPPORTED_DTYPES:
         why = f"dtype {x.dtype} is not one of float32, float16, bfloat16"
+    if why is None and x.numel() // x.shape[-1] > _MAX_TOKENS:
+        why = f"more than {_MAX_TOKENS} tokens (the routing tables are int32)"
     return why
 
 
@@ -372,7 +445,7 @@ def _run_triton(x, expert_index, w1, b1, w2, b2, activation, ln_weight, ln_bias,
     tokens = x.reshape(-1, shape[-1]).contiguous()
     experts = w1.shape[0]
     if segments is not None:
-        order, offsets = segments_order(shape[0], shape[1], tuple(int(v) for v in segments), experts, x.device)
+        order, offsets = segments_order(shape[0], shape[1], reference.segment_values(segments), experts, x.device)
     else:
         order, offsets = expert_order(expert_index.reshape(-1).long(), experts)
     if ln_weight is not None:
@@ -408,7 +481,7 @@ def mome_ffn(
     ln_weight: Optional[torch.Tensor] = None,
     ln_bias: Optional[torch.Tensor] = None,
     eps: float = 1e-6,
-    segments: Optional[tuple[int, int, int]] = None,
+    segments: Optional[tuple] = None,
 ) -> torch.Tensor:
     """VLMo's mixture-of-modality-experts FFN: each token through its own expert's
     LayerNorm (optional) -> Linear(D, F) -> activation -> Linear(F, D).
@@ -421,6 +494,8 @@ def mome_ffn(
     activation: "gelu" (exact erf, VLMo) or "relu".
     segments: (text_len, first_expert, rest_expert) with x [B, S, D]: tokens [0, text_len) of each
       sample go to first_expert, the rest to rest_expert (VLMo's joint input) - no sort at all.
+      Each entry an integer: an int (a SymInt under torch.compile) or a 0-dim integer tensor;
+      floats and bools raise TypeError (a tensor entry is range-checked with one host read in eager).
     returns: x's shape, tokens in their original order.
 
     Bad expert ids raise ValueError before any launch (one device-side min/max, one sync); under
@@ -476,12 +551,20 @@ def aot_variants():
             variants.append(KernelVariant(kernels._mome_rows_kernel, f"{label}-{what}", dict(rows_common, **flags),
                                           pointers, scalars, options, gemm_shaped=True))
         grad_pointers = {"a": dtype, "b": dtype, "order": i32, "offsets": i32, "mean": fp32, "rstd": fp32,
-                         "ln_weight": dtype, "ln_bias": dtype, "grad_weight_parts": fp32, "grad_bias_parts": fp32}
+                         "ln_weight": dtype, "ln_bias": dtype, "grad_weight_parts": fp32}
         for what, m_size, n_size, flags in (("dw1", dim, hidden, dict(GATHER_A=True, GATHER_B=False, LN_A=True)),
                                             ("dw2", hidden, dim, dict(GATHER_A=False, GATHER_B=True, LN_A=False))):
             variants.append(KernelVariant(kernels._mome_weight_grad_kernel, f"{label}-{what}", dict(blocks, **flags),
-                                          grad_pointers, dict(M=m_size, N=n_size, splits=1), options,
+                                          grad_pointers, dict(M=m_size, N=n_size, experts=experts, splits=1), options,
                                           gemm_shaped=True))
+    for dtype in _SUPPORTED_DTYPES:
+        # db2 (grad_out rows gathered, N = D) and db1 (dz rows in sorted order, N = F)
+        for what, n_size, gather in (("db2", dim, True), ("db1", hidden, False)):
+            variants.append(KernelVariant(
+                kernels._mome_column_sum_kernel, f"{str(dtype)[6:]}-{what}",
+                dict(GATHER=gather, BLOCK_R=_COLUMN_SUM_ROWS, BLOCK_N=_COLUMN_SUM_COLUMNS),
+                {"b": dtype, "order": i32, "offsets": i32, "grad_bias_parts": fp32},
+                dict(N=n_size, experts=experts, splits=2), dict(num_warps=_COLUMN_SUM_WARPS)))
     for dtype in _SUPPORTED_DTYPES:
         for dim in (544, 768, 1024):
             block_r, block_d = _ln_bwd_blocks(dim)

@@ -3,6 +3,7 @@ pre-LayerNorm + MLP, scatter the results back. Short, float64-capable: the spec,
 fallback and the tests' oracle (and the benchmarks' "eager gather/loop/scatter" provider)."""
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -11,11 +12,38 @@ import torch.nn.functional as F
 ACTIVATIONS = ("gelu", "relu")
 
 
+def segment_value(value, what: str):
+    """One entry of ``segments`` as an integer: a Python int (or a numpy integer; a SymInt under
+    torch.compile) or a 0-dim integer tensor, returned as it is. Floats (even 2.0) and bools are
+    refused with a TypeError: ``position < 2.5`` would route 3 tokens where an int cast routes 2."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.dtype.is_floating_point or value.is_complex():
+            raise TypeError(f"mome_ffn: segments {what} must be an integer (int or 0-dim integer tensor), got a "
+                            f"{value.dtype} tensor of shape {list(value.shape)}")
+        return value
+    if isinstance(value, torch.SymInt):
+        return value
+    if isinstance(value, (bool, torch.SymBool)) or str(getattr(value, "dtype", "")) == "bool":  # numpy bool too
+        raise TypeError(f"mome_ffn: segments {what} must be an integer, got the bool {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"mome_ffn: segments {what} must be an integer (int or 0-dim integer tensor), "
+                        f"got {type(value).__name__} {value!r}") from None
+
+
+def segment_values(segments) -> tuple:
+    """(text_len, first_expert, rest_expert), each checked by :func:`segment_value`."""
+    if not isinstance(segments, (tuple, list)) or len(segments) != 3:
+        raise ValueError(f"mome_ffn: segments must be (text_len, first_expert, rest_expert), got {segments!r}")
+    return tuple(segment_value(v, what) for v, what in zip(segments, ("text_len", "first_expert", "rest_expert")))
+
+
 def segments_expert_index(batch: int, seq_len: int, segments: tuple[int, int, int], device=None) -> torch.Tensor:
     """VLMo's positional routing as per-token ids: segments = (text_len, first_expert, rest_expert)
     sends tokens [0, text_len) of every sample to first_expert and the rest to rest_expert.
     Returns [batch * seq_len] int64 (sample-major, as x.reshape(-1, D))."""
-    text_len, first, rest = segments
+    text_len, first, rest = segment_values(segments)
     position = torch.arange(seq_len, device=device)
     per_sample = torch.where(position < text_len, first, rest)
     return per_sample.repeat(batch)
@@ -72,7 +100,7 @@ def mome_ffn(
             out = torch.where((expert_index == e)[:, None], expert(e, tokens), out)
             continue
         rows = (expert_index == e).nonzero().squeeze(1)
-        if rows.numel() == 0:
-            continue
+        if rows.numel() == 0 and (e > 0 or tokens.shape[0] > 0):
+            continue  # with T = 0, expert 0 still runs (on no rows): the output stays in the graph
         out = out.index_copy(0, rows, expert(e, tokens.index_select(0, rows)))
     return out.reshape(shape)
