@@ -11,6 +11,12 @@
 //          sigma_i = 1 / (x_len * sum_j delta_j Q_ij + pen_i)        (row scaling; k rounds)
 //          T_ij = delta_j * Q_ij * sigma_i;  next Q_ij = A_ij * T_ij
 //   pen = 1e4 on padding, 0 on valid entries (UNITER's x_mask / y_mask).
+//   The cost is shifted first (vlkernels/reference ipot_shifts): each column's minimum over its
+//   valid rows is subtracted (absorbed by delta_j), then each row's minimum r_i (absorbed by
+//   sigma_i once the initial sigma_i is exp(-r_i/beta)/x_len): the same plan, with an A of 1 in
+//   every valid row and column. If the shifted cost still exceeds kIpotLogDomainAbove * beta,
+//   the loop runs in the log domain (log delta_j = -log y_len - LSE_i(log Q_ij + log sigma_i),
+//   log sigma_i likewise, log T = log delta + log Q + log sigma), where fp32 cannot underflow.
 // Sinkhorn (POT's sinkhorn_log / sinkhorn_knopp order: columns, then rows), on the support
 // (entries with positive mass):
 //   log domain: g_j = log b_j - LSE_i(f_i + K_ij);  f_i = log a_i - LSE_j(g_j + K_ij);  K = -C/reg
@@ -38,12 +44,27 @@ constexpr float kShiftedSumMin = 1e-30f;
 constexpr float kShiftedSumMax = 1e30f;
 
 // ---- IPOT -----------------------------------------------------------------------------------
+// Above this max(shifted cost) / beta the iteration runs in the log domain (the same switch as
+// the Triton kernels and the reference's LOG_DOMAIN_ABOVE): the scaling form keeps T ~ A^t and
+// loses fp32 entries that underflow but matter later once the shifted cost spans ~25 * beta.
+constexpr float kIpotLogDomainAbove = 16.0f;
+
 VLK_OT_HD float pad_penalty(bool valid) { return valid ? 0.0f : kPadPenalty; }
 
 // A_ij = exp(-C_ij / beta) on joint-valid entries, 0 on joint padding (UNITER masks A and T).
 VLK_OT_HD float ipot_affinity(float cost, float inv_beta) { return expf(-cost * inv_beta); }
 
-VLK_OT_HD float ipot_initial_sigma(bool valid, float x_len) { return valid ? 1.0f / x_len : 0.0f; }
+// sigma_i = exp(-r_i / beta) / x_len on a valid row with row shift r_i (see the header comment).
+VLK_OT_HD float ipot_initial_sigma(float row_shift, float inv_beta, float x_len) {
+  return expf(-row_shift * inv_beta) / x_len;
+}
+VLK_OT_HD float ipot_initial_log_sigma(float row_shift, float inv_beta, float x_len) {
+  return -row_shift * inv_beta - logf(x_len);
+}
+
+// Log domain: log delta_j = -log y_len - lse (lse of log Q + log sigma down the column), and
+// log sigma_i likewise along a row.
+VLK_OT_HD float ipot_log_scaling(float log_length, float lse) { return -log_length - lse; }
 
 // delta_j = 1 / (y_len * sum_i Q_ij sigma_i + pen_j), and sigma_i likewise over a row.
 VLK_OT_HD float ipot_scaling(float length, float weighted_sum, float penalty) {

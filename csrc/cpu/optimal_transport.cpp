@@ -200,6 +200,83 @@ Compaction compact(const uint8_t* x_mask, const uint8_t* y_mask, int64_t rows, i
   return c;
 }
 
+// IPOT in the log domain on one problem (ot_step.h), for costs whose shifted range exceeds
+// kIpotLogDomainAbove * beta: A holds log A = -shifted / beta on the stored (valid) rows
+// (-inf off the valid columns), the row shifts are in s.row_pen; Q then holds log T.
+// Every log-sum-exp takes its line's maximum first (two passes), so nothing over- or underflows.
+VLK_SIMD_CLONES
+float ipot_log_problem(const CostSource& source, const uint8_t* y_mask, int64_t cols, int64_t iters, int64_t k,
+                       bool distance, float* plan, const Compaction& valid, float x_len, float y_len, float inv_beta,
+                       Scratch& s) {
+  const int64_t x_count = valid.rows, col_end = valid.col_end, npad = padded(col_end);
+  const int64_t* row_index = s.row_index.data();
+  const float* log_a = s.kernel.data();
+  float* log_t = s.work.data();
+  float* log_delta = s.col_vec.data();
+  float* col_max = s.col_acc.data();
+  float* col_sum = s.col_aux.data();
+  float* log_sigma = s.row_vec.data();
+  const float* row_shift = s.row_pen.data();
+  const float log_x_len = std::log(x_len), log_y_len = std::log(y_len);
+  for (int64_t r = 0; r < x_count; ++r) {
+    log_sigma[r] = ot::ipot_initial_log_sigma(row_shift[r], inv_beta, x_len);
+    for (int64_t j = 0; j < npad; ++j) log_t[r * npad + j] = log_a[r * npad + j] > -INFINITY ? 0.0f : -INFINITY;
+  }
+  auto valid_column = [&](int64_t j) { return j < cols && y_mask[j]; };
+  for (int64_t t = 0; t < iters; ++t) {
+    float* log_q = log_t;  // log Q = log A + log T, in place
+    for (int64_t e = 0; e < x_count * npad; ++e) log_q[e] += log_a[e];
+    for (int64_t round = 0; round < k; ++round) {
+      // log delta_j = -log y_len - LSE_i(log Q_ij + log sigma_i)
+      std::fill(col_max, col_max + npad, -INFINITY);
+      for (int64_t r = 0; r < x_count; ++r) {
+        const float* q_row = log_q + r * npad;
+        for (int64_t j = 0; j < npad; ++j) col_max[j] = std::max(col_max[j], q_row[j] + log_sigma[r]);
+      }
+      for (int64_t j = 0; j < npad; ++j) col_max[j] = col_max[j] > -INFINITY ? col_max[j] : 0.0f;
+      std::fill(col_sum, col_sum + npad, 0.0f);
+      for (int64_t r = 0; r < x_count; ++r) {
+        const float* q_row = log_q + r * npad;
+        const float ls = log_sigma[r];
+#pragma omp simd
+        for (int64_t j = 0; j < npad; ++j) col_sum[j] += exp_vec(q_row[j] + ls - col_max[j]);
+      }
+      for (int64_t j = 0; j < npad; ++j) {
+        log_delta[j] = valid_column(j) ? ot::ipot_log_scaling(log_y_len, col_max[j] + std::log(col_sum[j]))
+                                       : -INFINITY;
+      }
+      // log sigma_i = -log x_len - LSE_j(log Q_ij + log delta_j)
+      for (int64_t r = 0; r < x_count; ++r) {
+        const float* q_row = log_q + r * npad;
+        float m = -INFINITY;
+        for (int64_t j = 0; j < npad; ++j) m = std::max(m, q_row[j] + log_delta[j]);
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < npad; ++j) sum += exp_vec(q_row[j] + log_delta[j] - m);
+        log_sigma[r] = ot::ipot_log_scaling(log_x_len, m + std::log(sum));
+      }
+    }
+    for (int64_t r = 0; r < x_count; ++r) {  // log T = log delta + log Q + log sigma
+      float* row = log_t + r * npad;
+      const float ls = log_sigma[r];
+      for (int64_t j = 0; j < npad; ++j) row[j] = log_delta[j] + row[j] + ls;
+    }
+  }
+  double total = 0.0;
+  for (int64_t r = 0; r < x_count; ++r) {
+    const int64_t i = row_index[r];
+    const float* row = log_t + r * npad;
+    float* out = plan + i * cols;
+    for (int64_t j = 0; j < col_end; ++j) {
+      if (!y_mask[j]) continue;
+      const float entry = std::exp(row[j]);
+      out[j] = entry;
+      if (distance) total += static_cast<double>(source.at(r, i, j, cols, npad)) * entry;
+    }
+  }
+  return static_cast<float>(total);
+}
+
 // UNITER's IPOT on one problem (see ot_step.h). Padded rows have Q = 0, so they add nothing
 // to the column sums, and their plan rows are zero: only the valid rows are stored and swept,
 // over the columns up to the last valid one. Each iteration is one sweep over those rows:
@@ -223,30 +300,52 @@ float ipot_problem(const CostSource& source, const uint8_t* x_mask, const uint8_
   const float x_len = static_cast<float>(x_count), y_len = static_cast<float>(y_count);
   const float inv_beta = 1.0f / beta;
   const float x_pen = ot::pad_penalty(true);  // every stored row is valid
-  float sigma = ot::ipot_initial_sigma(true, x_len);
+  float* col_min = s.col_aux.data();
+  float* row_shift = s.row_pen.data();
+  float* sigmas = s.row_vec.data();
 
+  // The shifts (ot_step.h): the valid entries' costs into A (+inf elsewhere), each column's
+  // minimum, then each row's minimum of the column-shifted cost; A then holds -shifted / beta.
   for (int64_t j = 0; j < npad; ++j) y_pen[j] = ot::pad_penalty(j < cols && y_mask[j]);
-  std::fill(col_sum, col_sum + npad, 0.0f);
+  std::fill(col_min, col_min + npad, INFINITY);
   for (int64_t r = 0; r < x_count; ++r) {
     const int64_t i = row_index[r];
     float* a_row = A + r * npad;
-    if (source.cost) {  // split by source so that each loop vectorises
-      const float* c_row = source.cost + i * cols;
-      for (int64_t j = 0; j < col_end; ++j) a_row[j] = y_mask[j] ? -c_row[j] * inv_beta : -INFINITY;
-    } else {
-      const float* c_row = source.row_costs + r * npad;
-      for (int64_t j = 0; j < col_end; ++j) a_row[j] = y_mask[j] ? -c_row[j] * inv_beta : -INFINITY;
+    for (int64_t j = 0; j < col_end; ++j) a_row[j] = y_mask[j] ? source.at(r, i, j, cols, npad) : INFINITY;
+    std::fill(a_row + col_end, a_row + npad, INFINITY);
+    for (int64_t j = 0; j < npad; ++j) col_min[j] = std::min(col_min[j], a_row[j]);
+  }
+  float largest = 0.0f;  // max of the shifted cost
+  for (int64_t r = 0; r < x_count; ++r) {
+    float* a_row = A + r * npad;
+    float row_min = INFINITY;
+    for (int64_t j = 0; j < npad; ++j) {
+      a_row[j] = a_row[j] < INFINITY ? a_row[j] - col_min[j] : INFINITY;
+      row_min = std::min(row_min, a_row[j]);
     }
-    std::fill(a_row + col_end, a_row + npad, -INFINITY);  // exp(-inf) = 0 on padding
+    row_shift[r] = row_min;  // finite: every stored row has a valid column
+    for (int64_t j = 0; j < npad; ++j) {
+      const float shifted = a_row[j] < INFINITY ? a_row[j] - row_min : INFINITY;
+      if (shifted < INFINITY) largest = std::max(largest, shifted);
+      a_row[j] = shifted < INFINITY ? -shifted * inv_beta : -INFINITY;
+    }
+  }
+  if (largest * inv_beta > ot::kIpotLogDomainAbove) {
+    return ipot_log_problem(source, y_mask, cols, iters, k, distance, plan, valid, x_len, y_len, inv_beta, s);
+  }
+
+  std::fill(col_sum, col_sum + npad, 0.0f);
+  for (int64_t r = 0; r < x_count; ++r) {
+    float* a_row = A + r * npad;
+    const float sigma = ot::ipot_initial_sigma(row_shift[r], inv_beta, x_len);
+    sigmas[r] = sigma;
 #pragma omp simd
     for (int64_t j = 0; j < npad; ++j) {
-      a_row[j] = exp_vec(a_row[j]);
+      a_row[j] = exp_vec(a_row[j]);  // exp(-inf) = 0 on padding
       col_sum[j] += a_row[j] * sigma;  // Q = A * T with T = 1 on valid entries
     }
     std::memcpy(Q + r * npad, a_row, sizeof(float) * npad);
   }
-  float* sigmas = s.row_vec.data();
-  std::fill(sigmas, sigmas + x_count, sigma);
 
   double total = 0.0;  // the distance: fp64 sum of up to rows * cols terms, once
   for (int64_t t = 0; t < iters; ++t) {

@@ -19,6 +19,16 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+__device__ __forceinline__ float warp_max(float v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, offset));
+  return v;
+}
+
+__device__ __forceinline__ float warp_min(float v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v = fminf(v, __shfl_xor_sync(kFullMask, v, offset));
+  return v;
+}
+
 // Warp-wide online log-sum-exp: merge the lanes' (max, sum) pairs.
 __device__ __forceinline__ float warp_lse(float m, float s) {
   for (int offset = 16; offset > 0; offset >>= 1) {
@@ -38,6 +48,17 @@ __device__ float block_sum(float v, float* scratch) {
   float total = 0.0f;
   for (int w = 0; w < kWarps; ++w) total += scratch[w];
   return total;
+}
+
+// Max over the block of one value per thread, returned to every thread. scratch: kWarps floats.
+__device__ float block_max(float v, float* scratch) {
+  v = warp_max(v);
+  __syncthreads();  // the previous use of scratch is over
+  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float largest = scratch[0];
+  for (int w = 1; w < kWarps; ++w) largest = fmaxf(largest, scratch[w]);
+  return largest;
 }
 
 struct IpotArgs {
@@ -64,6 +85,61 @@ __device__ __forceinline__ float cost_at(const IpotArgs& args, int64_t problem, 
 // [kWarps][ld], delta and the column penalties [ld], sigma [rows], a reduction scratch, then the
 // valid rows' indices [rows] (ints).
 int64_t ipot_shared_floats(int64_t rows, int64_t ld) { return 2 * rows * ld + (kWarps + 2) * ld + 2 * rows + kWarps; }
+
+// IPOT in the log domain (ot_step.h) for a block whose shifted cost spans more than
+// kIpotLogDomainAbove * beta: A holds log A, Q log T, sigma / delta their logs. Columns: a
+// thread per column, its log-sum-exp in two passes (max, then sum); rows: a warp per row.
+// Writes the plan and (WRA) the distance.
+__device__ void ipot_log_sweeps(const IpotArgs& args, int64_t problem, const float* A, float* Q, float* delta,
+                                float* sigma, float* scratch, const int* row_index, int count, float x_len,
+                                float y_len, float* plan) {
+  const int cols = args.cols, ld = args.ld;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const uint8_t* y_mask = args.y_mask + problem * cols;
+  const float log_x_len = logf(x_len), log_y_len = logf(y_len);
+  for (int t = 0; t < args.iters; ++t) {
+    for (int e = tid; e < count * ld; e += kThreads) Q[e] += A[e];  // log Q = log A + log T
+    __syncthreads();
+    for (int round = 0; round < args.k; ++round) {
+      for (int j = tid; j < ld; j += kThreads) {
+        float m = -INFINITY;
+        for (int r = 0; r < count; ++r) m = fmaxf(m, Q[r * ld + j] + sigma[r]);
+        m = m > -INFINITY ? m : 0.0f;
+        float sum = 0.0f;
+        for (int r = 0; r < count; ++r) sum += expf(Q[r * ld + j] + sigma[r] - m);
+        delta[j] = j < cols && y_mask[j] ? ot::ipot_log_scaling(log_y_len, m + logf(sum)) : -INFINITY;
+      }
+      __syncthreads();
+      for (int r = warp; r < count; r += kWarps) {
+        const float* q_row = Q + r * ld;
+        float m = -INFINITY;
+        for (int j = lane; j < ld; j += 32) m = fmaxf(m, q_row[j] + delta[j]);
+        m = warp_max(m);  // finite: the row has a valid column
+        float sum = 0.0f;
+        for (int j = lane; j < ld; j += 32) sum += expf(q_row[j] + delta[j] - m);
+        sum = warp_sum(sum);
+        if (lane == 0) sigma[r] = ot::ipot_log_scaling(log_x_len, m + logf(sum));
+      }
+      __syncthreads();
+    }
+    for (int e = tid; e < count * ld; e += kThreads) Q[e] = delta[e % ld] + Q[e] + sigma[e / ld];
+    __syncthreads();
+  }
+  double distance = 0.0;
+  for (int r = warp; r < count; r += kWarps) {
+    const int i = row_index[r];
+    for (int j = lane; j < cols; j += 32) {
+      if (!y_mask[j]) continue;
+      const float entry = expf(Q[r * ld + j]);
+      plan[static_cast<int64_t>(i) * cols + j] = entry;
+      if (args.distance) distance += static_cast<double>(cost_at(args, problem, i, j)) * entry;
+    }
+  }
+  if (args.distance) {
+    const float total = block_sum(static_cast<float>(distance), scratch);
+    if (tid == 0) args.distance[problem] = total;
+  }
+}
 
 // UNITER's IPOT (ot_step.h) on one problem per block. Only the valid rows are stored (padded
 // rows have Q = 0 and zero plan rows). Each iteration is one sweep: a warp takes a row, sums
@@ -108,15 +184,53 @@ __global__ void __launch_bounds__(kThreads) ipot_kernel(IpotArgs args) {
   const float x_pen = ot::pad_penalty(true);  // every stored row is valid
 
   for (int j = tid; j < ld; j += kThreads) y_pen[j] = ot::pad_penalty(j < cols && y_mask[j]);
+  // The shifts (ot_step.h): column minima over the valid rows (into partial, free until the
+  // sweeps), then the row minima of the column-shifted cost (into sigma, until it is set).
+  float* col_min = partial;
+  for (int j = tid; j < ld; j += kThreads) {
+    float lowest = INFINITY;
+    if (j < cols && y_mask[j]) {
+      for (int r = 0; r < count; ++r) lowest = fminf(lowest, cost_at(args, problem, row_index[r], j));
+    }
+    col_min[j] = lowest;
+  }
+  __syncthreads();
+  float largest = 0.0f;  // this thread's share of the shifted cost's max
+  for (int r = warp; r < count; r += kWarps) {
+    float lowest = INFINITY;
+    for (int j = lane; j < cols; j += 32) {
+      if (y_mask[j]) lowest = fminf(lowest, cost_at(args, problem, row_index[r], j) - col_min[j]);
+    }
+    lowest = warp_min(lowest);  // finite: the problem has a valid column
+    for (int j = lane; j < cols; j += 32) {
+      if (y_mask[j]) largest = fmaxf(largest, cost_at(args, problem, row_index[r], j) - col_min[j] - lowest);
+    }
+    if (lane == 0) sigma[r] = lowest;
+  }
+  const bool log_domain = block_max(largest, scratch) * args.inv_beta > ot::kIpotLogDomainAbove;  // syncs
   for (int e = tid; e < count * ld; e += kThreads) {
     const int r = e / ld, j = e % ld;
     const bool valid = j < cols && y_mask[j];
-    const float a = valid ? ot::ipot_affinity(cost_at(args, problem, row_index[r], j), args.inv_beta) : 0.0f;
-    A[e] = a;
-    Q[e] = a;  // Q = A * T with T = 1 on valid entries
+    const float shifted = valid ? cost_at(args, problem, row_index[r], j) - col_min[j] - sigma[r] : 0.0f;
+    if (log_domain) {  // A holds log A, Q log T
+      A[e] = valid ? -shifted * args.inv_beta : -INFINITY;
+      Q[e] = valid ? 0.0f : -INFINITY;
+    } else {
+      const float a = valid ? ot::ipot_affinity(shifted, args.inv_beta) : 0.0f;
+      A[e] = a;
+      Q[e] = a;  // Q = A * T with T = 1 on valid entries
+    }
   }
-  for (int r = tid; r < count; r += kThreads) sigma[r] = ot::ipot_initial_sigma(true, x_len);
   __syncthreads();
+  for (int r = tid; r < count; r += kThreads) {
+    sigma[r] = log_domain ? ot::ipot_initial_log_sigma(sigma[r], args.inv_beta, x_len)
+                          : ot::ipot_initial_sigma(sigma[r], args.inv_beta, x_len);
+  }
+  __syncthreads();
+  if (log_domain) {
+    ipot_log_sweeps(args, problem, A, Q, delta, sigma, scratch, row_index, count, x_len, y_len, plan);
+    return;
+  }
 
   auto column_scaling = [&]() {  // delta_j = 1 / (y_len * sum_i Q_ij sigma_i + pen_j)
     for (int j = tid; j < ld; j += kThreads) {
@@ -340,7 +454,8 @@ cudaError_t launch_ipot(const float* cost, const float* sim, const float* x_norm
                         const uint8_t* x_mask, const uint8_t* y_mask, int64_t batch, int64_t rows, int64_t cols,
                         float beta, int64_t iters, int64_t k, float* plan, float* distance, cudaStream_t stream) {
   const int64_t ld = round32(cols);
-  if (rows * ld > kMaxIpotTile || beta <= 0.0f || iters < 1 || k < 1) return cudaErrorInvalidValue;
+  // one block per problem on grid axis x (up to 2^31 - 1 blocks; axes y and z stay 1)
+  if (rows * ld > kMaxIpotTile || beta <= 0.0f || iters < 1 || k < 1 || batch > INT32_MAX) return cudaErrorInvalidValue;
   if (batch == 0) return cudaSuccess;
   const int64_t bytes = ipot_shared_floats(rows, ld) * sizeof(float) + rows * sizeof(int);
   cudaError_t error = allow_shared(ipot_kernel, bytes);
@@ -355,7 +470,7 @@ cudaError_t launch_sinkhorn(const float* cost, const float* a, const float* b, i
                             int64_t cols, float reg, int64_t iters, float tol, bool log_domain, float* plan,
                             cudaStream_t stream) {
   const int64_t ld = round32(cols);
-  if (rows * ld > kMaxSinkhornTile || reg <= 0.0f || iters < 1) return cudaErrorInvalidValue;
+  if (rows * ld > kMaxSinkhornTile || reg <= 0.0f || iters < 1 || batch > INT32_MAX) return cudaErrorInvalidValue;
   if (batch == 0) return cudaSuccess;
   const int64_t bytes = sinkhorn_shared_floats(rows, ld) * sizeof(float) + rows * sizeof(int);
   cudaError_t error = allow_shared(sinkhorn_kernel, bytes);

@@ -11,21 +11,20 @@ import triton
 import triton.language as tl
 
 
+# Above this max(shifted cost) / beta a program iterates in the log domain
+# (reference.LOG_DOMAIN_ABOVE, ot_step.h kIpotLogDomainAbove: the same switch on every backend).
+IPOT_LOG_DOMAIN_ABOVE = tl.constexpr(16.0)
+
+
 @triton.jit
-def _ipot_iterations(A, x_valid, y_valid, iters, k):
+def _ipot_iterations(A, sigma, x_valid, y_valid, x_len, y_len, steps, k):
     # UNITER's loop (reference.ipot) on the plan T [BLOCK_M, BLOCK_N] = UNITER's T transposed:
     # delta runs over the columns (regions), sigma over the rows (text). A is 0 off the
-    # joint-valid entries, where T starts at 0 too.
-    x_len = tl.sum(x_valid.to(tl.float32), axis=0)
-    y_len = tl.sum(y_valid.to(tl.float32), axis=0)
+    # joint-valid entries, where T starts at 0 too; sigma starts at exp(-row shift / beta) / x_len.
     x_pen = tl.where(x_valid, 0.0, 1e4)  # UNITER's x_mask = x_pad * 1e4
     y_pen = tl.where(y_valid, 0.0, 1e4)
-    sigma = tl.where(x_valid, 1.0 / tl.maximum(x_len, 1.0), 0.0)
     delta = tl.zeros_like(y_pen)
     T = tl.where(A > 0.0, 1.0, 0.0)
-    # An empty problem (no valid row or column) skips the loop and stays all-zero, as UNITER's
-    # final masking leaves it (instead of iterating on 1/0).
-    steps = tl.where((x_len > 0) & (y_len > 0), iters, 0)
     for _ in range(steps):
         Q = A * T
         for _ in range(k):
@@ -33,6 +32,51 @@ def _ipot_iterations(A, x_valid, y_valid, iters, k):
             sigma = 1.0 / (x_len * tl.sum(Q * delta[None, :], axis=1) + x_pen)
         T = delta[None, :] * Q * sigma[:, None]
     return T
+
+
+@triton.jit
+def _ipot_log_iterations(log_a, log_sigma, joint, x_valid, y_valid, x_len, y_len, steps, k):
+    # The same loop in the log domain (log A = -shifted cost / beta, -inf off the joint-valid
+    # entries): delta and sigma from log-sum-exps, log T = log delta + log Q + log sigma.
+    log_x_len = tl.log(tl.maximum(x_len, 1.0))
+    log_y_len = tl.log(tl.maximum(y_len, 1.0))
+    log_t = tl.where(joint, 0.0, float("-inf"))
+    log_delta = tl.where(y_valid, 0.0, float("-inf"))
+    for _ in range(steps):
+        log_q = log_a + log_t
+        for _ in range(k):
+            log_delta = tl.where(y_valid, -log_y_len - _lse_over_rows(log_q + log_sigma[:, None]), float("-inf"))
+            log_sigma = tl.where(x_valid, -log_x_len - _lse_over_cols(log_q + log_delta[None, :]), float("-inf"))
+        log_t = log_delta[None, :] + log_q + log_sigma[:, None]
+    return tl.where(joint, tl.exp(log_t), 0.0)
+
+
+@triton.jit
+def _ipot_plan(C, joint, x_valid, y_valid, beta, iters, k):
+    # IPOT's plan of the cost tile C (read on the joint-valid entries only), zero elsewhere.
+    # The cost is shifted first (reference.ipot_shifts: each column's minimum, then each row's,
+    # subtracted; the row shift moves into the initial sigma), which leaves the plan unchanged
+    # and puts a 1 of A in every valid row and column; a tile whose shifted cost still spans
+    # more than IPOT_LOG_DOMAIN_ABOVE * beta is iterated in the log domain.
+    column = tl.min(tl.where(joint, C, float("inf")), axis=0)
+    column_shifted = tl.where(joint, C - column[None, :], float("inf"))
+    row = tl.min(column_shifted, axis=1)
+    row = tl.where(row < float("inf"), row, 0.0)  # rows without a valid column
+    shifted = tl.where(joint, column_shifted - row[:, None], 0.0)
+    x_len = tl.sum(x_valid.to(tl.float32), axis=0)
+    y_len = tl.sum(y_valid.to(tl.float32), axis=0)
+    # An empty problem (no valid row or column) skips the loop and stays all-zero, as UNITER's
+    # final masking leaves it (instead of iterating on 1/0).
+    steps = tl.where((x_len > 0) & (y_len > 0), iters, 0)
+    if tl.max(tl.max(shifted, axis=1), axis=0) / beta > IPOT_LOG_DOMAIN_ABOVE:
+        log_sigma = tl.where(x_valid, -row / beta - tl.log(tl.maximum(x_len, 1.0)), float("-inf"))
+        T = _ipot_log_iterations(tl.where(joint, -shifted / beta, float("-inf")), log_sigma, joint, x_valid,
+                                 y_valid, x_len, y_len, steps, k)
+    else:
+        sigma = tl.where(x_valid, tl.exp(-row / beta) / tl.maximum(x_len, 1.0), 0.0)
+        T = _ipot_iterations(tl.where(joint, tl.exp(-shifted / beta), 0.0), sigma, x_valid, y_valid, x_len, y_len,
+                             steps, k)
+    return tl.where(joint, T, 0.0)
 
 
 @triton.jit
@@ -56,8 +100,7 @@ def _ipot_kernel(
     joint = x_valid[:, None] & y_valid[None, :]
     C = tl.load(cost + problem * stride_cb + rows[:, None] * stride_cm + cols[None, :] * stride_cn,
                 mask=joint, other=0.0)
-    A = tl.where(joint, tl.exp(-C / beta), 0.0)
-    T = _ipot_iterations(A, x_valid, y_valid, iters, k)
+    T = _ipot_plan(C, joint, x_valid, y_valid, beta, iters, k)
     out = plan + problem * M * N + rows[:, None] * N + cols[None, :]
     tl.store(out, tl.where(joint, T, 0.0), mask=(rows < M)[:, None] & (cols < N)[None, :])
 
@@ -76,27 +119,33 @@ def _wra_kernel(
     problem = tl.program_id(0).to(tl.int64)
     rows, cols, x_valid, y_valid = _load_masks(x_mask, y_mask, problem, M, N, BLOCK_M, BLOCK_N)
     joint = x_valid[:, None] & y_valid[None, :]
-    dots = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    x_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    y_sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
     txt_rows = txt + problem * stride_tb + rows[:, None] * stride_tm
     img_cols = img + problem * stride_ib + cols[None, :] * stride_in
+    # The squared norms take their own pass over D, apart from the dot loop: a tile loaded in a
+    # pipelined tl.dot loop must have no second (register-side) consumer (triton-lang/triton#6691:
+    # the pipeliner may then recycle its shared-memory buffer while the MMA still reads it). This
+    # loop has no dot, so nothing in it is pipelined through shared memory.
+    x_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    y_sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        xf = tl.load(txt_rows + d[None, :], mask=x_valid[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        yf = tl.load(img_cols + d[:, None], mask=d_ok[:, None] & y_valid[None, :], other=0.0).to(tl.float32)
+        x_sq += tl.sum(xf * xf, axis=1)
+        y_sq += tl.sum(yf * yf, axis=0)
+    dots = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_ok = d < D
         # padded tokens are never read: their rows / columns of C are masked anyway
         x = tl.load(txt_rows + d[None, :], mask=x_valid[:, None] & d_ok[None, :], other=0.0)
         y = tl.load(img_cols + d[:, None], mask=d_ok[:, None] & y_valid[None, :], other=0.0)
-        dots = tl.dot(x, y, dots, input_precision=DOT_PRECISION)
-        xf = x.to(tl.float32)
-        yf = y.to(tl.float32)
-        x_sq += tl.sum(xf * xf, axis=1)
-        y_sq += tl.sum(yf * yf, axis=0)
+        dots = tl.dot(x, y, dots, input_precision=DOT_PRECISION)  # x and y feed the dot only
     x_norm = tl.maximum(tl.sqrt(x_sq), 1e-5)  # F.normalize's eps, as UNITER
     y_norm = tl.maximum(tl.sqrt(y_sq), 1e-5)
     C = tl.where(joint, 1.0 - dots / (x_norm[:, None] * y_norm[None, :]), 0.0)
-    T = _ipot_iterations(tl.where(joint, tl.exp(-C / beta), 0.0), x_valid, y_valid, iters, k)
-    T = tl.where(joint, T, 0.0)
+    T = _ipot_plan(C, joint, x_valid, y_valid, beta, iters, k)
     out = plan + problem * M * N + rows[:, None] * N + cols[None, :]
     tl.store(out, T, mask=(rows < M)[:, None] & (cols < N)[None, :])
     tl.store(distance + problem, tl.sum(tl.sum(C * T, axis=1), axis=0))

@@ -29,6 +29,31 @@ def cost_matrix_cosine(x: torch.Tensor, y: torch.Tensor, eps: float = NORMALIZE_
     return 1 - x_hat @ y_hat.transpose(1, 2)
 
 
+def ipot_shifts(cost: torch.Tensor, x_mask: torch.Tensor, y_mask: torch.Tensor):
+    """(shifted, row_shift): the cost with each column's minimum over its valid rows subtracted,
+    then each row's minimum over its valid columns, on the joint-valid entries (0 elsewhere),
+    and the row minima [B, M] (0 on padding). shifted >= 0 with a 0 in every valid row and column.
+
+    IPOT's plan does not change: a column factor exp(m_j / beta) on A is absorbed by delta_j (the
+    column scaling, recomputed from scratch every round), and a row factor exp(r_i / beta) by
+    sigma_i once the initial sigma_i = 1/x_len is divided by it. What it changes is range: A has
+    entries 1 in every row and column, so exp(-C / beta) cannot underflow a whole line (a
+    constant cost of 100 no longer gives 0/0)."""
+    joint = x_mask[:, :, None] & y_mask[:, None, :]
+    inf = torch.tensor(float("inf"), dtype=cost.dtype, device=cost.device)
+    column = torch.where(joint, cost, inf).amin(1, keepdim=True)  # inf for a column without valid rows
+    column_shifted = torch.where(joint, cost - column, inf)
+    row = torch.where(joint.any(2), column_shifted.amin(2), 0)
+    return torch.where(joint, column_shifted - row[:, :, None], 0), row
+
+
+# Where the plans' kernels switch from UNITER's scaling iteration to its log-domain form: the
+# scaling form keeps T ~ A^t in fp32 and loses entries that underflow (below exp(-87)) but
+# matter again later; with the shifted cost at most 16 * beta (exp(-16) = 1e-7) no such entry
+# was found in fp32 against float64, beyond ~25 * beta there are. The log domain has no such limit.
+LOG_DOMAIN_ABOVE = 16.0
+
+
 @torch.no_grad()
 def ipot(cost: torch.Tensor, x_mask: torch.Tensor, y_mask: torch.Tensor, *, beta: float = 0.5, iters: int = 50,
          k: int = 1) -> torch.Tensor:
@@ -44,8 +69,44 @@ def ipot(cost: torch.Tensor, x_mask: torch.Tensor, y_mask: torch.Tensor, *, beta
                                              sigma = 1 / (x_len * delta @ Q + x_pen)
                              T = delta^T * Q * sigma
         T zeroed on joint padding, returned here as plan = T^T.
+    (UNITER reshapes sigma once per iteration, so its k > 1 fails on a shape error; the inner
+    loop here reshapes every round, the evident intent.) Padding never moves the valid entries
+    (A = 0 there), so the plan on them is this loop on the valid entries alone. It is evaluated
+    exactly, in the log domain, on the shifted cost of ``ipot_shifts`` (the same plan): the
+    scaling form underflows once cost / beta spans more than ~80 in fp32 (NaN or a wrong plan).
     A sample with no valid row or column ends all-zero, as in UNITER (its NaNs are masked away).
     """
+    acc = accumulation_dtype(cost)
+    cost = cost.detach().to(acc)
+    x_valid, y_valid = x_mask.bool(), y_mask.bool()
+    joint = x_valid[:, :, None] & y_valid[:, None, :]
+    if cost.numel() == 0:
+        return torch.zeros_like(cost)
+    shifted, row_shift = ipot_shifts(cost, x_valid, y_valid)
+    x_len = x_valid.sum(1, keepdim=True).to(acc)
+    y_len = y_valid.sum(1, keepdim=True).to(acc)
+    minus_inf = torch.tensor(float("-inf"), dtype=acc, device=cost.device)
+    log_a = torch.where(joint, -shifted / beta, minus_inf)  # log A on the shifted cost
+    log_t = torch.where(joint, 0, minus_inf)
+    # log sigma; the row shift moves into the initial sigma (see ipot_shifts)
+    log_sigma = torch.where(x_valid, -row_shift / beta - x_len.log(), minus_inf)
+    for _ in range(iters):
+        log_q = log_a + log_t
+        for _ in range(k):
+            log_delta = torch.where(y_valid, -y_len.log() - torch.logsumexp(log_q + log_sigma[:, :, None], 1),
+                                    minus_inf)
+            log_sigma = torch.where(x_valid, -x_len.log() - torch.logsumexp(log_q + log_delta[:, None, :], 2),
+                                    minus_inf)
+        log_t = log_delta[:, None, :] + log_q + log_sigma[:, :, None]
+    # an empty problem's lines are -inf - (-inf) = nan: masked away with the padding
+    return torch.where(joint, log_t.exp(), 0)
+
+
+def ipot_scaling_form(cost: torch.Tensor, x_mask: torch.Tensor, y_mask: torch.Tensor, *, beta: float = 0.5,
+                      iters: int = 50, k: int = 1) -> torch.Tensor:
+    """UNITER's loop literally (scaling form, unshifted cost): the tests' check that ``ipot``'s
+    log-domain, shifted evaluation is the same function where UNITER's own loop is exact (float64,
+    moderate cost / beta)."""
     acc = accumulation_dtype(cost)
     cost = cost.detach().to(acc)
     batch, m, n = cost.shape
@@ -53,7 +114,6 @@ def ipot(cost: torch.Tensor, x_mask: torch.Tensor, y_mask: torch.Tensor, *, beta
     joint_pad_t = (x_pad[:, :, None] | y_pad[:, None, :]).transpose(1, 2)  # [B, N, M]
     x_len = (m - x_pad.sum(1)).to(acc)
     y_len = (n - y_pad.sum(1)).to(acc)
-
     sigma = (torch.ones(batch, m, dtype=acc, device=cost.device) / x_len[:, None]).masked_fill(x_pad, 0)
     T = torch.ones(batch, n, m, dtype=acc, device=cost.device).masked_fill(joint_pad_t, 0)
     A = torch.exp(-cost.transpose(1, 2) / beta).masked_fill(joint_pad_t, 0)
@@ -63,8 +123,6 @@ def ipot(cost: torch.Tensor, x_mask: torch.Tensor, y_mask: torch.Tensor, *, beta
     for _ in range(iters):
         Q = A * T
         for _ in range(k):
-            # UNITER reshapes sigma once per iteration, so its k > 1 fails on a shape error;
-            # reshaping inside the inner loop is the evident intent.
             delta = 1 / (y_len * Q.matmul(sigma.view(batch, m, 1)).view(batch, 1, n) + y_pen)
             sigma = 1 / (x_len * delta.matmul(Q) + x_pen)
         T = delta.view(batch, n, 1) * Q * sigma
