@@ -6,6 +6,17 @@ _ipot_kernel: UNITER's IPOT on a given cost. _wra_kernel: the cosine cost from t
 (a tl.dot over D per tile, never stored), IPOT, and sum(C * T). _sinkhorn_kernel: entropic OT,
 log domain or scaling form by a runtime flag. All compute in fp32; padding (mask False, or
 rows / columns past M / N) has A = 0, so it never moves the valid entries.
+
+Concurrency rules (the interpreter cannot show a violation; every kernel here keeps them so):
+- one writer per output element: program p writes only problem p's plan rows / columns and
+  distance[p], each element once, at the end;
+- no program reads what another program of the same launch writes: a program reads only its
+  own problem's inputs (cost, embeddings, masks, marginals), never an output;
+- no tile loaded in a pipelined tl.dot loop has a second, non-dot consumer (triton-lang/triton#6691):
+  only _wra_kernel has a dot loop, and its x / y tiles feed the dot alone (the squared norms
+  reload them in a separate loop without a dot); the other kernels have no dot;
+- the grid is (B,) (launch_grid in optimal_transport.py): the problems on axis 0 (up to
+  2^31 - 1), axes 1 and 2 unused, so CUDA's 65535 limit on them cannot be reached.
 """
 import triton
 import triton.language as tl

@@ -89,6 +89,12 @@ def _wra_block_d(dtype: torch.dtype) -> int:
     return _WRA_BLOCK_D_FP32 if dtype == torch.float32 else _WRA_BLOCK_D
 
 
+def launch_grid(batch: int) -> tuple[int]:
+    """The launch grid of every OT kernel: one program per problem, on axis 0 (up to 2^31 - 1
+    programs; CUDA's axes 1 and 2 stop at 65535, so nothing that grows with the data goes there)."""
+    return (batch,)
+
+
 def _as_bytes(mask: torch.Tensor) -> torch.Tensor:
     return mask.contiguous().view(torch.uint8)
 
@@ -103,7 +109,7 @@ def _launch_ipot(cost, x_mask, y_mask, beta, iters, k) -> torch.Tensor:
     cfg = tile_config(rows, cols)
     if plan.numel() == 0:  # nothing to solve (and Triton takes no empty grid)
         return plan
-    _ipot_kernel[(batch,)](cost, _as_bytes(x_mask), _as_bytes(y_mask), plan, rows, cols, *cost.stride(),
+    _ipot_kernel[launch_grid(batch)](cost, _as_bytes(x_mask), _as_bytes(y_mask), plan, rows, cols, *cost.stride(),
                            float(beta), int(iters), int(k), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                            num_warps=cfg.num_warps)
     return plan
@@ -119,7 +125,7 @@ def _launch_wra(txt, img, txt_mask, img_mask, beta, iters, k) -> tuple[torch.Ten
     cfg = tile_config(rows, cols)
     if plan.numel() == 0:
         return distance.zero_(), plan
-    _wra_kernel[(batch,)](txt, img, _as_bytes(txt_mask), _as_bytes(img_mask), plan, distance, rows, cols, dim,
+    _wra_kernel[launch_grid(batch)](txt, img, _as_bytes(txt_mask), _as_bytes(img_mask), plan, distance, rows, cols, dim,
                           txt.stride(0), txt.stride(1), img.stride(0), img.stride(1), float(beta), int(iters), int(k),
                           BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_wra_block_d(txt.dtype),
                           DOT_PRECISION=_dot_precision(txt.dtype), num_warps=cfg.num_warps)
@@ -133,7 +139,7 @@ def _launch_sinkhorn(cost, a, b, reg, iters, tol, log_domain) -> torch.Tensor:
     cfg = tile_config(rows, cols)
     if plan.numel() == 0:
         return plan
-    _sinkhorn_kernel[(batch,)](cost, a.contiguous(), b.contiguous(), plan, rows, cols, *cost.stride(), float(reg),
+    _sinkhorn_kernel[launch_grid(batch)](cost, a.contiguous(), b.contiguous(), plan, rows, cols, *cost.stride(), float(reg),
                                int(iters), float(tol), int(bool(log_domain)), BLOCK_M=cfg.block_m,
                                BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
     return plan
@@ -277,16 +283,24 @@ def wra_input_grads(txt, img, plan, grad_distance):
     With S = grad * plan / (max(|x_i|, eps) max(|y_j|, eps)):
       d/dx_i = -(S y)_i + [|x_i| > eps] ((S y)_i . x_i) x_i / max(|x_i|, eps)^2
     (the normalisation's Jacobian, folded so that neither x_hat nor y_hat is materialised and
-    each gradient takes one GEMM and two passes), and likewise for y with S^T."""
+    each gradient takes one GEMM and two passes), and likewise for y with S^T. Differentiable
+    when grad mode is on (double backward, with the plan constant)."""
     acc = torch.float64 if txt.dtype == torch.float64 else torch.float32
     x, y = txt.to(acc), img.to(acc)
     x_len, y_len = torch.linalg.vector_norm(x, dim=-1), torch.linalg.vector_norm(y, dim=-1)
     x_inv, y_inv = 1 / x_len.clamp_min(_NORMALIZE_EPS), 1 / y_len.clamp_min(_NORMALIZE_EPS)
     scaled = plan.to(acc) * (grad_distance.to(acc)[:, None, None] * x_inv[:, :, None]) * y_inv[:, None, :]
 
+    # Under create_graph (double backward) the same formula out of place, so that autograd can
+    # differentiate it (the plan stays a constant, as in the reference).
+    differentiable = torch.is_grad_enabled()
+
     def gradient(weights, source, target, length, inv):
-        grad = torch.bmm(weights, source).neg_()  # d/d target_hat, already divided by max(|target|, eps)
+        grad = torch.bmm(weights, source)  # -d/d target_hat, already divided by max(|target|, eps)
+        grad = -grad if differentiable else grad.neg_()
         radial = torch.where(length > _NORMALIZE_EPS, torch.linalg.vecdot(grad, target) * inv * inv, 0)
+        if differentiable:
+            return grad - target * radial[..., None]
         return grad.addcmul_(target, radial[..., None], value=-1)
 
     return (gradient(scaled, y, x, x_len, x_inv).to(txt.dtype),
@@ -329,7 +343,9 @@ def _wra_native_backward(ctx, grad_distance, grad_plan):
     txt, img, txt_mask, img_mask, plan = ctx.saved_tensors
     if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
         return None, None, None, None, None, None, None
-    if txt.device.type == "cpu":  # the C++ kernel (valid rows only, fused normalisation); CUDA uses torch's GEMMs
+    # the C++ kernel (valid rows only, fused normalisation); CUDA, and double backward (create_graph:
+    # the C++ op has no derivative of its own), use torch's GEMMs
+    if txt.device.type == "cpu" and not torch.is_grad_enabled():
         grad_txt, grad_img = torch.ops.vlkernels.ot_wra_backward(
             _f32(txt), _f32(img), txt_mask.contiguous(), img_mask.contiguous(), plan.contiguous(), _f32(grad_distance))
         grad_txt, grad_img = grad_txt.to(txt.dtype), grad_img.to(img.dtype)
@@ -346,9 +362,16 @@ torch.library.register_autograd("vlkernels::wra_distance_native", _wra_native_ba
 # ----------------------------------------------------------------------------------------------
 # Validation
 # ----------------------------------------------------------------------------------------------
+# beta / reg below this: the kernels' fp32 cost / beta (and 1 / beta) would overflow or divide by
+# a denormal. Down to it IPOT is exact (its log-domain iteration has no lower limit on beta).
+_MIN_SCALE = 1e-30
+
+
 def _check_positive(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    if value < _MIN_SCALE:
+        raise ValueError(f"{name} must be >= {_MIN_SCALE:g} (the kernels divide the cost by it in fp32), got {value!r}")
 
 
 def _check_count(name: str, value: int) -> None:
@@ -409,7 +432,10 @@ def ipot(cost: torch.Tensor, x_mask: Optional[torch.Tensor], y_mask: Optional[to
     returns plan [B, M, N] float32 (float64 for float64 cost): UNITER's plan T transposed to the
     cost's [M, N] orientation, exactly its iteration (beta, iters, k inner rounds, sigma = 1/len
     on valid rows, pad penalties 1e4), zero on padding; all zero for a problem with no valid row
-    or column. No gradient flows through the plan.
+    or column. No gradient flows through the plan. Every backend subtracts each column's and
+    then each row's minimum cost first (the same plan: the scalings absorb both), and iterates
+    in the log domain where the shifted cost still exceeds 16 * beta, so any beta >= 1e-30 and
+    any finite cost range give the float64 plan to fp32 rounding (no underflow to 0 / 0).
     """
     _check_cost("ipot", cost)
     batch, rows, cols = cost.shape
@@ -422,6 +448,9 @@ def ipot(cost: torch.Tensor, x_mask: Optional[torch.Tensor], y_mask: Optional[to
     _check_finite_cost("ipot", cost, x_mask, y_mask)
     with torch.no_grad():
         return _backend.dispatch("ipot", _IPOT, cost.device, cost, x_mask, y_mask, float(beta), iters, k)
+
+
+_SCALING_FORM_MAX_EXPONENT = 50.0  # exp(+-50) and the scalings it implies stay well inside fp32
 
 
 def _native_sinkhorn(cost, a, b, reg, iters, tol, log_domain):
@@ -469,15 +498,22 @@ def sinkhorn(cost: torch.Tensor, a: Optional[torch.Tensor] = None, b: Optional[t
     a, b, x_on, y_on = reference.sinkhorn_marginals(cost, a, b, x_mask, y_mask)
     joint = x_on[:, :, None] & y_on[:, None, :]
     # One sync for every data check: non-finite cost on the support, negative or non-finite
-    # marginals, unequal masses.
+    # marginals, unequal masses, a reg too small for the scaling form.
     mass_a, mass_b = a.sum(1), b.sum(1)
+    # The scaling form (log_domain=False) holds exp(-C / reg) in fp32: beyond |C| / reg = 50 its
+    # kernel and scalings leave fp32's range (NaN plans), where the log domain is exact.
+    too_small_reg = ((cost.abs() > _SCALING_FORM_MAX_EXPONENT * reg) & joint).any() if not log_domain else \
+        torch.zeros((), dtype=torch.bool, device=cost.device)
     flags = torch.stack([(~torch.isfinite(cost) & joint).any(),
                          ((a < 0) | ~torch.isfinite(a)).any() | ((b < 0) | ~torch.isfinite(b)).any(),
                          ((mass_a > 0) & (mass_b > 0) & ((mass_a - mass_b).abs() > 1e-4 * torch.maximum(mass_a, mass_b))
-                          ).any()])
+                          ).any(), too_small_reg])
     messages = ("sinkhorn: cost has non-finite (inf / nan) entries on the support",
                 "sinkhorn: the marginals a and b must be finite and >= 0",
-                "sinkhorn: a and b must carry the same mass in every problem (sum a = sum b over the valid entries)")
+                "sinkhorn: a and b must carry the same mass in every problem (sum a = sum b over the valid entries)",
+                f"sinkhorn: reg={reg!r} is too small for log_domain=False on this cost: exp(-cost / reg) leaves "
+                f"fp32's range where |cost| / reg > {_SCALING_FORM_MAX_EXPONENT:g}; use log_domain=True (the default, "
+                "stable for any reg) or reg >= max |cost| / 50")
     if compiling():  # no host read under torch.compile (see vlkernels.ops._checks)
         assert_in_graph(~flags.any(), " / ".join(messages))
     else:
