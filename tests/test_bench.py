@@ -225,3 +225,24 @@ def test_model_step_cases_time_every_model_with_kernels_and_references():
     timed = {(r["shape"], r["provider"]) for r in result.rows if r["metric"] == "time_ms"}
     assert timed == {(case.shape, provider) for case in cases[:2] for provider in ("vlkernels", "eager")}
     assert model_bench.OP == "model_step"
+
+
+def test_attention_flops_count_only_visible_pairs():
+    from vlkernels.bench.attention import _visible_pairs
+
+    key_mask = torch.tensor([[True, True, False, False], [True, True, True, False]])
+    assert _visible_pairs(4, key_mask=key_mask) == (2 + 3) * 4  # every query sees the real keys
+    # PrefixLM over 4 tokens: query i sees max(prefix, i + 1) keys; a prefix past the end is all of them.
+    assert _visible_pairs(4, prefix_len=torch.tensor([0, 2, 9])) == (1 + 2 + 3 + 4) + (2 + 2 + 3 + 4) + 4 * 4
+
+
+def test_roofline_matches_device_names_exactly(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    cuda = torch.device("cuda")
+    for name, hbm in (("NVIDIA H100 80GB HBM3", 3.35), ("NVIDIA H200", 4.8), ("NVIDIA H100 PCIe", 2.0)):
+        assert harness.roofline_for(cuda).hbm_tb_s == hbm
+    for name in ("NVIDIA GH200 480GB", "NVIDIA H100 NVL", "NVIDIA H200 NVL", "NVIDIA A100-SXM4-80GB"):
+        assert harness.roofline_for(cuda) is None, name
+    assert harness.roofline_precision(torch.float32, tf32=True) == "tf32"
+    assert harness.roofline_precision(torch.float32, tf32=False) == "fp32"
+    assert harness.roofline_precision(torch.bfloat16, tf32=False) == "bf16"

@@ -8,8 +8,10 @@ co_attention (both directions):
 
 Providers: vlkernels, eager (the torch reference), torch.compile(reference), and SDPA with a
 boolean mask (on CUDA its efficient and math backends separately; co-attention: two calls).
-FLOPs are those of dense attention (4*B*H*Sq*Sk*Dh forward, 2.5x that backward), also for the
-causal part of PrefixLM, as flash-attention's benchmarks count non-causal attention.
+FLOPs count the visible (query, key) pairs only (4*H*Dh per pair forward, 2.5x that backward):
+padded keys, the causal part of PrefixLM and hidden pairs are work a kernel may skip, so
+counting them would inflate TFLOP/s and the roofline. Masks and prefix lengths are drawn from a
+generator seeded per preset, so every provider times the same masks that the FLOPs count.
 """
 from __future__ import annotations
 
@@ -44,10 +46,23 @@ CO_PRESETS = [CoPreset("lxmert", 20, 36), CoPreset("meter", 50, 577)]
 GPU_BATCH = {"vilt-b32": 64, "vlmo-b": 64, "simvlm-prefixlm": 16, "lxmert": 256, "meter": 32}
 
 
-def _padding_mask(batch: int, seq: int, keep: int, device) -> torch.Tensor:
+def _padding_mask(batch: int, seq: int, keep: int, seed: int) -> torch.Tensor:
     # Real lengths drawn in [max(keep, seq/2), seq]: every sample has keys, most are padded.
-    lengths = torch.randint(max(keep, seq // 2, 1), seq + 1, (batch,), device=device)
-    return torch.arange(seq, device=device)[None, :] < lengths[:, None]
+    lengths = torch.randint(max(keep, seq // 2, 1), seq + 1, (batch,), generator=torch.Generator().manual_seed(seed))
+    return torch.arange(seq)[None, :] < lengths[:, None]
+
+
+def _prefix_lengths(batch: int, seq: int, seed: int) -> torch.Tensor:
+    return torch.randint(seq // 8, seq - seq // 8, (batch,), generator=torch.Generator().manual_seed(seed))
+
+
+def _visible_pairs(seq_q: int, key_mask=None, prefix_len=None) -> int:
+    """(query, key) pairs the masks let through, over the batch: every query sees each real
+    key; under PrefixLM query i sees max(prefix, i + 1) keys."""
+    if prefix_len is not None:
+        positions = torch.arange(seq_q)
+        return int(torch.maximum(prefix_len.cpu()[:, None].clamp(max=seq_q), positions[None, :] + 1).sum())
+    return int(key_mask.cpu().sum()) * seq_q
 
 
 def _qkv(batch, lengths, device, dtype):
@@ -81,8 +96,8 @@ def _sdpa_peers(device: torch.device) -> dict:
     return {"sdpa-efficient": with_backend(SDPBackend.EFFICIENT_ATTENTION), "sdpa-math": with_backend(SDPBackend.MATH)}
 
 
-def _attention_flops(batch, seq_q, seq_k):
-    forward = 4.0 * batch * HEADS * seq_q * seq_k * HEAD_DIM
+def _attention_flops(pairs: int):
+    forward = 4.0 * pairs * HEADS * HEAD_DIM
     return lambda mode: forward * {"forward": 1.0, "backward": 2.5, "full": 3.5}[mode]
 
 
@@ -108,18 +123,19 @@ def attention_cases(device: torch.device, quick: bool = False) -> list[Case]:
     providers = standard_providers(vlkernels_fn, eager, _sdpa_peers(device))
     presets = SELF_PRESETS[:1] if quick else SELF_PRESETS
     cases = []
-    for preset in presets:
+    for seed, preset in enumerate(presets):
         batch = 2 if quick or device.type != "cuda" else GPU_BATCH[preset.name]
+        if preset.prefix:
+            masks = dict(prefix_len=_prefix_lengths(batch, preset.seq, seed))
+        else:
+            masks = dict(key_mask=_padding_mask(batch, preset.seq, preset.text, seed))
 
-        def make(device, dtype, preset=preset, batch=batch):
+        def make(device, dtype, preset=preset, batch=batch, masks=masks):
             q, k, v = _qkv(batch, (preset.seq,) * 3, device, dtype)
-            if preset.prefix:
-                prefix = torch.randint(preset.seq // 8, preset.seq - preset.seq // 8, (batch,), device=device)
-                return Inputs((q, k, v), dict(prefix_len=prefix))
-            return Inputs((q, k, v), dict(key_mask=_padding_mask(batch, preset.seq, preset.text, device)))
+            return Inputs((q, k, v), {name: mask.to(device) for name, mask in masks.items()})
 
         cases.append(Case("attention", f"{preset.name}-S{preset.seq}-B{batch}", make, providers,
-                          flops=_attention_flops(batch, preset.seq, preset.seq),
+                          flops=_attention_flops(_visible_pairs(preset.seq, **masks)),
                           bytes=_attention_bytes(batch, preset.seq, preset.seq)))
     return cases
 
@@ -141,17 +157,18 @@ def co_attention_cases(device: torch.device, quick: bool = False) -> list[Case]:
     providers = standard_providers(vlkernels_fn, eager, {"sdpa x2": two_sdpa_calls})
     presets = CO_PRESETS[:1] if quick else CO_PRESETS
     cases = []
-    for preset in presets:
+    for seed, preset in enumerate(presets):
         batch = 2 if quick or device.type != "cuda" else GPU_BATCH[preset.name]
+        masks = dict(text_mask=_padding_mask(batch, preset.text, 1, 2 * seed),
+                     image_mask=_padding_mask(batch, preset.image, 1, 2 * seed + 1))
 
-        def make(device, dtype, preset=preset, batch=batch):
+        def make(device, dtype, preset=preset, batch=batch, masks=masks):
             lengths = (preset.text,) * 3 + (preset.image,) * 3
-            masks = dict(text_mask=_padding_mask(batch, preset.text, 1, device),
-                         image_mask=_padding_mask(batch, preset.image, 1, device))
-            return Inputs(tuple(_qkv(batch, lengths, device, dtype)), masks)
+            return Inputs(tuple(_qkv(batch, lengths, device, dtype)), {n: m.to(device) for n, m in masks.items()})
 
-        flops_t, flops_i = (_attention_flops(batch, a, b) for a, b in ((preset.text, preset.image),
-                                                                        (preset.image, preset.text)))
+        # Text queries see the real image keys, image queries the real text keys.
+        flops_t = _attention_flops(_visible_pairs(preset.text, key_mask=masks["image_mask"]))
+        flops_i = _attention_flops(_visible_pairs(preset.image, key_mask=masks["text_mask"]))
         bytes_t, bytes_i = (_attention_bytes(batch, a, b) for a, b in ((preset.text, preset.image),
                                                                         (preset.image, preset.text)))
         cases.append(Case("co_attention", f"{preset.name}-T{preset.text}xI{preset.image}-B{batch}", make, providers,

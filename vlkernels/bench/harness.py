@@ -106,6 +106,8 @@ class Case:
     bytes: Optional[Callable[[str, torch.dtype], Optional[float]]] = None
     # Relative error (Frobenius) of a provider's forward output against "eager" beyond which it is wrong.
     tolerance: Optional[Callable[[torch.dtype], float]] = None
+    # Whether vlkernels' fp32 dots run in tf32 now (the flag the op follows), for the roofline.
+    tf32: Callable[[], bool] = lambda: torch.backends.cuda.matmul.allow_tf32
 
 
 def default_tolerance(dtype: torch.dtype) -> float:
@@ -119,23 +121,32 @@ def default_tolerance(dtype: torch.dtype) -> float:
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Roofline:
-    dense_tflops: dict  # dtype -> peak dense TFLOP/s (fp32 means tf32 tensor cores)
+    dense_tflops: dict  # precision ("bf16", "fp16", "tf32", "fp32" = IEEE) -> peak dense TFLOP/s
     hbm_tb_s: float
 
 
-# Spec-sheet peaks (dense, no sparsity). Matched against torch.cuda.get_device_name(), in order.
-_ROOFLINES = (
-    ("H100 PCIe", Roofline({torch.bfloat16: 756.0, torch.float16: 756.0, torch.float32: 378.0}, 2.0)),
-    ("H200", Roofline({torch.bfloat16: 989.0, torch.float16: 989.0, torch.float32: 494.0}, 4.8)),
-    ("H100", Roofline({torch.bfloat16: 989.0, torch.float16: 989.0, torch.float32: 494.0}, 3.35)),  # SXM
-)
+# Spec-sheet peaks (dense, no sparsity), by the exact name torch.cuda.get_device_name() reports:
+# a GH200, an H100 NVL or an H200 NVL has other clocks and memory, so a name not listed gets no
+# roofline rather than a neighbour's.
+_HOPPER_SXM = {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0}
+_ROOFLINES = {
+    "NVIDIA H100 80GB HBM3": Roofline(_HOPPER_SXM, 3.35),  # H100 SXM5
+    "NVIDIA H100 PCIe": Roofline({"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0}, 2.0),
+    "NVIDIA H200": Roofline(_HOPPER_SXM, 4.8),  # H200 SXM
+}
 
 
 def roofline_for(device: torch.device) -> Optional[Roofline]:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((roof for key, roof in _ROOFLINES if key in name), None)
+    return _ROOFLINES.get(torch.cuda.get_device_name(device))
+
+
+def roofline_precision(dtype: torch.dtype, tf32: bool) -> str:
+    """The precision a dtype's dots run in: fp32 runs on tf32 tensor cores only where allowed."""
+    if dtype == torch.float32:
+        return "tf32" if tf32 else "fp32"
+    return DTYPE_NAMES[dtype]
 
 
 def _cpu_model() -> str:
@@ -400,9 +411,10 @@ def run_cases(
                     tflops = tuple(flops / (t * 1e-3) / 1e12 for t in (median, p80, p20))
                     recorder.row(case, name, mode, "tflops", tflops)
                 nbytes = case.bytes(mode, dtype) if case.bytes else None
-                if roof is not None and flops and nbytes and dtype in roof.dense_tflops:
+                peak = roof.dense_tflops.get(roofline_precision(dtype, case.tf32())) if roof is not None else None
+                if peak and flops and nbytes:
                     # Roofline time: the larger of compute-bound and bandwidth-bound time at peak.
-                    ideal_ms = max(flops / (roof.dense_tflops[dtype] * 1e12), nbytes / (roof.hbm_tb_s * 1e12)) * 1e3
+                    ideal_ms = max(flops / (peak * 1e12), nbytes / (roof.hbm_tb_s * 1e12)) * 1e3
                     pct = tuple(100 * ideal_ms / t for t in (median, p80, p20))
                     recorder.row(case, name, mode, "pct_roofline", pct)
             del fn
@@ -506,7 +518,7 @@ def speedups(rows: Sequence[dict]) -> dict:
 __all__ = [
     "BenchResult", "CSV_COLUMNS", "Case", "Compiled", "DTYPES", "FULL_BUDGET", "Inputs", "METRICS", "MODES",
     "QUICK_BUDGET", "Roofline", "SUBJECT", "TimingBudget", "default_tolerance", "device_description", "device_slug",
-    "git_commit", "ordered_unique", "peak_memory_mb", "provider_order", "read_csv", "roofline_for", "run_cases",
-    "speedups", "standard_providers",
-    "summary_table", "time_call", "versions", "write_csv",
+    "git_commit", "ordered_unique", "peak_memory_mb", "provider_order", "read_csv", "roofline_for",
+    "roofline_precision", "run_cases", "speedups", "standard_providers", "summary_table", "time_call", "versions",
+    "write_csv",
 ]

@@ -122,5 +122,6 @@ def cases(device: torch.device, quick: bool = False) -> list[Case]:
         presets = CPU_QUICK_PRESETS if quick else CPU_PRESETS
     providers = _providers()
     return [Case(OP, preset.label(batch), _make_inputs(preset, batch), providers,
-                 flops=_flops(preset, batch), bytes=_bytes(preset, batch))
+                 flops=_flops(preset, batch), bytes=_bytes(preset, batch),
+                 tf32=lambda: torch.backends.cudnn.allow_tf32)  # patch_embed follows nn.Conv2d's flag
             for preset, batch in presets]
