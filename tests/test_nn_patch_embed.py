@@ -60,3 +60,26 @@ def test_bad_patch_and_image_sizes_raise():
         PatchEmbed(patch_size=(16, 8))
     with pytest.raises(ValueError, match="multiple of the patch size 16"):
         PatchEmbed(embed_dim=8)(torch.randn(1, 3, 40, 32))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_channels_last_module_accumulates_gradients(backend):
+    """A module moved to channels-last (its conv weight then has permuted storage) on channels-last
+    images: two backwards accumulate twice timm's gradients, each parameter's in its own storage."""
+    torch.manual_seed(13)
+    module = PatchEmbed(img_size=(16, 24), patch_size=8, in_chans=3, embed_dim=40).to(DEVICE)
+    module = module.to(memory_format=torch.channels_last)
+    assert not module.proj.weight.is_contiguous()
+    images = torch.randn(2, 3, 16, 24, device=DEVICE).to(memory_format=torch.channels_last)
+    grad_out = torch.randn(2, 6, 40, device=DEVICE)
+    with vlkernels.use_backend(backend):
+        for _ in range(2):
+            (module(images) * grad_out).sum().backward()
+    reference64 = PatchEmbed(img_size=(16, 24), patch_size=8, embed_dim=40).double()
+    reference64.load_state_dict(module.state_dict())
+    expected = torch.autograd.grad(timm_style_forward(reference64, images.cpu().double()),
+                                   list(reference64.parameters()), grad_out.cpu().double())
+    params = list(module.named_parameters())
+    assert len({p.grad.untyped_storage().data_ptr() for _, p in params}) == len(params)
+    for (name, param), grad64 in zip(params, expected):
+        assert_matches_reference(f"grad {name}", param.grad, 2 * grad64, param.grad)
