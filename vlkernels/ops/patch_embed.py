@@ -7,8 +7,14 @@ and the cls row are added in the GEMM epilogue.
 
 Backward: patches do not overlap (stride = kernel), so d(images) is a GEMM whose tiles are
 stored straight back to pixel addresses (col2im without atomics); d(weight) is a GEMM that
-reads the patches the same way, split over the patch rows for parallelism, with d(bias)
-accumulated from the tiles it already loads; d(pos_embed) and d(cls_token) are batch sums.
+reads the patches the same way, split over the patch rows for parallelism; d(bias),
+d(pos_embed) and d(cls_token) come from one batch sum of the output gradient (d(bias) is not
+summed inside the d(weight) loop: a tile feeding both tl.dot and a sum is the pipeliner hazard
+of triton-lang/triton#6691). Every gradient returned owns its storage.
+
+Every kernel keeps the concurrency rules (its docstring says how): each output element has one
+writer; no program reads what another program of the same launch writes; no tile loaded in a
+pipelined dot loop has a second consumer; what grows with the data is on grid axis 0.
 """
 from __future__ import annotations
 
