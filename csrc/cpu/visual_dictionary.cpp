@@ -45,10 +45,12 @@ void vd_apply_statistics(float* codebook, float* cluster_size, float* embed_avg,
     const float* step = sums + k * dim;
     float* entry = codebook + k * dim;
 #pragma omp simd
-    for (int64_t j = 0; j < dim; ++j) {
-      average[j] = decay * average[j] + (1.0f - decay) * step[j];
-      entry[j] = average[j] / smoothed;
-    }
+    for (int64_t j = 0; j < dim; ++j) average[j] = decay * average[j] + (1.0f - decay) * step[j];
+    // smoothed is 0 only when total is: no row counted in any entry yet; the entry is kept
+    // (0 / 0 would be NaN). A NaN smoothed compares unequal and propagates.
+    if (smoothed == 0.0f) continue;
+#pragma omp simd
+    for (int64_t j = 0; j < dim; ++j) entry[j] = average[j] / smoothed;
   }
 }
 

@@ -15,6 +15,7 @@ void vd_cluster_statistics(const float* x, const int64_t* index, const uint8_t* 
 //   cluster_size = decay * cluster_size + (1 - decay) * counts
 //   embed_avg    = decay * embed_avg    + (1 - decay) * sums
 //   codebook     = embed_avg / ((cluster_size + eps) / (total + entries * eps) * total), total = sum(cluster_size)
+// except where that divisor is 0 (total 0: no row counted yet), where the codebook row is kept.
 void vd_apply_statistics(float* codebook, float* cluster_size, float* embed_avg, const float* counts,
                          const float* sums, int64_t entries, int64_t dim, float decay, float eps);
 

@@ -3,8 +3,9 @@
 vd_nearest streams the codebook through a GEMM tile by tile and keeps a running minimum per
 row, so the N x K distance matrix never exists in memory. vd_ema_update_ sorts the rows by
 their entry and sums each entry's rows in one program (a segmented reduction: no atomics,
-so it is deterministic), then applies SOHO's decay, Laplace smoothing and normalisation in
-one elementwise pass.
+so it is deterministic), updates the cluster sizes and their total (torch, a launch of their
+own), then applies SOHO's decay, Laplace smoothing and normalisation in one elementwise pass
+that only reads them.
 """
 from __future__ import annotations
 
@@ -35,79 +36,116 @@ if triton is not None:
         rows, entries, dim, stride_x, stride_code,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
+        """Nearest entry of BLOCK_N rows of x, streaming the codebook BLOCK_K entries at a time.
+
+        Distance: |x|^2 + (|e|^2 - 2 x.e), the reference's expression, so NaN and inf arise in the
+        same places; a NaN distance wins (the first NaN entry, distance NaN), else the lowest
+        index of the minimum (torch.min's rule).
+
+        Concurrency: program i alone writes rows [i*BLOCK_N, (i+1)*BLOCK_N) of index_out and
+        sqdist_out and reads only x, codebook and code_sqnorm, which no program writes. The
+        tiles loaded in the pipelined dot loop (a, e) feed tl.dot only: |x|^2 comes from its own
+        loop before it and |e|^2 from code_sqnorm (triton-lang/triton#6691). Grid: 1-D,
+        cdiv(N, BLOCK_N) programs on axis 0.
+        """
         row = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = row < rows
         x_rows = x + row.to(tl.int64)[:, None] * stride_x
 
+        # |x|^2 in a loop of its own (no dot in it), so the dot loop's x tiles have one consumer.
         x_sqnorm = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for d0 in range(0, dim, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             tile = tl.load(x_rows + d[None, :], mask=row_ok[:, None] & (d < dim)[None, :], other=0.0).to(tl.float32)
             x_sqnorm += tl.sum(tile * tile, axis=1)
 
-        # |x - e|^2 = |x|^2 + (|e|^2 - 2 x.e): the bracket decides the argmin, |x|^2 is added at the end.
         best = tl.full((BLOCK_N,), float("inf"), dtype=tl.float32)
         best_index = tl.zeros((BLOCK_N,), dtype=tl.int32)
+        first_nan = tl.zeros((BLOCK_N,), dtype=tl.int32) + entries  # entries = no NaN distance seen
         for k0 in range(0, entries, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             k_ok = k < entries
+            codes = codebook + k.to(tl.int64)[None, :] * stride_code  # int64: K * D may pass 2**31
             dots = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
             for d0 in range(0, dim, BLOCK_D):
                 d = d0 + tl.arange(0, BLOCK_D)
                 d_ok = d < dim
                 a = tl.load(x_rows + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                e = tl.load(codebook + k[None, :] * stride_code + d[:, None], mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+                e = tl.load(codes + d[:, None], mask=d_ok[:, None] & k_ok[None, :], other=0.0)
                 dots = tl.dot(a, e, dots, input_precision=DOT_PRECISION)
-            norms = tl.load(code_sqnorm + k, mask=k_ok, other=float("inf"))
-            score = norms[None, :] - 2.0 * dots
-            tile_best = tl.min(score, axis=1)
-            tile_index = tl.argmin(score, axis=1, tie_break_left=True) + k0
-            better = tile_best < best  # strict: an equal score in a later tile keeps the lower index
+            norms = tl.load(code_sqnorm + k, mask=k_ok, other=0.0)
+            sqdist = x_sqnorm[:, None] + (norms[None, :] - 2.0 * dots)
+            # NaN handled apart: tl.min and tl.argmin do not agree on it.
+            is_nan = (sqdist != sqdist) & k_ok[None, :]
+            first_nan = tl.minimum(first_nan, tl.min(tl.where(is_nan, k[None, :], entries), axis=1))
+            clean = tl.where(is_nan | ~k_ok[None, :], float("inf"), sqdist)
+            tile_best = tl.min(clean, axis=1)
+            # The first column at the tile's minimum (column k0, a real entry, when all are inf).
+            tile_index = tl.min(tl.where(clean == tile_best[:, None], k[None, :], entries), axis=1)
+            better = tile_best < best  # strict: an equal distance in a later tile keeps the lower index
             best = tl.where(better, tile_best, best)
             best_index = tl.where(better, tile_index, best_index)
-        tl.store(index_out + row, best_index.to(tl.int64), mask=row_ok)
-        tl.store(sqdist_out + row, x_sqnorm + best, mask=row_ok)
+        has_nan = first_nan < entries
+        tl.store(index_out + row, tl.where(has_nan, first_nan, best_index).to(tl.int64), mask=row_ok)
+        tl.store(sqdist_out + row, tl.where(has_nan, float("nan"), best), mask=row_ok)
 
     @triton.jit
     def _vd_cluster_sums_kernel(
         x, order, offsets, sums, dim, stride_x,
         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        # Entry k's rows are order[offsets[k]:offsets[k+1]] (rows sorted by entry): their sum over
-        # one BLOCK_D slice of the features, in a fixed order (deterministic, no atomics).
+        """Entry k's rows are order[offsets[k]:offsets[k+1]] (rows sorted by entry): their sum over
+        BLOCK_D slices of the features, in a fixed order (deterministic, no atomics).
+
+        Concurrency: program (k, j) alone writes sums[k, slices j, j + G, j + 2G, ...] (G =
+        programs on axis 1) and reads only x, order and offsets, which no program writes. No
+        tl.dot. Grid: (K, min(cdiv(D, BLOCK_D), 65535)), see _entry_grid.
+        """
         entry = tl.program_id(0)
-        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        d_ok = d < dim
         begin = tl.load(offsets + entry)
         end = tl.load(offsets + entry + 1)
-        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for r0 in range(begin, end, BLOCK_R):
-            r = r0 + tl.arange(0, BLOCK_R)
-            r_ok = r < end
-            source = tl.load(order + r, mask=r_ok, other=0)
-            tile = tl.load(x + source[:, None] * stride_x + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
-            acc += tl.sum(tile.to(tl.float32), axis=0)
-        tl.store(sums + entry.to(tl.int64) * dim + d, acc, mask=d_ok)
+        for d0 in range(tl.program_id(1) * BLOCK_D, dim, tl.num_programs(1) * BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = d < dim
+            acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            for r0 in range(begin, end, BLOCK_R):
+                r = r0 + tl.arange(0, BLOCK_R)
+                r_ok = r < end
+                source = tl.load(order + r, mask=r_ok, other=0)
+                tile = tl.load(x + source[:, None] * stride_x + d[None, :], mask=r_ok[:, None] & d_ok[None, :],
+                               other=0.0)
+                acc += tl.sum(tile.to(tl.float32), axis=0)
+            tl.store(sums + entry.to(tl.int64) * dim + d, acc, mask=d_ok)
 
     @triton.jit
     def _vd_apply_statistics_kernel(
-        codebook, cluster_size, embed_avg, counts, sums, cluster_total,
+        codebook, cluster_size, embed_avg, sums, cluster_total,
         entries, dim, decay, eps,
         BLOCK_D: tl.constexpr,
     ):
-        # SOHO's step for entry k and one feature slice; cluster_total = sum of the new cluster sizes.
+        """SOHO's step for entry k, given its new cluster_size[k] and their sum cluster_total
+        (both written by earlier launches): embed_avg <- decay*embed_avg + (1-decay)*sums, and
+        codebook = embed_avg / smoothed, except where smoothed is 0 (no row counted in any
+        entry yet: total 0), where the codebook entry is kept (not written).
+
+        Concurrency: program (k, j) alone reads and writes embed_avg / codebook[k, slices j,
+        j + G, ...] (G = programs on axis 1); cluster_size, cluster_total and sums are only read,
+        and no program of this launch writes them (the new cluster sizes are a separate launch:
+        one program writing cluster_size[k] while another reads it was the double decay of
+        issue 12). No tl.dot. Grid: (K, min(cdiv(D, BLOCK_D), 65535)), see _entry_grid.
+        """
         entry = tl.program_id(0)
-        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        d_ok = d < dim
-        size = decay * tl.load(cluster_size + entry) + (1.0 - decay) * tl.load(counts + entry)
-        total = tl.load(cluster_total)
+        size = tl.load(cluster_size + entry).to(tl.float32)
+        total = tl.load(cluster_total).to(tl.float32)
         smoothed = (size + eps) / (total + entries * eps) * total
-        offset = entry.to(tl.int64) * dim + d
-        average = decay * tl.load(embed_avg + offset, mask=d_ok) + (1.0 - decay) * tl.load(sums + offset, mask=d_ok)
-        tl.store(embed_avg + offset, average, mask=d_ok)
-        tl.store(codebook + offset, (average / smoothed).to(codebook.dtype.element_ty), mask=d_ok)
-        if tl.program_id(1) == 0:
-            tl.store(cluster_size + entry, size)
+        for d0 in range(tl.program_id(1) * BLOCK_D, dim, tl.num_programs(1) * BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = d < dim
+            offset = entry.to(tl.int64) * dim + d
+            average = decay * tl.load(embed_avg + offset, mask=d_ok) + (1.0 - decay) * tl.load(sums + offset, mask=d_ok)
+            tl.store(embed_avg + offset, average.to(embed_avg.dtype.element_ty), mask=d_ok)
+            if smoothed != 0:  # also true for NaN: a NaN state propagates into the codebook
+                tl.store(codebook + offset, (average / smoothed).to(codebook.dtype.element_ty), mask=d_ok)
 
 
 @dataclass(frozen=True)
@@ -127,6 +165,23 @@ _NEAREST_CONFIGS = {
 }
 _SUMS_BLOCK_R, _SUMS_BLOCK_D, _SUMS_WARPS = 16, 256, 4
 _APPLY_BLOCK_D, _APPLY_WARPS = 256, 4
+# CUDA's launch limits: grid axis 0 up to 2**31 - 1 programs, axes 1 and 2 up to 65535.
+_MAX_GRID_AXIS_0, _MAX_GRID_AXIS_1 = 2**31 - 1, 65535
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _nearest_grid(rows: int, block_n: int) -> tuple[int]:
+    """vd_nearest's launch grid: row blocks on axis 0 (the triton refusal keeps them under its limit)."""
+    return (_cdiv(rows, block_n),)
+
+
+def _entry_grid(entries: int, dim: int, block_d: int) -> tuple[int, int]:
+    """The update kernels' grid: one entry per program on axis 0 (the triton refusal bounds K), feature
+    slices on axis 1, at most 65535 of them; a program loops over every 65535th slice beyond that."""
+    return (entries, min(_cdiv(dim, block_d), _MAX_GRID_AXIS_1))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -144,11 +199,12 @@ def _launch_nearest(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tens
     index = torch.empty(rows, device=x.device, dtype=torch.int64)
     sqdist = torch.empty(rows, device=x.device, dtype=torch.float32)
     cfg = _NEAREST_CONFIGS[x.dtype]
-    _vd_nearest_kernel[(triton.cdiv(rows, cfg.block_n),)](
-        x, codebook, code_sqnorm, index, sqdist, rows, entries, dim, x.stride(0), codebook.stride(0),
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, DOT_PRECISION=_dot_precision(x.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    if rows:  # no launch of an empty grid
+        _vd_nearest_kernel[_nearest_grid(rows, cfg.block_n)](
+            x, codebook, code_sqnorm, index, sqdist, rows, entries, dim, x.stride(0), codebook.stride(0),
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, DOT_PRECISION=_dot_precision(x.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return index, sqdist
 
 
@@ -161,19 +217,25 @@ def _launch_cluster_statistics(x, index, entries, mask) -> tuple[torch.Tensor, t
     offsets = torch.zeros(entries + 1, device=x.device, dtype=torch.int64)
     torch.cumsum(counts, 0, out=offsets[1:])
     sums = torch.empty(entries, dim, device=x.device, dtype=torch.float32)
-    _vd_cluster_sums_kernel[(entries, triton.cdiv(dim, _SUMS_BLOCK_D))](
-        x, order, offsets, sums, dim, x.stride(0), BLOCK_R=_SUMS_BLOCK_R, BLOCK_D=_SUMS_BLOCK_D, num_warps=_SUMS_WARPS,
-    )
+    if dim:
+        _vd_cluster_sums_kernel[_entry_grid(entries, dim, _SUMS_BLOCK_D)](
+            x, order, offsets, sums, dim, x.stride(0), BLOCK_R=_SUMS_BLOCK_R, BLOCK_D=_SUMS_BLOCK_D,
+            num_warps=_SUMS_WARPS,
+        )
     return counts.float(), sums
 
 
 def _launch_apply_statistics(codebook, cluster_size, embed_avg, counts, sums, decay, eps) -> None:
     entries, dim = codebook.shape
-    total = (decay * cluster_size.sum() + (1 - decay) * counts.sum()).reshape(1)
-    _vd_apply_statistics_kernel[(entries, triton.cdiv(dim, _APPLY_BLOCK_D))](
-        codebook, cluster_size, embed_avg, counts, sums, total, entries, dim, float(decay), float(eps),
-        BLOCK_D=_APPLY_BLOCK_D, num_warps=_APPLY_WARPS,
-    )
+    # The new cluster sizes and their total first, in launches of their own: the kernel only
+    # reads them (every feature slice of an entry needs its new size).
+    cluster_size.mul_(decay).add_(counts.to(cluster_size.dtype), alpha=1 - decay)
+    total = cluster_size.sum().reshape(1)
+    if dim:
+        _vd_apply_statistics_kernel[_entry_grid(entries, dim, _APPLY_BLOCK_D)](
+            codebook, cluster_size, embed_avg, sums, total, entries, dim, float(decay), float(eps),
+            BLOCK_D=_APPLY_BLOCK_D, num_warps=_APPLY_WARPS,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,8 +312,17 @@ def _triton_dtype_refusal(*tensors: torch.Tensor) -> Optional[str]:
     return why
 
 
+def _triton_nearest_refusal(x: torch.Tensor, codebook: torch.Tensor) -> Optional[str]:
+    why = _triton_dtype_refusal(x, codebook)
+    if why is None and _nearest_grid(x.shape[0], _NEAREST_CONFIGS[x.dtype].block_n)[0] > _MAX_GRID_AXIS_0:
+        why = f"{x.shape[0]} rows need more row blocks than a launch grid holds"
+    if why is None and codebook.shape[0] > 2**31 - 1:  # the kernel keeps entry indices in int32
+        why = f"{codebook.shape[0]} entries exceed the kernel's int32 entry index"
+    return why
+
+
 _NEAREST = [
-    Implementation("triton", _triton_dtype_refusal, _nearest_op),
+    Implementation("triton", _triton_nearest_refusal, _nearest_op),
     Implementation("torch", lambda *args: None, reference.vd_nearest),
 ]
 
@@ -261,7 +332,13 @@ def vd_nearest(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, t
 
     x: [N, D], codebook: [K, D] (same dtype and device)
     returns (index [N] int64, lowest index on ties; sqdist [N] float32, |x - codebook[index]|^2
-    accumulated in fp32). The N x K distance matrix is never stored. No gradient flows.
+    accumulated in fp32). The N x K distance matrix is never stored. No gradient flows (both
+    outputs are detached from x and the codebook).
+
+    Non-finite inputs propagate as torch.min does, on every backend: the distance is computed
+    as |x|^2 + (|e|^2 - 2 x.e), and a row with a NaN distance to some entry (a NaN in the row
+    or in the entry, or inf - inf from infinite values) gets the first such entry and sqdist
+    NaN; a row whose distances are all +inf gets entry 0 and sqdist inf.
     """
     _check_matrix("vd_nearest: x", x)
     _check_matrix("vd_nearest: codebook", codebook)
@@ -297,6 +374,13 @@ def _extension_refusal() -> Optional[str]:
     return _extension.unavailable_reason()
 
 
+def _triton_update_refusal(codebook, cluster_size, embed_avg, x, *rest) -> Optional[str]:
+    why = _triton_dtype_refusal(codebook, x)
+    if why is None and codebook.shape[0] > _MAX_GRID_AXIS_0:  # one entry per program on grid axis 0
+        why = f"{codebook.shape[0]} entries exceed the launch grid's {_MAX_GRID_AXIS_0} programs"
+    return why
+
+
 def _cpp_refusal(codebook, cluster_size, embed_avg, x, *rest) -> Optional[str]:
     why = _extension_refusal()
     if why is None and codebook.device.type != "cpu":
@@ -314,8 +398,7 @@ def _cpp_update(codebook, cluster_size, embed_avg, x, index, decay, eps, mask):
 
 _UPDATE = [
     Implementation("cpp", _cpp_refusal, _cpp_update),
-    Implementation("triton", lambda codebook, cluster_size, embed_avg, x, *rest: _triton_dtype_refusal(codebook, x),
-                   _triton_update),
+    Implementation("triton", _triton_update_refusal, _triton_update),
     Implementation("torch", lambda *args: None,
                    lambda codebook, cluster_size, embed_avg, x, index, decay, eps, mask: reference.vd_ema_update_(
                        codebook, cluster_size, embed_avg, x, index, decay=decay, eps=eps, mask=mask)),
@@ -341,6 +424,18 @@ def vd_ema_update_(
     cluster_size = d*cluster_size + (1-d)*c; embed_avg = d*embed_avg + (1-d)*s;
     codebook = embed_avg / n, n = (cluster_size + eps) / (sum(cluster_size) + K*eps) * sum(cluster_size).
     When torch.distributed is initialised, c and s are all-reduced over the default group first.
+
+    Where n is 0 the codebook entry is kept as it was (every backend and the reference). n is 0
+    exactly when sum(cluster_size) is 0: no row has been counted in any entry yet (a fresh state
+    after a step with N = 0 or every row masked, or decay 1 on a fresh state). The division
+    would give 0/0 = NaN for every entry, forever after; there is no data to estimate an entry
+    from, so it keeps its initial value (a zero codebook instead would make every entry tie).
+    cluster_size and embed_avg follow the formulas above in every case. A NaN or inf fed in
+    (x in a counted row, the state) propagates; masked-out rows are not read (their index need
+    not lie in range, their values may be anything).
+
+    The state may be any strided layout without overlapping elements (a transposed codebook,
+    say); an expanded view is refused, since it cannot be written in place.
     """
     _check_matrix("vd_ema_update_: codebook", codebook)
     _check_matrix("vd_ema_update_: x", x)
@@ -350,11 +445,15 @@ def vd_ema_update_(
     if tuple(cluster_size.shape) != (entries,) or tuple(embed_avg.shape) != (entries, dim):
         raise ValueError(f"vd_ema_update_: cluster_size must be [{entries}] and embed_avg [{entries}, {dim}], "
                          f"got {list(cluster_size.shape)} and {list(embed_avg.shape)}")
+    if entries == 0:
+        raise ValueError("vd_ema_update_: the codebook is empty")
     for name, state in (("cluster_size", cluster_size), ("embed_avg", embed_avg)):
-        if state.dtype not in (torch.float32, torch.float64) or not state.is_contiguous():
-            raise TypeError(f"vd_ema_update_: {name} must be a contiguous float32 (or float64) tensor")
-    if not codebook.is_contiguous():
-        raise ValueError("vd_ema_update_: the codebook must be contiguous (it is written in place)")
+        if state.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"vd_ema_update_: {name} must be a float32 (or float64) tensor, got {state.dtype}")
+    for name, state in (("codebook", codebook), ("cluster_size", cluster_size), ("embed_avg", embed_avg)):
+        if _overlaps(state):
+            raise ValueError(f"vd_ema_update_: {name} has elements sharing memory (an expanded view?); "
+                             "it is written in place")
     if index.dtype != torch.int64 or tuple(index.shape) != (x.shape[0],):
         raise ValueError(f"vd_ema_update_: index must be int64 of shape [{x.shape[0]}], "
                          f"got {index.dtype} {list(index.shape)}")
@@ -376,8 +475,24 @@ def vd_ema_update_(
             if low < 0 or high >= entries:
                 raise IndexError(f"vd_ema_update_: index values must lie in [0, {entries}), got [{low}, {high}]")
     with torch.no_grad():
-        _backend.dispatch("vd_ema_update_", _UPDATE, codebook.device, codebook, cluster_size, embed_avg,
-                          x.detach(), index, float(decay), float(eps), mask)
+        # The kernels write contiguous state: a strided one is updated through a contiguous copy.
+        state = tuple(t if t.is_contiguous() else t.contiguous() for t in (codebook, cluster_size, embed_avg))
+        _backend.dispatch("vd_ema_update_", _UPDATE, codebook.device, *state, x.detach(), index, float(decay),
+                          float(eps), mask)
+        for target, updated in zip((codebook, cluster_size, embed_avg), state):
+            if updated is not target:
+                target.copy_(updated)
+
+
+def _overlaps(tensor: torch.Tensor) -> bool:
+    """Whether two elements of ``tensor`` may share an address (expanded / overlapping views):
+    taken by stride, each dimension must step over the whole extent of the ones before it."""
+    extent = 1
+    for stride, size in sorted((s, n) for s, n in zip(tensor.stride(), tensor.shape) if n > 1):
+        if stride < extent:
+            return True
+        extent = stride * size
+    return False
 
 
 def aot_variants():
@@ -403,7 +518,7 @@ def aot_variants():
             dict(num_warps=_SUMS_WARPS)))
         variants.append(KernelVariant(
             _vd_apply_statistics_kernel, str(dtype)[6:], dict(BLOCK_D=_APPLY_BLOCK_D),
-            {"codebook": dtype, "cluster_size": torch.float32, "embed_avg": torch.float32, "counts": torch.float32,
+            {"codebook": dtype, "cluster_size": torch.float32, "embed_avg": torch.float32,
              "sums": torch.float32, "cluster_total": torch.float32},
             dict(sizes, decay=0.4, eps=1e-5), dict(num_warps=_APPLY_WARPS)))
     return variants

@@ -12,8 +12,9 @@ def vd_nearest(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, t
     """x: [N, D], codebook: [K, D] -> (index [N] int64, sqdist [N] float32, or float64 for float64 inputs).
 
     The nearest entry by squared L2 distance, the lowest index on ties, as SOHO computes it:
-    |x|^2 + |e|^2 - 2 x.e (accumulated in fp32, or fp64 for fp64 inputs), a block of rows at a
-    time so the distances never take more than 64 MiB.
+    |x|^2 + (|e|^2 - 2 x.e) (accumulated in fp32, or fp64 for fp64 inputs), a block of rows at a
+    time so the distances never take more than 64 MiB. torch.min's NaN rule: a row with a NaN
+    distance gets its first NaN entry, with sqdist NaN.
     """
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     x, codebook = x.to(acc), codebook.to(acc)
@@ -23,7 +24,7 @@ def vd_nearest(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, t
     rows_per_chunk = max(1, 2**24 // max(1, codebook.shape[0]))  # bounds the distance block to 64 MiB (fp32)
     for start in range(0, x.shape[0], rows_per_chunk):
         chunk = x[start : start + rows_per_chunk]
-        distances = chunk.square().sum(1, keepdim=True) + code_sqnorm - 2 * chunk @ codebook.T
+        distances = chunk.square().sum(1, keepdim=True) + (code_sqnorm - 2 * chunk @ codebook.T)
         torch.min(distances, 1, out=(sqdist[start : start + rows_per_chunk], index[start : start + rows_per_chunk]))
     return index, sqdist
 
@@ -33,16 +34,21 @@ def vd_cluster_statistics(x: torch.Tensor, index: torch.Tensor, num_embeddings: 
     """x: [N, D], index: [N], mask: [N] bool (True = counted) -> (counts [K], sums [K, D]) in fp32
     (fp64 for fp64 x): how many rows chose each entry and the sum of those rows.
 
+    Masked-out rows go to an extra last bucket that is dropped: they are not read into any
+    entry (their index may lie out of range, a NaN in them stays out), as in the kernels.
+
     index_add_ (float atomics on CUDA: the order of the additions varies from run to run), or in
     vlkernels' deterministic mode a segmented sum over the rows sorted by entry (fixed order)."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    weights = torch.ones(x.shape[0], dtype=acc, device=x.device) if mask is None else mask.to(acc)
+    buckets = num_embeddings + 1
+    bucket = index if mask is None else torch.where(mask, index, num_embeddings)
+    ones = torch.ones(x.shape[0], dtype=acc, device=x.device)
     if is_deterministic():
-        return _sorted_cluster_statistics(x.to(acc) * weights[:, None], weights, index, num_embeddings)
-    counts = torch.zeros(num_embeddings, dtype=acc, device=x.device).index_add_(0, index, weights)
-    sums = torch.zeros(num_embeddings, x.shape[1], dtype=acc, device=x.device)
-    sums.index_add_(0, index, x.to(acc) * weights[:, None])
-    return counts, sums
+        counts, sums = _sorted_cluster_statistics(x.to(acc), ones, bucket, buckets)
+    else:
+        counts = torch.zeros(buckets, dtype=acc, device=x.device).index_add_(0, bucket, ones)
+        sums = torch.zeros(buckets, x.shape[1], dtype=acc, device=x.device).index_add_(0, bucket, x.to(acc))
+    return counts[:num_embeddings], sums[:num_embeddings]
 
 
 def _sorted_cluster_statistics(rows: torch.Tensor, weights: torch.Tensor, index: torch.Tensor,
@@ -60,13 +66,15 @@ def vd_apply_statistics_(codebook: torch.Tensor, cluster_size: torch.Tensor, emb
                          counts: torch.Tensor, sums: torch.Tensor, *, decay: float, eps: float = 1e-5) -> None:
     """SOHO's moving-average step, in place, from one step's counts [K] and sums [K, D]:
     cluster_size <- d*cluster_size + (1-d)*counts;  embed_avg <- d*embed_avg + (1-d)*sums;
-    n = (cluster_size + eps) / (sum(cluster_size) + K*eps) * sum(cluster_size);  codebook = embed_avg / n.
+    n = (cluster_size + eps) / (sum(cluster_size) + K*eps) * sum(cluster_size);  codebook = embed_avg / n,
+    except where n is 0 (sum(cluster_size) = 0: no row counted yet), where the entry is kept.
     """
     cluster_size.mul_(decay).add_(counts.to(cluster_size.dtype), alpha=1 - decay)
     embed_avg.mul_(decay).add_(sums.to(embed_avg.dtype), alpha=1 - decay)
     total = cluster_size.sum()
-    smoothed = (cluster_size + eps) / (total + cluster_size.numel() * eps) * total
-    codebook.copy_(embed_avg / smoothed[:, None])
+    smoothed = ((cluster_size + eps) / (total + cluster_size.numel() * eps) * total)[:, None]
+    # n == 0 is False for NaN: a NaN state propagates into the codebook.
+    codebook.copy_(torch.where(smoothed == 0, codebook, embed_avg / smoothed))
 
 
 def vd_ema_update_(codebook, cluster_size, embed_avg, x, index, *, decay, eps=1e-5, mask=None) -> None:
