@@ -105,7 +105,12 @@ BAD = {
     "index-negative": (lambda c, s, a, x, i: (c, s, a, x, i - 5), IndexError, r"must lie in \[0, 5\)"),
     "index-dtype": (lambda c, s, a, x, i: (c, s, a, x, i.int()), ValueError, "index must be int64"),
     "state-shape": (lambda c, s, a, x, i: (c, s[:-1], a, x, i), ValueError, r"cluster_size must be \[5\]"),
-    "state-dtype": (lambda c, s, a, x, i: (c, s.half(), a, x, i), TypeError, "cluster_size must be a contiguous"),
+    "state-dtype": (lambda c, s, a, x, i: (c, s.half(), a, x, i), TypeError, "cluster_size must be a float32"),
+    "codebook-empty": (lambda c, s, a, x, i: (c[:0], s[:0], a[:0], x, i), ValueError, "the codebook is empty"),
+    "codebook-expanded": (lambda c, s, a, x, i: (c[:1].expand(5, 8), s, a, x, i), ValueError,
+                          "codebook has elements sharing memory"),
+    "state-expanded": (lambda c, s, a, x, i: (c, s[:1].expand(5), a, x, i), ValueError,
+                       "cluster_size has elements sharing memory"),
 }
 
 
@@ -224,3 +229,461 @@ def test_two_process_update_equals_one_process_on_the_whole_batch(backend, tmp_p
     reference.vd_ema_update_(*single, x.cpu().double(), index.cpu(), decay=0.4, mask=mask.cpu())
     for got, expected in zip(distributed, single):
         assert rel_error(got, expected) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 12: block sizes, degenerate and non-finite inputs, layouts, launch grids, gradients,
+# property-based checks. Block sizes: vd_nearest 128 rows x 128 entries x 32 (fp32) / 64 (fp16)
+# features; the update kernels 256 features per program, 16 rows per step.
+# ---------------------------------------------------------------------------------------------
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from vlkernels import _deterministic  # noqa: E402
+from vlkernels._backend import NoBackendError  # noqa: E402
+from vlkernels.ops import visual_dictionary as vd_ops  # noqa: E402
+
+
+def assert_same_values(name, actual, expected, tol=1e-5, scale=None):
+    """NaN and inf in the same places (inf with the same sign), the finite rest within tol:
+    relative error, or where ``scale`` is given |actual - expected| <= tol * scale elementwise."""
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert actual.shape == expected.shape, name
+    assert torch.equal(actual.isnan(), expected.isnan()), f"{name}: NaN in other places"
+    assert torch.equal(actual.isinf(), expected.isinf()), f"{name}: inf in other places"
+    assert torch.equal(actual[actual.isinf()], expected[expected.isinf()]), f"{name}: inf of another sign"
+    finite = actual.isfinite()
+    if scale is None:
+        error = rel_error(actual[finite], expected[finite])
+        assert error <= tol, f"{name}: relative error {error:.3e}"
+    else:
+        excess = (actual - expected).abs()[finite] - tol * scale.double().cpu()[finite]
+        assert not (excess > 0).any(), f"{name}: off by {excess.max():.3e} more than {tol} x |x|^2 + |e|^2"
+
+
+def sqdist_scale(x, codebook, index):
+    """|x|^2 + |e|^2 of each row and its chosen entry: the size of the terms whose difference
+    |x|^2 + |e|^2 - 2 x.e is (fp32 rounding of the sum is relative to them, not to the distance)."""
+    x, codebook = x.detach().cpu().double(), codebook.detach().cpu().double()
+    return x.square().sum(1) + codebook[index.cpu()].square().sum(1)
+
+
+# fp32 accumulation of |x|^2 + (|e|^2 - 2 x.e) over D <= 768 terms, relative to |x|^2 + |e|^2
+SQDIST_TOL = 1e-5
+
+
+def random_state(generator, k, d, fresh=False, device=DEVICE):
+    """(codebook, cluster_size, embed_avg): fresh as a new VisualDictionary, else a trained-looking one."""
+    codebook = torch.randn(k, d, generator=generator)
+    if fresh:
+        return [codebook.to(device), torch.zeros(k, device=device), torch.zeros(k, d, device=device)]
+    return [codebook.to(device), (3 * torch.rand(k, generator=generator)).to(device),
+            torch.randn(k, d, generator=generator).to(device)]
+
+
+def reference_update(state, x, index, decay, mask=None):
+    """The float64 reference on copies of ``state``, counting only the rows of ``mask``."""
+    expected = [t.detach().cpu().double().clone() for t in state]
+    x, index = x.detach().cpu().double(), index.cpu()
+    if mask is not None:  # only the counted rows reach the reference: masked rows must not matter
+        x, index = x[mask.cpu()], index[mask.cpu()]
+    reference.vd_ema_update_(*expected, x, index, decay=decay)
+    return expected
+
+
+def clear_winners(generator, n, k, d, dtype):
+    """x near randomly chosen entries (noise 0.05 against unit entries): the nearest is unambiguous."""
+    codebook = torch.randn(k, d, generator=generator)
+    chosen = torch.randint(0, k, (n,), generator=generator)
+    x = codebook[chosen] + 0.05 * torch.randn(n, d, generator=generator)
+    return x.to(DEVICE, dtype), codebook.to(DEVICE, dtype)
+
+
+# (c) sizes above every block -----------------------------------------------------------------
+@pytest.mark.parametrize("dim", [300, 768])
+@pytest.mark.parametrize("backend", UPDATE_BACKENDS)
+def test_update_above_one_feature_block_follows_the_reference(backend, dim):
+    """D > 256: every feature slice of an entry must see the entry's new cluster size once
+    (the triton kernel decayed it twice in the slices after the first)."""
+    k, device = 33, device_for(backend)
+    generator = torch.Generator().manual_seed(dim)
+    state = random_state(generator, k, dim, device=device)
+    expected = [t.double().cpu() for t in state]
+    for step in range(2):
+        x = torch.randn(70, dim, generator=generator).to(device)  # > 16 rows for some entries: several row steps
+        index = torch.randint(0, k, (70,), generator=generator).to(device)
+        mask = (torch.rand(70, generator=generator) < 0.8).to(device)
+        expected = reference_update(expected, x, index, 0.4, mask)
+        with vlkernels.use_backend(backend):
+            vd_ema_update_(*state, x, index, decay=0.4, mask=mask)
+    for name, got, want in zip(("codebook", "cluster_size", "embed_avg"), state, expected):
+        assert_same_values(name, got, want)
+
+
+@pytest.mark.parametrize("dim", [300, 768])
+@pytest.mark.parametrize("dtype", kernel_dtypes(), ids=dtype_id)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nearest_above_every_block(backend, dtype, dim):
+    n, k = 300, 270  # two row blocks and two entry tiles of 128, plus remainders
+    x, codebook = clear_winners(torch.Generator().manual_seed(dim), n, k, dim, dtype)
+    with vlkernels.use_backend(backend), poisoned_allocations():
+        index, sqdist = vd_nearest(x, codebook)
+    exact = brute_force_sqdist(x.cpu(), codebook.cpu())
+    assert torch.equal(index.cpu(), exact.argmin(1))
+    assert_same_values("sqdist", sqdist, exact.min(1).values, SQDIST_TOL, sqdist_scale(x, codebook, index))
+
+
+# (d) empty and degenerate inputs -----------------------------------------------------------------
+NOTHING_COUNTED = {
+    "no-rows": lambda x, index: (x[:0], index[:0], None, 0.4),
+    "all-masked": lambda x, index: (x, index, torch.zeros(len(index), dtype=torch.bool, device=x.device), 0.4),
+    "decay-1": lambda x, index: (x, index, None, 1.0),
+}
+
+
+@pytest.mark.parametrize("case", NOTHING_COUNTED, ids=list(NOTHING_COUNTED))
+@pytest.mark.parametrize("backend", UPDATE_BACKENDS)
+def test_update_with_nothing_counted_keeps_a_fresh_codebook(backend, case):
+    """sum(cluster_size) = 0 after the step: the codebook stays as it was (it became all-NaN),
+    and the next step with rows follows the reference from there."""
+    k, d, device = 9, 300, device_for(backend)
+    generator = torch.Generator().manual_seed(21)
+    state = random_state(generator, k, d, fresh=True, device=device)
+    initial = state[0].clone()
+    x = torch.randn(40, d, generator=generator).to(device)
+    index = torch.randint(0, k, (40,), generator=generator).to(device)
+    x, index, mask, decay = NOTHING_COUNTED[case](x, index)
+    with vlkernels.use_backend(backend), poisoned_allocations():
+        vd_ema_update_(*state, x, index, decay=decay, mask=mask)
+    assert torch.equal(state[0], initial)
+    assert torch.equal(state[1], torch.zeros(k, device=device)) and torch.equal(state[2], torch.zeros(k, d, device=device))
+    x = torch.randn(30, d, generator=generator).to(device)
+    index = torch.randint(0, k, (30,), generator=generator).to(device)
+    expected = reference_update(state, x, index, 0.4)
+    with vlkernels.use_backend(backend):
+        vd_ema_update_(*state, x, index, decay=0.4)
+    for name, got, want in zip(("codebook", "cluster_size", "embed_avg"), state, expected):
+        assert torch.isfinite(got).all(), name
+        assert_same_values(name, got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nearest_of_no_rows_and_of_no_features(backend):
+    codebook = torch.randn(5, 8, device=DEVICE)
+    with vlkernels.use_backend(backend):
+        index, sqdist = vd_nearest(torch.randn(0, 8, device=DEVICE), codebook)
+        assert index.shape == sqdist.shape == (0,)
+        index, sqdist = vd_nearest(torch.randn(3, 0, device=DEVICE), codebook[:, :0])  # every distance 0
+    assert torch.equal(index.cpu(), torch.zeros(3, dtype=torch.int64)) and torch.equal(sqdist.cpu(), torch.zeros(3))
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["index_add", "segmented"])
+@pytest.mark.parametrize("backend", UPDATE_BACKENDS)
+def test_update_never_reads_masked_rows(backend, deterministic):
+    """Masked rows may carry out-of-range ids (validation allows it) and NaN / inf features: the
+    result equals the update from the counted rows alone (the torch path raised IndexError)."""
+    k, d, device = 11, 24, device_for(backend)
+    generator = torch.Generator().manual_seed(22)
+    state = random_state(generator, k, d, device=device)
+    x = torch.randn(50, d, generator=generator)
+    index = torch.randint(0, k, (50,), generator=generator)
+    mask = torch.rand(50, generator=generator) < 0.6
+    index[~mask] = torch.tensor([-7, k, 10**6, -1]).repeat(50)[: int((~mask).sum())]
+    x[~mask] = float("nan")
+    x[torch.nonzero(~mask)[0]] = float("inf")
+    x, index, mask = x.to(device), index.to(device), mask.to(device)
+    expected = reference_update(state, x, index, 0.4, mask)
+    with vlkernels.use_backend(backend), _deterministic.deterministic(deterministic):
+        vd_ema_update_(*state, x, index, decay=0.4, mask=mask)
+    for name, got, want in zip(("codebook", "cluster_size", "embed_avg"), state, expected):
+        assert torch.isfinite(got).all(), name
+        assert_same_values(name, got, want)
+
+
+# (e) NaN and inf ----------------------------------------------------------------------------------
+def nonfinite_nearest_inputs(dtype):
+    generator = torch.Generator().manual_seed(23)
+    x, codebook = clear_winners(generator, 140, 260, 40, torch.float32)
+    x, codebook = x.cpu(), codebook.cpu()
+    x[3] = float("nan")  # a NaN row: NaN to every entry -> entry 0
+    x[5, 7] = float("inf")  # inf - inf against every entry with a positive feature 7
+    x[6, 2] = float("-inf")
+    x[130, 1] = float("inf")  # in the second row block
+    codebook[200, 4] = float("nan")  # in the second entry tile: NaN for every row
+    return x.to(DEVICE, dtype), codebook.to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("dtype", kernel_dtypes(), ids=dtype_id)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nearest_propagates_nan_like_torch_min(backend, dtype):
+    x, codebook = nonfinite_nearest_inputs(dtype)
+    expected_index, expected_sqdist = reference.vd_nearest(x.cpu().double(), codebook.cpu().double())
+    with vlkernels.use_backend(backend), poisoned_allocations():
+        index, sqdist = vd_nearest(x, codebook)
+    assert torch.equal(index.cpu(), expected_index)
+    # The NaN entry wins every finite row; the NaN row gets entry 0, the infinite rows their first inf - inf.
+    finite_rows = torch.isfinite(x.cpu()).all(1)
+    assert (index.cpu()[finite_rows] == 200).all() and index[3] == 0 and (index.cpu()[~finite_rows] < 200).all()
+    assert torch.isnan(sqdist).all()
+    # Without the NaN entry: the NaN row stays NaN, the infinite rows follow torch.min, the rest are exact.
+    codebook[200] = 0.5
+    expected_index, expected_sqdist = reference.vd_nearest(x.cpu().double(), codebook.cpu().double())
+    assert expected_sqdist.isnan().sum() >= 3 and expected_sqdist.isfinite().sum() > 130
+    with vlkernels.use_backend(backend), poisoned_allocations():
+        index, sqdist = vd_nearest(x, codebook)
+    assert torch.equal(index.cpu(), expected_index)
+    assert_same_values("sqdist", sqdist, expected_sqdist, SQDIST_TOL, sqdist_scale(x, codebook, index))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nearest_with_an_infinite_entry_follows_torch_min(backend):
+    generator = torch.Generator().manual_seed(24)
+    x, codebook = clear_winners(generator, 60, 150, 16, torch.float32)
+    codebook[140, 3] = float("inf")  # NaN (inf - inf) for rows with x[:, 3] > 0, inf for the others
+    codebook[10, 5] = float("-inf")
+    expected_index, expected_sqdist = reference.vd_nearest(x.cpu().double(), codebook.cpu().double())
+    assert expected_sqdist.isnan().any() and expected_sqdist.isfinite().any()
+    with vlkernels.use_backend(backend):
+        index, sqdist = vd_nearest(x, codebook)
+    assert torch.equal(index.cpu(), expected_index)
+    assert_same_values("sqdist", sqdist, expected_sqdist, SQDIST_TOL, sqdist_scale(x, codebook, index))
+
+
+NONFINITE_UPDATES = {
+    "nan-row": lambda x, state: x.__setitem__((4, 3), float("nan")),
+    "inf-row": lambda x, state: x.__setitem__((9, 0), float("inf")),
+    "nan-cluster-size": lambda x, state: state[1].__setitem__(2, float("nan")),
+    "inf-embed-avg": lambda x, state: state[2].__setitem__((1, 5), float("-inf")),
+}
+
+
+@pytest.mark.parametrize("case", NONFINITE_UPDATES, ids=list(NONFINITE_UPDATES))
+@pytest.mark.parametrize("backend", UPDATE_BACKENDS)
+def test_update_propagates_nan_and_inf_like_the_reference(backend, case):
+    k, d, device = 7, 300, device_for(backend)
+    generator = torch.Generator().manual_seed(25)
+    state = random_state(generator, k, d, device="cpu")
+    x = torch.randn(30, d, generator=generator)
+    index = torch.arange(30) % k
+    NONFINITE_UPDATES[case](x, state)
+    state, x, index = [t.to(device) for t in state], x.to(device), index.to(device)
+    expected = reference_update(state, x, index, 0.4)
+    assert not all(torch.isfinite(t).all() for t in expected)
+    with vlkernels.use_backend(backend):
+        vd_ema_update_(*state, x, index, decay=0.4)
+    for name, got, want in zip(("codebook", "cluster_size", "embed_avg"), state, expected):
+        assert_same_values(name, got, want)
+
+
+# (b) strided, transposed and expanded arguments --------------------------------------------------
+def _every_other(t):
+    """Every other element along the last dim of a tensor twice as wide: a non-unit inner stride."""
+    return torch.stack([t, torch.full_like(t, 99)], dim=-1)[..., 0]
+
+
+def _transposed(t):
+    return t.t().contiguous().t() if t.dim() == 2 else _every_other(t)
+
+
+def _padded_rows(t):
+    """Rows of a wider tensor: unit inner stride, row stride above the width."""
+    return torch.cat([t, torch.full_like(t, 99)], dim=1)[:, : t.shape[1]] if t.dim() == 2 else _every_other(t)
+
+
+LAYOUTS = {"transposed": _transposed, "every-other": _every_other, "padded-rows": _padded_rows}
+
+
+@pytest.mark.parametrize("layout", [*LAYOUTS, "expanded"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nearest_on_any_layout_equals_the_contiguous_call(backend, layout):
+    generator = torch.Generator().manual_seed(26)
+    x, codebook = clear_winners(generator, 150, 140, 40, torch.float32)
+    if layout == "expanded":
+        x, codebook = x[:1].expand(150, 40), codebook[:, :1].expand(140, 40)  # stride-0 rows / features
+    else:
+        x, codebook = LAYOUTS[layout](x), LAYOUTS[layout](codebook)
+    assert not x.is_contiguous() and not codebook.is_contiguous()
+    with vlkernels.use_backend(backend):
+        got = vd_nearest(x, codebook)
+        expected = vd_nearest(x.contiguous(), codebook.contiguous())
+    assert torch.equal(got[0], expected[0])  # torch's matmul rounds by layout: the distances are close
+    assert_same_values("sqdist", got[1], expected[1], SQDIST_TOL, sqdist_scale(x, codebook, got[0]))
+
+
+@pytest.mark.parametrize("layout", [*LAYOUTS, "expanded"])
+@pytest.mark.parametrize("backend", UPDATE_BACKENDS)
+def test_update_on_any_layout_equals_the_contiguous_call(backend, layout):
+    """x, index and mask in any layout, the state transposed / strided (updated in place)."""
+    k, d, device = 13, 300, device_for(backend)
+    generator = torch.Generator().manual_seed(27)
+    state = random_state(generator, k, d, device=device)
+    x = torch.randn(60, d, generator=generator).to(device)
+    index = torch.randint(0, k, (60,), generator=generator).to(device)
+    mask = (torch.rand(60, generator=generator) < 0.7).to(device)
+    if layout == "expanded":  # the state cannot be expanded (written in place): transposed
+        args = (x[:1].expand(60, d), index[:1].expand(60), torch.ones(1, dtype=torch.bool, device=device).expand(60))
+        views = [_transposed(t) for t in state]
+    else:
+        args = (LAYOUTS[layout](x), _every_other(index), _every_other(mask))
+        views = [LAYOUTS[layout](t) for t in state]
+    assert not any(t.is_contiguous() for t in (*args, *views))
+    contiguous = [t.clone() for t in state]
+    with vlkernels.use_backend(backend):
+        vd_ema_update_(*views, *args[:2], decay=0.4, mask=args[2])
+        vd_ema_update_(*contiguous, *(t.contiguous() for t in args[:2]), decay=0.4, mask=args[2].contiguous())
+    for name, got, want in zip(("codebook", "cluster_size", "embed_avg"), views, contiguous):
+        assert_same_values(name, got, want, 1e-6)
+
+
+# launch grids ---------------------------------------------------------------------------------------
+def test_launch_grids_stay_within_cudas_limits():
+    """Axis 0 holds what grows with the data; axis 1 is bounded by 65535 (huge sizes, no launch)."""
+    for rows in (1, 10**6, 2**40):
+        grid = vd_ops._nearest_grid(rows, 128)
+        assert len(grid) == 1 and grid[0] == -(-rows // 128)
+    for entries, dim in ((2048, 768), (2**31 - 1, 10**9), (1, 2**40)):
+        grid = vd_ops._entry_grid(entries, dim, 256)
+        assert grid[0] == entries <= 2**31 - 1 and 1 <= grid[1] <= 65535
+    assert vd_ops._entry_grid(7, 300, 256) == (7, 2)
+
+
+def test_update_kernels_loop_over_feature_slices_beyond_the_grid(monkeypatch):
+    """A grid capped below the feature slices (65535 on a GPU, 2 here): each program of axis 1
+    takes every 2nd slice, and the result stays the reference's."""
+    monkeypatch.setattr(vd_ops, "_MAX_GRID_AXIS_1", 2)
+    assert vd_ops._entry_grid(5, 1300, 256) == (5, 2)  # 6 slices of 256 features
+    generator = torch.Generator().manual_seed(28)
+    state = random_state(generator, 5, 1300)
+    x, index = torch.randn(40, 1300, generator=generator).to(DEVICE), (torch.arange(40) % 4).to(DEVICE)
+    expected = reference_update(state, x, index, 0.4)
+    with vlkernels.use_backend("triton"), poisoned_allocations():
+        vd_ema_update_(*state, x, index, decay=0.4)
+    for name, got, want in zip(("codebook", "cluster_size", "embed_avg"), state, expected):
+        assert_same_values(name, got, want)
+
+
+def test_triton_refuses_grids_beyond_axis_0(monkeypatch):
+    monkeypatch.setattr(vd_ops, "_MAX_GRID_AXIS_0", 2)
+    with vlkernels.use_backend("triton"), pytest.raises(NoBackendError, match="row blocks"):
+        vd_nearest(torch.randn(300, 4, device=DEVICE), torch.randn(3, 4, device=DEVICE))
+    with vlkernels.use_backend("triton"), pytest.raises(NoBackendError, match="entries exceed the launch grid"):
+        vd_ema_update_(*random_state(torch.Generator().manual_seed(0), 3, 4), torch.randn(5, 4, device=DEVICE),
+                       torch.zeros(5, dtype=torch.int64, device=DEVICE), decay=0.4)
+
+
+# (a) gradients ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nearest_returns_no_gradient(backend):
+    x = torch.randn(9, 6, device=DEVICE, requires_grad=True)
+    codebook = torch.randn(5, 6, device=DEVICE, requires_grad=True)
+    with vlkernels.use_backend(backend):
+        index, sqdist = vd_nearest(x, codebook)
+    assert not index.requires_grad and not sqdist.requires_grad and sqdist.grad_fn is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["auto"])
+def test_module_gradients_accumulate_over_two_backwards(backend):
+    """A projection before the dictionary (SOHO's): weight and bias gradients over two backwards
+    (retain_graph) are twice the straight-through reference's and own their storage."""
+    torch.manual_seed(29)
+    projection = torch.nn.Linear(12, 300).to(DEVICE)
+    vd = VisualDictionary(num_embeddings=40, dim=300).to(DEVICE).eval()  # eval: the buffers stay put
+    features, upstream = torch.randn(2, 7, 12, device=DEVICE), torch.randn(2, 7, 300, device=DEVICE)
+    with vlkernels.use_backend(backend):
+        quantized, _ = vd(projection(features))
+    quantized.backward(upstream, retain_graph=True)
+    quantized.backward(upstream)
+    # Straight through: d(loss)/d(projected) = upstream.
+    weight_grad = upstream.reshape(-1, 300).T.double() @ features.reshape(-1, 12).double()
+    assert rel_error(projection.weight.grad, 2 * weight_grad) < 1e-5
+    assert rel_error(projection.bias.grad, 2 * upstream.double().sum((0, 1))) < 1e-5
+    assert projection.weight.grad.untyped_storage().data_ptr() != projection.bias.grad.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["auto"])
+def test_fresh_module_stays_finite_after_a_fully_masked_training_step(backend):
+    torch.manual_seed(30)
+    vd = VisualDictionary(num_embeddings=20, dim=300).to(DEVICE)
+    initial = vd.embed.clone()
+    x = torch.randn(3, 8, 300, device=DEVICE, requires_grad=True)
+    with vlkernels.use_backend(backend):
+        quantized, index = vd(x, torch.zeros(3, 8, dtype=torch.bool, device=DEVICE))
+        assert torch.equal(vd.embed, initial) and torch.isfinite(quantized).all()
+        torch.testing.assert_close(quantized, initial[index])  # x + (entry - x): rounded
+        vd(x[:, :0], torch.zeros(3, 0, dtype=torch.bool, device=DEVICE))  # no cells at all
+        assert torch.equal(vd.embed, initial)
+        vd(x)  # then a real step
+    assert torch.isfinite(vd.embed).all() and not torch.equal(vd.embed, initial)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_soho_stays_finite_after_a_batch_without_a_real_grid_cell(backend):
+    from vlkernels.models import build_model
+
+    torch.manual_seed(31)
+    model = build_model("soho", "tiny").train()
+    batch = model.synthetic_batch(2, generator=torch.Generator().manual_seed(31))
+    batch["grid_mask"] = torch.zeros_like(batch["grid_mask"])
+    initial = model.dictionary.embed.clone()
+    with vlkernels.use_backend(backend):
+        out = model(**batch)
+    assert torch.equal(model.dictionary.embed, initial)
+    assert torch.isfinite(out.loss) and torch.isfinite(out.last_hidden_state).all()
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# (f) property-based -------------------------------------------------------------------------------
+@st.composite
+def nearest_problems(draw):
+    n, k, d = draw(st.integers(0, 200)), draw(st.integers(1, 260)), draw(st.integers(1, 80))
+    layout = draw(st.sampled_from(["contiguous", *LAYOUTS]))
+    return n, k, d, layout, draw(st.integers(0, 2**31 - 1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(problem=nearest_problems())
+@settings(max_examples=8)
+def test_property_nearest_against_float64(backend, problem):
+    n, k, d, layout, seed = problem
+    x, codebook = clear_winners(torch.Generator().manual_seed(seed), n, k, d, torch.float32)
+    if layout != "contiguous":
+        x, codebook = LAYOUTS[layout](x), LAYOUTS[layout](codebook)
+    with vlkernels.use_backend(backend), poisoned_allocations():
+        index, sqdist = vd_nearest(x, codebook)
+    exact = brute_force_sqdist(x.cpu(), codebook.cpu())
+    if n:  # clear winners: the nearest entry exactly
+        assert torch.equal(index.cpu(), exact.argmin(1))
+        assert_same_values("sqdist", sqdist, exact.min(1).values, SQDIST_TOL, sqdist_scale(x, codebook, index))
+    assert index.shape == sqdist.shape == (n,)
+
+
+@st.composite
+def update_problems(draw):
+    n, k, d = draw(st.integers(0, 120)), draw(st.integers(1, 40)), draw(st.integers(1, 600))
+    real = draw(st.sampled_from([None, 0.0, 0.5, 1.0]))  # fraction of counted rows; None = no mask
+    # (no decays so small that fp32 state underflows to 0 where the float64 reference does not)
+    decay = draw(st.sampled_from([0.0, 0.4, 0.99, 1.0]) | st.floats(1e-6, 1.0))
+    layout = draw(st.sampled_from(["contiguous", *LAYOUTS]))
+    return n, k, d, real, decay, draw(st.booleans()), layout, draw(st.integers(0, 2**31 - 1))
+
+
+@pytest.mark.parametrize("backend", UPDATE_BACKENDS)
+@given(problem=update_problems())
+@settings(max_examples=8)
+def test_property_update_against_float64(backend, problem):
+    n, k, d, real, decay, fresh, layout, seed = problem
+    device = device_for(backend)
+    generator = torch.Generator().manual_seed(seed)
+    state = random_state(generator, k, d, fresh=fresh, device=device)
+    x = torch.randn(n, d, generator=generator).to(device)
+    index = torch.randint(0, k, (n,), generator=generator).to(device)
+    mask = None if real is None else (torch.rand(n, generator=generator) < real).to(device)
+    if layout != "contiguous":  # every argument, the in-place state included
+        state, x, index = [LAYOUTS[layout](t) for t in state], LAYOUTS[layout](x), LAYOUTS[layout](index)
+        mask = None if mask is None else LAYOUTS[layout](mask)
+    expected = reference_update(state, x, index, decay, mask)
+    with vlkernels.use_backend(backend):
+        vd_ema_update_(*state, x, index, decay=decay, mask=mask)
+    for name, got, want in zip(("codebook", "cluster_size", "embed_avg"), state, expected):
+        assert torch.isfinite(got).all(), name
+        assert_same_values(name, got, want)
