@@ -276,7 +276,7 @@ def _cost_implementations(op: str, native, triton_op, torch_run) -> list[Impleme
 # ----------------------------------------------------------------------------------------------
 # WRA autograd (shared by every kernel backend): d distance / d C = T, through the cosine cost
 # ----------------------------------------------------------------------------------------------
-def wra_input_grads(txt, img, plan, grad_distance):
+def wra_input_grads(txt, img, plan, grad_distance, txt_mask, img_mask):
     """Gradients of distance = sum(C * plan) (plan fixed) w.r.t. txt [B, M, D] and img [B, N, D],
     C = 1 - x_hat y_hat^T with x_hat = x / max(|x|, eps), in fp32 (fp64 for fp64).
 
@@ -286,7 +286,9 @@ def wra_input_grads(txt, img, plan, grad_distance):
     each gradient takes one GEMM and two passes), and likewise for y with S^T. Differentiable
     when grad mode is on (double backward, with the plan constant)."""
     acc = torch.float64 if txt.dtype == torch.float64 else torch.float32
-    x, y = txt.to(acc), img.to(acc)
+    # padded tokens may hold anything (NaN): zeroed, they give 0 gradients and touch no valid one
+    x = txt.to(acc).masked_fill(~txt_mask[..., None], 0)
+    y = img.to(acc).masked_fill(~img_mask[..., None], 0)
     x_len, y_len = torch.linalg.vector_norm(x, dim=-1), torch.linalg.vector_norm(y, dim=-1)
     x_inv, y_inv = 1 / x_len.clamp_min(_NORMALIZE_EPS), 1 / y_len.clamp_min(_NORMALIZE_EPS)
     scaled = plan.to(acc) * (grad_distance.to(acc)[:, None, None] * x_inv[:, :, None]) * y_inv[:, None, :]
@@ -308,16 +310,16 @@ def wra_input_grads(txt, img, plan, grad_distance):
 
 
 def _wra_setup_context(ctx, inputs, output):
-    txt, img = inputs[:2]
-    ctx.save_for_backward(txt, img, output[1])
+    txt, img, txt_mask, img_mask = inputs[:4]
+    ctx.save_for_backward(txt, img, txt_mask, img_mask, output[1])
     ctx.mark_non_differentiable(output[1])  # the plan is detached, as in UNITER
 
 
 def _wra_backward(ctx, grad_distance, grad_plan):
-    txt, img, plan = ctx.saved_tensors
+    txt, img, txt_mask, img_mask, plan = ctx.saved_tensors
     grad_txt = grad_img = None
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-        grad_txt, grad_img = wra_input_grads(txt, img, plan, grad_distance)
+        grad_txt, grad_img = wra_input_grads(txt, img, plan, grad_distance, txt_mask, img_mask)
     return grad_txt, grad_img, None, None, None, None, None
 
 
@@ -350,7 +352,7 @@ def _wra_native_backward(ctx, grad_distance, grad_plan):
             _f32(txt), _f32(img), txt_mask.contiguous(), img_mask.contiguous(), plan.contiguous(), _f32(grad_distance))
         grad_txt, grad_img = grad_txt.to(txt.dtype), grad_img.to(img.dtype)
     else:
-        grad_txt, grad_img = wra_input_grads(txt, img, plan, grad_distance)
+        grad_txt, grad_img = wra_input_grads(txt, img, plan, grad_distance, txt_mask, img_mask)
     return grad_txt, grad_img, None, None, None, None, None
 
 
@@ -527,7 +529,7 @@ def sinkhorn(cost: torch.Tensor, a: Optional[torch.Tensor] = None, b: Optional[t
 
 
 def _wra_torch(txt, img, txt_mask, img_mask, beta, iters, k):
-    cost = reference.cost_matrix_cosine(txt, img).masked_fill(reference._joint_pad(txt_mask, img_mask), 0)
+    cost = reference.masked_cosine_cost(txt, img, txt_mask, img_mask)
     plan = reference.ipot(cost.detach(), txt_mask, img_mask, beta=beta, iters=iters, k=k)
     return (cost * plan).sum((1, 2)), plan
 

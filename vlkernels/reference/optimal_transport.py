@@ -133,12 +133,21 @@ def _joint_pad(x_mask: torch.Tensor, y_mask: torch.Tensor) -> torch.Tensor:
     return ~x_mask.bool()[:, :, None] | ~y_mask.bool()[:, None, :]
 
 
+def masked_cosine_cost(x: torch.Tensor, y: torch.Tensor, x_mask: torch.Tensor, y_mask: torch.Tensor) -> torch.Tensor:
+    """cost_matrix_cosine(x, y), 0 on joint padding. Padded tokens are zeroed first: they may hold
+    anything (NaN, inf), which then reaches neither the cost nor, through the matmul's backward,
+    the valid tokens' gradients; their own gradients are 0, as the kernels give."""
+    x = x.masked_fill(~x_mask.bool()[..., None], 0)
+    y = y.masked_fill(~y_mask.bool()[..., None], 0)
+    return cost_matrix_cosine(x, y).masked_fill(_joint_pad(x_mask, y_mask), 0)
+
+
 def wra_distance(txt: torch.Tensor, img: torch.Tensor, txt_mask: torch.Tensor, img_mask: torch.Tensor, *,
                  beta: float = 0.5, iters: int = 50, k: int = 1) -> torch.Tensor:
     """UNITER's optimal_transport_dist: txt [B, M, D], img [B, N, D], masks [B, M] / [B, N]
     (True = valid) -> [B] = sum_ij C_ij T_ij with C = 1 - cos (0 on joint padding) and T the
     IPOT plan of C.detach(). Gradients reach txt and img through C only (T is detached)."""
-    cost = cost_matrix_cosine(txt, img).masked_fill(_joint_pad(txt_mask, img_mask), 0)
+    cost = masked_cosine_cost(txt, img, txt_mask, img_mask)
     plan = ipot(cost.detach(), txt_mask, img_mask, beta=beta, iters=iters, k=k)
     return (cost * plan).sum((1, 2))
 
@@ -219,7 +228,7 @@ def sinkhorn(cost: torch.Tensor, a: Optional[torch.Tensor] = None, b: Optional[t
 
 
 def _masked_self_cost(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return cost_matrix_cosine(x, x).masked_fill(_joint_pad(mask, mask), 0)
+    return masked_cosine_cost(x, x, mask, mask)
 
 
 def gromov_wasserstein_distance(txt: torch.Tensor, img: torch.Tensor, txt_mask: torch.Tensor,
