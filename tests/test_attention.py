@@ -1,5 +1,7 @@
 """Attention ops: Triton kernels (interpreter or GPU) against the float64 reference, forward
 and every gradient, with key padding, causal, PrefixLM, co-attention and varlen; errors."""
+import importlib
+
 import pytest
 import torch
 
@@ -231,3 +233,555 @@ def test_bad_varlen_and_dtype_inputs_raise():
         attention(*(torch.randn(1, 1, 4, 8),) * 2, torch.randn(1, 1, 4, 8).half())
     with vlkernels.use_backend("triton"), pytest.raises(vlkernels.NoBackendError, match="head dim 160 is over 128"):
         attention(*(torch.randn(1, 1, 4, 160, device=DEVICE),) * 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# The test classes of issue 12, over every backend that runs here (torch; triton in the
+# interpreter): (a) accumulated gradients and storage, (b) strided / expanded arguments,
+# (c) sizes above every block, (d) empty and degenerate inputs, (e) NaN / Inf, (f) hypothesis.
+# ----------------------------------------------------------------------------------------------
+BACKENDS = ["torch", "triton"]
+NAN, INF = float("nan"), float("inf")
+
+
+def _leaf(*shape, generator, dtype=torch.float32):
+    return torch.randn(*shape, generator=generator).to(DEVICE, dtype).requires_grad_()
+
+
+def _float64(tensors):
+    return [t.detach().cpu().double().requires_grad_() for t in tensors]
+
+
+def _cpu(value):
+    return value.cpu() if isinstance(value, torch.Tensor) else value
+
+
+def _cu(lengths):
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+
+
+class _Op:
+    """One op of the family as the generic tests drive it: leaves (separate q, k, v or one
+    packed qkv projection per stream), views of them as the op's q, k, v, and the call."""
+
+    def __init__(self, name, generator, dtype=torch.float32):
+        self.name, b, h, d = name, 2, 2, 16
+        if name == "attention":  # 70 > BLOCK_M (64, fp32) and > 2 x BLOCK_N (32), with remainders
+            self.streams = [(b, 70)]
+            self.masks = dict(key_mask=random_key_mask(generator, b, 70).to(DEVICE),
+                              prefix_len=torch.tensor([5, 0]).to(DEVICE), causal=True)
+        elif name == "co_attention":
+            self.streams = [(b, 37), (b, 70)]
+            self.masks = dict(text_mask=random_key_mask(generator, b, 37).to(DEVICE),
+                              image_mask=random_key_mask(generator, b, 70).to(DEVICE))
+        else:
+            self.lengths = [5, 0, 70, 33]
+            self.streams = [(sum(self.lengths),)]
+            self.masks = dict(causal=True)
+        self.heads, self.head_dim, self.dtype, self.generator = h, d, dtype, generator
+
+    def leaves(self, packed):
+        h, d = self.heads, self.head_dim
+        if packed:  # [B, S, 3, H, Dh] or [total, 3, H, Dh], as a fused qkv projection makes
+            return [_leaf(*stream, 3, h, d, generator=self.generator, dtype=self.dtype) for stream in self.streams]
+        if self.name == "attention_varlen":
+            return [_leaf(*self.streams[0], h, d, generator=self.generator, dtype=self.dtype) for _ in range(3)]
+        return [_leaf(b, h, s, d, generator=self.generator, dtype=self.dtype) for b, s in self.streams for _ in range(3)]
+
+    def qkv(self, leaves, packed):
+        if not packed:
+            return list(leaves)
+        dim = 1 if self.name == "attention_varlen" else 2
+        views = [t for leaf in leaves for t in leaf.unbind(dim)]
+        return views if self.name == "attention_varlen" else [t.transpose(1, 2) for t in views]
+
+    def __call__(self, tensors, reference_run=False):
+        masks = {n: _cpu(m) for n, m in self.masks.items()} if reference_run else self.masks
+        if self.name == "attention":
+            fn = reference.attention if reference_run else attention
+            return [fn(*tensors, **masks)]
+        if self.name == "co_attention":
+            fn = reference.co_attention if reference_run else co_attention
+            return list(fn(*tensors, **masks))
+        cu = _cu(self.lengths)
+        if reference_run:
+            return [reference.attention_varlen(*tensors, cu.cpu(), cu.cpu(), **masks)]
+        return [attention_varlen(*tensors, cu, cu, max(self.lengths), max(self.lengths), **masks)]
+
+
+def _loss(outs, grads_out):
+    return sum((out.double() * g.double()).sum() for out, g in zip(outs, grads_out))
+
+
+OPS = ["attention", "co_attention", "attention_varlen"]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["separate-qkv", "packed-qkv"])
+@pytest.mark.parametrize("op_name", OPS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_accumulate_and_own_their_storage(backend, op_name, packed):
+    """(a) Two backwards (retain_graph) accumulate twice the float64 gradient into every leaf,
+    also when q, k, v are views of one packed projection; the gradients the op returns for
+    q, k, v never share storage (an in-place update of one must not change another)."""
+    generator = torch.Generator().manual_seed(OPS.index(op_name) * 2 + packed)
+    op = _Op(op_name, generator)
+    leaves = op.leaves(packed)
+    with vlkernels.use_backend(backend):
+        outs = op(op.qkv(leaves, packed))
+        grads_out = [torch.randn(out.shape, generator=generator).to(DEVICE) for out in outs]
+        loss = _loss(outs, grads_out)
+        views = op.qkv(leaves, packed)
+        if not packed:  # the op's own returned gradients: distinct storage
+            grads = torch.autograd.grad(loss, leaves, retain_graph=True)
+            pointers = {g.untyped_storage().data_ptr() for g in grads}
+            assert len(pointers) == len(grads), "two returned gradients share storage"
+        del views
+        loss.backward(retain_graph=True)
+        first = [leaf.grad.clone() for leaf in leaves]
+        if not packed:
+            assert len({leaf.grad.untyped_storage().data_ptr() for leaf in leaves}) == len(leaves)
+        loss.backward()
+    leaves64 = _float64(leaves)
+    expected = torch.autograd.grad(_loss(op(op.qkv(leaves64, packed), reference_run=True), grads_out), leaves64)
+    for index, (leaf, grad1, grad64) in enumerate(zip(leaves, first, expected)):
+        assert_matches_reference(f"grad {index} (one backward)", grad1, grad64, grad1)
+        assert_matches_reference(f"grad {index} (accumulated)", leaf.grad, 2 * grad64, leaf.grad)
+
+
+def _noncontiguous(t, generator, how):
+    """t's values in a non-contiguous layout: "strided" (every other element of a wider last
+    dim), "transposed" (stored [B, S, H, Dh]) or "expanded" (one batch item broadcast)."""
+    if how == "strided":
+        wide = torch.randn(*t.shape[:-1], 2 * t.shape[-1], generator=generator).to(t.device, t.dtype)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    if how == "transposed":
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+    return t[:1].expand(t.shape)
+
+
+@pytest.mark.parametrize("how", ["strided", "transposed", "expanded"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noncontiguous_arguments_give_the_contiguous_result(backend, how):
+    """(b) q, k, v, the key mask and a prefix_len tensor passed strided, transposed or
+    expanded give what their contiguous copies give (forward and every gradient), for
+    attention and co_attention; and both match the float64 reference."""
+    generator = torch.Generator().manual_seed(["strided", "transposed", "expanded"].index(how))
+    b, h, s, d = 2, 2, 45, 16
+    base = [torch.randn(b, h, s, d, generator=generator).to(DEVICE) for _ in range(3)]
+    mask = random_key_mask(generator, b, s).to(DEVICE)
+    prefix = torch.tensor([7, 50]).to(DEVICE)
+    if how == "expanded":  # an expanded input has one batch item: make every argument so
+        base = [t[:1].expand(t.shape).contiguous() for t in base]
+        mask = mask[:1].expand(b, s).contiguous()
+        prefix = prefix[:1].expand(b).contiguous()
+    odd = [_noncontiguous(t, generator, how).requires_grad_() for t in base]
+    odd_mask = (mask[:1].expand(b, s) if how == "expanded" else
+                torch.stack([mask, mask], -1).flatten(1)[:, ::2])
+    odd_prefix = prefix[:1].expand(b) if how == "expanded" else torch.stack([prefix, prefix], -1).flatten()[::2]
+    assert not any(t.is_contiguous() for t in odd) and not odd_mask.is_contiguous() and not odd_prefix.is_contiguous()
+    grad_out = torch.randn(b, h, s, d, generator=generator).to(DEVICE)
+    with vlkernels.use_backend(backend):
+        def run(tensors, mask, prefix):
+            tensors = [t.detach().requires_grad_() if t.is_leaf else t for t in tensors]
+            leaves = [t for t in tensors if t.requires_grad]
+            out = attention(*tensors, key_mask=mask, prefix_len=prefix)
+            co_t, co_i = co_attention(*tensors, *tensors, text_mask=mask, image_mask=mask)
+            loss = _loss([out, co_t, co_i], [grad_out] * 3)
+            return [out, co_t, co_i, *torch.autograd.grad(loss, leaves)]
+
+        results_odd = run(odd, odd_mask, odd_prefix)
+        results = run([t.detach().contiguous() for t in odd], mask, prefix)
+    for got, want in zip(results_odd, results):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    q64, k64, v64 = _float64(base)
+    out64 = reference.attention(q64, k64, v64, key_mask=mask.cpu(), prefix_len=prefix.cpu())
+    assert_matches_reference("out", results_odd[0], out64, results_odd[0])
+
+
+# (c) Sizes above every block of every kernel config: fp32 tiles are 64 x 32, fp16 forward
+# 128 x 64 and backward 64 x 64; head dims 80 and 96 leave a remainder in BLOCK_D = 128.
+BIG_CASES = [
+    (1, 1, 261, 133, 80, True, False, None),  # Sq = 2 x 128 + 5, Sk = 2 x 64 + 5
+    (1, 1, 197, 197, 96, True, False, "per-sample"),  # causal prefix over three fp16 query blocks
+]
+
+
+@pytest.mark.parametrize("dtype", kernel_dtypes(), ids=dtype_id)
+@pytest.mark.parametrize("case", BIG_CASES, ids=case_id)
+def test_attention_above_every_block_size(case, dtype):
+    test_attention_matches_float64_reference(case, dtype)
+
+
+def test_co_attention_and_varlen_above_every_block_size():
+    """(c) co_attention with both streams above two forward query blocks (fp16: 128) and
+    varlen with a sequence above two blocks plus a remainder, fp16 (the larger tiles)."""
+    for dtype in kernel_dtypes()[:2]:
+        generator = torch.Generator().manual_seed(11)
+        tensors = [_leaf(1, 1, s, 80, generator=generator, dtype=dtype) for s in (261, 261, 261, 133, 133, 133)]
+        with vlkernels.use_backend("triton"):
+            outs = co_attention(*tensors)
+            grads = torch.autograd.grad(outs, tensors, [torch.ones_like(o) for o in outs])
+        ref64 = reference.co_attention(*_float64(tensors))
+        ref_same = reference.co_attention(*tensors)
+        for out, out64, same in zip(outs, ref64, ref_same):
+            assert_matches_reference("co out", out, out64, same)
+        leaves64 = _float64(tensors)
+        grads64 = torch.autograd.grad(reference.co_attention(*leaves64), leaves64,
+                                      [torch.ones(o.shape, dtype=torch.float64) for o in outs])
+        grads_same = torch.autograd.grad(reference.co_attention(*tensors), tensors, [torch.ones_like(o) for o in outs])
+        for index, (grad, grad64, same) in enumerate(zip(grads, grads64, grads_same)):
+            assert_matches_reference(f"co grad {index}", grad, grad64, same)
+
+
+def _both_backends(fn):
+    results = {}
+    for backend in BACKENDS:
+        with vlkernels.use_backend(backend):
+            results[backend] = fn()
+    return results
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_keys_give_zeros_not_an_index_error(backend):
+    """(d) A key mask of zero keys ([B, 0]) is the fully masked case: zeros and zero gradients,
+    on attention and co_attention (both directions), not a raw IndexError from amax."""
+    generator = torch.Generator().manual_seed(2)
+    q = _leaf(2, 2, 5, 16, generator=generator)
+    k, v = (_leaf(2, 2, 0, 16, generator=generator) for _ in range(2))
+    empty_mask = torch.zeros(2, 0, dtype=torch.bool, device=DEVICE)
+    with vlkernels.use_backend(backend), poisoned_allocations():
+        out = attention(q, k, v, key_mask=empty_mask)
+        out_nomask = attention(q, k, v)
+        grads = torch.autograd.grad((out + out_nomask).sum(), (q, k, v))
+        co_t, co_i = co_attention(q, q, q, k, k, v, text_mask=torch.ones(2, 5, dtype=torch.bool, device=DEVICE),
+                                  image_mask=empty_mask)
+        co_grads = torch.autograd.grad((co_t.sum() + co_i.sum()), (q, k, v))
+    for t in (out, out_nomask, co_t, *grads, *co_grads):
+        assert torch.equal(t, torch.zeros_like(t)), t.shape
+    assert co_i.shape == (2, 2, 0, 16) and grads[1].shape == (2, 2, 0, 16)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (the interpreter) on NaN / Inf
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_degenerate_shapes(backend):
+    """(d) One query, one key, zero queries, a batch of zero, fully masked rows whose q holds
+    NaN (zeros all the same: a row that sees nothing ignores its values)."""
+    generator = torch.Generator().manual_seed(4)
+    with vlkernels.use_backend(backend), poisoned_allocations():
+        for sq, sk in ((1, 1), (1, 40), (0, 7), (7, 1)):
+            q, k, v = (_leaf(2, 1, s, 8, generator=generator) for s in (sq, sk, sk))
+            out = attention(q, k, v)
+            (grad_q,) = torch.autograd.grad(out.square().sum(), (q,))
+            q64, k64, v64 = _float64((q, k, v))
+            out64 = reference.attention(q64, k64, v64)
+            torch.testing.assert_close(out.double(), out64, rtol=1e-5, atol=1e-6)
+            assert grad_q.shape == q.shape and bool(grad_q.isfinite().all())
+        for b in (0,):
+            q = _leaf(b, 2, 5, 8, generator=generator)
+            assert attention(q, q, q).shape == (0, 2, 5, 8)
+        q, k, v = (_leaf(2, 2, 9, 8, generator=generator) for _ in range(3))
+        with torch.no_grad():
+            q[0, :, 3] = NAN
+        mask = torch.ones(2, 9, dtype=torch.bool, device=DEVICE)
+        mask[0] = False
+        out = attention(q, k, v, key_mask=mask)
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert torch.equal(grads[0][0], torch.zeros_like(grads[0][0]))
+    assert bool(out[1].isfinite().all())
+
+
+@pytest.mark.parametrize("prefix", [2 ** 31 + 5, 2 ** 40, 2 ** 70, "tensor-2**31+5", "tensor-2**40"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prefix_len_beyond_int32_is_fully_bidirectional(backend, prefix):
+    """Item 7: a prefix longer than the sequence (here past int32) covers every key: the
+    result is unmasked attention, not a prefix wrapped by an int32 narrowing."""
+    generator = torch.Generator().manual_seed(6)
+    q, k, v = (_leaf(2, 2, 40, 16, generator=generator) for _ in range(3))
+    if isinstance(prefix, str):
+        prefix = torch.tensor([int(eval(prefix.split("-")[1])), 3], device=DEVICE)  # a second, short prefix
+    with vlkernels.use_backend(backend):
+        out = attention(q, k, v, prefix_len=prefix)
+        full = attention(q, k, v)
+    q64, k64, v64 = _float64((q, k, v))
+    expected = reference.attention(q64, k64, v64, prefix_len=_cpu(prefix))
+    assert_matches_reference("out", out, expected, out)
+    torch.testing.assert_close(out[0], full[0], rtol=1e-6, atol=1e-6)
+    if not isinstance(prefix, torch.Tensor):
+        torch.testing.assert_close(out, full, rtol=1e-6, atol=1e-6)
+    else:  # the short prefix of item 1 still masks
+        assert (out[1] - full[1]).abs().max() > 1e-3
+
+
+def test_launch_grids_keep_axes_1_and_2_small_at_huge_sizes():
+    """Grid audit: B * H and the blocks of each head share axis 0 (up to 2**31 - 1 programs);
+    axis 1 is 1 and axis 2 at most 2 however large B * H gets (65535 is CUDA's limit there).
+    Computed without launching; a launch over the axis-0 limit is refused clearly."""
+    module = importlib.import_module("vlkernels.ops.attention")  # vlkernels.ops.attention is the function
+
+    for dtype in (torch.float32, torch.float16):
+        for batch_heads in (200_000, 65_536 * 3):
+            grid, per_head = module._fwd_grid("attention", 300, batch_heads, dtype, 64)
+            assert grid[1:] == (1, 1) and grid[0] == batch_heads * per_head and per_head >= 3
+            grid, per_head = module._bwd_grid("attention", 300, 290, batch_heads, dtype, 64)
+            assert grid[1:] == (1, 1) and grid[0] == batch_heads * per_head
+            grid, _ = module._fwd_grid("co_attention", 300, batch_heads, dtype, 64, directions=2)
+            assert grid[1:] == (1, 2)
+            grid, _ = module._bwd_grid("co_attention", 300, 290, batch_heads, dtype, 64, directions=2)
+            assert grid[1:] == (1, 2)
+    with pytest.raises(ValueError, match="attention: .* programs, over the"):
+        module._fwd_grid("attention", 2 ** 22, 2 ** 16, torch.float32, 64)  # 2**32 programs
+
+
+def test_launchers_use_the_audited_grids(monkeypatch):
+    """Every launch (forward, backward, co-attention both passes, varlen) gets its grid from
+    _grid, so the audit above covers them."""
+    module = importlib.import_module("vlkernels.ops.attention")  # vlkernels.ops.attention is the function
+
+    shapes = []
+    real_grid = module._grid
+    monkeypatch.setattr(module, "_grid", lambda *args, **kwargs: shapes.append(args[0]) or real_grid(*args, **kwargs))
+    generator = torch.Generator().manual_seed(9)
+    q, k, v = (_leaf(2, 2, 9, 8, generator=generator) for _ in range(3))
+    with vlkernels.use_backend("triton"):
+        torch.autograd.grad(attention(q, k, v, causal=True).sum(), (q, k, v))
+        torch.autograd.grad(sum(o.sum() for o in co_attention(q, k, v, q, k, v)), (q, k, v))
+        packed = q[0].transpose(0, 1).detach().requires_grad_()
+        cu = _cu([4, 5])
+        torch.autograd.grad(attention_varlen(packed, packed, packed, cu, cu, 5, 5).sum(), (packed,))
+    assert shapes == ["attention", "attention", "co_attention", "co_attention", "co_attention", "attention",
+                      "attention"]
+
+
+def _poisoned_inputs(generator, b=2, h=2, s=40, d=16):
+    """q, k, v [B, H, S, Dh] and a key mask, with NaN / Inf stored at padded keys (batch 0,
+    keys 5 and 30..39) and fed in at visible places: q[1, 0, 7] (one query row), k[1, 1, 12]
+    (+Inf: every row that sees key 12) and v[0, 1, 0] (-Inf at a key every row sees)."""
+    q, k, v = (torch.randn(b, h, s, d, generator=generator) for _ in range(3))
+    mask = torch.ones(b, s, dtype=torch.bool)
+    mask[0, 30:] = False
+    mask[0, 5] = False
+    for t, value in ((k, NAN), (v, INF)):
+        t[0, :, 5] = value
+        t[0, :, 35] = value
+    padding_only = [t.clone() for t in (q, k, v)]
+    q[1, 0, 7, 3] = NAN
+    k[1, 1, 12, 0] = INF
+    v[0, 1, 0, 2] = -INF
+    return (q, k, v), padding_only, mask
+
+
+def _same_nonfinite(name, actual, expected):
+    """actual has NaN, +Inf, -Inf exactly where expected does, and matches it elsewhere."""
+    actual = actual.detach().cpu().double()
+    for kind in (torch.isnan, torch.isposinf, torch.isneginf):
+        assert torch.equal(kind(actual), kind(expected)), f"{name}: {kind.__name__} pattern differs"
+    finite = expected.isfinite()
+    if bool(finite.any()):
+        torch.testing.assert_close(actual[finite], expected[finite], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (the interpreter) on NaN / Inf
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_and_inf_propagate_and_padding_is_excluded(backend, causal):
+    """(e) Item 5: NaN / Inf fed in through q or a visible k / v reach exactly the rows (and
+    gradients) that the float64 reference says, on both backends (no nan_to_num erasing
+    them); NaN / Inf stored at padded keys reach nothing: with only those, output and
+    gradients are finite and equal the clean reference, and the padded keys' dk, dv are 0."""
+    generator = torch.Generator().manual_seed(12 + causal)
+    inputs, padding_only, mask = _poisoned_inputs(generator)
+    grad_out = torch.randn(inputs[0].shape, generator=generator)
+    for tensors, clean in ((inputs, False), (padding_only, True)):
+        leaves = [t.to(DEVICE).requires_grad_() for t in tensors]
+        with vlkernels.use_backend(backend):
+            out = attention(*leaves, key_mask=mask.to(DEVICE), causal=causal)
+            grads = torch.autograd.grad(out, leaves, grad_out.to(DEVICE))
+        leaves64 = [t.double().requires_grad_() for t in tensors]
+        if clean:  # the reference on the same inputs with the padding zeroed: finite everywhere
+            leaves64 = [leaves64[0]] + [t.detach().masked_fill(~mask[:, None, :, None], 0).requires_grad_()
+                                        for t in leaves64[1:]]
+        out64 = reference.attention(*leaves64, key_mask=mask, causal=causal)
+        grads64 = torch.autograd.grad(out64, leaves64, grad_out.double())
+        if clean:
+            assert bool(out.isfinite().all()) and all(bool(g.isfinite().all()) for g in grads)
+            assert_matches_reference("out", out, out64, out)
+            for name, grad, grad64 in zip("qkv", grads, grads64):
+                assert_matches_reference(f"grad {name}", grad, grad64, grad)
+            for grad in grads[1:]:
+                assert torch.equal(grad[0, :, 30:], torch.zeros_like(grad[0, :, 30:]))
+        else:
+            assert bool(out[1, 0, 7].isnan().all()) and bool(out.isnan().any()) and bool(out.isinf().any())
+            _same_nonfinite("out", out, out64)
+            for name, grad, grad64 in zip("qkv", grads, grads64):
+                _same_nonfinite(f"grad {name}", grad, grad64)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (the interpreter) on NaN / Inf
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_stays_in_its_stream_and_sequence(backend):
+    """(e) co_attention: a NaN in the image's v reaches the text rows that see it and nothing
+    of the other batch item; varlen: a NaN in one sequence's k and v reaches only that
+    sequence's rows, on both backends (the torch backend's padded path excludes the others'
+    keys exactly), and matches the float64 per-sequence reference."""
+    generator = torch.Generator().manual_seed(21)
+    tensors = [torch.randn(2, 2, s, 16, generator=generator) for s in (9, 9, 9, 40, 40, 40)]
+    tensors[5][0, 1, 33, 4] = NAN  # image v of batch 0, head 1, key 33
+    tensors[0][1, 0, 2, 0] = INF  # text q of batch 1
+    image_mask = torch.ones(2, 40, dtype=torch.bool)
+    with vlkernels.use_backend(backend):
+        outs = co_attention(*(t.to(DEVICE) for t in tensors), image_mask=image_mask.to(DEVICE))
+    expected = reference.co_attention(*(t.double() for t in tensors), image_mask=image_mask)
+    for name, out, out64 in zip(("out_t", "out_i"), outs, expected):
+        _same_nonfinite(name, out, out64)
+    assert bool(outs[0][0, 1, :, 4].isnan().all()) and bool(outs[0][0, 0].isfinite().all())
+
+    lengths = [5, 40, 0, 33]
+    cu = _cu(lengths)
+    q, k, v = (torch.randn(sum(lengths), 2, 16, generator=generator) for _ in range(3))
+    k[6, 1, 0] = NAN  # sequence 1's second key (row 5 + 1), head 1
+    v[44, 0, 3] = -INF  # sequence 1, head 0
+    for causal in (False, True):
+        with vlkernels.use_backend(backend):
+            out = attention_varlen(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), cu, cu, 40, 40, causal=causal)
+        out64 = reference.attention_varlen(q.double(), k.double(), v.double(), cu.cpu(), cu.cpu(), causal=causal)
+        _same_nonfinite(f"varlen causal={causal}", out, out64)
+        others = torch.cat([out[:5], out[45:]])
+        assert bool(others.isfinite().all()) and bool(out[5:45].isnan().any())
+
+
+def test_pad_input_refuses_bad_indices_clearly():
+    """pad_input: out-of-range or negative indices, a count that differs from the packed rows
+    and non-integer indices raise pad_input's own ValueError, not a raw index_copy_ error."""
+    packed = torch.randn(4, 2, 3, device=DEVICE)
+    good = torch.tensor([0, 1, 5, 6], device=DEVICE)
+    assert pad_input(packed, good, 2, 4).shape == (2, 4, 2, 3)
+    bad = {
+        "out-of-range": (torch.tensor([0, 1, 5, 8], device=DEVICE), r"indices must be in \[0, batch \* seqlen = 8\)"),
+        "negative": (torch.tensor([0, -1, 5, 6], device=DEVICE), r"indices must be in \[0, .*, got values in \[-1, 6\]"),
+        "count": (torch.tensor([0, 1, 5], device=DEVICE), "3 indices for 4 packed rows"),
+        "float": (good.float(), "indices must be a 1-D integer tensor"),
+        "2-d": (good[None], "indices must be a 1-D integer tensor"),
+    }
+    for name, (indices, message) in bad.items():
+        with pytest.raises(ValueError, match=f"^pad_input: {message}"):
+            pad_input(packed, indices, 2, 4)
+    with pytest.raises(ValueError, match="^pad_input: seqlen must be a non-negative int"):
+        pad_input(packed, good, 2, -4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_prefix_len_types_raise(backend):
+    q = torch.randn(2, 1, 5, 8, device=DEVICE)
+    for prefix in (True, torch.tensor([True, False], device=DEVICE), torch.tensor([1.5, 2.0], device=DEVICE), 2.0):
+        with vlkernels.use_backend(backend), pytest.raises(ValueError, match="^attention: prefix_len must be"):
+            attention(q, q, q, prefix_len=prefix)
+
+
+# (f) Property-based: random shapes, masks (fully masked rows included), causal / PrefixLM and
+# layouts against the float64 reference, forward and every gradient, on both backends.
+from hypothesis import example, given, settings, strategies as st  # noqa: E402
+
+
+def _random_layout(t, layout):
+    if layout == "transposed":
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+    if layout == "strided":
+        return torch.cat([t, torch.randn_like(t)], -1)[..., : t.shape[-1]]  # rows with a gap after each
+    return t
+
+
+def _check_grad(name, grad, grad64):
+    """A gradient against float64; within 1e-5 absolutely where it is 0 analytically (every key
+    masked, or one visible key per row: a constant softmax), where float64 gives 0 or ~1e-17
+    and fp32 rounding ~1e-8, so no relative error is meaningful; else the usual rule."""
+    if grad64.norm() < 1e-9:
+        torch.testing.assert_close(grad.double().cpu(), grad64, rtol=0, atol=1e-5)
+    else:
+        assert_matches_reference(name, grad, grad64, grad)
+
+
+@settings(max_examples=10)
+@given(b=st.integers(1, 2), h=st.integers(1, 2), sq=st.integers(1, 70), sk=st.integers(1, 70),
+       d=st.sampled_from([8, 16, 24, 40, 64, 80]), masked=st.booleans(), mode=st.sampled_from(["none", "causal",
+       "prefix-int", "prefix-tensor"]), layout=st.sampled_from(["contiguous", "transposed", "strided"]),
+       seed=st.integers(0, 2 ** 16), backend=st.sampled_from(BACKENDS))
+@example(b=1, h=1, sq=1, sk=1, d=8, masked=False, mode="none", layout="contiguous", seed=0, backend="triton")
+@example(b=2, h=1, sq=65, sk=65, d=80, masked=True, mode="prefix-tensor", layout="strided", seed=1, backend="triton")
+def test_attention_property(b, h, sq, sk, d, masked, mode, layout, seed, backend):
+    generator = torch.Generator().manual_seed(seed)
+    if mode != "none":
+        sk = sq
+    base = [torch.randn(b, h, s, d, generator=generator) for s in (sq, sk, sk)]
+    options = {}
+    if masked:  # any pattern, fully masked rows included
+        options["key_mask"] = torch.rand(b, sk, generator=generator) < 0.6
+    if mode == "causal":
+        options["causal"] = True
+    elif mode == "prefix-int":
+        options["prefix_len"] = int(torch.randint(0, sq + 3, (), generator=generator))
+    elif mode == "prefix-tensor":
+        options["prefix_len"] = torch.randint(0, sq + 3, (b,), generator=generator)
+    grad_out = torch.randn(b, h, sq, d, generator=generator)
+    leaves = [_random_layout(t.to(DEVICE), layout).requires_grad_() for t in base]
+    with vlkernels.use_backend(backend):
+        out = attention(*leaves, **{n: m.to(DEVICE) if isinstance(m, torch.Tensor) else m for n, m in options.items()})
+        grads = torch.autograd.grad(out, leaves, grad_out.to(DEVICE))
+    leaves64 = _float64(base)
+    out64 = reference.attention(*leaves64, **options)
+    grads64 = torch.autograd.grad(out64, leaves64, grad_out.double())
+    assert_matches_reference("out", out, out64, out)
+    for name, grad, grad64 in zip("qkv", grads, grads64):
+        _check_grad(f"grad {name}", grad, grad64)
+    masks = {n: m for n, m in options.items() if n != "causal"}
+    empty = ~reference.visibility(b, sq, sk, "cpu", causal=mode == "causal", **masks).any(-1)  # [B, 1, Sq]
+    empty = empty.expand(b, h, sq).to(DEVICE)
+    assert torch.equal(out[empty], torch.zeros_like(out[empty])), "a row that sees no key is not exactly 0"
+    assert torch.equal(grads[0][empty], torch.zeros_like(grads[0][empty])), "its dq is not exactly 0"
+
+
+@settings(max_examples=6)
+@given(b=st.integers(1, 2), st_len=st.integers(1, 50), si_len=st.integers(1, 50), d=st.sampled_from([8, 32, 48]),
+       masked=st.booleans(), seed=st.integers(0, 2 ** 16), backend=st.sampled_from(BACKENDS))
+def test_co_attention_property(b, st_len, si_len, d, masked, seed, backend):
+    generator = torch.Generator().manual_seed(seed)
+    base = [torch.randn(b, 2, s, d, generator=generator) for s in (st_len,) * 3 + (si_len,) * 3]
+    masks = {}
+    if masked:
+        masks = dict(text_mask=torch.rand(b, st_len, generator=generator) < 0.6,
+                     image_mask=torch.rand(b, si_len, generator=generator) < 0.6)
+    leaves = [t.to(DEVICE).requires_grad_() for t in base]
+    with vlkernels.use_backend(backend):
+        outs = co_attention(*leaves, **{n: m.to(DEVICE) for n, m in masks.items()})
+        grads = torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs])
+    leaves64 = _float64(base)
+    outs64 = reference.co_attention(*leaves64, **masks)
+    grads64 = torch.autograd.grad(outs64, leaves64, [torch.ones_like(o) for o in outs64])
+    for out, out64 in zip(outs, outs64):
+        assert_matches_reference("out", out, out64, out)
+    for index, (grad, grad64) in enumerate(zip(grads, grads64)):
+        _check_grad(f"grad {index}", grad, grad64)
+
+
+@settings(max_examples=6)
+@given(lengths=st.lists(st.integers(0, 45), min_size=1, max_size=4), d=st.sampled_from([8, 32]),
+       causal=st.booleans(), seed=st.integers(0, 2 ** 16), backend=st.sampled_from(BACKENDS))
+def test_varlen_property(lengths, d, causal, seed, backend):
+    generator = torch.Generator().manual_seed(seed)
+    total, longest = sum(lengths), max(lengths)
+    cu = _cu(lengths)
+    base = [torch.randn(total, 2, d, generator=generator) for _ in range(3)]
+    leaves = [t.to(DEVICE).requires_grad_() for t in base]
+    with vlkernels.use_backend(backend):
+        out = attention_varlen(*leaves, cu, cu, longest + 3, longest, causal=causal)  # a loose max_q bound
+        grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+    leaves64 = _float64(base)
+    out64 = reference.attention_varlen(*leaves64, cu.cpu(), cu.cpu(), causal=causal)
+    if total == 0:
+        assert out.shape == (0, 2, d)
+        return
+    grads64 = torch.autograd.grad(out64, leaves64, torch.ones_like(out64))
+    assert_matches_reference("out", out, out64, out)
+    for name, grad, grad64 in zip("qkv", grads, grads64):
+        _check_grad(f"grad {name}", grad, grad64)
