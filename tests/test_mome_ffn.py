@@ -347,3 +347,413 @@ def test_mome_block_matches_vlmo_and_loads_its_keys(backend, case):
                     None if bias is None else bias.float().to(DEVICE))
     expected = vlmo_block_restated(checkpoint, x, mask, modality, bias, heads, text_len)
     assert_matches_reference("block", out, expected, out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 12's test classes, on every backend that runs here (torch; triton in the interpreter):
+# (a) accumulation / retain_graph and owned gradient storage, (b) strided, transposed and
+# expanded arguments, (c) hidden sizes above every block, (d) empty and degenerate routings,
+# (e) NaN / Inf propagated as the float64 reference does, (f) hypothesis; plus the launch grids
+# at huge sizes and integer-only segments.
+# ----------------------------------------------------------------------------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+BACKENDS = ["torch", "triton"]
+mome_module = importlib.import_module("vlkernels.ops.mome_ffn")
+ARGS = ("x", "w1", "b1", "w2", "b2", "ln_weight", "ln_bias")
+
+
+def backend_run(backend, leaves, views, expert_index, generator, **kwargs):
+    """(out, grads of every leaf that requires grad, grad_out) of mome_ffn on ``backend``, its
+    arguments built from ``leaves`` by ``views`` (identity: the leaves themselves)."""
+    names = [k for k, v in leaves.items() if v is not None and v.requires_grad]
+    with vlkernels.use_backend(backend), poisoned_allocations():
+        out = call(mome_ffn, views(leaves), expert_index, **kwargs)
+        grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out.device, out.dtype)
+        grads = torch.autograd.grad(out, [leaves[k] for k in names], grad_out)
+    return out, dict(zip(names, grads)), grad_out
+
+
+def reference_run(leaves, views, expert_index, grad_out, dtype=torch.float64, **kwargs):
+    values = detached(leaves, dtype, "cpu")
+    names = [k for k, v in leaves.items() if v is not None and v.requires_grad]
+    out = call(reference, views(values), None if expert_index is None else expert_index.cpu(), **kwargs)
+    grads = torch.autograd.grad(out, [values[k] for k in names], grad_out.cpu().to(dtype))
+    return out, dict(zip(names, grads))
+
+
+def check_backend(backend, leaves, expert_index, generator, views=lambda v: v, **kwargs):
+    """mome_ffn on ``backend``: output and every leaf gradient against the float64 reference."""
+    out, grads, grad_out = backend_run(backend, leaves, views, expert_index, generator, **kwargs)
+    dtype = out.dtype
+    out64, grads64 = reference_run(leaves, views, expert_index, grad_out, **kwargs)
+    out_same, grads_same = reference_run(leaves, views, expert_index, grad_out, dtype, **kwargs)
+    assert_matches_reference("out", out, out64, out_same)
+    for name, grad in grads.items():
+        assert_matches_reference(f"grad {name}", grad, grads64[name], grads_same[name])
+    return out, grads
+
+
+def assert_own_storage(named_tensors):
+    pointers = {}
+    for name, tensor in named_tensors:
+        pointer = tensor.untyped_storage().data_ptr()
+        if tensor.numel():
+            assert pointer not in pointers, f"the gradients of {name} and {pointers.get(pointer)} share storage"
+        pointers[pointer] = name
+
+
+# (a) -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["retain_graph", "two_forwards"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_accumulate_twice_and_own_their_storage(backend, mode):
+    generator = torch.Generator().manual_seed(31)
+    t, d, f, e = 23, 24, 40, 2
+    inputs = make_inputs(t, d, f, e, True, torch.float32, DEVICE, generator)
+    index = make_routing(t, e, "random", generator).to(DEVICE)
+    grad_out = torch.randn(t, d, generator=generator).to(DEVICE)
+    with vlkernels.use_backend(backend):
+        out = call(mome_ffn, inputs, index)
+        out.backward(grad_out, retain_graph=True)
+        if mode == "retain_graph":
+            out.backward(grad_out)
+        else:
+            call(mome_ffn, inputs, index).backward(grad_out)
+    _, grads64 = reference_run(inputs, lambda v: v, index, grad_out)
+    _, grads32 = reference_run(inputs, lambda v: v, index, grad_out, torch.float32)
+    for name in ARGS:
+        assert_matches_reference(f"2 x grad {name}", inputs[name].grad, 2 * grads64[name], 2 * grads32[name])
+    assert_own_storage((name, inputs[name].grad) for name in ARGS)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_returned_gradients_never_share_storage(backend):
+    """The op's gradients (torch.autograd.grad, before any accumulation) are distinct storages,
+    also with w1 a transposed view and b1 expanded (their gradients come back through the views)."""
+    generator = torch.Generator().manual_seed(32)
+    inputs = make_inputs(9, 16, 24, 2, True, torch.float32, DEVICE, generator)
+    _, grads, _ = backend_run(backend, inputs, lambda v: v, make_routing(9, 2, "random", generator).to(DEVICE),
+                              generator)
+    assert_own_storage(grads.items())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_moffn_parameter_gradients_accumulate_and_own_their_storage(backend):
+    """MoMEFFN stacks its experts' parameters for the op: every parameter's .grad must own its
+    storage (torch.stack's backward would hand out views of one tensor) and accumulate to 2x."""
+    from vlkernels.nn.mome import MoMEFFN
+
+    torch.manual_seed(33)
+    module = MoMEFFN(16, 24, ("text", "image")).to(DEVICE)
+    for p in module.parameters():
+        p.data.normal_(0.0, 0.3)
+    x = torch.randn(2, 7, 16, device=DEVICE, requires_grad=True)
+    with vlkernels.use_backend(backend):
+        out = module(x, text_len=3)
+        out.square().sum().backward(retain_graph=True)
+        out.square().sum().backward()
+    module64 = MoMEFFN(16, 24, ("text", "image")).double()
+    module64.load_state_dict(module.state_dict())
+    x64 = x.detach().cpu().double().requires_grad_()
+    vlmo_ffn_split = torch.cat([vlmo_ffn(module64, x64[:, :3], "text"), vlmo_ffn(module64, x64[:, 3:], "imag")], 1)
+    vlmo_ffn_split.square().sum().backward()
+    named = [("x", x), *module.named_parameters()]
+    for (name, tensor), reference_tensor in zip(named, [x64, *module64.parameters()]):
+        assert_matches_reference(f"2 x grad {name}", tensor.grad, 2 * reference_tensor.grad, tensor.grad)
+    assert_own_storage((name, tensor.grad) for name, tensor in named)
+
+
+# (b) -------------------------------------------------------------------------------------------
+def strided_views(values):
+    """Every argument non-contiguous: x a column slice, w1 a transpose view (nn.Linear layout),
+    b1 expanded from [1, F], w2 a strided slice, b2 a transpose view, ln_weight a strided slice,
+    ln_bias expanded from [E, 1]."""
+    return dict(x=values["x"][:, ::2], w1=values["w1"].transpose(1, 2), b1=values["b1"].expand(3, -1),
+                w2=values["w2"][:, :, 1::2], b2=values["b2"].t(), ln_weight=values["ln_weight"][:, ::3],
+                ln_bias=values["ln_bias"].expand(-1, 24))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_transposed_and_expanded_arguments(backend):
+    generator = torch.Generator().manual_seed(34)
+    t, d, f, e = 19, 24, 40, 3
+
+    def leaf(*size, scale=1.0, shift=0.0):
+        return (torch.randn(size, generator=generator) * scale + shift).to(DEVICE).requires_grad_()
+
+    leaves = dict(x=leaf(t, 2 * d), w1=leaf(e, f, d, scale=d ** -0.5), b1=leaf(1, f, scale=0.5),
+                  w2=leaf(e, f, 2 * d, scale=f ** -0.5), b2=leaf(d, e, scale=0.5),
+                  ln_weight=leaf(e, 3 * d, scale=0.5, shift=1.0), ln_bias=leaf(e, 1, scale=0.5))
+    index = torch.randint(0, e, (2 * t,), generator=generator).to(DEVICE)[::2]  # strided ids too
+    args = strided_views(leaves)
+    assert not any(args[name].is_contiguous() for name in ARGS)
+    out, _ = check_backend(backend, leaves, index, generator, views=strided_views)
+    with vlkernels.use_backend(backend), torch.no_grad():  # the contiguous call gives the same result
+        contiguous = call(mome_ffn, {k: v.contiguous() for k, v in args.items()}, index.contiguous())
+    torch.testing.assert_close(out, contiguous, rtol=1e-6, atol=1e-6)
+
+
+# (c) -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ln", [True, False], ids=["ln", "no-ln"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hidden_sizes_above_every_block(backend, ln):
+    """D = 300, F = 200: two or more 128-column tiles with a remainder and K loops of 32/64 with a
+    remainder in every GEMM, the LayerNorm backward's BLOCK_D (512) with a remainder, and the
+    bias column sums' 128-column tiles with a remainder."""
+    generator = torch.Generator().manual_seed(35)
+    t, d, f, e = 21, 300, 200, 1 if ln else 2  # one expert with the LayerNorm (its prologue triples FC1's loop)
+    inputs = make_inputs(t, d, f, e, ln, torch.float32, DEVICE, generator)
+    check_backend(backend, inputs, make_routing(t, e, "random", generator).to(DEVICE), generator)
+
+
+def test_split_reductions_match_torch():
+    """The weight-gradient and bias column-sum kernels with their rows split over programs
+    (splits > 1, the path large batches take), an empty expert included."""
+    generator = torch.Generator().manual_seed(36)
+    cfg = mome_module.GEMM_CONFIGS[torch.float32]
+    index = torch.randint(0, 2, (400,), generator=generator) * 2  # expert 1 gets no token
+    order, offsets = expert_order(index.to(DEVICE), 3)
+    counts = torch.bincount(index, minlength=3).tolist()
+    b = torch.randn(400, 40, generator=generator).to(DEVICE)
+    assert mome_module._column_sum_launch(400, 40, 3, mome_module._multiprocessors(b.device))[0] > 1
+    rows = b.double().cpu()[order.long().cpu()].split(counts)
+    expected = torch.stack([r.sum(0) for r in rows])
+    with poisoned_allocations():
+        sums = mome_module._launch_column_sum(b, order, offsets, gather=True)
+    assert_matches_reference("column sums", sums, expected, sums)
+
+    a = torch.randn(260, 8, generator=generator).to(DEVICE)
+    b = torch.randn(260, 12, generator=generator).to(DEVICE)
+    one = torch.tensor([0, 260], dtype=torch.int32, device=DEVICE)
+    order = torch.randperm(260, generator=generator).to(DEVICE, torch.int32)
+    assert mome_module._weight_grad_launch(260, 8, 12, 1, cfg, mome_module._multiprocessors(a.device))[0] > 1
+    with poisoned_allocations():
+        grad = mome_module._launch_weight_grad(a, b, order, one, gather_a=True, gather_b=False)
+    expected = (a.double().cpu()[order.long().cpu()].T @ b.double().cpu())[None]
+    assert_matches_reference("weight grad", grad, expected, grad, uses_tf32_dot=True)
+
+
+# (d) -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_tokens_gives_an_empty_output_in_the_graph(backend):
+    """T = 0 (ids or segments with S = 0): an empty output that is part of the graph, and
+    gradients that are zeros of the right shapes for x and every parameter."""
+    generator = torch.Generator().manual_seed(37)
+    for x_shape, index, segments in (((0, 16), torch.zeros(0, dtype=torch.long), None),
+                                     ((2, 0, 16), None, (0, 0, 1))):
+        inputs = make_inputs(1, 16, 24, 3, True, torch.float32, DEVICE, generator)
+        inputs["x"] = torch.randn(x_shape, device=DEVICE).requires_grad_()
+        with vlkernels.use_backend(backend), poisoned_allocations():
+            out = call(mome_ffn, inputs, None if index is None else index.to(DEVICE), segments=segments)
+            assert out.shape == x_shape and out.requires_grad
+            grads = torch.autograd.grad(out.sum(), [inputs[k] for k in ARGS])
+        for name, grad in zip(ARGS, grads):
+            assert grad.shape == inputs[name].shape and torch.equal(grad, torch.zeros_like(grad)), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["one-expert", "all-to-one", "segments-all-text", "segments-all-image",
+                                  "segments-same-expert", "one-token"])
+def test_degenerate_routings(backend, case):
+    """One expert, every token to one expert of three (the others get 0 tokens: zero gradients),
+    segments that route everything to one expert, a single token."""
+    generator = torch.Generator().manual_seed(38)
+    experts = 1 if case == "one-expert" else 3
+    tokens = 1 if case == "one-token" else 12
+    inputs = make_inputs(tokens, 16, 24, experts, True, torch.float32, DEVICE, generator)
+    segments = {"segments-all-text": (4, 2, 0), "segments-all-image": (0, 0, 1), "segments-same-expert": (1, 1, 1)}
+    if case in segments:
+        inputs["x"] = inputs["x"].detach().reshape(3, 4, 16).requires_grad_()
+        check_backend(backend, inputs, None, generator, segments=segments[case])
+        return
+    index = torch.full((tokens,), experts - 1, dtype=torch.long) if case == "all-to-one" else \
+        torch.randint(0, experts, (tokens,), generator=generator)
+    _, grads = check_backend(backend, inputs, index.to(DEVICE), generator)
+    if case == "all-to-one":  # experts 0 and 1 saw no token: exactly zero gradients there
+        for name in ("w1", "b1", "w2", "b2", "ln_weight", "ln_bias"):
+            assert not grads[name][:2].any(), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_dim_x_raises_a_clear_error(backend):
+    generator = torch.Generator().manual_seed(0)
+    inputs = make_inputs(1, 8, 12, 3, False, torch.float32, DEVICE, generator)
+    inputs["x"] = torch.tensor(1.0, device=DEVICE)
+    with vlkernels.use_backend(backend), pytest.raises(ValueError, match=r"mome_ffn: x must be \[..., D\]"):
+        call(mome_ffn, inputs, torch.tensor(0, device=DEVICE))
+
+
+# Integer-only segments (issue 12, item 7) -------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("segments", [(2.5, 0, 1), (2.0, 0, 1), (True, 0, 1), (2, 0.0, 1), (2, 0, True),
+                                      (torch.tensor(2.0), 0, 1), (torch.tensor(True), 0, 1), (2, 0, torch.tensor(1.0))],
+                         ids=["float-2.5", "float-2.0", "bool", "float-id", "bool-id", "float-tensor", "bool-tensor",
+                              "float-tensor-id"])
+def test_segments_refuse_floats_and_bools(backend, segments, monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    inputs = make_inputs(10, 8, 12, 3, False, torch.float32, DEVICE, generator)
+    inputs["x"] = inputs["x"].detach().reshape(2, 5, 8)
+    monkeypatch.setattr(mome_module, "_launch_fwd", lambda *a, **k: pytest.fail("launched"))
+    with vlkernels.use_backend(backend), pytest.raises(TypeError, match=r"mome_ffn: segments \w+ must be an integer"):
+        call(mome_ffn, inputs, None, segments=segments)
+
+
+def test_segments_refuse_bad_containers_and_tensor_values():
+    generator = torch.Generator().manual_seed(0)
+    inputs = make_inputs(10, 8, 12, 3, False, torch.float32, DEVICE, generator)
+    inputs["x"] = inputs["x"].detach().reshape(2, 5, 8)
+    for segments, error, match in (((2, 0), ValueError, r"segments must be \(text_len"),
+                                   (2, ValueError, r"segments must be \(text_len"),
+                                   ((torch.tensor([2]), 0, 1), TypeError, r"text_len must be an integer"),
+                                   ((torch.tensor(6), 0, 1), ValueError, r"text_len 6 outside \[0, 5\]"),
+                                   ((2, torch.tensor(3), 1), ValueError, r"expert id 3 outside \[0, 3\)")):
+        with pytest.raises(error, match=match):
+            call(mome_ffn, inputs, None, segments=segments)
+    from vlkernels.nn.mome import MoMEFFN
+
+    with pytest.raises(TypeError, match=r"text_len must be an integer"):
+        MoMEFFN(8, 12, ("text", "image"))(inputs["x"], text_len=2.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_segments_integer_kinds_route_alike(backend):
+    """An int, a numpy integer and a 0-dim integer tensor route the same tokens, on every backend,
+    as the explicit per-token ids do."""
+    np = pytest.importorskip("numpy")
+    generator = torch.Generator().manual_seed(39)
+    inputs = make_inputs(12, 8, 12, 3, True, torch.float32, DEVICE, generator)
+    x = inputs["x"].detach().reshape(3, 4, 8)
+    inputs["x"] = x
+    index = segments_expert_index(3, 4, (3, 2, 0)).reshape(3, 4).to(DEVICE)
+    with torch.no_grad():
+        expected = call(reference, detached(inputs, torch.float64, "cpu"), index.cpu())
+        for segments in ((3, 2, 0), (np.int64(3), np.int32(2), 0), (torch.tensor(3), torch.tensor(2, dtype=torch.int32), 0)):
+            with vlkernels.use_backend(backend):
+                out = call(mome_ffn, inputs, None, segments=segments)
+            assert_matches_reference(f"segments {segments}", out, expected, out)
+
+
+@given(batch=st.integers(0, 4), seq_len=st.integers(0, 9), experts=st.integers(1, 4), data=st.data())
+def test_segments_order_is_the_stable_sort_of_its_ids(batch, seq_len, experts, data):
+    """The arithmetic (order, offsets) of segments routing equals the stable sort of its ids, for
+    any text_len, any expert pair (equal ones too), as ints or as 0-dim tensors."""
+    text_len = data.draw(st.integers(0, seq_len))
+    first, rest = data.draw(st.integers(0, experts - 1)), data.draw(st.integers(0, experts - 1))
+    as_tensor = data.draw(st.booleans())
+    segments = tuple(torch.tensor(v) if as_tensor else v for v in (text_len, first, rest))
+    order, offsets = segments_order(batch, seq_len, segments, experts, "cpu")
+    expected_order, expected_offsets = expert_order(segments_expert_index(batch, seq_len, (text_len, first, rest)),
+                                                    experts)
+    assert torch.equal(order, expected_order) and torch.equal(offsets, expected_offsets)
+
+
+# (e) -------------------------------------------------------------------------------------------
+def nonfinite_pattern(tensor):
+    tensor = tensor.detach().double().cpu()
+    return torch.isnan(tensor), torch.isposinf(tensor), torch.isneginf(tensor)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, inside the interpreter
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["nan-x", "inf-x", "inf-x-no-ln", "nan-w1", "inf-w2", "nan-ln-weight", "inf-b1"])
+def test_nan_and_inf_propagate_as_the_reference(backend, case):
+    """A NaN / Inf in x or a weight reaches exactly the outputs and gradients the float64
+    reference gives NaN / +-Inf, on every backend: never replaced, never spread further."""
+    generator = torch.Generator().manual_seed(40)
+    t, d, f, e = 17, 16, 24, 3
+    inputs = make_inputs(t, d, f, e, case != "inf-x-no-ln", torch.float32, DEVICE, generator)
+    index = make_routing(t, e, "random", generator)
+    index[:2] = torch.tensor([1, 0])
+    name, position, value = {"nan-x": ("x", (0, 3), float("nan")), "inf-x": ("x", (1, 5), float("inf")),
+                             "inf-x-no-ln": ("x", (1, 5), float("inf")), "nan-w1": ("w1", (1, 2, 7), float("nan")),
+                             "inf-w2": ("w2", (0, 4, 2), float("-inf")),
+                             "nan-ln-weight": ("ln_weight", (1, 3), float("nan")),
+                             "inf-b1": ("b1", (0, 5), float("inf"))}[case]
+    with torch.no_grad():
+        inputs[name][position] = value
+    out, grads, grad_out = backend_run(backend, inputs, lambda v: v, index.to(DEVICE), generator)
+    out64, grads64 = reference_run(inputs, lambda v: v, index, grad_out)
+    assert not torch.isfinite(out64).all(), "the case must feed a non-finite value through"
+    for what, actual, expected in [("out", out, out64)] + [(f"grad {k}", grads[k], grads64[k]) for k in grads]:
+        for kind, got, want in zip(("NaN", "+Inf", "-Inf"), nonfinite_pattern(actual), nonfinite_pattern(expected)):
+            assert torch.equal(got, want), f"{what}: {kind} at {got.sum()} places, the reference has {want.sum()}"
+        finite = torch.isfinite(expected)
+        assert_matches_reference(f"{what} (finite part)", actual.detach().cpu()[finite], expected[finite],
+                                 actual.detach().cpu()[finite])
+
+
+# (f) -------------------------------------------------------------------------------------------
+@st.composite
+def mome_problems(draw):
+    experts = draw(st.integers(1, 4))
+    batch, seq_len = draw(st.integers(1, 3)), draw(st.integers(1, 9))
+    dim, hidden = draw(st.integers(1, 40)), draw(st.integers(1, 48))
+    routing = draw(st.sampled_from(["ids", "segments"]))
+    if routing == "segments":
+        text_len = draw(st.integers(0, seq_len))
+        ids = draw(st.lists(st.integers(0, experts - 1), min_size=2, max_size=2))
+        routing = (text_len, *ids)
+    else:
+        routing = draw(st.lists(st.integers(0, experts - 1), min_size=batch * seq_len, max_size=batch * seq_len))
+    return dict(experts=experts, batch=batch, seq_len=seq_len, dim=dim, hidden=hidden, routing=routing,
+                ln=draw(st.booleans()), transposed_x=draw(st.booleans()), activation=draw(st.sampled_from(["gelu", "relu"])),
+                seed=draw(st.integers(0, 2**16)))
+
+
+def _check_problem(backend, problem):
+    p = problem
+    generator = torch.Generator().manual_seed(p["seed"])
+    inputs = make_inputs(p["batch"] * p["seq_len"], p["dim"], p["hidden"], p["experts"], p["ln"], torch.float32,
+                         DEVICE, generator)
+    x = inputs["x"].detach().reshape(p["batch"], p["seq_len"], p["dim"])
+    if p["transposed_x"]:  # a [B, S, D] view of a [D, S, B] tensor: no unit stride along D
+        x = x.permute(2, 1, 0).contiguous().permute(2, 1, 0)
+    inputs["x"] = x.requires_grad_()
+    if isinstance(p["routing"], tuple):
+        check_backend(backend, inputs, None, generator, segments=p["routing"], activation=p["activation"])
+    else:
+        index = torch.tensor(p["routing"]).reshape(p["batch"], p["seq_len"]).to(DEVICE)
+        check_backend(backend, inputs, index, generator, activation=p["activation"])
+
+
+@given(problem=mome_problems())
+def test_hypothesis_torch_matches_float64_reference(problem):
+    _check_problem("torch", problem)
+
+
+@settings(max_examples=4)  # each example runs up to 8 Triton launches in the interpreter (~3-5 s)
+@given(problem=mome_problems())
+def test_hypothesis_triton_matches_float64_reference(problem):
+    _check_problem("triton", problem)
+
+
+# Launch grids ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("tokens", [1, 10**6, 2**31 - 1])
+@pytest.mark.parametrize("experts", [1, 3, 64])
+def test_launch_grids_stay_within_cuda_limits(tokens, experts):
+    """Every launch shape, computed (not launched) at huge sizes: axis 0 under 2**31, axes 1 and
+    2 under 65536, and the rows grid covers every row tile of any routing. A call whose rows
+    grid would pass 2**31 programs (a many-terabyte x) is refused by the triton backend."""
+    for dtype in (torch.float16, torch.float32):
+        cfg = mome_module.GEMM_CONFIGS[dtype]
+        for n_size, m_size, sms in ((768, 3072, 132), (3072, 768, 132), (100_000, 300, 1000)):
+            grids = [mome_module._rows_grid(tokens, n_size, experts, cfg),
+                     mome_module._weight_grad_launch(tokens, m_size, n_size, experts, cfg, sms)[1],
+                     mome_module._column_sum_launch(tokens, n_size, experts, sms)[1],
+                     mome_module._ln_bwd_launch(tokens, m_size, experts, sms)[3]]
+            if grids[0][0] >= 2**31:
+                x = torch.empty(1, 1, dtype=dtype).expand(tokens, m_size)  # sizes only, no memory
+                w1 = torch.empty(1, 1, 1, dtype=dtype).expand(experts, m_size, n_size)
+                assert "programs" in mome_module._triton_refusal(x, None, w1)
+                grids = grids[1:]
+            for grid in grids:
+                assert 1 <= len(grid) <= 3 and 0 < grid[0] < 2**31, grid
+                assert all(0 < g <= 65535 for g in grid[1:]), grid
+            rows_grid = mome_module._rows_grid(tokens, n_size, experts, cfg)
+            assert rows_grid[0] >= -(-n_size // cfg.block_n) * (-(-tokens // cfg.block_m))
+
+
+def test_more_tokens_than_int32_are_refused():
+    x = torch.empty(1, 8).expand(2**31, 8)  # no memory behind it: only the refusal is checked
+    assert "int32" in mome_module._triton_refusal(x, None, torch.empty(3, 8, 12))
