@@ -539,19 +539,27 @@ def test_gradients_accumulate_and_own_their_storage(backend):
     for fn, ref in ((ops.wra_distance, reference.wra_distance),
                     (ops.gromov_wasserstein_distance, reference.gromov_wasserstein_distance)):
         _, grad_txt64, grad_img64 = reference_grads(ref, txt, img, grad_out, x_mask, y_mask)
-        txt_d, img_d = txt.to(device).requires_grad_(), img.to(device).requires_grad_()
+        # fresh leaves per op (.to() of a CPU tensor is the tensor itself)
+        txt_d, img_d = txt.to(device).clone().requires_grad_(), img.to(device).clone().requires_grad_()
         with vlkernels.use_backend(backend):
             distance = fn(txt_d, img_d, x_mask.to(device), y_mask.to(device))
         distance.backward(grad_out.to(device), retain_graph=True)
         distance.backward(grad_out.to(device))
         assert txt_d.grad.untyped_storage().data_ptr() != img_d.grad.untyped_storage().data_ptr()
-        for grad, exact in ((txt_d.grad, grad_txt64), (img_d.grad, grad_img64)):
-            assert rel_error(grad, 2 * exact) <= (TOL if fn is ops.wra_distance else 1e-4), fn.__name__
         # the gradients autograd hands back own their storage too
-        txt_e, img_e = txt.to(device).requires_grad_(), img.to(device).requires_grad_()
+        txt_e, img_e = txt.to(device).clone().requires_grad_(), img.to(device).clone().requires_grad_()
         with vlkernels.use_backend(backend):
-            grads = torch.autograd.grad(fn(txt_e, img_e, x_mask.to(device), y_mask.to(device)).sum(), (txt_e, img_e))
+            grads = torch.autograd.grad(fn(txt_e, img_e, x_mask.to(device), y_mask.to(device)), (txt_e, img_e),
+                                        grad_out.to(device))
         assert grads[0].untyped_storage().data_ptr() != grads[1].untyped_storage().data_ptr()
+        if fn is ops.wra_distance:
+            exact = (grad_txt64, grad_img64)
+            for grad, e in zip((txt_d.grad, img_d.grad), exact):
+                assert rel_error(grad, 2 * e) <= TOL
+        # GW's fp32 gradient is a difference of nearly cancelling terms (see the GW test): the
+        # accumulation is checked against twice this backend's own single backward
+        for grad, single in zip((txt_d.grad, img_d.grad), grads):
+            assert rel_error(grad, 2 * single) <= 1e-6, fn.__name__
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -600,21 +608,22 @@ def test_strided_transposed_and_expanded_arguments(backend):
     args_ipot = (cost.contiguous(), x_mask, y_mask)
     with vlkernels.use_backend(backend):
         for contiguous, views in [
-            (lambda: ops.ipot(*args_ipot), lambda: ops.ipot(cost.to(device), _strided(x_mask.to(device)),
-                                                            _strided(y_mask.to(device)))),
-            (lambda: ops.ipot(cost.transpose(1, 2).contiguous(), y_mask, x_mask),
-             lambda: ops.ipot(cost.to(device).transpose(1, 2), y_mask.to(device), x_mask.to(device))),
-            (lambda: ops.sinkhorn(cost.contiguous(), a, b, reg=0.1, iters=30, x_mask=x_mask, y_mask=y_mask),
+            (lambda: ops.ipot(*args_ipot, iters=10), lambda: ops.ipot(cost.to(device), _strided(x_mask.to(device)),
+                                                                      _strided(y_mask.to(device)), iters=10)),
+            (lambda: ops.ipot(cost.transpose(1, 2).contiguous(), y_mask, x_mask, iters=10),
+             lambda: ops.ipot(cost.to(device).transpose(1, 2), y_mask.to(device), x_mask.to(device), iters=10)),
+            (lambda: ops.sinkhorn(cost.contiguous(), a, b, reg=0.1, iters=10, x_mask=x_mask, y_mask=y_mask),
              lambda: ops.sinkhorn(_strided(cost.to(device)), _strided(a.to(device)), _strided(b.to(device)), reg=0.1,
-                                  iters=30, x_mask=_strided(x_mask.to(device)), y_mask=_strided(y_mask.to(device)))),
+                                  iters=10, x_mask=_strided(x_mask.to(device)), y_mask=_strided(y_mask.to(device)))),
         ]:
             expected = contiguous()
             assert rel_error(views(), expected) <= TOL
         for x, y in [(txt_t, img), (txt, img_e), (_strided(txt), _strided(img))]:
             x_d, y_d = x.to(device).requires_grad_(), y.to(device).requires_grad_()
             plain = [t.contiguous().requires_grad_() for t in (x, y)]
-            expected = ops.wra_distance(plain[0].to(device), plain[1].to(device), x_mask.to(device), y_mask.to(device))
-            got = ops.wra_distance(x_d, y_d, _strided(x_mask.to(device)), _strided(y_mask.to(device)))
+            expected = ops.wra_distance(plain[0].to(device), plain[1].to(device), x_mask.to(device), y_mask.to(device),
+                                        iters=10)
+            got = ops.wra_distance(x_d, y_d, _strided(x_mask.to(device)), _strided(y_mask.to(device)), iters=10)
             assert rel_error(got, expected) <= TOL
             grads = torch.autograd.grad(got.sum(), (x_d, y_d))
             plain_grads = torch.autograd.grad(expected.sum(), plain)
@@ -650,17 +659,17 @@ def test_degenerate_shapes_give_defined_results(backend):
         txt = torch.randn(batch, rows, 8, device=device, requires_grad=True)
         img = torch.randn(batch, cols, 8, device=device, requires_grad=True)
         with vlkernels.use_backend(backend):
-            outs = [ops.ipot(cost, None, None), ops.sinkhorn(cost, reg=0.1),
-                    ops.sinkhorn(cost, reg=0.1, log_domain=False),
-                    ops.gromov_wasserstein_distance(txt.detach(), img.detach(), None, None)]
-            distance = ops.wra_distance(txt, img, None, None)
+            outs = [ops.ipot(cost, None, None, iters=10), ops.sinkhorn(cost, reg=0.1, iters=10),
+                    ops.sinkhorn(cost, reg=0.1, iters=10, log_domain=False),
+                    ops.gromov_wasserstein_distance(txt.detach(), img.detach(), None, None, iters=2, ot_iters=5)]
+            distance = ops.wra_distance(txt, img, None, None, iters=10)
             distance.sum().backward()
         assert outs[0].shape == cost.shape and outs[1].shape == cost.shape and distance.shape == (batch,)
         for t in outs + [distance, txt.grad, img.grad]:
             assert torch.isfinite(t).all()
         if rows and cols and batch:  # one row or column: the plan is the marginal itself
             exact = reference.ipot(cost.double().cpu(), torch.ones(batch, rows, dtype=torch.bool),
-                                   torch.ones(batch, cols, dtype=torch.bool))
+                                   torch.ones(batch, cols, dtype=torch.bool), iters=10)
             assert rel_error(outs[0], exact) <= TOL
         else:
             assert (distance == 0).all()
@@ -697,7 +706,7 @@ def test_nan_and_inf_are_refused_or_propagated_alike(backend):
         ref_txt, ref_img = bad.double().requires_grad_(), img.double().requires_grad_()
         ref_distance = reference.wra_distance(ref_txt, ref_img, x_mask, y_mask)
         ref_distance.sum().backward()
-        txt_d, img_d = bad.to(device).requires_grad_(), img.to(device).requires_grad_()
+        txt_d, img_d = bad.to(device).clone().requires_grad_(), img.to(device).clone().requires_grad_()
         with vlkernels.use_backend(backend):
             distance, plan = ops.wra_distance(txt_d, img_d, x_mask.to(device), y_mask.to(device), return_plan=True)
         distance.sum().backward()
