@@ -100,15 +100,14 @@ if triton is not None:
             w = tl.load(weight + col[None, :] * K + k[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
 
-        # The cls row multiplied zeros by the weight: a NaN/Inf weight made it NaN, where the
-        # reference's cls row never meets the weight. Zero it, so NaN propagates as there.
-        acc = tl.where(is_patch[:, None], acc, 0.0)
         if HAS_BIAS:
-            bias_row = tl.load(bias + col * bias_stride, mask=col_ok, other=0.0).to(tl.float32)
-            acc += tl.where(is_patch[:, None], bias_row[None, :], 0.0)
+            acc += tl.load(bias + col * bias_stride, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_CLS:
+            # The cls row's value is cls_token (+ pos) alone: replace what the loop and the bias
+            # left there. Adding to it would keep 0 * weight, NaN where the weight is NaN or Inf,
+            # which the reference's cls row never meets.
             cls_row = tl.load(cls + col * cls_stride, mask=col_ok, other=0.0).to(tl.float32)
-            acc += tl.where((token == 0)[:, None], cls_row[None, :], 0.0)
+            acc = tl.where(is_patch[:, None], acc, cls_row[None, :])  # not is_patch: the cls row (or unstored)
         if HAS_POS:
             pos_offset = (batch.to(tl.int64) * pos_stride_b + token.to(tl.int64) * pos_stride_t)[:, None] \
                 + col.to(tl.int64)[None, :] * pos_stride_d
@@ -587,12 +586,10 @@ def aot_variants():
         scalars = _example_scalars(64, size, patch)
         fp32 = torch.float32
         variants += [
-            # Contiguous bias, cls and pos have unit stride along D, which a launch specializes
-            # into a constant (Triton does so for ints equal to 1): the report does the same.
-            KernelVariant(_patch_embed_fwd_kernel, label,
-                          dict(gemm, HAS_BIAS=True, HAS_POS=True, bias_stride=1, cls_stride=1, pos_stride_d=1),
+            # Contiguous bias, cls and pos have unit stride along D (which a launch turns into a constant)
+            KernelVariant(_patch_embed_fwd_kernel, label, dict(gemm, HAS_BIAS=True, HAS_POS=True),
                           {"images": dtype, "weight": dtype, "bias": dtype, "pos": dtype, "cls": dtype, "out": dtype},
-                          scalars, options, gemm_shaped=True),
+                          dict(scalars, bias_stride=1, cls_stride=1, pos_stride_d=1), options, gemm_shaped=True),
             KernelVariant(_patch_embed_bwd_images_kernel, label, gemm,
                           {"grad_out": dtype, "weight": dtype, "grad_images": dtype}, scalars, options, gemm_shaped=True),
             KernelVariant(_patch_embed_bwd_weight_kernel, label, gemm,
