@@ -22,7 +22,9 @@ class VisualDictionary(nn.Module):
 
     forward(x: [..., D], mask: [...] bool or None) -> (quantized [..., D], index [...] int64):
     ``quantized`` has the entries' values and passes gradients straight through to ``x``;
-    masked-out positions (mask False) are quantised but do not update the dictionary.
+    masked-out positions (mask False) are quantised but do not update the dictionary. While no
+    position has been counted yet (a fresh dictionary after fully masked or empty steps) the
+    entries keep their initial values (see ``vd_ema_update_``).
     """
 
     def __init__(self, num_embeddings: int = 2048, dim: int = 768, decay: float = 0.4, eps: float = 1e-5,

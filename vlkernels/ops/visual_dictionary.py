@@ -163,6 +163,14 @@ _NEAREST_CONFIGS = {
     torch.bfloat16: NearestConfig(128, 128, 64, 8, 3),
     torch.float32: NearestConfig(128, 128, 32, 8, 3),
 }
+# IEEE fp32 dots run on the FMA units with the operands in registers: a 128 x 128 tile spills
+# (16 B in the sm_90a report), 128 x 64 does not (208 registers).
+_NEAREST_IEEE_FP32 = NearestConfig(128, 64, 32, 8, 3)
+
+
+def _nearest_config(dtype: torch.dtype, precision: str) -> NearestConfig:
+    return _NEAREST_IEEE_FP32 if dtype == torch.float32 and precision == "ieee" else _NEAREST_CONFIGS[dtype]
+
 _SUMS_BLOCK_R, _SUMS_BLOCK_D, _SUMS_WARPS = 16, 256, 4
 _APPLY_BLOCK_D, _APPLY_WARPS = 256, 4
 # CUDA's launch limits: grid axis 0 up to 2**31 - 1 programs, axes 1 and 2 up to 65535.
@@ -198,11 +206,12 @@ def _launch_nearest(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tens
     code_sqnorm = codebook.float().square().sum(1)
     index = torch.empty(rows, device=x.device, dtype=torch.int64)
     sqdist = torch.empty(rows, device=x.device, dtype=torch.float32)
-    cfg = _NEAREST_CONFIGS[x.dtype]
+    precision = _dot_precision(x.dtype)
+    cfg = _nearest_config(x.dtype, precision)
     if rows:  # no launch of an empty grid
         _vd_nearest_kernel[_nearest_grid(rows, cfg.block_n)](
             x, codebook, code_sqnorm, index, sqdist, rows, entries, dim, x.stride(0), codebook.stride(0),
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, DOT_PRECISION=_dot_precision(x.dtype),
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, DOT_PRECISION=precision,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return index, sqdist
@@ -314,7 +323,8 @@ def _triton_dtype_refusal(*tensors: torch.Tensor) -> Optional[str]:
 
 def _triton_nearest_refusal(x: torch.Tensor, codebook: torch.Tensor) -> Optional[str]:
     why = _triton_dtype_refusal(x, codebook)
-    if why is None and _nearest_grid(x.shape[0], _NEAREST_CONFIGS[x.dtype].block_n)[0] > _MAX_GRID_AXIS_0:
+    block_n = None if why else _nearest_config(x.dtype, _dot_precision(x.dtype)).block_n
+    if why is None and _nearest_grid(x.shape[0], block_n)[0] > _MAX_GRID_AXIS_0:
         why = f"{x.shape[0]} rows need more row blocks than a launch grid holds"
     if why is None and codebook.shape[0] > 2**31 - 1:  # the kernel keeps entry indices in int32
         why = f"{codebook.shape[0]} entries exceed the kernel's int32 entry index"
@@ -504,7 +514,7 @@ def aot_variants():
     variants = []
     for dtype, precision in ((torch.bfloat16, "tf32"), (torch.float16, "tf32"), (torch.float32, "tf32"),
                              (torch.float32, "ieee")):
-        cfg = _NEAREST_CONFIGS[dtype]
+        cfg = _nearest_config(dtype, precision)
         variants.append(KernelVariant(
             _vd_nearest_kernel, f"{str(dtype)[6:]}-{precision}",
             dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, DOT_PRECISION=precision),
