@@ -506,9 +506,10 @@ def test_property_random_shapes_layouts_and_terms(data):
 
 
 def test_launch_grids_stay_within_cuda_limits():
-    """Axes 1 and 2 stop at 65535 programs on CUDA, axis 0 at 2**31 - 1. At sizes where the row
-    blocks alone pass 65535 (4096 ViT-L/14 images at 336: 4096 * 577 rows = 18464 row blocks of
-    128 ... and 2**20 images: 4.7M), every grid keeps them on axis 0 and covers every tile once."""
+    """Axes 1 and 2 stop at 65535 programs on CUDA, axis 0 at 2**31 - 1. Up to sizes where the
+    row blocks alone pass 65535 (2**20 ViT-L/14 images at 336: 577 * 2**20 / 128 = 4.7M row
+    blocks, where the old grid put them on axis 1), every grid keeps what grows on axis 0, covers
+    every tile once, and bounds the weight gradient's splits (even with 10**6 multiprocessors)."""
     module = patch_embed_module
     for dtype, cfg in module.GEMM_CONFIGS.items():
         for batch, tokens, embed_dim, k_size, multiprocessors in [(4096, 577, 1024, 588, 132),
