@@ -767,4 +767,7 @@ def test_wra_hypothesis_against_float64(batch, rows, cols, dim, log_beta, seed):
             distance = ops.wra_distance(txt_d, img_d, x_mask.to(device), y_mask.to(device), beta=beta, iters=20)
         grads = torch.autograd.grad(distance, (txt_d, img_d), grad_out.to(device))
         for got, exact, fp32 in zip((distance, *grads), (expected, grad_txt64, grad_img64), same):
-            assert rel_error(got, exact) <= same_dtype_bound(fp32, exact), backend
+            if exact.norm() < 1e-12:  # e.g. nothing valid, or a 1 x 1 problem in D = 1: no relative error
+                assert got.abs().max() <= 1e-6, backend
+            else:
+                assert rel_error(got, exact) <= same_dtype_bound(fp32, exact), backend
