@@ -323,11 +323,12 @@ def _triton_dtype_refusal(*tensors: torch.Tensor) -> Optional[str]:
 
 def _triton_nearest_refusal(x: torch.Tensor, codebook: torch.Tensor) -> Optional[str]:
     why = _triton_dtype_refusal(x, codebook)
-    block_n = None if why else _nearest_config(x.dtype, _dot_precision(x.dtype)).block_n
-    if why is None and _nearest_grid(x.shape[0], block_n)[0] > _MAX_GRID_AXIS_0:
-        why = f"{x.shape[0]} rows need more row blocks than a launch grid holds"
-    if why is None and codebook.shape[0] > 2**31 - 1:  # the kernel keeps entry indices in int32
-        why = f"{codebook.shape[0]} entries exceed the kernel's int32 entry index"
+    if why is None:
+        block_n = _nearest_config(x.dtype, _dot_precision(x.dtype)).block_n
+        if _nearest_grid(x.shape[0], block_n)[0] > _MAX_GRID_AXIS_0:
+            why = f"{x.shape[0]} rows need more row blocks than a launch grid holds"
+        elif codebook.shape[0] > 2**31 - 1:  # the kernel keeps entry indices in int32
+            why = f"{codebook.shape[0]} entries exceed the kernel's int32 entry index"
     return why
 
 
