@@ -106,6 +106,8 @@ def _ipot_kernel(
     beta, iters, k,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # next powers of two of M and N: the register tile
 ):
+    """IPOT plan of problem program_id(0) (grid (B,), launch_grid). Concurrency: it reads only
+    its problem's cost and masks and writes only its problem's plan, each element once; no dot."""
     problem = tl.program_id(0).to(tl.int64)
     rows, cols, x_valid, y_valid = _load_masks(x_mask, y_mask, problem, M, N, BLOCK_M, BLOCK_N)
     joint = x_valid[:, None] & y_valid[None, :]
@@ -124,9 +126,12 @@ def _wra_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    # Cost C = 1 - <x, y> / (max(|x|, eps) max(|y|, eps)) from a tl.dot over D (fp32
-    # accumulation; 16-bit operands are multiplied exactly), IPOT on it, then
-    # distance = sum(C * T) and the plan (kept for the backward).
+    """WRA distance of problem program_id(0) (grid (B,), launch_grid): cost C = 1 - <x, y> /
+    (max(|x|, eps) max(|y|, eps)) from a tl.dot over D (fp32 accumulation; 16-bit operands are
+    multiplied exactly), IPOT on it, then distance = sum(C * T) and the plan (kept for the
+    backward). Concurrency: reads only its problem's embeddings and masks, writes only its
+    problem's plan (each element once) and distance[problem]; the x / y tiles of the pipelined
+    dot loop feed the dot alone (the norms reload them in their own loop, triton#6691)."""
     problem = tl.program_id(0).to(tl.int64)
     rows, cols, x_valid, y_valid = _load_masks(x_mask, y_mask, problem, M, N, BLOCK_M, BLOCK_N)
     joint = x_valid[:, None] & y_valid[None, :]
@@ -187,6 +192,8 @@ def _sinkhorn_kernel(
     log_domain,  # a runtime flag: one compiled kernel serves both iterations
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # Concurrency: one program per problem (grid (B,), launch_grid), reading only its problem's
+    # cost and marginals, writing only its problem's plan, each element once; no dot.
     # Columns then rows per iteration (POT's order); a and b are zero off the support. In the
     # log domain the tile holds K = -C/reg and f, g are potentials; otherwise the tile holds
     # exp(-C/reg) and f, g are the scalings u, v. A problem stops once the L2 norm of its
