@@ -46,12 +46,12 @@ def _ipot_iterations(A, sigma, x_valid, y_valid, x_len, y_len, steps, k):
 
 
 @triton.jit
-def _ipot_log_iterations(log_a, log_sigma, joint, x_valid, y_valid, x_len, y_len, steps, k):
+def _ipot_log_iterations(log_a, log_sigma, x_valid, y_valid, x_len, y_len, steps, k):
     # The same loop in the log domain (log A = -shifted cost / beta, -inf off the joint-valid
     # entries): delta and sigma from log-sum-exps, log T = log delta + log Q + log sigma.
     log_x_len = tl.log(tl.maximum(x_len, 1.0))
     log_y_len = tl.log(tl.maximum(y_len, 1.0))
-    log_t = tl.where(joint, 0.0, float("-inf"))
+    log_t = tl.where(log_a > float("-inf"), 0.0, float("-inf"))  # log T = 0 where A > 0, as T = 1
     log_delta = tl.where(y_valid, 0.0, float("-inf"))
     for _ in range(steps):
         log_q = log_a + log_t
@@ -59,7 +59,7 @@ def _ipot_log_iterations(log_a, log_sigma, joint, x_valid, y_valid, x_len, y_len
             log_delta = tl.where(y_valid, -log_y_len - _lse_over_rows(log_q + log_sigma[:, None]), float("-inf"))
             log_sigma = tl.where(x_valid, -log_x_len - _lse_over_cols(log_q + log_delta[None, :]), float("-inf"))
         log_t = log_delta[None, :] + log_q + log_sigma[:, None]
-    return tl.where(joint, tl.exp(log_t), 0.0)
+    return tl.exp(log_t)  # 0 off the joint-valid entries (log Q = -inf there)
 
 
 @triton.jit
@@ -81,13 +81,13 @@ def _ipot_plan(C, joint, x_valid, y_valid, beta, iters, k):
     steps = tl.where((x_len > 0) & (y_len > 0), iters, 0)
     if tl.max(tl.max(shifted, axis=1), axis=0) / beta > IPOT_LOG_DOMAIN_ABOVE:
         log_sigma = tl.where(x_valid, -row / beta - tl.log(tl.maximum(x_len, 1.0)), float("-inf"))
-        T = _ipot_log_iterations(tl.where(joint, -shifted / beta, float("-inf")), log_sigma, joint, x_valid,
-                                 y_valid, x_len, y_len, steps, k)
+        T = _ipot_log_iterations(tl.where(joint, -shifted / beta, float("-inf")), log_sigma, x_valid, y_valid,
+                                 x_len, y_len, steps, k)
     else:
         sigma = tl.where(x_valid, tl.exp(-row / beta) / tl.maximum(x_len, 1.0), 0.0)
         T = _ipot_iterations(tl.where(joint, tl.exp(-shifted / beta), 0.0), sigma, x_valid, y_valid, x_len, y_len,
                              steps, k)
-    return tl.where(joint, T, 0.0)
+    return T  # zero off the joint-valid entries already (A = 0 there); the callers mask again
 
 
 @triton.jit
@@ -113,9 +113,9 @@ def _ipot_kernel(
     joint = x_valid[:, None] & y_valid[None, :]
     C = tl.load(cost + problem * stride_cb + rows[:, None] * stride_cm + cols[None, :] * stride_cn,
                 mask=joint, other=0.0)
-    T = _ipot_plan(C, joint, x_valid, y_valid, beta, iters, k)
+    T = _ipot_plan(C, joint, x_valid, y_valid, beta, iters, k)  # zero off the joint-valid entries
     out = plan + problem * M * N + rows[:, None] * N + cols[None, :]
-    tl.store(out, tl.where(joint, T, 0.0), mask=(rows < M)[:, None] & (cols < N)[None, :])
+    tl.store(out, T, mask=(rows < M)[:, None] & (cols < N)[None, :])
 
 
 @triton.jit
