@@ -479,6 +479,8 @@ def sinkhorn(cost: torch.Tensor, a: Optional[torch.Tensor] = None, b: Optional[t
     P 1 = a, P^T 1 = b; zero off the support. On each problem it is POT's ``ot.sinkhorn(a, b, C,
     reg)`` (log_domain=False, the scaling iteration) or ``ot.sinkhorn_log`` (log_domain=True,
     stabilised in the log domain: use it for small reg), iterated alike: columns, then rows.
+    log_domain=False holds exp(-cost / reg) in fp32 and refuses (ValueError) a cost with
+    |cost| / reg > 50 on the support, where it would under/overflow.
     tol: stop a problem once the L2 norm of its column-marginal error is <= tol (checked after
     every iteration); None runs exactly ``iters`` iterations. No gradient flows.
     """
