@@ -1,7 +1,8 @@
 """vlkernels: Triton and CUDA kernels for vision-language pretraining, with drop-in torch modules."""
 from vlkernels._backend import BACKENDS, NoBackendError, requested_backend, use_backend
 from vlkernels._deterministic import deterministic, is_deterministic, set_deterministic
+from vlkernels.ops._checks import set_value_checks, value_check_mode, value_checks
 
 __version__ = "0.1.0"
 __all__ = ["BACKENDS", "NoBackendError", "deterministic", "is_deterministic", "requested_backend",
-           "set_deterministic", "use_backend", "__version__"]
+           "set_deterministic", "set_value_checks", "use_backend", "value_check_mode", "value_checks", "__version__"]
