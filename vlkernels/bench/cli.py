@@ -56,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                         help="start no new case after this many seconds (the rest are recorded as skipped)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--schedule", choices=("ops", "rounds"), default="ops",
+                        help="ops: every case of one op, then the next op; rounds: the first case of every op "
+                             "(in --op order), then the second of each, ... (with --time-limit, every op gets "
+                             "timed before any op gets its second preset)")
     parser.add_argument("--summarize", nargs="+", metavar="CSV", default=None,
                         help="print the summary of existing result CSVs (restricted to --modes) and exit")
     return parser
@@ -105,27 +109,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{harness.DTYPE_NAMES[dtype]}, modes {','.join(args.modes)}{' (quick)' if args.quick else ''}; "
           f"{harness.versions()}; commit {harness.git_commit()}", flush=True)
     os.makedirs(out_dir, exist_ok=True)
-    all_rows, failures = [], []
-    for op in ops:
-        result = harness.run_cases(cases[op], device=device, dtype=dtype, modes=args.modes, providers=args.providers,
+    if args.schedule == "rounds":
+        longest = max((len(op_cases) for op_cases in cases.values()), default=0)
+        batches = [(op, [cases[op][i]]) for i in range(longest) for op in ops if i < len(cases[op])]
+    else:
+        batches = [(op, cases[op]) for op in ops]
+    rows = {op: [] for op in ops}
+    failures = []
+    for op, op_cases in batches:
+        result = harness.run_cases(op_cases, device=device, dtype=dtype, modes=args.modes, providers=args.providers,
                                    budget=budget, progress=not args.no_progress, deadline=deadline)
-        csv_path = os.path.join(out_dir, f"{op}.csv")
-        harness.write_csv(result.rows, csv_path)
-        written = [csv_path]
-        if any(r["metric"] == "time_ms" for r in result.rows):
-            from vlkernels.bench.plot import plot_op
-
-            png_path = os.path.join(out_dir, f"{op}.png")
-            plot_op(result.rows, png_path)
-            written.append(png_path)
-        else:
-            failures.append(f"{op}: no provider could be timed")
-        print(f"wrote {', '.join(written)}", flush=True)
-        all_rows += result.rows
+        rows[op] += result.rows
         failures += result.failures
+        harness.write_csv(rows[op], os.path.join(out_dir, f"{op}.csv"))  # kept current: a killed run keeps its rows
         late = sum("time limit" in message for message in result.skipped)
         if late:
             print(f"vlkernels-bench: {op}: time limit reached; {late} measurement(s) not taken", file=sys.stderr)
+    for op in ops:
+        written = [os.path.join(out_dir, f"{op}.csv")]
+        if any(r["metric"] == "time_ms" for r in rows[op]):
+            from vlkernels.bench.plot import plot_op
+
+            written.append(os.path.join(out_dir, f"{op}.png"))
+            plot_op(rows[op], written[-1])
+        elif not all("time limit" in row.get("note", "") for row in rows[op]):  # not merely out of time
+            failures.append(f"{op}: no provider could be timed")
+        print(f"wrote {', '.join(written)}", flush=True)
+    all_rows = [row for op in ops for row in rows[op]]
 
     print()
     print(harness.summary_table(all_rows, args.modes))
