@@ -771,3 +771,45 @@ def test_wra_hypothesis_against_float64(batch, rows, cols, dim, log_beta, seed):
                 assert got.abs().max() <= 1e-6, backend
             else:
                 assert rel_error(got, exact) <= same_dtype_bound(fp32, exact), backend
+
+
+def _value_check_cases(device):
+    """(call, strict-mode message) for every value check of the OT ops."""
+    cost = torch.rand(2, 3, 4, device=device)
+    nan_cost = cost.clone()
+    nan_cost[1, 0, 2] = float("nan")
+    txt, img = torch.randn(2, 3, 8, device=device), torch.randn(2, 4, 8, device=device)
+    nan_txt = txt.clone()
+    nan_txt[1, 1, 5] = float("nan")
+    uniform_b = torch.ones(2, 4, device=device) / 4
+    return [
+        (lambda: ops.ipot(nan_cost, None, None), "ipot: cost has non-finite (inf / nan) entries where both masks"),
+        (lambda: ops.sinkhorn(nan_cost, reg=0.1), "sinkhorn: cost has non-finite (inf / nan) entries on the support"),
+        (lambda: ops.sinkhorn(cost, torch.full((2, 3), -1.0 / 3, device=device), reg=0.1),
+         "sinkhorn: the marginals a and b must be finite and >= 0"),
+        (lambda: ops.sinkhorn(cost, torch.full((2, 3), 0.5, device=device), uniform_b, reg=0.1),
+         "sinkhorn: a and b must carry the same mass in every problem"),
+        (lambda: ops.sinkhorn(cost * 60, reg=0.5, log_domain=False),
+         "sinkhorn: reg=0.5 is too small for log_domain=False on this cost"),
+        (lambda: ops.gromov_wasserstein_distance(nan_txt, img, None, None),
+         "ipot: cost has non-finite (inf / nan) entries where both masks"),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_value_checks_in_both_modes(backend):
+    """Item 3 of issue 13: every value check raises its ValueError before any launch in strict
+    mode (the suite's mode), and in the default device mode a RuntimeError with the same message
+    (torch._assert_async) instead of a host read; good inputs pass both."""
+    device = device_of(backend)
+    with vlkernels.use_backend(backend):
+        for mode, error in (("host", ValueError), ("device", RuntimeError)):
+            with vlkernels.value_checks(mode):
+                for call, message in _value_check_cases(device):
+                    with pytest.raises(error) as raised:
+                        call()
+                    assert message in str(raised.value), (mode, message, str(raised.value))
+                cost = torch.rand(2, 3, 4, device=device)
+                assert torch.isfinite(ops.ipot(cost, None, None)).all()
+                assert torch.isfinite(ops.sinkhorn(cost, reg=0.1, log_domain=False)).all()
+

@@ -25,7 +25,7 @@ import torch
 
 from vlkernels import _backend, _extension
 from vlkernels._backend import Implementation
-from vlkernels.ops._checks import assert_in_graph, compiling
+from vlkernels.ops._checks import check_value, reads_on_host
 from vlkernels.reference import optimal_transport as reference
 
 try:
@@ -403,13 +403,11 @@ def _check_cost(op: str, cost: torch.Tensor) -> None:
 
 
 def _check_finite_cost(op: str, cost: torch.Tensor, x_mask: torch.Tensor, y_mask: torch.Tensor) -> None:
-    # One device-side reduction (and one sync): padding may hold anything, valid entries may not.
+    # One device-side reduction: padding may hold anything, valid entries may not. Read on the
+    # host only in strict mode; by default checked in place (vlkernels.ops._checks).
     joint = x_mask[:, :, None] & y_mask[:, None, :]
-    message = f"{op}: cost has non-finite (inf / nan) entries where both masks are valid"
-    if compiling():  # no host read under torch.compile (see vlkernels.ops._checks)
-        assert_in_graph((torch.isfinite(cost) | ~joint).all(), message)
-    elif bool((~torch.isfinite(cost) & joint).any()):
-        raise ValueError(message)
+    check_value((torch.isfinite(cost) | ~joint).all(),
+                f"{op}: cost has non-finite (inf / nan) entries where both masks are valid")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,6 +436,9 @@ def ipot(cost: torch.Tensor, x_mask: Optional[torch.Tensor], y_mask: Optional[to
     then each row's minimum cost first (the same plan: the scalings absorb both), and iterates
     in the log domain where the shifted cost still exceeds 16 * beta, so any beta >= 1e-30 and
     any finite cost range give the float64 plan to fp32 rounding (no underflow to 0 / 0).
+    A non-finite cost where both masks are valid is refused: by default checked on the device
+    without a host read (RuntimeError with the message), in strict mode (VLKERNELS_VALUE_CHECKS
+    / vlkernels.set_value_checks("host")) a ValueError before any launch.
     """
     _check_cost("ipot", cost)
     batch, rows, cols = cost.shape
@@ -479,10 +480,14 @@ def sinkhorn(cost: torch.Tensor, a: Optional[torch.Tensor] = None, b: Optional[t
     P 1 = a, P^T 1 = b; zero off the support. On each problem it is POT's ``ot.sinkhorn(a, b, C,
     reg)`` (log_domain=False, the scaling iteration) or ``ot.sinkhorn_log`` (log_domain=True,
     stabilised in the log domain: use it for small reg), iterated alike: columns, then rows.
-    log_domain=False holds exp(-cost / reg) in fp32 and refuses (ValueError) a cost with
+    log_domain=False holds exp(-cost / reg) in fp32 and refuses (see below) a cost with
     |cost| / reg > 50 on the support, where it would under/overflow.
     tol: stop a problem once the L2 norm of its column-marginal error is <= tol (checked after
     every iteration); None runs exactly ``iters`` iterations. No gradient flows.
+    The value checks (finite cost on the support, finite nonnegative marginals of equal mass,
+    the scaling form's |cost| / reg) run on the device by default, without a host read
+    (RuntimeError with the message); strict mode (VLKERNELS_VALUE_CHECKS /
+    vlkernels.set_value_checks("host")) raises their ValueError before any launch.
     """
     _check_cost("sinkhorn", cost)
     batch, rows, cols = cost.shape
@@ -501,29 +506,29 @@ def sinkhorn(cost: torch.Tensor, a: Optional[torch.Tensor] = None, b: Optional[t
                              f"got {got}")
     a, b, x_on, y_on = reference.sinkhorn_marginals(cost, a, b, x_mask, y_mask)
     joint = x_on[:, :, None] & y_on[:, None, :]
-    # One sync for every data check: non-finite cost on the support, negative or non-finite
-    # marginals, unequal masses, a reg too small for the scaling form.
+    # The data checks: non-finite cost on the support, negative or non-finite marginals, unequal
+    # masses, a reg too small for the scaling form. By default each is checked in place (no
+    # host read, RuntimeError); in strict mode the verdicts come to the host in one sync and the
+    # first failing one raises its ValueError (vlkernels.ops._checks).
     mass_a, mass_b = a.sum(1), b.sum(1)
-    # The scaling form (log_domain=False) holds exp(-C / reg) in fp32: beyond |C| / reg = 50 its
-    # kernel and scalings leave fp32's range (NaN plans), where the log domain is exact.
-    too_small_reg = ((cost.abs() > _SCALING_FORM_MAX_EXPONENT * reg) & joint).any() if not log_domain else \
-        torch.zeros((), dtype=torch.bool, device=cost.device)
-    flags = torch.stack([(~torch.isfinite(cost) & joint).any(),
-                         ((a < 0) | ~torch.isfinite(a)).any() | ((b < 0) | ~torch.isfinite(b)).any(),
-                         ((mass_a > 0) & (mass_b > 0) & ((mass_a - mass_b).abs() > 1e-4 * torch.maximum(mass_a, mass_b))
-                          ).any(), too_small_reg])
-    messages = ("sinkhorn: cost has non-finite (inf / nan) entries on the support",
+    flags = [(~torch.isfinite(cost) & joint).any(),
+             ((a < 0) | ~torch.isfinite(a)).any() | ((b < 0) | ~torch.isfinite(b)).any(),
+             ((mass_a > 0) & (mass_b > 0) & ((mass_a - mass_b).abs() > 1e-4 * torch.maximum(mass_a, mass_b))).any()]
+    messages = ["sinkhorn: cost has non-finite (inf / nan) entries on the support",
                 "sinkhorn: the marginals a and b must be finite and >= 0",
-                "sinkhorn: a and b must carry the same mass in every problem (sum a = sum b over the valid entries)",
-                f"sinkhorn: reg={reg!r} is too small for log_domain=False on this cost: exp(-cost / reg) leaves "
-                f"fp32's range where |cost| / reg > {_SCALING_FORM_MAX_EXPONENT:g}; use log_domain=True (the default, "
-                "stable for any reg) or reg >= max |cost| / 50")
-    if compiling():  # no host read under torch.compile (see vlkernels.ops._checks)
-        assert_in_graph(~flags.any(), " / ".join(messages))
-    else:
-        for flag, message in zip(flags.tolist(), messages):
-            if flag:
-                raise ValueError(message)
+                "sinkhorn: a and b must carry the same mass in every problem (sum a = sum b over the valid entries)"]
+    if not log_domain:
+        # The scaling form holds exp(-C / reg) in fp32: beyond |C| / reg = 50 its kernel and
+        # scalings leave fp32's range (NaN plans), where the log domain is exact.
+        flags.append(((cost.abs() > _SCALING_FORM_MAX_EXPONENT * reg) & joint).any())
+        messages.append(f"sinkhorn: reg={reg!r} is too small for log_domain=False on this cost: exp(-cost / reg) "
+                        f"leaves fp32's range where |cost| / reg > {_SCALING_FORM_MAX_EXPONENT:g}; use "
+                        "log_domain=True (the default, stable for any reg) or reg >= max |cost| / 50")
+    verdicts = ~torch.stack(flags)
+    if reads_on_host():
+        verdicts = verdicts.cpu()  # the one sync of strict mode; check_value then reads host memory
+    for ok, message in zip(verdicts, messages):
+        check_value(ok, message)
     a, b = a.masked_fill(~x_on, 0), b.masked_fill(~y_on, 0)  # an empty problem has no support at all
     with torch.no_grad():
         return _backend.dispatch("sinkhorn", _SINKHORN, cost.device, cost, a, b, float(reg), iters,
@@ -603,7 +608,9 @@ def gromov_wasserstein_distance(txt: torch.Tensor, img: torch.Tensor, txt_mask: 
     (``ot_iters`` iterations, beta; GOT scales the text rows first, so each round is vlkernels'
     ipot on C_g^T); distance = sum(C_g * gamma). The inner IPOTs run on the selected backend
     (one launch each); the small batched GEMMs are torch's. gamma is detached: gradients reach
-    txt and img through Cs and Ct.
+    txt and img through Cs and Ct. Non-finite embeddings fail the inner ipot's value check
+    (on the device by default, a ValueError in strict mode: VLKERNELS_VALUE_CHECKS /
+    vlkernels.set_value_checks); no value is read on the host by default.
     """
     txt_mask, img_mask = _check_embeddings("gromov_wasserstein_distance", txt, img, txt_mask, img_mask)
     _check_positive("gromov_wasserstein_distance: beta", beta)
