@@ -510,6 +510,26 @@ def test_multihead_attention_fully_padded_sample_gives_finite_zero_attention(bac
     assert all(torch.isfinite(g).all() for g in grads) and grads[0][1].abs().max() == 0
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["eval-kernels", "train-dropout-path"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_multihead_attention_propagates_nan_and_ignores_padding(backend, training):
+    """Issue 12 item 5 through the module, on the kernels' path and on the eager dropout path
+    (the reference with dropout): a NaN in one real token's input reaches every query of its
+    sample (its k and v are visible to all) and nothing of the other sample; the same NaN in a
+    padded token reaches nothing. No nan_to_num erases it."""
+    torch.manual_seed(10)
+    module = MultiheadAttention(32, 2, dropout=0.25).to(DEVICE).train(training)
+    x = torch.randn(2, 9, 32, device=DEVICE)
+    mask = torch.ones(2, 9, dtype=torch.bool, device=DEVICE)
+    mask[1, 6:] = False
+    x[0, 3, 5] = float("nan")  # a real token of sample 0
+    x[1, 7, 0] = float("nan")  # a padded token of sample 1
+    with vlkernels.use_backend(backend):
+        out = module(x, key_padding_mask=mask)
+    assert bool(out[0].isnan().all(-1).all()), "the NaN fed in was not propagated"
+    assert bool(out[1, :6].isfinite().all()), "a NaN in a padded key reached a real query"
+
+
 @pytest.mark.parametrize("kind", ["lxmert", "vilbert", "meter"])
 def test_co_attention_layer_runs_both_cross_directions_in_one_launch(kind, monkeypatch):
     import vlkernels.nn.attention as attention_module
