@@ -13,7 +13,8 @@ its probabilities recompute to exactly 0 in the backward pass and its output is 
 Masked positions are excluded, not multiplied by zero: a padded key (key_mask, or past its
 sequence's end) is loaded as k = v = 0, so a NaN stored there reaches no query; a key hidden
 by the causal / PrefixLM mask gets probability 0 whatever its score. Whether a row is empty
-is decided by the mask alone (``seen``), never by the values, so NaN / Inf fed in through q
+is decided by the mask alone (``seen``: the batch item's first real key exists and is visible
+to the row, from _key_limits), never by the values, so NaN / Inf fed in through q
 or a visible k / v propagate as IEEE arithmetic gives them (as in the torch reference).
 
 Launch shape (all kernels): program axis 0 enumerates (batch * heads) x (blocks of one
@@ -104,11 +105,19 @@ def _attention_fwd_tile(
     start_m = pid_m * BLOCK_M
     if start_m < q_len:
         if HAS_KEY_MASK:
-            k_len = tl.minimum(k_len, tl.load(key_limit + batch))  # trailing padding: skip its tiles
+            k_len = tl.minimum(k_len, tl.load(key_limit + 2 * batch))  # trailing padding: skip its tiles
         prefix = 0
         if CAUSAL:
             prefix = tl.load(prefix_len + batch)
         offs_m = start_m + tl.arange(0, BLOCK_M)
+        # Does a row see any key? From the mask alone, with no reduction in the loop: the first
+        # real key exists (k_len > first) and, under CAUSAL, is at or before the row or in the prefix.
+        first = 0
+        if HAS_KEY_MASK:
+            first = tl.load(key_limit + 2 * batch + 1)
+        seen = (first < k_len) & (offs_m >= 0)
+        if CAUSAL:
+            seen = seen & ((first <= offs_m) | (first < prefix))
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM
         m_ok = offs_m < q_len
@@ -120,7 +129,6 @@ def _attention_fwd_tile(
 
         row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        seen = tl.zeros((BLOCK_M,), dtype=tl.int32)  # 1 once a row has a visible key (decided by the mask only)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         for start_n in range(0, _key_end(start_m, k_len, prefix, BLOCK_M, CAUSAL), BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -130,11 +138,10 @@ def _attention_fwd_tile(
                              mask=d_ok[:, None] & real[None, :], other=0.0)
             scores = tl.dot(q_tile, k_tile, input_precision=DOT_PRECISION) * scale_log2
             visible = _visible(offs_m, offs_n, real, prefix, CAUSAL)
-            seen = tl.maximum(seen, tl.max(visible.to(tl.int32), axis=1))
             scores = tl.where(visible, scores, float("-inf"))
             new_max = tl.maximum(row_max, tl.max(scores, axis=1))
             shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # no visible key yet: avoid inf - inf
-            p = tl.where(visible, tl.exp2(scores - shift[:, None]), 0.0)
+            p = tl.exp2(scores - shift[:, None])
             rescale = tl.exp2(row_max - shift)
             row_sum = row_sum * rescale + tl.sum(p, axis=1)
             v_tile = tl.load(v_base + offs_n[:, None].to(tl.int64) * sv_s + offs_d[None, :],
@@ -142,7 +149,7 @@ def _attention_fwd_tile(
             acc = acc * rescale[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=DOT_PRECISION)
             row_max = new_max
 
-        empty = seen == 0
+        empty = ~seen
         # A row with visible keys divides by its sum even when that is 0 or NaN (Inf / NaN inputs:
         # 0 / 0 = NaN, as the reference's softmax gives); an empty row is 0 whatever acc holds.
         acc = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, row_sum)[:, None])
@@ -171,7 +178,7 @@ def _attention_bwd_tile(
     k_begin, k_len = _sequence(cu_k, batch, seq_k, VARLEN)
     key_len = k_len
     if HAS_KEY_MASK:
-        key_len = tl.minimum(k_len, tl.load(key_limit + batch))
+        key_len = tl.minimum(k_len, tl.load(key_limit + 2 * batch))
     prefix = 0
     if CAUSAL:
         prefix = tl.load(prefix_len + batch)
