@@ -133,6 +133,91 @@ def test_bad_update_inputs_raise_before_any_change(backend, case):
     assert torch.equal(codebook, before)
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["all-rows", "masked"])
+@pytest.mark.parametrize("shift", [5, -5, 10**6], ids=["high", "negative", "huge"])
+@pytest.mark.parametrize("backend", UPDATE_BACKENDS)
+def test_out_of_range_index_in_the_device_mode_fails_with_the_message(backend, shift, masked):
+    """The default mode checks the ids on the device (torch._assert_async: RuntimeError on CPU) with
+    the strict mode's message; the strict mode's IndexError also names the offending range. With a
+    mask, one bad id in a counted row is enough (bad ids in masked rows are allowed, see
+    test_update_never_reads_masked_rows)."""
+    device = device_for(backend)
+    codebook = torch.randn(5, 8, device=device)
+    index = torch.arange(9, device=device) % 5
+    mask = torch.arange(9, device=device) % 2 == 0 if masked else None
+    index[4] += shift  # row 4 is counted either way
+    args = (codebook, torch.zeros(5, device=device), torch.zeros(5, 8, device=device),
+            torch.randn(9, 8, device=device), index)
+    with vlkernels.use_backend(backend), vlkernels.value_checks("device"):
+        with pytest.raises(RuntimeError, match=r"vd_ema_update_: index values must lie in \[0, 5\)"):
+            vd_ema_update_(*args, decay=0.4, mask=mask)
+    counted = index if mask is None else index[mask]
+    low, high = counted.min().item(), counted.max().item()
+    with vlkernels.use_backend(backend), vlkernels.value_checks("host"):
+        with pytest.raises(IndexError, match=rf"must lie in \[0, 5\), got \[{low}, {high}\]"):
+            vd_ema_update_(*args, decay=0.4, mask=mask)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_in_range_index_passes_the_device_mode_check(backend):
+    """The device check does not fire on good ids (nor on bad ids of masked rows), and the update
+    then equals the strict mode's."""
+    generator = torch.Generator().manual_seed(41)
+    x = torch.randn(40, 8, generator=generator).to(DEVICE)
+    index = torch.randint(0, 5, (40,), generator=generator).to(DEVICE)
+    mask = torch.rand(40, generator=generator).to(DEVICE) < 0.5
+    index = torch.where(mask, index, -3)
+    results = []
+    for mode in ("device", "host"):
+        state = (torch.randn(5, 8, generator=torch.Generator().manual_seed(1)).to(DEVICE),
+                 torch.zeros(5, device=DEVICE), torch.zeros(5, 8, device=DEVICE))
+        with vlkernels.use_backend(backend), vlkernels.value_checks(mode):
+            vd_ema_update_(*state, x, index, decay=0.4, mask=mask)
+        results.append(state)
+    for device_mode, host_mode in zip(*results):
+        assert torch.equal(device_mode, host_mode)
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the device-to-host value reads (item, bool, int) of the calls inside it (as in
+    tests/test_op_contract.py, which counts the ops, not the module)."""
+
+    READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
+             torch.ops.aten.item.default}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.reads += func in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_training_step_reads_nothing_on_the_host(backend, monkeypatch):
+    """SOHO runs the dictionary every step: its training forward (nearest, update, quantise), the
+    backward, the MVM mask and logits read no value on the host in the default mode."""
+    torch.manual_seed(42)
+    vd = VisualDictionary(num_embeddings=23, dim=16).to(DEVICE)
+    x = torch.randn(2, 6, 16, device=DEVICE, requires_grad=True)
+    valid = torch.rand(2, 6, device=DEVICE) < 0.8
+
+    def step():
+        quantized, index = vd(x, valid)
+        masked, labels = mvm_mask(index, valid, prob=1.0)
+        (quantized.square().sum() + vd.mvm_logits(quantized).sum()).backward()
+        return labels
+
+    with vlkernels.use_backend(backend), vlkernels.value_checks("device"):
+        step()  # warm: first-call caches may read once
+        counter = _HostReads()
+        monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("tolist on the default path"))
+        with counter:
+            step()
+    assert counter.reads == 0
+
+
 def test_bad_nearest_inputs_raise():
     x, codebook = torch.randn(4, 8), torch.randn(6, 8)
     with pytest.raises(ValueError, match="x has 7 features but the codebook has 8"):

@@ -16,7 +16,7 @@ import torch
 
 from vlkernels import _backend, _extension
 from vlkernels._backend import Implementation
-from vlkernels.ops._checks import assert_in_graph, compiling
+from vlkernels.ops._checks import check_value, reads_on_host
 from vlkernels.reference import visual_dictionary as reference
 
 try:
@@ -221,10 +221,12 @@ def _launch_cluster_statistics(x, index, entries, mask) -> tuple[torch.Tensor, t
     dim = x.shape[1]
     x = x if x.stride(1) == 1 else x.contiguous()
     bucket = index if mask is None else torch.where(mask, index, entries)  # masked rows go to a last bucket
-    order = torch.sort(bucket, stable=True).indices  # stable: each entry sums its rows in input order
-    counts = torch.bincount(bucket, minlength=entries + 1)[:entries]
-    offsets = torch.zeros(entries + 1, device=x.device, dtype=torch.int64)
-    torch.cumsum(counts, 0, out=offsets[1:])
+    sorted_bucket, order = torch.sort(bucket, stable=True)  # stable: each entry sums its rows in input order
+    # Entry k's rows are order[offsets[k]:offsets[k+1]]. searchsorted, not bincount: CUDA's
+    # bincount reads the largest id on the host to size its output (a sync every step).
+    bounds = torch.arange(entries + 1, device=x.device, dtype=torch.int64)
+    offsets = torch.searchsorted(sorted_bucket, bounds)
+    counts = offsets.diff()
     sums = torch.empty(entries, dim, device=x.device, dtype=torch.float32)
     if dim:
         _vd_cluster_sums_kernel[_entry_grid(entries, dim, _SUMS_BLOCK_D)](
@@ -447,6 +449,12 @@ def vd_ema_update_(
 
     The state may be any strided layout without overlapping elements (a transposed codebook,
     say); an expanded view is refused, since it cannot be written in place.
+
+    The index values of counted rows must lie in [0, K). By default this is checked on the
+    device without a host read (a violation raises RuntimeError with the message, on CUDA a
+    device-side assert; the triton kernels never use an id as an address: an out-of-range one
+    falls outside every entry's segment); with VLKERNELS_VALUE_CHECKS=host / vlkernels.set_value_checks("host") it
+    raises IndexError before any launch. No other value is read on the host.
     """
     _check_matrix("vd_ema_update_: codebook", codebook)
     _check_matrix("vd_ema_update_: x", x)
@@ -475,16 +483,17 @@ def vd_ema_update_(
     tensors = (codebook, cluster_size, embed_avg, x, index) + ((mask,) if mask is not None else ())
     if any(t.device != codebook.device for t in tensors):
         raise ValueError("vd_ema_update_: all tensors must be on one device")
-    if compiling():  # no host read under torch.compile (see vlkernels.ops._checks)
-        in_range = (index >= 0) & (index < entries)
-        assert_in_graph((in_range if mask is None else in_range | ~mask).all(),
-                        f"vd_ema_update_: index values must lie in [0, {entries})")
+    # The ids of counted rows in range: a device-side assert by default, the IndexError before any
+    # launch in strict mode (see vlkernels.ops._checks). Masked rows are not read, so not checked.
+    in_range = (index >= 0) & (index < entries)
+    ok = (in_range if mask is None else in_range | ~mask).all()
+    message = f"vd_ema_update_: index values must lie in [0, {entries})"
+    if reads_on_host():  # strict mode: one sync, and on failure the offending range in the message
+        if not bool(ok):
+            low, high = (int(v) for v in torch.aminmax(index if mask is None else index[mask]))
+            raise IndexError(f"{message}, got [{low}, {high}]")
     else:
-        checked = index if mask is None else index[mask]
-        if checked.numel():
-            low, high = (int(v) for v in torch.aminmax(checked))
-            if low < 0 or high >= entries:
-                raise IndexError(f"vd_ema_update_: index values must lie in [0, {entries}), got [{low}, {high}]")
+        check_value(ok, message, IndexError)
     with torch.no_grad():
         # The kernels write contiguous state: a strided one is updated through a contiguous copy.
         state = tuple(t if t.is_contiguous() else t.contiguous() for t in (codebook, cluster_size, embed_avg))
