@@ -830,10 +830,12 @@ class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_no_host_reads_in_the_default_mode_losses_included():
-    """Item 3 of issue 13 for the whole family on the triton backend, default mode, forward and
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_host_reads_in_the_default_mode_losses_included(backend):
+    """Item 3 of issue 13 for the whole family on every backend, default mode, forward and
     backward: the ops and UNITER's / ViLT's losses read no value on the host (the strict mode,
     counted alike, does read: the counter can fail)."""
+    device = device_of(backend)
     generator = torch.Generator().manual_seed(31)
     txt, img = embeddings(generator, 4, 9, 11, 40, torch.float32)
     x_mask, y_mask = random_masks(generator, 4, 9, 11)
@@ -841,19 +843,19 @@ def test_no_host_reads_in_the_default_mode_losses_included():
     targets = torch.tensor([1, 0, 1, 0])
 
     def calls():
-        t, i = txt.to(DEVICE).requires_grad_(), img.to(DEVICE).requires_grad_()
-        xm, ym, c = x_mask.to(DEVICE), y_mask.to(DEVICE), cost.to(DEVICE)
+        t, i = txt.to(device).requires_grad_(), img.to(device).requires_grad_()
+        xm, ym, c = x_mask.to(device), y_mask.to(device), cost.to(device)
         ops.ipot(c, xm, ym, iters=3)
         ops.sinkhorn(c, reg=0.5, iters=3, x_mask=xm, y_mask=ym, log_domain=False)
         ops.sinkhorn(c, reg=0.05, iters=3, tol=1e-6, x_mask=xm, y_mask=ym)
         loss = ops.wra_distance(t, i, xm, ym, iters=3).sum()
         loss = loss + ops.gromov_wasserstein_distance(t, i, xm, ym, iters=2, ot_iters=3).sum()
-        loss = loss + WRALoss(iters=3)(t, i, xm, ym, targets.to(DEVICE))
-        loss = loss + WPALoss(iters=3)(t, i, xm, ym, targets.to(DEVICE))
+        loss = loss + WRALoss(iters=3)(t, i, xm, ym, targets.to(device))
+        loss = loss + WPALoss(iters=3)(t, i, xm, ym, targets.to(device))
         loss.backward()
         return t.grad, i.grad
 
-    with vlkernels.use_backend("triton"):
+    with vlkernels.use_backend(backend):
         counts = {}
         for mode in ("device", "host"):
             with vlkernels.value_checks(mode):
@@ -864,3 +866,14 @@ def test_no_host_reads_in_the_default_mode_losses_included():
                 assert all(torch.isfinite(g).all() for g in grads), mode
     assert counts["device"] == 0, counts
     assert counts["host"] > 0, counts
+
+
+def test_reference_sinkhorn_frozen_problems_match_the_early_exit():
+    """stop_early=False (the torch backend: no host read) keeps stopped problems frozen: the
+    plan of the loop that leaves once all have stopped, bit for bit."""
+    generator = torch.Generator().manual_seed(32)
+    cost = random_cost(generator, 3, 7, 9).double()
+    for log_domain in (True, False):
+        early = reference.sinkhorn(cost, reg=0.5, iters=200, tol=1e-9, log_domain=log_domain)
+        frozen = reference.sinkhorn(cost, reg=0.5, iters=200, tol=1e-9, log_domain=log_domain, stop_early=False)
+        assert torch.equal(early, frozen), log_domain

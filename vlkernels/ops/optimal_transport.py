@@ -464,7 +464,7 @@ def _native_sinkhorn(cost, a, b, reg, iters, tol, log_domain):
 _SINKHORN = _cost_implementations(
     "sinkhorn", _native_sinkhorn, _sinkhorn_triton_op,
     lambda cost, a, b, reg, iters, tol, log_domain: reference.sinkhorn(
-        cost, a, b, reg=reg, iters=iters, tol=None if tol < 0 else tol, log_domain=log_domain))
+        cost, a, b, reg=reg, iters=iters, tol=None if tol < 0 else tol, log_domain=log_domain, stop_early=False))
 
 
 def sinkhorn(cost: torch.Tensor, a: Optional[torch.Tensor] = None, b: Optional[torch.Tensor] = None, *, reg: float,

@@ -174,7 +174,7 @@ def sinkhorn_marginals(cost, a, b, x_mask, y_mask):
 @torch.no_grad()
 def sinkhorn(cost: torch.Tensor, a: Optional[torch.Tensor] = None, b: Optional[torch.Tensor] = None, *, reg: float,
              iters: int = 100, tol: Optional[float] = None, x_mask: Optional[torch.Tensor] = None,
-             y_mask: Optional[torch.Tensor] = None, log_domain: bool = True) -> torch.Tensor:
+             y_mask: Optional[torch.Tensor] = None, log_domain: bool = True, stop_early: bool = True) -> torch.Tensor:
     """Entropic OT by Sinkhorn's iterations, batched: cost [B, M, N], a [B, M], b [B, N]
     (default uniform over the valid entries), masks [B, M] / [B, N] (True = valid, default all)
     -> plan [B, M, N] minimising <P, C> - reg * H(P) with P 1 = a, P^T 1 = b; zero off the
@@ -188,7 +188,9 @@ def sinkhorn(cost: torch.Tensor, a: Optional[torch.Tensor] = None, b: Optional[t
     tol: a problem stops once its column marginals are within tol (L2 norm of P^T 1 - b) after
     a full iteration; None runs exactly ``iters`` iterations. (Eager leaves the loop once every
     problem has stopped; under torch.compile, which cannot branch on data, stopped problems stay
-    frozen until ``iters``: the same plan.)
+    frozen until ``iters``: the same plan.) Leaving the loop reads ``active`` on the host once
+    per iteration; stop_early=False keeps stopped problems frozen instead (no host read: the
+    torch backend of vlkernels.ops.sinkhorn, whose default mode reads no value on the host).
     """
     acc = accumulation_dtype(cost)
     cost = cost.detach().to(acc)
@@ -206,7 +208,7 @@ def sinkhorn(cost: torch.Tensor, a: Optional[torch.Tensor] = None, b: Optional[t
             if tol is not None and it > 0:
                 marginal = torch.where(y_on, torch.exp(g + lse_col), 0)
                 active = active & ((marginal - b).norm(dim=1, keepdim=True) > tol)
-                if not torch.compiler.is_compiling() and not active.any():
+                if stop_early and not torch.compiler.is_compiling() and not active.any():
                     break
             g_new = torch.where(y_on, log_b - lse_col, 0)
             f_new = torch.where(x_on, log_a - torch.logsumexp(log_kernel + g_new[:, None, :], dim=2), 0)
@@ -219,7 +221,7 @@ def sinkhorn(cost: torch.Tensor, a: Optional[torch.Tensor] = None, b: Optional[t
         col = (kernel * u[:, :, None]).sum(1)
         if tol is not None and it > 0:
             active = active & ((v * col - b).norm(dim=1, keepdim=True) > tol)
-            if not torch.compiler.is_compiling() and not active.any():
+            if stop_early and not torch.compiler.is_compiling() and not active.any():
                 break
         v_new = torch.where(y_on, b / col, 0)
         u_new = torch.where(x_on, a / (kernel * v_new[:, None, :]).sum(2), 0)
