@@ -24,7 +24,9 @@ class VisualDictionary(nn.Module):
     ``quantized`` has the entries' values and passes gradients straight through to ``x``;
     masked-out positions (mask False) are quantised but do not update the dictionary. While no
     position has been counted yet (a fresh dictionary after fully masked or empty steps) the
-    entries keep their initial values (see ``vd_ema_update_``).
+    entries keep their initial values (see ``vd_ema_update_``). A step reads no value on the
+    host in the default value-check mode (VLKERNELS_VALUE_CHECKS / vlkernels.set_value_checks):
+    the ids come from ``vd_nearest`` and are checked on the device by ``vd_ema_update_``.
     """
 
     def __init__(self, num_embeddings: int = 2048, dim: int = 768, decay: float = 0.4, eps: float = 1e-5,
