@@ -26,6 +26,7 @@ import torch
 from vlkernels import _backend, _extension
 from vlkernels._backend import Implementation
 from vlkernels.ops._checks import check_value, reads_on_host
+from vlkernels.ops._variants import KernelVariant
 from vlkernels.reference import optimal_transport as reference
 
 try:
@@ -627,8 +628,6 @@ def gromov_wasserstein_distance(txt: torch.Tensor, img: torch.Tensor, txt_mask: 
 def aot_variants():
     """Every tile configuration the launchers can pick, with UNITER-B's sizes (B=512 ITM pairs,
     M=60 words, N=100 regions, D=768), for the sm_90a report."""
-    from vlkernels.report import KernelVariant
-
     cost_sizes = dict(M=60, N=100, stride_cb=6000, stride_cm=100, stride_cn=1, beta=0.5, iters=50, k=1)
     variants = []
     for cfg in all_tile_configs():

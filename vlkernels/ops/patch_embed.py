@@ -25,6 +25,7 @@ import torch
 from vlkernels import _backend
 from vlkernels._backend import Implementation
 from vlkernels.ops._gemm import GEMM_CONFIGS
+from vlkernels.ops._variants import KernelVariant
 from vlkernels.reference import patch_embed as reference
 
 try:
@@ -572,8 +573,6 @@ def _example_scalars(batch: int, size: int, patch: int, embed_dim: int = 768, ch
 def aot_variants():
     """Every kernel configuration the launchers above can pick, as report.KernelVariant entries,
     with the runtime integers of a real preset (ViT-B/16 at 224, ViLT-B/32 at 384; batch 64)."""
-    from vlkernels.report import KernelVariant
-
     variants = []
     cases = [(torch.bfloat16, 224, 16, "tf32"), (torch.bfloat16, 384, 32, "tf32"), (torch.float16, 224, 16, "tf32"),
              (torch.float32, 224, 16, "tf32"), (torch.float32, 224, 16, "ieee")]

@@ -17,6 +17,7 @@ import torch
 from vlkernels import _backend, _extension
 from vlkernels._backend import Implementation
 from vlkernels.ops._checks import check_value, reads_on_host
+from vlkernels.ops._variants import KernelVariant
 from vlkernels.reference import visual_dictionary as reference
 
 try:
@@ -518,8 +519,6 @@ def _overlaps(tensor: torch.Tensor) -> bool:
 def aot_variants():
     """Every kernel configuration the launchers above can pick, with SOHO's sizes
     (N = 64 x 24 x 24 grid cells, K = 2048, D = 768), for the sm_90a report."""
-    from vlkernels.report import KernelVariant
-
     sizes = dict(rows=64 * 24 * 24, entries=2048, dim=768, stride_x=768, stride_code=768)
     variants = []
     for dtype, precision in ((torch.bfloat16, "tf32"), (torch.float16, "tf32"), (torch.float32, "tf32"),
