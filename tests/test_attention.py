@@ -785,3 +785,117 @@ def test_varlen_property(lengths, d, causal, seed, backend):
     assert_matches_reference("out", out, out64, out)
     for name, grad, grad64 in zip("qkv", grads, grads64):
         _check_grad(f"grad {name}", grad, grad64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 13: value checks without host reads. Strict mode (the suite's, VLKERNELS_VALUE_CHECKS=host)
+# raises the op's ValueError before any launch; the default device mode raises RuntimeError with
+# the op's message from torch._assert_async, and no call reads a value on the host.
+# ----------------------------------------------------------------------------------------------
+import re  # noqa: E402
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+
+def _bad_value_calls():
+    """name -> (the call, the message both modes give)."""
+    packed = torch.randn(10, 2, 32, device=DEVICE)
+    dense = torch.randn(2, 1, 9, 8, device=DEVICE)
+    cu = _cu([4, 6])
+
+    def varlen(cu_q, cu_k, max_q=6, max_k=6, causal=False):
+        return lambda: attention_varlen(packed, packed, packed, cu_q, cu_k, max_q, max_k, causal=causal)
+    return {
+        "negative-prefix_len": (lambda: attention(dense, dense, dense, prefix_len=torch.tensor([3, -1], device=DEVICE)),
+                                "attention: prefix_len must be non-negative"),
+        "cu_q-start": (varlen(cu - 1, cu), "attention_varlen: cu_seqlens_q must rise from 0 to 10"),
+        "cu_k-end": (varlen(cu, _cu([4, 5])), "attention_varlen: cu_seqlens_k must rise from 0 to 10"),
+        "cu-decreasing": (varlen(_cu([6, -2, 6]), _cu([6, -2, 6])),
+                          "attention_varlen: cu_seqlens_q must rise from 0 to 10"),
+        "over-max_seqlen_q": (varlen(cu, cu, max_q=5), "exceeds max_seqlen_q=5"),
+        "over-max_seqlen_k": (varlen(cu, cu, max_k=5), "exceeds max_seqlen_k=5"),
+        "causal-unequal": (varlen(cu, _cu([5, 5]), causal=True),
+                           "attention_varlen: causal attention needs each sequence's q and k lengths equal"),
+        "pad_input-range": (lambda: pad_input(torch.randn(3, 2, device=DEVICE), torch.tensor([0, 5, 8], device=DEVICE),
+                                              2, 4), "pad_input: indices must be in [0, batch * seqlen = 8)"),
+        "pad_input-negative": (lambda: pad_input(torch.randn(2, 2, device=DEVICE), torch.tensor([-1, 3], device=DEVICE),
+                                                 2, 4), "pad_input: indices must be in [0, batch * seqlen = 8)"),
+    }
+
+
+@pytest.mark.parametrize("mode", ["host", "device"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(_bad_value_calls()))
+def test_value_checks_in_both_modes(case, backend, mode):
+    call, message = _bad_value_calls()[case]
+    error = ValueError if mode == "host" else RuntimeError
+    with vlkernels.use_backend(backend), vlkernels.value_checks(mode), pytest.raises(error, match=re.escape(message)):
+        call()
+
+
+def test_strict_messages_name_the_bad_values():
+    """Strict mode's messages name what was seen (read on the host only once a check failed)."""
+    packed = torch.randn(10, 2, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="a sequence of 6 rows exceeds max_seqlen_q=5"):
+        attention_varlen(packed, packed, packed, _cu([4, 6]), _cu([4, 6]), 5, 6)
+    with pytest.raises(ValueError, match=re.escape("= 8), got values in [-1, 3]")):
+        pad_input(torch.randn(2, 2, device=DEVICE), torch.tensor([-1, 3], device=DEVICE), 2, 4)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts device-to-host value reads (item, bool, int, tolist) of the calls inside it."""
+
+    READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
+             torch.ops.aten.item.default}
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.reads = 0
+        real_tolist = torch.Tensor.tolist
+
+        def tolist(tensor):
+            self.reads += 1
+            return real_tolist(tensor)
+        monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.reads += func in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+def _host_read_calls(g):
+    """name -> a function of fresh leaves giving the outputs; sizes above the fp32 blocks."""
+    cu = _cu([70, 5, 0, 33])
+    dense = [_leaf(2, 2, 70, 40, generator=g) for _ in range(3)]
+    text = [_leaf(2, 2, 20, 40, generator=g) for _ in range(3)]
+    packed = [_leaf(108, 2, 40, generator=g) for _ in range(3)]
+    key_mask = random_key_mask(g, 2, 70).to(DEVICE)
+    text_mask = random_key_mask(g, 2, 20).to(DEVICE)
+    indices = torch.randperm(2 * 70, generator=g)[:108].to(DEVICE)
+    prefix = torch.tensor([9, 70], device=DEVICE)
+    return {
+        "attention-key_mask": (dense, lambda q, k, v: attention(q, k, v, key_mask=key_mask)),
+        "attention-causal": (dense, lambda q, k, v: attention(q, k, v, causal=True)),
+        "attention-prefix_len": (dense, lambda q, k, v: attention(q, k, v, prefix_len=prefix, key_mask=key_mask)),
+        "co_attention": (text + dense, lambda *t: co_attention(*t, text_mask=text_mask, image_mask=key_mask)),
+        "attention_varlen": (packed, lambda q, k, v: attention_varlen(q, k, v, cu, cu, 70, 70)),
+        "attention_varlen-causal": (packed, lambda q, k, v: attention_varlen(q, k, v, cu, cu, 70, 70, causal=True)),
+        "pad_input": (packed[:1], lambda x: pad_input(x, indices, 2, 70)),
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(_host_read_calls(torch.Generator().manual_seed(0))))
+def test_no_host_reads_in_the_default_mode(case, backend, monkeypatch):
+    """Default (device) mode, warm: no value read on the host, forward or backward."""
+    def run(leaves, call):
+        outs = call(*leaves)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs])
+
+    with vlkernels.use_backend(backend), vlkernels.value_checks("device"):
+        run(*_host_read_calls(torch.Generator().manual_seed(1))[case])  # warm: first-call caches may read
+        leaves, call = _host_read_calls(torch.Generator().manual_seed(2))[case]  # inputs made outside the count
+        with HostReads(monkeypatch) as counter:
+            run(leaves, call)
+    assert counter.reads == 0, f"{case}: {counter.reads} host read(s)"

@@ -23,7 +23,7 @@ import torch
 
 from vlkernels import _backend
 from vlkernels._backend import Implementation
-from vlkernels.ops._checks import assert_in_graph, compiling
+from vlkernels.ops._checks import check_value, reads_on_host
 from vlkernels.reference import attention as reference
 
 try:
@@ -429,6 +429,16 @@ def _check_key_mask(op: str, name: str, mask: Optional[torch.Tensor], batch: int
         raise ValueError(f"{op}: {name} is on {mask.device} but the queries are on {device}")
 
 
+def _check_value(ok: torch.Tensor, message: str, strict_message=None) -> None:
+    """check_value; in strict mode a failure raises ValueError(strict_message()) instead, a message
+    naming the bad values (more host reads, made only once the check has failed)."""
+    if strict_message is not None and reads_on_host():
+        if not bool(ok):
+            raise ValueError(strict_message())
+        return
+    check_value(ok, message)
+
+
 def _triton_refusal(q: torch.Tensor) -> Optional[str]:
     why = _backend.triton_refusal(q.device)
     if why is None and q.dtype not in _SUPPORTED_DTYPES:
@@ -481,6 +491,9 @@ def attention(
     scale: defaults to Dh ** -0.5
     returns [B, H, Sq, Dh]; a query that sees no key gets zeros (and zero gradients), never NaN.
     Triton backend: Dh <= 128; fp32 uses tf32 dots when torch.backends.cuda.matmul.allow_tf32.
+    A negative value in a prefix_len tensor is refused without a host read by default (a
+    RuntimeError from a device-side assert), or with ValueError before any launch in strict mode
+    (VLKERNELS_VALUE_CHECKS / vlkernels.set_value_checks, see vlkernels.ops._checks).
     """
     op = "attention"
     _check_qkv(op, q, k, v, packed=False)
@@ -493,10 +506,8 @@ def attention(
                 prefix_len.dim() > 1 or prefix_len.numel() not in (1, batch):
             raise ValueError(f"{op}: prefix_len must be an int or an integer tensor of shape [{batch}], got "
                              f"{prefix_len.dtype} {list(prefix_len.shape)}")
-        if compiling():  # no host read under torch.compile (see vlkernels.ops._checks)
-            assert_in_graph((prefix_len >= 0).all(), f"{op}: prefix_len must be non-negative")
-        elif prefix_len.numel() and int(prefix_len.min()) < 0:
-            raise ValueError(f"{op}: prefix_len must be non-negative")
+        # device mode: checked in place (no host read); strict mode: ValueError here
+        check_value((prefix_len >= 0).all(), f"{op}: prefix_len must be non-negative")
     elif prefix_len is not None and (not isinstance(prefix_len, int) or isinstance(prefix_len, bool) or prefix_len < 0):
         raise ValueError(f"{op}: prefix_len must be a non-negative int or an integer tensor, got {prefix_len!r}")
     scale = head_dim ** -0.5 if scale is None else float(scale)
@@ -580,6 +591,10 @@ def attention_varlen(
     non-decreasing; empty sequences allowed); max_seqlen_*: the longest sequence.
     causal: query i of a sequence sees its keys j <= i (needs equal q and k lengths).
     returns [total_q, H, Dh]. See unpad_input / pad_input to convert from padded batches.
+    Value checks of cu_seqlens (0 to total, non-decreasing, no sequence over max_seqlen, equal q
+    and k for causal) read nothing on the host by default (a violation is a RuntimeError from a
+    device-side assert); strict mode raises ValueError before any launch (VLKERNELS_VALUE_CHECKS /
+    vlkernels.set_value_checks). The launch sizes come from max_seqlen_*, never from the data.
     """
     op = "attention_varlen"
     _check_qkv(op, q, k, v, packed=True)
@@ -588,23 +603,17 @@ def attention_varlen(
         if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2 or cu.device != q.device:
             raise ValueError(f"{op}: {name} must be an int32 [N+1] tensor on {q.device}")
         lengths = cu.diff()
-        if compiling():  # no host read under torch.compile (see vlkernels.ops._checks)
-            assert_in_graph((cu[0] == 0) & (cu[-1] == total) & (lengths >= 0).all() & (lengths <= longest).all(),
-                            f"{op}: {name} must rise from 0 to {total} in steps of at most "
-                            f"{name.replace('cu_seqlens', 'max_seqlen')}={longest}")
-            continue
-        if int(cu[0]) != 0 or int(cu[-1]) != total or bool((lengths < 0).any()):
-            raise ValueError(f"{op}: {name} must rise from 0 to {total} (the packed rows)")
-        if int(lengths.max()) > longest:
-            raise ValueError(f"{op}: a sequence of {int(lengths.max())} rows exceeds {name.replace('cu_seqlens', 'max_seqlen')}"
-                             f"={longest}")
+        # One verdict per check, read on the host only in strict mode (see vlkernels.ops._checks).
+        check_value((cu[0] == 0) & (cu[-1] == total) & (lengths >= 0).all(),
+                    f"{op}: {name} must rise from 0 to {total} (the packed rows)")
+        bound = name.replace("cu_seqlens", "max_seqlen")
+        _check_value((lengths <= longest).all(), f"{op}: a sequence of {name} exceeds {bound}={longest}",
+                     lambda: f"{op}: a sequence of {int(lengths.max())} rows exceeds {bound}={longest}")
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
         raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
-    if causal and compiling():
-        assert_in_graph((cu_seqlens_q == cu_seqlens_k).all(), f"{op}: causal attention needs each sequence's q and "
-                        "k lengths equal")
-    elif causal and not torch.equal(cu_seqlens_q, cu_seqlens_k):
-        raise ValueError(f"{op}: causal attention needs each sequence's q and k lengths equal")
+    if causal:
+        check_value((cu_seqlens_q == cu_seqlens_k).all(),
+                    f"{op}: causal attention needs each sequence's q and k lengths equal")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _backend.dispatch(op, _VARLEN, q.device, q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
                              int(max_seqlen_q), int(max_seqlen_k), causal, scale)
@@ -612,7 +621,11 @@ def attention_varlen(
 
 def unpad_input(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """x: [B, S, ...], mask: [B, S] bool (True = a real token) -> (packed [total, ...],
-    indices [total] into the flattened B*S rows, cu_seqlens [B+1] int32, max_seqlen)."""
+    indices [total] into the flattened B*S rows, cu_seqlens [B+1] int32, max_seqlen).
+
+    Reads the mask on the host by nature: total (the packed shape) and max_seqlen (an int, for
+    attention_varlen's launch sizes) depend on the data. Call it once per batch, outside the
+    layers; attention_varlen and pad_input then read nothing on the host."""
     if mask.dtype != torch.bool or mask.shape != x.shape[:2]:
         raise ValueError(f"unpad_input: mask must be a bool tensor of shape {list(x.shape[:2])}")
     lengths = mask.sum(1, dtype=torch.int32)
@@ -623,7 +636,9 @@ def unpad_input(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torc
 
 def pad_input(packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
     """Inverse of unpad_input: packed [total, ...] -> [batch, seqlen, ...] with zeros at padding.
-    indices: [total] integer, distinct, in [0, batch * seqlen) (unpad_input's)."""
+    indices: [total] integer, distinct, in [0, batch * seqlen) (unpad_input's). The range check
+    reads nothing on the host by default (RuntimeError from a device-side assert); strict mode
+    raises ValueError before the copy (VLKERNELS_VALUE_CHECKS / vlkernels.set_value_checks)."""
     op = "pad_input"
     if not isinstance(packed, torch.Tensor) or packed.dim() < 1:
         raise ValueError(f"{op}: packed must be a [total, ...] tensor")
@@ -640,11 +655,8 @@ def pad_input(packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: i
             raise ValueError(f"{op}: {name} must be a non-negative int, got {value!r}")
     rows = batch * seqlen
     in_range = (indices >= 0).all() & (indices < rows).all()  # True when there are no indices
-    if compiling():  # no host read under torch.compile (see vlkernels.ops._checks)
-        assert_in_graph(in_range, f"{op}: indices must be in [0, batch * seqlen = {rows})")
-    elif not bool(in_range):
-        raise ValueError(f"{op}: indices must be in [0, batch * seqlen = {rows}), got values in "
-                         f"[{int(indices.min())}, {int(indices.max())}]")
+    message = f"{op}: indices must be in [0, batch * seqlen = {rows})"
+    _check_value(in_range, message, lambda: f"{message}, got values in [{int(indices.min())}, {int(indices.max())}]")
     out = packed.new_zeros((rows, *packed.shape[1:]))
     return out.index_copy(0, indices.long(), packed).view(batch, seqlen, *packed.shape[1:])
 
