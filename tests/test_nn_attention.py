@@ -602,3 +602,79 @@ def test_loaders_refuse_foreign_or_incomplete_checkpoints():
     with pytest.raises(ValueError, match=r"image layer.*unexpected keys.*extra"):
         METERCrossLayer(40, 4, 56).load_meter_state_dicts(text_layer.state_dict(),
                                                           {**image_layer.state_dict(), "extra": torch.zeros(1)})
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 13: no host reads by default (value checks on the device; strict mode keeps ValueError)
+# ------------------------------------------------------------------------------------------------
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+
+class HostReads(TorchDispatchMode):
+    """Counts device-to-host value reads (item, bool, int; tolist patched) inside it."""
+
+    READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
+             torch.ops.aten.item.default}
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.reads = 0
+        real_tolist = torch.Tensor.tolist
+
+        def tolist(tensor):
+            self.reads += 1
+            return real_tolist(tensor)
+        monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.reads += func in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+def test_real_token_mask_refuses_a_bias_in_both_modes():
+    bias = torch.tensor([[0.0, -1.0, 0.0]], device=DEVICE)
+    message = "real_token_mask: an additive mask with values other than 0"
+    with vlkernels.value_checks("host"), pytest.raises(ValueError, match=message):
+        real_token_mask(bias)
+    with vlkernels.value_checks("device"), pytest.raises(RuntimeError, match=message):
+        real_token_mask(bias)
+    with vlkernels.value_checks("device"):  # a padding mask passes the device check
+        assert torch.equal(real_token_mask(additive_mask(bias == 0, torch.float32)), bias == 0)
+
+
+def _module_calls(kind, generator):
+    """(module, leaves, call): our module on masked inputs (MultiheadAttention above the fp32 blocks)."""
+    if kind in ("mha", "mha-prefix", "post_ln"):
+        module = (PostLNAttention if kind == "post_ln" else MultiheadAttention)(40, HEADS).to(DEVICE)
+        x = torch.randn(2, 70, 40, generator=generator).to(DEVICE).requires_grad_()
+        mask = padding_mask(generator, 2, 70, fully_padded=(1,)).to(DEVICE)
+        options = dict(key_padding_mask=mask)
+        if kind == "mha-prefix":
+            options = dict(prefix_len=torch.tensor([9, 70], device=DEVICE))
+        return module, [x], lambda x: module(x, **options)
+    module, _, _, _, text_dim, image_dim = build_layer(kind, generator)
+    module = module.to(DEVICE)
+    # small streams (the ops' own host-read test covers sizes above the blocks): keeps it fast
+    text, image, text_mask, image_mask = layer_inputs(generator, text_dim, image_dim)
+    leaves = [text.to(DEVICE).requires_grad_(), image.to(DEVICE).requires_grad_()]
+    masks = dict(lang_mask=text_mask.to(DEVICE), visn_mask=image_mask.to(DEVICE)) if kind == "lxmert" else \
+        dict(text_mask=text_mask.to(DEVICE), image_mask=image_mask.to(DEVICE))
+    return module, leaves, lambda t, i: module(t, i, **masks)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kind", ["mha", "mha-prefix", "post_ln", "lxmert", "vilbert", "meter"])
+def test_module_forward_and_backward_read_nothing_on_the_host(kind, backend, monkeypatch):
+    """Default (device) mode, eval (the kernels' path), warm: no host read in forward or backward."""
+    def run(module, leaves, call):
+        outs = call(*leaves)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        torch.autograd.grad(outs, leaves + list(module.parameters()), [torch.ones_like(o) for o in outs])
+
+    with vlkernels.use_backend(backend), vlkernels.value_checks("device"):
+        module, leaves, call = _module_calls(kind, torch.Generator().manual_seed(3))
+        module.eval()
+        run(module, leaves, call)  # warm: first-call caches may read once
+        with HostReads(monkeypatch) as counter:
+            run(module, leaves, call)
+    assert counter.reads == 0, f"{kind}: {counter.reads} host read(s)"

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlkernels.ops import attention, co_attention
+from vlkernels.ops._checks import check_value
 from vlkernels.reference.attention import attention as reference_attention
 
 ACTIVATIONS = {
@@ -93,7 +94,9 @@ def real_token_mask(mask: torch.Tensor) -> torch.Tensor:
     a real token: ``nn.MultiheadAttention``'s bool mask (True = ignore) is inverted; an additive
     float mask (0 = attend, -inf or a large negative such as HF's ``finfo.min`` = ignore), also
     in HF's extended [B, 1, 1, S] shape, becomes ``mask == 0``. Other additive values (biases)
-    have no bool equivalent and raise a ValueError."""
+    have no bool equivalent and are refused: a ValueError in strict value-check mode, else a
+    RuntimeError from a device-side assert (no host read; VLKERNELS_VALUE_CHECKS /
+    vlkernels.set_value_checks)."""
     if mask.dtype == torch.bool:
         return ~mask
     if mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1:
@@ -103,9 +106,10 @@ def real_token_mask(mask: torch.Tensor) -> torch.Tensor:
                          f"{mask.dtype} {list(mask.shape)}")
     real = mask == 0
     ignored = mask <= torch.finfo(mask.dtype).min / 2  # -inf, finfo.min and their halves
-    if not bool((real | ignored).all()):
-        raise ValueError("real_token_mask: an additive mask with values other than 0 and -inf (or finfo.min) "
-                         "is a bias, not a padding mask")
+    # No host read by default (RuntimeError from a device-side assert); ValueError here in strict
+    # mode (VLKERNELS_VALUE_CHECKS / vlkernels.set_value_checks, see vlkernels.ops._checks).
+    check_value((real | ignored).all(), "real_token_mask: an additive mask with values other than 0 and -inf "
+                "(or finfo.min) is a bias, not a padding mask")
     return real
 
 
