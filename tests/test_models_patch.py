@@ -458,3 +458,32 @@ def test_simvlm_rejects_bad_inputs():
         model(ids, pixels, mask, text_prefix_len=torch.tensor([1.0, 2.0, 3.0]))
     with pytest.raises(ValueError, match="input_ids"):
         model(ids.float(), pixels)
+
+
+def test_vlmo_attention_with_relative_position_bias_keeps_nan_and_zeroes_empty_rows():
+    """VLMoAttention's biased (eager) path: a NaN from the inputs propagates, a padded key's NaN
+    reaches no query, a query with no real key gets zeros, as on the kernel path without bias."""
+    from vlkernels.nn import VLMoAttention
+
+    torch.manual_seed(0)
+    layer = VLMoAttention(32, 4)
+    x = torch.randn(3, 9, 32)
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[1, 6:] = False
+    mask[2] = False  # no real key at all
+    bias = torch.randn(1, 4, 9, 9)
+    out = layer(x, mask, relative_position_bias=bias)
+    q, k, v = F.linear(x, layer.qkv.weight, torch.cat([layer.q_bias, torch.zeros_like(layer.v_bias), layer.v_bias])
+                       ).unflatten(-1, (3, 4, -1)).permute(2, 0, 3, 1, 4)
+    scores = (q @ k.transpose(-1, -2)) * 8 ** -0.5 + bias
+    weights = torch.softmax(scores.masked_fill(~mask[:, None, None, :], float("-inf")), -1)
+    expected = layer.proj((weights[:2] @ v[:2]).transpose(1, 2).flatten(2))
+    assert rel_error(out[:2], expected) <= 1e-5
+    assert torch.equal(out[2], layer.proj(torch.zeros(9, 32)))  # the empty rows: zeros before the projection
+
+    poisoned = x.clone()
+    poisoned[1, 7] = float("nan")  # a padded token: hidden from every query
+    clean = layer(poisoned, mask, relative_position_bias=bias)
+    assert torch.isfinite(clean[:, :7]).all() and torch.equal(clean[0], out[0])
+    poisoned[0, 0] = float("nan")  # a real token: every query of sample 0 sees it
+    assert layer(poisoned, mask, relative_position_bias=bias)[0].isnan().all()

@@ -23,6 +23,7 @@ from torch import nn
 from vlkernels.nn.transformer import Mlp
 from vlkernels.ops.attention import attention
 from vlkernels.ops.mome_ffn import mome_ffn
+from vlkernels.reference.attention import masked_softmax
 
 _SUFFIX = {"text": "text", "image": "imag", "vl": "vl"}
 
@@ -148,9 +149,12 @@ class VLMoAttention(nn.Module):
             out = attention(q, k, v, key_mask=mask)
         else:
             scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5 + relative_position_bias
-            if mask is not None:
-                scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-            out = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).to(v.dtype) @ v
+            if mask is None:
+                visible = scores.new_ones((1, 1, 1, scores.shape[-1]), dtype=torch.bool)
+            else:  # padded keys: weight 0 and v zeroed, so a NaN there reaches no query
+                visible, v = mask[:, None, None, :], v.masked_fill(~mask[:, None, :, None], 0.0)
+            # Fully masked rows give zeros without erasing a NaN that came from the inputs.
+            out = masked_softmax(scores.float(), visible).to(v.dtype) @ v
         return self.proj(out.transpose(1, 2).flatten(2))
 
 
