@@ -757,3 +757,18 @@ def test_launch_grids_stay_within_cuda_limits(tokens, experts):
 def test_more_tokens_than_int32_are_refused():
     x = torch.empty(1, 8).expand(2**31, 8)  # no memory behind it: only the refusal is checked
     assert "int32" in mome_module._triton_refusal(x, None, torch.empty(3, 8, 12))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_value_checks_in_both_modes(backend):
+    """A bad expert id, or a tensor segment out of range: the library's ValueError before any
+    launch in the strict (host) mode, a RuntimeError with the same message in the default mode."""
+    x, w1, b1, w2, b2 = torch.randn(2, 5, 8), torch.randn(2, 8, 6), torch.randn(2, 6), torch.randn(2, 6, 8), torch.randn(2, 8)
+    bad_ids = dict(expert_index=torch.tensor([[0, 1, 2, 0, 1], [1, 1, 0, 0, 0]]))
+    bad_segment = dict(expert_index=None, segments=(torch.tensor(9), 0, 1))
+    for kwargs, message in ((bad_ids, r"expert ids must be in \[0, 2\)"), (bad_segment, r"segments text_len")):
+        with vlkernels.use_backend(backend):
+            with vlkernels.value_checks("host"), pytest.raises(ValueError, match=message):
+                mome_ffn(x, kwargs["expert_index"], w1, b1, w2, b2, segments=kwargs.get("segments"))
+            with vlkernels.value_checks("device"), pytest.raises(RuntimeError, match=message):
+                mome_ffn(x, kwargs["expert_index"], w1, b1, w2, b2, segments=kwargs.get("segments"))

@@ -39,7 +39,7 @@ import torch
 
 from vlkernels import _backend
 from vlkernels._backend import Implementation
-from vlkernels.ops._checks import assert_in_graph, compiling
+from vlkernels.ops._checks import check_value, reads_on_host
 from vlkernels.ops._gemm import GEMM_CONFIGS
 from vlkernels.reference import mome_ffn as reference
 
@@ -60,6 +60,7 @@ _LN_BWD_WARPS = 4
 # 4 warps, 16-byte loads along the contiguous columns).
 _COLUMN_SUM_ROWS, _COLUMN_SUM_COLUMNS, _COLUMN_SUM_WARPS = 32, 128, 4
 _MAX_TOKENS = 2**31 - 1  # offsets, order and sorted positions are int32
+_MAX_PROGRAMS = 2**31 - 1  # CUDA's grid axis 0
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -404,18 +405,17 @@ def _validate(x, expert_index, w1, b1, w2, b2, activation, ln_weight, ln_bias, e
                          f"got {list(expert_index.shape)}")
     if expert_index.device != x.device:
         raise ValueError(f"mome_ffn: expert_index is on {expert_index.device} but x is on {x.device}")
-    if compiling():  # no host read under torch.compile (see vlkernels.ops._checks)
-        assert_in_graph(((expert_index >= 0) & (expert_index < experts)).all(),
-                        f"mome_ffn: expert ids must be in [0, {experts})")
-    elif expert_index.numel():
-        low, high = (v.item() for v in torch.aminmax(expert_index))  # the one device sync: ids checked before launch
-        if low < 0 or high >= experts:
+    if expert_index.numel():
+        ok = ((expert_index >= 0) & (expert_index < experts)).all()
+        if reads_on_host() and not bool(ok):  # strict mode: one sync, and on failure the range seen
+            low, high = (v.item() for v in torch.aminmax(expert_index))
             raise ValueError(f"mome_ffn: expert ids must be in [0, {experts}), got values in [{low}, {high}]")
+        check_value(ok, f"mome_ffn: expert ids must be in [0, {experts})")  # the default: no host read
 
 
 def _validate_segments(values, x, experts: int) -> None:
-    # Integers only (segment_values raised TypeError otherwise); a tensor entry is read on the
-    # host in eager (one sync; plain ints need none) and checked in the graph under torch.compile.
+    # Integers only (segment_values raised TypeError otherwise); a tensor entry is checked in
+    # place by default and read on the host only in the strict mode (plain ints need neither).
     seq_len = x.shape[1]
     ranges = (("text_len", 0, seq_len, f"[0, {seq_len}]"), ("expert id", 0, experts - 1, f"[0, {experts})"),
               ("expert id", 0, experts - 1, f"[0, {experts})"))
@@ -423,20 +423,24 @@ def _validate_segments(values, x, experts: int) -> None:
         if isinstance(value, torch.Tensor):
             if value.device != x.device and value.device.type != "cpu":
                 raise ValueError(f"mome_ffn: segments {what} is on {value.device} but x is on {x.device}")
-            if compiling():
-                assert_in_graph((value >= low) & (value <= high), f"mome_ffn: segments {what} outside {shown}")
+            if not reads_on_host():  # the default: checked in place, no host read
+                check_value((value >= low) & (value <= high), f"mome_ffn: segments {what} outside {shown}")
                 continue
             value = value.item()
         if not low <= value <= high:
             raise ValueError(f"mome_ffn: segments {what} {value} outside {shown}")
 
 
-def _triton_refusal(x, *args) -> Optional[str]:
+def _triton_refusal(x, expert_index, w1, *args) -> Optional[str]:
     why = _backend.triton_refusal(x.device)
     if why is None and x.dtype not in _SUPPORTED_DTYPES:
         why = f"dtype {x.dtype} is not one of float32, float16, bfloat16"
-    if why is None and x.numel() // x.shape[-1] > _MAX_TOKENS:
+    tokens = x.numel() // x.shape[-1]
+    if why is None and tokens > _MAX_TOKENS:
         why = f"more than {_MAX_TOKENS} tokens (the routing tables are int32)"
+    # The widest GEMM's 1-D grid (N tiles x row tiles); only a many-terabyte x comes near it.
+    if why is None and _rows_grid(tokens, max(w1.shape[1:]), w1.shape[0], GEMM_CONFIGS[x.dtype])[0] > _MAX_PROGRAMS:
+        why = f"{tokens} tokens x {max(w1.shape[1:])} features need more than {_MAX_PROGRAMS} programs"
     return why
 
 
@@ -498,8 +502,9 @@ def mome_ffn(
       floats and bools raise TypeError (a tensor entry is range-checked with one host read in eager).
     returns: x's shape, tokens in their original order.
 
-    Bad expert ids raise ValueError before any launch (one device-side min/max, one sync); under
-    torch.compile the check runs in the graph instead (RuntimeError, see vlkernels.ops._checks).
+    Bad expert ids (and out-of-range tensor segments) are checked where the data lives, without a
+    host read: RuntimeError with the message (VLKERNELS_VALUE_CHECKS / vlkernels.set_value_checks
+    "host" makes it a ValueError before any launch, at one sync; see vlkernels.ops._checks).
     Under torch.autocast every float input is cast to the autocast dtype, as nn.Linear's are.
     """
     device_type = x.device.type
