@@ -24,6 +24,7 @@ import torch
 from vlkernels import _backend
 from vlkernels._backend import Implementation
 from vlkernels.ops._checks import check_value, reads_on_host
+from vlkernels.ops._variants import KernelVariant
 from vlkernels.reference import attention as reference
 
 try:
@@ -664,8 +665,6 @@ def pad_input(packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: i
 def aot_variants():
     """Every kernel configuration the launchers above can pick (each supported head dim, each
     dtype), all masks on, with ViLT-B/32's sizes (B=32, H=12, S=185), for the sm_90a report."""
-    from vlkernels.report import KernelVariant
-
     sizes = dict(heads=12, seq_q=185, seq_k=185, seq_q_a=40, seq_k_a=145, seq_q_b=145, seq_k_b=40,
                  scale_log2=0.18, scale=0.125, programs_per_head=5, rows=32 * 12 * 185,
                  delta_sb=12 * 185, delta_sh=185, delta_ss=1)

@@ -41,6 +41,7 @@ from vlkernels import _backend
 from vlkernels._backend import Implementation
 from vlkernels.ops._checks import check_value, reads_on_host
 from vlkernels.ops._gemm import GEMM_CONFIGS
+from vlkernels.ops._variants import KernelVariant
 from vlkernels.reference import mome_ffn as reference
 
 try:
@@ -524,8 +525,6 @@ def mome_ffn(
 def aot_variants():
     """Every kernel configuration the launchers above can pick, as report.KernelVariant entries,
     with the runtime integers of VLMo-B (D 768, F 3072, 3 experts)."""
-    from vlkernels.report import KernelVariant
-
     dim, hidden, experts = 768, 3072, 3
     i32, fp32 = torch.int32, torch.float32
     variants = []
