@@ -8,7 +8,7 @@ import torch
 import vlkernels
 from vlkernels.ops import attention, attention_varlen, co_attention, pad_input, unpad_input
 from vlkernels.reference import attention as reference
-from vlkernels.testing import DEVICE, assert_matches_reference, dtype_id, kernel_dtypes, poisoned_allocations
+from vlkernels.testing import DEVICE, HostReads, assert_matches_reference, dtype_id, kernel_dtypes, poisoned_allocations
 
 # (B, H, Sq, Sk, Dh, key_mask, causal, prefix): prefix None, an int or "per-sample"
 CASES = [
@@ -794,7 +794,6 @@ def test_varlen_property(lengths, d, causal, seed, backend):
 # ----------------------------------------------------------------------------------------------
 import re  # noqa: E402
 
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 
 def _bad_value_calls():
@@ -842,27 +841,6 @@ def test_strict_messages_name_the_bad_values():
         pad_input(torch.randn(2, 2, device=DEVICE), torch.tensor([-1, 3], device=DEVICE), 2, 4)
 
 
-class HostReads(TorchDispatchMode):
-    """Counts device-to-host value reads (item, bool, int, tolist) of the calls inside it."""
-
-    READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
-             torch.ops.aten.item.default}
-
-    def __init__(self, monkeypatch):
-        super().__init__()
-        self.reads = 0
-        real_tolist = torch.Tensor.tolist
-
-        def tolist(tensor):
-            self.reads += 1
-            return real_tolist(tensor)
-        monkeypatch.setattr(torch.Tensor, "tolist", tolist)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.reads += func in self.READS
-        return func(*args, **(kwargs or {}))
-
-
 def _host_read_calls(g):
     """name -> a function of fresh leaves giving the outputs; sizes above the fp32 blocks."""
     cu = _cu([70, 5, 0, 33])
@@ -886,7 +864,7 @@ def _host_read_calls(g):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(_host_read_calls(torch.Generator().manual_seed(0))))
-def test_no_host_reads_in_the_default_mode(case, backend, monkeypatch):
+def test_no_host_reads_in_the_default_mode(case, backend):
     """Default (device) mode, warm: no value read on the host, forward or backward."""
     def run(leaves, call):
         outs = call(*leaves)
@@ -896,6 +874,6 @@ def test_no_host_reads_in_the_default_mode(case, backend, monkeypatch):
     with vlkernels.use_backend(backend), vlkernels.value_checks("device"):
         run(*_host_read_calls(torch.Generator().manual_seed(1))[case])  # warm: first-call caches may read
         leaves, call = _host_read_calls(torch.Generator().manual_seed(2))[case]  # inputs made outside the count
-        with HostReads(monkeypatch) as counter:
+        with HostReads() as counter:
             run(leaves, call)
     assert counter.reads == 0, f"{case}: {counter.reads} host read(s)"

@@ -15,7 +15,7 @@ from vlkernels.nn.attention import (
     MultiheadAttention, PostLNAttention, PostLNFeedForward, convert_hf_attention, real_token_mask,
 )
 from vlkernels.nn.co_attention import LXMERTCrossLayer, METERCrossLayer, ViLBERTCoLayer
-from vlkernels.testing import DEVICE, assert_matches_reference, dtype_id, kernel_dtypes, poisoned_allocations
+from vlkernels.testing import DEVICE, HostReads, assert_matches_reference, dtype_id, kernel_dtypes, poisoned_allocations
 
 # (backend, dtype): the torch backend in fp32, the Triton kernels in every dtype they run in here.
 # The torch backend in fp16/bf16 is the same-dtype baseline itself, so it is not a separate case.
@@ -607,28 +607,6 @@ def test_loaders_refuse_foreign_or_incomplete_checkpoints():
 # ------------------------------------------------------------------------------------------------
 # Issue 13: no host reads by default (value checks on the device; strict mode keeps ValueError)
 # ------------------------------------------------------------------------------------------------
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
-
-class HostReads(TorchDispatchMode):
-    """Counts device-to-host value reads (item, bool, int; tolist patched) inside it."""
-
-    READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
-             torch.ops.aten.item.default}
-
-    def __init__(self, monkeypatch):
-        super().__init__()
-        self.reads = 0
-        real_tolist = torch.Tensor.tolist
-
-        def tolist(tensor):
-            self.reads += 1
-            return real_tolist(tensor)
-        monkeypatch.setattr(torch.Tensor, "tolist", tolist)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.reads += func in self.READS
-        return func(*args, **(kwargs or {}))
 
 
 def test_real_token_mask_refuses_a_bias_in_both_modes():
@@ -664,7 +642,7 @@ def _module_calls(kind, generator):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("kind", ["mha", "mha-prefix", "post_ln", "lxmert", "vilbert", "meter"])
-def test_module_forward_and_backward_read_nothing_on_the_host(kind, backend, monkeypatch):
+def test_module_forward_and_backward_read_nothing_on_the_host(kind, backend):
     """Default (device) mode, eval (the kernels' path), warm: no host read in forward or backward."""
     def run(module, leaves, call):
         outs = call(*leaves)
@@ -675,6 +653,6 @@ def test_module_forward_and_backward_read_nothing_on_the_host(kind, backend, mon
         module, leaves, call = _module_calls(kind, torch.Generator().manual_seed(3))
         module.eval()
         run(module, leaves, call)  # warm: first-call caches may read once
-        with HostReads(monkeypatch) as counter:
+        with HostReads() as counter:
             run(module, leaves, call)
     assert counter.reads == 0, f"{kind}: {counter.reads} host read(s)"

@@ -21,19 +21,17 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-import traceback
 import zlib
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import vlkernels
 import vlkernels.ops as ops
 from vlkernels import _extension
-from vlkernels.testing import DEVICE, fp32_tolerance, rel_error
+from vlkernels.testing import DEVICE, HostReads, fp32_tolerance, rel_error
 
 # The race check's repeats: 20 on a GPU (bench/gpu_check.sh runs it once more under
 # compute-sanitizer with VLKERNELS_REPEATS=1), 2 on CPU, where programs run one at a time.
@@ -376,31 +374,13 @@ def test_every_launch_uses_a_configuration_the_report_compiles(monkeypatch):
     assert not missing, "launched configurations the sm_90a report does not compile:\n  " + "\n  ".join(missing)
 
 
-class _HostReads(TorchDispatchMode):
-    """Counts the device-to-host value reads (item, bool, int, tolist) of the calls inside it."""
-
-    READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
-             torch.ops.aten.item.default}
-
-    def __init__(self):
-        super().__init__()
-        self.reads = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in self.READS:
-            self.reads.append("".join(traceback.format_stack(limit=8)[:-2]))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_no_host_reads_in_the_default_mode(case, monkeypatch):
+def test_no_host_reads_in_the_default_mode(case):
     """On a GPU a host read is a stream synchronisation: in the default (device) value-check
     mode no op reads a value on the host, forward or backward, once warm."""
     with vlkernels.value_checks("device"):
         _run(case, _inputs(case), "triton")  # warm: first-call caches may read once
-        inputs, counter = _inputs(case), _HostReads()  # building the inputs may read: not the op's
-        real_tolist = torch.Tensor.tolist
-        monkeypatch.setattr(torch.Tensor, "tolist", lambda self: counter.reads.append("tolist") or real_tolist(self))
+        inputs, counter = _inputs(case), HostReads()  # building the inputs may read: not the op's
         with counter:
             _run(case, inputs, "triton")
-    assert not counter.reads, f"{case.name}: {len(counter.reads)} host read(s), the first from:\n{counter.reads[0]}"
+    assert not counter.reads, f"{case.name}: {counter.reads} host read(s), the first from:\n{counter.sources[0]}"

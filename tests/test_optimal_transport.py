@@ -16,7 +16,8 @@ from vlkernels._backend import Implementation, NoBackendError
 from vlkernels.nn.optimal_transport import WPALoss, WRALoss
 from vlkernels.ops import optimal_transport as ops
 from vlkernels.reference import optimal_transport as reference
-from vlkernels.testing import DEVICE, dtype_id, fp32_tolerance, kernel_dtypes, poisoned_allocations, rel_error
+from vlkernels.testing import (DEVICE, HostReads, dtype_id, fp32_tolerance, kernel_dtypes, poisoned_allocations,
+                               rel_error)
 
 # cpp runs the C++ kernels on CPU tensors, cuda the CUDA kernels on CUDA tensors (GPU build only);
 # torch and triton run on the device under test (triton in the interpreter on a CPU machine).
@@ -815,21 +816,6 @@ def test_value_checks_in_both_modes(backend):
 
 
 
-class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the value reads on the host (item, bool, int, tolist) of the calls inside it."""
-
-    READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
-             torch.ops.aten.item.default}
-
-    def __init__(self):
-        super().__init__()
-        self.reads = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.reads += func in self.READS
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_host_reads_in_the_default_mode_losses_included(backend):
     """Item 3 of issue 13 for the whole family on every backend, default mode, forward and
@@ -860,7 +846,7 @@ def test_no_host_reads_in_the_default_mode_losses_included(backend):
         for mode in ("device", "host"):
             with vlkernels.value_checks(mode):
                 calls()  # warm
-                with _HostReads() as counter:
+                with HostReads() as counter:
                     grads = calls()
                 counts[mode] = counter.reads
                 assert all(torch.isfinite(g).all() for g in grads), mode

@@ -1,5 +1,5 @@
 """Shared helpers of the test suite: the device under test, tolerances against float64
-references, and NaN-poisoned allocations.
+references, NaN-poisoned allocations and a counter of host reads.
 
 Kernels are tested on CUDA where a GPU is present, else on CPU tensors in Triton's
 interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before vlkernels is imported).
@@ -7,9 +7,11 @@ interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before vlkernels is impor
 from __future__ import annotations
 
 import contextlib
+import traceback
 from typing import Iterator
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -80,3 +82,35 @@ def poisoned_allocations() -> Iterator[None]:
     finally:
         torch.empty, torch.empty_like = real_empty, real_empty_like
 
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the device-to-host value reads (``.item()``, ``bool(t)``, ``int(t)``,
+    ``.tolist()``) of the calls made inside it; on a GPU each one is a stream synchronisation.
+    ``reads``: how many; ``sources``: the stack of each (for the failure message)."""
+
+    READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
+             torch.ops.aten.item.default}
+
+    def __init__(self):
+        super().__init__()
+        self.reads, self.sources = 0, []
+
+    def _count(self) -> None:
+        self.reads += 1
+        self.sources.append("".join(traceback.format_stack(limit=10)[:-3]))
+
+    def __enter__(self):
+        # tolist reads the data without dispatching an aten op: counted by wrapping it.
+        self._real_tolist = real_tolist = torch.Tensor.tolist
+        torch.Tensor.tolist = lambda tensor: self._count() or real_tolist(tensor)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._real_tolist
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            self._count()
+        return func(*args, **(kwargs or {}))
