@@ -772,3 +772,29 @@ def test_value_checks_in_both_modes(backend):
                 mome_ffn(x, kwargs["expert_index"], w1, b1, w2, b2, segments=kwargs.get("segments"))
             with vlkernels.value_checks("device"), pytest.raises(RuntimeError, match=message):
                 mome_ffn(x, kwargs["expert_index"], w1, b1, w2, b2, segments=kwargs.get("segments"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_segments_take_symints_and_tensors(backend):
+    """Under torch.compile(fullgraph, dynamic): text_len as a traced int (a SymInt) or a 0-dim
+    tensor routes as in eager; an out-of-range tensor text_len fails in the graph, not silently."""
+    generator = torch.Generator().manual_seed(41)
+    inputs = make_inputs(10, 8, 12, 3, False, torch.float32, DEVICE, generator)
+    x = inputs["x"].detach().reshape(2, 5, 8).requires_grad_()
+    weights = [inputs[k] for k in ("w1", "b1", "w2", "b2")]
+
+    def ffn(x, text_len):
+        return mome_ffn(x, None, *weights, segments=(text_len, 0, 1))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(ffn, fullgraph=True, dynamic=True, backend="aot_eager")
+    with vlkernels.use_backend(backend):
+        for text_len in (2, 3, torch.tensor(4)):
+            out = compiled(x, text_len)
+            expected = ffn(x, text_len)
+            torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(torch.autograd.grad(out.sum(), x)[0], torch.autograd.grad(expected.sum(), x)[0],
+                                       rtol=1e-6, atol=1e-6)
+        with pytest.raises(RuntimeError, match=r"mome_ffn: segments text_len outside \[0, 5\]"):
+            compiled(x.detach(), torch.tensor(6))
+    torch._dynamo.reset()

@@ -21,9 +21,11 @@ def segment_value(value, what: str):
             raise TypeError(f"mome_ffn: segments {what} must be an integer (int or 0-dim integer tensor), got a "
                             f"{value.dtype} tensor of shape {list(value.shape)}")
         return value
-    if isinstance(value, torch.SymInt):
+    if isinstance(value, (bool, torch.SymBool)):
+        raise TypeError(f"mome_ffn: segments {what} must be an integer, got the bool {value!r}")
+    if isinstance(value, (int, torch.SymInt)):  # (torch.compile traces a SymInt as an int)
         return value
-    if isinstance(value, (bool, torch.SymBool)) or str(getattr(value, "dtype", "")) == "bool":  # numpy bool too
+    if str(getattr(value, "dtype", "")) == "bool":  # a numpy bool, which operator.index would take as 0 / 1
         raise TypeError(f"mome_ffn: segments {what} must be an integer, got the bool {value!r}")
     try:
         return operator.index(value)
