@@ -90,8 +90,10 @@ def test_accumulated_steps_match_references(name):
         if moved.abs().max() == 0:
             assert actual[key].abs().max() == 0, f"{name} {key}: moved with kernels only"
             continue
+        # Two steps: the second gradient is taken at parameters that already differ by the
+        # first step's rounding, so the bound is twice the single-step one.
         error = rel_error(actual[key], moved)
-        assert error <= MODEL_TOLERANCE, f"{name} {key}: update off by {error:.2e} (relative)"
+        assert error <= 2 * MODEL_TOLERANCE, f"{name} {key}: update off by {error:.2e} (relative)"
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -54,6 +54,10 @@ _SERIALIZED = "ptxas C7515: wgmma serialized (non-wgmma instructions define the 
 _ATTENTION_FIX = ("the FA2-form backward (dK/dV in the transposed form and a separate dQ kernel) and one co-attention "
                   "code path for both directions (attention issue)")
 _GEMM_FIX = "the GEMM-family rework (GEMM / optimal-transport issue)"
+# fp32 attention runs IEEE dots by default (torch's matmul flag): no tensor cores, so each
+# tile product is an FMA loop over operands held in registers, 1-57 KB spilled per thread.
+_IEEE_ATTENTION = "spills: IEEE fp32 dots (the fp32 default) keep the operand tiles in registers"
+_IEEE_ATTENTION_FIX = "smaller IEEE fp32 tiles in the attention configuration table (attention issue)"
 _OT_FIX = ("warps per problem chosen from the tile and the batch, no 16-warp tile "
            "(GEMM / optimal-transport issue)")
 EXCEPTIONS: dict[tuple[str, str], KnownProblem] = {
@@ -68,6 +72,10 @@ EXCEPTIONS: dict[tuple[str, str], KnownProblem] = {
              "compiled into one function, selected by program_id", _ATTENTION_FIX),
     **_known("_co_attention_bwd_kernel", "bfloat16-D64 float16-D64", _SERIALIZED + ": both directions compiled into "
              "one function, selected by program_id", _ATTENTION_FIX),
+    **_known("_attention_fwd_kernel", "float32-D64-ieee float32-D128-ieee", _IEEE_ATTENTION, _IEEE_ATTENTION_FIX),
+    **_known("_attention_bwd_kernel", "float32-D64-ieee float32-D128-ieee", _IEEE_ATTENTION, _IEEE_ATTENTION_FIX),
+    **_known("_co_attention_fwd_kernel", "float32-D64-ieee", _IEEE_ATTENTION, _IEEE_ATTENTION_FIX),
+    **_known("_co_attention_bwd_kernel", "float32-D64-ieee", _IEEE_ATTENTION, _IEEE_ATTENTION_FIX),
     **_known("_mome_weight_grad_kernel", "bfloat16-tf32-dw2 float16-tf32-dw2 float32-tf32-dw1", _SERIALIZED,
              _GEMM_FIX),
     **_known("_mome_rows_kernel", "float32-tf32-fc1", _SERIALIZED, _GEMM_FIX),

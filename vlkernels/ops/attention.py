@@ -692,12 +692,15 @@ def aot_variants():
         for backward, single, pair in ((False, kernels._attention_fwd_kernel, kernels._co_attention_fwd_kernel),
                                        (True, kernels._attention_bwd_kernel, kernels._co_attention_bwd_kernel)):
             cfg = _config(dtype, block_d, backward)
-            common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                          DOT_PRECISION="tf32")
             options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-            variants.append(KernelVariant(single, label, dict(common, CAUSAL=True, HAS_KEY_MASK=True, VARLEN=False),
-                                          pointers, sizes, options, gemm_shaped=True))
-            if head_dim == 64:
-                variants.append(KernelVariant(pair, label, dict(common, HAS_MASK_A=True, HAS_MASK_B=True),
+            # fp32 runs IEEE dots by default (torch.backends.cuda.matmul.allow_tf32 is False) and tf32 when allowed.
+            for precision in ("tf32", "ieee") if dtype == torch.float32 else ("tf32",):
+                common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                              DOT_PRECISION=precision)
+                name = label + ("-ieee" if precision == "ieee" else "")
+                variants.append(KernelVariant(single, name, dict(common, CAUSAL=True, HAS_KEY_MASK=True, VARLEN=False),
                                               pointers, sizes, options, gemm_shaped=True))
+                if head_dim == 64:
+                    variants.append(KernelVariant(pair, name, dict(common, HAS_MASK_A=True, HAS_MASK_B=True),
+                                                  pointers, sizes, options, gemm_shaped=True))
     return variants

@@ -570,7 +570,7 @@ def aot_variants():
                 {"b": dtype, "order": i32, "offsets": i32, "grad_bias_parts": fp32},
                 dict(N=n_size, experts=experts, splits=2), dict(num_warps=_COLUMN_SUM_WARPS)))
     for dtype in _SUPPORTED_DTYPES:
-        for dim in (544, 768, 1024):
+        for dim in (256, 544, 768, 1024):  # 256: the tiny configs' row block; the others VLMo's
             block_r, block_d = _ln_bwd_blocks(dim)
             variants.append(KernelVariant(
                 kernels._mome_ln_bwd_kernel, f"{str(dtype)[6:]}-D{dim}", dict(BLOCK_R=block_r, BLOCK_D=block_d),
