@@ -202,11 +202,16 @@ def _targets():
 MODULE_CASES = {
     "PatchEmbed": (lambda: vnn.PatchEmbed(img_size=8, patch_size=4, in_chans=3, embed_dim=16),
                    lambda: [_rand(2, 3, 8, 12, grad=True)], BACKENDS),
-    "MultiheadAttention-cross": (lambda: _Call(vnn.MultiheadAttention(16, 2), 2, ["key_padding_mask"]),
-                                 lambda: [_rand(2, 5, 16, grad=True), _rand(2, 9, 16, grad=True), _mask(2, 9)],
-                                 BACKENDS),
-    "MultiheadAttention-prefix": (lambda: _Call(vnn.MultiheadAttention(16, 2), 1, ["prefix_len"]),
-                                  lambda: [_rand(2, 9, 16, grad=True), torch.tensor([4, 1])], BACKENDS),
+    "VLMultiheadAttention-cross": (lambda: _Call(vnn.VLMultiheadAttention(16, 2), 2, ["key_padding_mask"]),
+                                   lambda: [_rand(2, 5, 16, grad=True), _rand(2, 9, 16, grad=True), _mask(2, 9)],
+                                   BACKENDS),
+    "VLMultiheadAttention-prefix": (lambda: _Call(vnn.VLMultiheadAttention(16, 2), 1, ["prefix_len"]),
+                                    lambda: [_rand(2, 9, 16, grad=True), torch.tensor([4, 1])], BACKENDS),
+    # torch's signature and masks (True = ignore), sequence-first, on the kernel path (need_weights=False)
+    "MultiheadAttention-torch-kpm": (lambda: _Call(vnn.MultiheadAttention(16, 2), 3, ["key_padding_mask"],
+                                                   need_weights=False),
+                                     lambda: [_rand(5, 2, 16, grad=True), _rand(9, 2, 16, grad=True),
+                                              _rand(9, 2, 16, grad=True), ~_mask(2, 9)], BACKENDS),
     "PostLNAttention": (lambda: _Call(vnn.PostLNAttention(16, 2), 1, ["key_padding_mask"]),
                         lambda: [_rand(2, 9, 16, grad=True), _mask(2, 9)], BACKENDS),
     "PostLNFeedForward": (lambda: vnn.PostLNFeedForward(16, 32), lambda: [_rand(2, 9, 16, grad=True)], ["torch"]),
@@ -256,11 +261,11 @@ def test_visual_dictionary_training_compiles(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_inductor_compiles_a_module(backend):
-    """The default inductor backend (generated C++ on CPU) over MultiheadAttention: the
+    """The default inductor backend (generated C++ on CPU) over VLMultiheadAttention: the
     attention reference traced into inductor's kernels (torch), or the Triton custom ops called
     from inductor's code (triton), forward and backward."""
     torch.manual_seed(0)
-    module = _Call(vnn.MultiheadAttention(16, 2), 2, ["key_padding_mask"])
+    module = _Call(vnn.VLMultiheadAttention(16, 2), 2, ["key_padding_mask"])
     with vlkernels.use_backend(backend):
         check_compiles(module, [_rand(2, 5, 16, grad=True), _rand(2, 9, 16, grad=True), _mask(2, 9)],
                        compiler="inductor")

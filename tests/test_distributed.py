@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vlkernels import _backend, use_backend
 from vlkernels.nn import (
-    LXMERTCrossLayer, METERCrossLayer, MoMEBlock, MultiheadAttention, PatchEmbed, VisualDictionary, WRALoss,
+    LXMERTCrossLayer, METERCrossLayer, MoMEBlock, PatchEmbed, VisualDictionary, VLMultiheadAttention, WRALoss,
 )
 
 WORLD, GLOBAL_BATCH, STEPS, LR = 2, 4, 3, 0.1
@@ -86,7 +86,7 @@ def attention_case():
         g = _generator(step)
         return (torch.randn(GLOBAL_BATCH, 7, 16, generator=g), _lengths_mask([7, 3, 5, 1], 7),
                 torch.randn(GLOBAL_BATCH, 7, 16, generator=g))
-    return (MultiheadAttention(16, 2), make_batch,
+    return (VLMultiheadAttention(16, 2), make_batch,
             lambda m, b: _masked_mse(m(b[0], key_padding_mask=b[1]), b[2], b[1]))
 
 

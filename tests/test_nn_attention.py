@@ -1,4 +1,4 @@
-"""vlkernels.nn attention modules: MultiheadAttention (against nn.MultiheadAttention and HF BERT),
+"""vlkernels.nn attention modules: VLMultiheadAttention (against nn.MultiheadAttention and HF BERT),
 LXMERTCrossLayer (against HF LxmertXLayer), ViLBERTCoLayer and METERCrossLayer (against float64
 re-statements of the original math written over the original checkpoints' names, plus HF BertLayer
 for METER): outputs, every parameter and input gradient, masks (padded text, padded regions, fully
@@ -12,7 +12,7 @@ from torch import nn
 
 import vlkernels
 from vlkernels.nn.attention import (
-    MultiheadAttention, PostLNAttention, PostLNFeedForward, convert_hf_attention, real_token_mask,
+    VLMultiheadAttention, PostLNAttention, PostLNFeedForward, convert_hf_attention, real_token_mask,
 )
 from vlkernels.nn.co_attention import LXMERTCrossLayer, METERCrossLayer, ViLBERTCoLayer
 from vlkernels.testing import DEVICE, HostReads, assert_matches_reference, dtype_id, kernel_dtypes, poisoned_allocations
@@ -43,7 +43,7 @@ def check_all(names, actual, expected, same_dtype):
 
 
 # ------------------------------------------------------------------------------------------------
-# MultiheadAttention against nn.MultiheadAttention (float64)
+# VLMultiheadAttention against nn.MultiheadAttention (float64)
 # ------------------------------------------------------------------------------------------------
 MHA_CASES = {
     "self-padded": dict(mask=True),
@@ -81,7 +81,7 @@ def test_multihead_attention_matches_torch(case_name, run):
     with torch.no_grad():
         for parameter in reference.parameters():
             parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator, dtype=torch.float64))
-    module = MultiheadAttention.from_torch(reference).to(DEVICE, dtype)
+    module = VLMultiheadAttention.from_torch(reference).to(DEVICE, dtype)
     assert module.batch_first == batch_first and not module.training
 
     def batched(*shape):  # [B, S, D] or [S, B, D]
@@ -133,15 +133,15 @@ def test_real_token_mask_converts_torch_and_hf_masks():
 def test_multihead_attention_state_dict_is_torch_layout():
     for kdim in (None, 24):
         reference = nn.MultiheadAttention(40, 4, kdim=kdim, vdim=kdim, batch_first=True, bias=kdim is None)
-        module = MultiheadAttention(40, 4, kdim=kdim, vdim=kdim, bias=kdim is None)
+        module = VLMultiheadAttention(40, 4, kdim=kdim, vdim=kdim, bias=kdim is None)
         assert {k: v.shape for k, v in module.state_dict().items()} == \
             {k: v.shape for k, v in reference.state_dict().items()}
         module.load_torch_state_dict(reference.state_dict())
         for name, tensor in reference.state_dict().items():
             assert torch.equal(module.state_dict()[name], tensor), name
     with pytest.raises(ValueError, match="add_bias_kv"):
-        MultiheadAttention.from_torch(nn.MultiheadAttention(40, 4, add_bias_kv=True))
-    copied = MultiheadAttention.from_torch(nn.MultiheadAttention(40, 4, dropout=0.25, batch_first=False).double())
+        VLMultiheadAttention.from_torch(nn.MultiheadAttention(40, 4, add_bias_kv=True))
+    copied = VLMultiheadAttention.from_torch(nn.MultiheadAttention(40, 4, dropout=0.25, batch_first=False).double())
     assert (copied.dropout, copied.batch_first, copied.in_proj_weight.dtype, copied.training) == (
         0.25, False, torch.float64, True)
 
@@ -184,8 +184,8 @@ def test_multihead_attention_and_blocks_load_hf_bert(backend):
     mask = padding_mask(generator, 3, 11)
     grad_out = torch.randn(3, 11, 40, generator=generator)
 
-    # MultiheadAttention.from_hf_bert: out_proj(attention(x)) == BertSelfOutput.dense(BertSelfAttention(x)).
-    mha = MultiheadAttention.from_hf_bert(hf_attention.self, hf_attention.output.dense).to(DEVICE)
+    # VLMultiheadAttention.from_hf_bert: out_proj(attention(x)) == BertSelfOutput.dense(BertSelfAttention(x)).
+    mha = VLMultiheadAttention.from_hf_bert(hf_attention.self, hf_attention.output.dense).to(DEVICE)
     with vlkernels.use_backend(backend):
         out = mha(x.to(DEVICE), key_padding_mask=mask.to(DEVICE))
         grads = torch.autograd.grad(out, list(mha.parameters()), grad_out.to(DEVICE))
@@ -450,7 +450,7 @@ def test_meter_cross_layer_matches_hf_bert_layer_pair():
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_multihead_attention_dropout_in_training(backend):
     torch.manual_seed(6)
-    module = MultiheadAttention(40, 4, dropout=1.0).to(DEVICE)
+    module = VLMultiheadAttention(40, 4, dropout=1.0).to(DEVICE)
     nn.init.normal_(module.out_proj.bias)
     x = torch.randn(2, 7, 40, device=DEVICE, requires_grad=True)
     with vlkernels.use_backend(backend):
@@ -482,7 +482,7 @@ def test_co_attention_layer_dropout_in_training(kind):
         for block in module.modules():  # hidden dropout on, attention dropout off: the kernel path
             if isinstance(block, nn.Dropout):
                 block.p = 0.5
-            if isinstance(block, MultiheadAttention):
+            if isinstance(block, VLMultiheadAttention):
                 block.dropout = 0.0
         if isinstance(module, ViLBERTCoLayer):
             module.attention_dropout = 0.0
@@ -496,7 +496,7 @@ def test_co_attention_layer_dropout_in_training(kind):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_multihead_attention_fully_padded_sample_gives_finite_zero_attention(backend):
     torch.manual_seed(9)
-    module = MultiheadAttention(40, 4).to(DEVICE)
+    module = VLMultiheadAttention(40, 4).to(DEVICE)
     nn.init.normal_(module.in_proj_bias)
     nn.init.normal_(module.out_proj.bias)
     x = torch.randn(2, 7, 40, device=DEVICE, requires_grad=True)
@@ -518,7 +518,7 @@ def test_multihead_attention_propagates_nan_and_ignores_padding(backend, trainin
     sample (its k and v are visible to all) and nothing of the other sample; the same NaN in a
     padded token reaches nothing. No nan_to_num erases it."""
     torch.manual_seed(10)
-    module = MultiheadAttention(32, 2, dropout=0.25).to(DEVICE).train(training)
+    module = VLMultiheadAttention(32, 2, dropout=0.25).to(DEVICE).train(training)
     x = torch.randn(2, 9, 32, device=DEVICE)
     mask = torch.ones(2, 9, dtype=torch.bool, device=DEVICE)
     mask[1, 6:] = False
@@ -551,10 +551,10 @@ def test_co_attention_layer_runs_both_cross_directions_in_one_launch(kind, monke
 # Errors and loading mismatches
 # ------------------------------------------------------------------------------------------------
 def test_multihead_attention_bad_inputs_raise():
-    module = MultiheadAttention(40, 4, kdim=24, vdim=24)
+    module = VLMultiheadAttention(40, 4, kdim=24, vdim=24)
     x, context = torch.randn(2, 5, 40), torch.randn(2, 6, 24)
     with pytest.raises(ValueError, match="multiple of num_heads"):
-        MultiheadAttention(42, 4)
+        VLMultiheadAttention(42, 4)
     with pytest.raises(ValueError, match=r"query must be \[B, S, 40\]"):
         module(torch.randn(2, 5, 41), context)
     with pytest.raises(ValueError, match="key has batch size 3, expected 2"):
@@ -621,9 +621,9 @@ def test_real_token_mask_refuses_a_bias_in_both_modes():
 
 
 def _module_calls(kind, generator):
-    """(module, leaves, call): our module on masked inputs (MultiheadAttention above the fp32 blocks)."""
+    """(module, leaves, call): our module on masked inputs (VLMultiheadAttention above the fp32 blocks)."""
     if kind in ("mha", "mha-prefix", "post_ln"):
-        module = (PostLNAttention if kind == "post_ln" else MultiheadAttention)(40, HEADS).to(DEVICE)
+        module = (PostLNAttention if kind == "post_ln" else VLMultiheadAttention)(40, HEADS).to(DEVICE)
         x = torch.randn(2, 70, 40, generator=generator).to(DEVICE).requires_grad_()
         mask = padding_mask(generator, 2, 70, fully_padded=(1,)).to(DEVICE)
         options = dict(key_padding_mask=mask)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlkernels._backend import use_backend
-from vlkernels.nn import MultiheadAttention
+from vlkernels.nn import VLMultiheadAttention
 
 IGNORE_INDEX = -100  # label of positions without a target (torch's cross_entropy default)
 
@@ -69,7 +69,7 @@ def init_bert_weights(model: nn.Module, std: float) -> None:
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
-        elif isinstance(module, MultiheadAttention):
+        elif isinstance(module, VLMultiheadAttention):
             # HF BERT draws query, key and value as separate Linears; same distribution here.
             for weight in (module.in_proj_weight, module.q_proj_weight, module.k_proj_weight, module.v_proj_weight):
                 if weight is not None:

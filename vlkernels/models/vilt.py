@@ -58,7 +58,7 @@ from vlkernels.models.common import (
     ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_text, mask_tokens, masked_lm_loss,
 )
 from vlkernels.models.synthetic import MASK, PAD, SyntheticPairs, mismatched_pairs, to_device
-from vlkernels.nn import MLMHead, MultiheadAttention, PatchEmbed, Pooler, PreLNBlock, TextEmbeddings, WPALoss
+from vlkernels.nn import MLMHead, PatchEmbed, Pooler, PreLNBlock, TextEmbeddings, VLMultiheadAttention, WPALoss
 from vlkernels.nn.attention import activation_name
 from vlkernels.ops import interpolate_pos_embed, patch_embed, valid_patch_grid, vilt_visual_embed
 from vlkernels.ops._checks import assert_in_graph
@@ -237,7 +237,7 @@ class ViLT(PretrainingModel):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
-        elif isinstance(module, MultiheadAttention):
+        elif isinstance(module, VLMultiheadAttention):
             nn.init.normal_(module.in_proj_weight, std=std)
             if isinstance(module.in_proj_bias, nn.Parameter):
                 nn.init.zeros_(module.in_proj_bias)

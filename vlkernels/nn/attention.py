@@ -1,8 +1,11 @@
 """Multi-head attention modules over the vlkernels attention op.
 
-- :class:`MultiheadAttention`: self- or cross-attention, a drop-in for ``nn.MultiheadAttention``
-  (same parameter names, so its state dict loads unchanged) that also loads HuggingFace BERT
-  ``query`` / ``key`` / ``value`` / ``dense`` weights.
+- :class:`VLMultiheadAttention`: self- or cross-attention in the library's VL form (batch first,
+  key_padding_mask True = a real token, causal / prefix_len, returns the output tensor), with
+  ``nn.MultiheadAttention``'s parameter names (its state dict loads unchanged); also loads
+  HuggingFace BERT ``query`` / ``key`` / ``value`` / ``dense`` weights. The drop-in for
+  ``nn.MultiheadAttention`` itself (its signature, mask polarity and (output, weights) return)
+  is :class:`vlkernels.nn.MultiheadAttention`.
 - :class:`PostLNAttention`: BERT's attention block, LayerNorm(x + Dropout(attention(x, context)))
   (HF ``BertAttention``: ``self`` + ``output``).
 - :class:`PostLNFeedForward`: BERT's FFN block, LayerNorm(x + Dropout(W2 act(W1 x)))
@@ -15,7 +18,7 @@ additive float masks, HF's extended [B, 1, 1, S] ones included). A query that se
 zero attention output, never NaN.
 
 Attention-probability dropout is not in the kernels: with ``attention_dropout > 0`` (``dropout``
-for :class:`MultiheadAttention`, as in torch) and the module in training mode, attention runs on
+for :class:`VLMultiheadAttention`, as in torch) and the module in training mode, attention runs on
 a plain torch path (:func:`attention_with_dropout`, the same math as the reference plus dropout
 on the probabilities) whatever the backend. In eval mode, or with zero attention dropout, the
 ops' backend choice applies (Triton kernels on GPU).
@@ -113,8 +116,8 @@ def real_token_mask(mask: torch.Tensor) -> torch.Tensor:
     return real
 
 
-class MultiheadAttention(nn.Module):
-    """Multi-head self- or cross-attention on the vlkernels attention op.
+class VLMultiheadAttention(nn.Module):
+    """Multi-head self- or cross-attention on the vlkernels attention op, in the library's VL form.
 
     Parameters are named as in ``nn.MultiheadAttention``: ``in_proj_weight`` [3D, D] (q, k, v
     rows in that order) and ``in_proj_bias`` [3D] when kdim == vdim == embed_dim, else
@@ -135,17 +138,18 @@ class MultiheadAttention(nn.Module):
     causal / prefix_len: as in :func:`vlkernels.ops.attention` (self-attention lengths only).
     dropout: attention-probability dropout; in training with dropout > 0 attention runs on the
     torch path (see the module docstring). Unlike ``nn.MultiheadAttention`` this returns only
-    the output, never the attention weights.
+    the output, never the attention weights; :class:`vlkernels.nn.MultiheadAttention` is the
+    drop-in with torch's signature and semantics.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, *, kdim: Optional[int] = None, vdim: Optional[int] = None,
                  bias: bool = True, dropout: float = 0.0, batch_first: bool = True, device=None, dtype=None) -> None:
         super().__init__()
         if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
-            raise ValueError(f"MultiheadAttention: embed_dim ({embed_dim}) must be a positive multiple of "
+            raise ValueError(f"{type(self).__name__}: embed_dim ({embed_dim}) must be a positive multiple of "
                              f"num_heads ({num_heads})")
         if not 0.0 <= dropout <= 1.0:
-            raise ValueError(f"MultiheadAttention: dropout must be in [0, 1], got {dropout}")
+            raise ValueError(f"{type(self).__name__}: dropout must be in [0, 1], got {dropout}")
         factory = dict(device=device, dtype=dtype)
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
         self.kdim = embed_dim if kdim is None else kdim
@@ -240,7 +244,6 @@ class MultiheadAttention(nn.Module):
         if not self.batch_first:  # [S, B, ...] -> [B, S, ...], keeping which inputs are the same tensor
             inputs = {id(t): t.transpose(0, 1) for t in (query, key, value)}
             query, key, value = inputs[id(query)], inputs[id(key)], inputs[id(value)]
-        self_attention = key is query and value is query
         name = type(self).__name__
         check_stream(name, "query", query, self.embed_dim)
         check_stream(name, "key", key, self.kdim, query.shape[0])
@@ -248,30 +251,37 @@ class MultiheadAttention(nn.Module):
         if value.shape[1] != key.shape[1]:
             raise ValueError(f"{name}: key and value must have one length, got {key.shape[1]} and {value.shape[1]}")
         check_mask(name, "key_padding_mask", key_padding_mask, query.shape[0], key.shape[1])
-        if self_attention and self._qkv_same_embed_dim:
+        out = self._forward_batch_first(query, key, value, key_padding_mask, causal, prefix_len)
+        return out if self.batch_first else out.transpose(0, 1)
+
+    def _forward_batch_first(self, query, key, value, key_mask, causal, prefix_len) -> torch.Tensor:
+        """Projections, attention and out_proj on checked batch-first inputs ([B, S, ...]; key_mask
+        True = real token); one fused q|k|v GEMM when query, key and value are one tensor."""
+        if key is query and value is query and self._qkv_same_embed_dim:
             q, k, v = self.project_qkv(query)
         else:
             q = self.project_query(query)
             k, v = self.project_key_value(key, value)
-        out = self.project_output(self.attend(q, k, v, key_padding_mask=key_padding_mask, causal=causal,
-                                              prefix_len=prefix_len))
-        return out if self.batch_first else out.transpose(0, 1)
+        return self.project_output(self.attend(q, k, v, key_padding_mask=key_mask, causal=causal,
+                                               prefix_len=prefix_len))
 
     # -- loading ---------------------------------------------------------------------------------
     def load_torch_state_dict(self, state_dict: Mapping[str, torch.Tensor]):
         """Load an ``nn.MultiheadAttention`` state dict (the names are the same; strict)."""
         extra = [name for name in ("bias_k", "bias_v") if state_dict.get(name) is not None]
         if extra:
-            raise ValueError(f"MultiheadAttention: {', '.join(extra)} (add_bias_kv) is not supported")
+            raise ValueError(f"VLMultiheadAttention: {', '.join(extra)} (add_bias_kv) is not supported; "
+                             "vlkernels.nn.MultiheadAttention takes it")
         return self.load_state_dict(state_dict, strict=True)
 
     @classmethod
-    def from_torch(cls, module: nn.MultiheadAttention) -> "MultiheadAttention":
+    def from_torch(cls, module: nn.MultiheadAttention) -> "VLMultiheadAttention":
         """A copy of an ``nn.MultiheadAttention`` (same weights, dropout, batch_first, device,
         dtype, train/eval mode). Its key_padding_mask True = ignore; this module's True = real
         token: call the copy with ``key_padding_mask=~mask``."""
         if module.bias_k is not None or module.add_zero_attn:
-            raise ValueError("MultiheadAttention.from_torch: add_bias_kv and add_zero_attn are not supported")
+            raise ValueError("VLMultiheadAttention.from_torch: add_bias_kv and add_zero_attn are not supported; "
+                             "vlkernels.nn.MultiheadAttention.from_torch takes them")
         weight = module.in_proj_weight if module._qkv_same_embed_dim else module.q_proj_weight
         copy = cls(module.embed_dim, module.num_heads, kdim=module.kdim, vdim=module.vdim,
                    bias=module.in_proj_bias is not None, dropout=module.dropout, batch_first=module.batch_first,
@@ -280,7 +290,7 @@ class MultiheadAttention(nn.Module):
         return copy.train(module.training)
 
     @classmethod
-    def from_hf_bert(cls, self_attention: nn.Module, output_dense: nn.Linear) -> "MultiheadAttention":
+    def from_hf_bert(cls, self_attention: nn.Module, output_dense: nn.Linear) -> "VLMultiheadAttention":
         """From a HuggingFace BERT-style attention: ``self_attention`` has ``query``, ``key``,
         ``value`` Linears (``BertSelfAttention``, ``LxmertAttention``, ...) and ``output_dense``
         is the following ``BertSelfOutput.dense``. Dropout from ``self_attention.dropout``."""
@@ -289,7 +299,7 @@ class MultiheadAttention(nn.Module):
         dropout = self_attention.dropout.p if isinstance(getattr(self_attention, "dropout", None), nn.Dropout) else 0.0
         if query.out_features != query.in_features or output_dense.in_features != query.out_features or \
                 output_dense.out_features != query.in_features:
-            raise ValueError("MultiheadAttention.from_hf_bert: query must map D -> D and output_dense D -> D")
+            raise ValueError(f"{cls.__name__}.from_hf_bert: query must map D -> D and output_dense D -> D")
         copy = cls(query.in_features, heads, kdim=key.in_features, vdim=value.in_features,
                    bias=query.bias is not None, dropout=dropout, device=query.weight.device, dtype=query.weight.dtype)
         state = {f"{name}.{part}": getattr(layer, part) for name, layer in
@@ -307,7 +317,7 @@ class PostLNAttention(nn.Module):
     forward(x [B, Sq, D], context [B, Sk, D] (default x: self-attention), *,
             key_padding_mask [B, Sk] bool True = real token, causal, prefix_len) -> [B, Sq, D]
 
-    Submodules: ``attention`` (:class:`MultiheadAttention`), ``dropout`` (hidden dropout),
+    Submodules: ``attention`` (:class:`VLMultiheadAttention`), ``dropout`` (hidden dropout),
     ``norm`` (LayerNorm, eps 1e-12 as BERT). ``attention_dropout`` is applied to the
     probabilities (torch path in training, see the module docstring).
     """
@@ -315,8 +325,8 @@ class PostLNAttention(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, *, dropout: float = 0.0, attention_dropout: float = 0.0,
                  layer_norm_eps: float = 1e-12, device=None, dtype=None) -> None:
         super().__init__()
-        self.attention = MultiheadAttention(embed_dim, num_heads, dropout=attention_dropout, device=device,
-                                            dtype=dtype)
+        self.attention = VLMultiheadAttention(embed_dim, num_heads, dropout=attention_dropout, device=device,
+                                              dtype=dtype)
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps, device=device, dtype=dtype)
 
@@ -452,7 +462,7 @@ def convert_hf_attention(state_dict: Mapping[str, torch.Tensor], qkv_prefix: str
                          target_prefix: str, *, norm_prefix: Optional[str] = None,
                          norm_target: str = "norm.") -> dict[str, torch.Tensor]:
     """Map HF ``{qkv_prefix}{query,key,value}.{weight,bias}`` and ``{dense_prefix}{weight,bias}``
-    to :class:`MultiheadAttention` keys under ``target_prefix`` (q, k, v weights concatenated
+    to :class:`VLMultiheadAttention` keys under ``target_prefix`` (q, k, v weights concatenated
     into ``in_proj_weight`` when they share one input width, else ``{q,k,v}_proj_weight``);
     with ``norm_prefix`` also its LayerNorm to ``{target_prefix minus 'attention.'}{norm_target}``."""
     weights = [state_dict[f"{qkv_prefix}{name}.weight"] for name in ("query", "key", "value")]

@@ -19,7 +19,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from vlkernels.nn.attention import ACTIVATIONS, MultiheadAttention, PostLNAttention, PostLNFeedForward
+from vlkernels.nn.attention import ACTIVATIONS, PostLNAttention, PostLNFeedForward, VLMultiheadAttention
 
 
 class Mlp(nn.Module):
@@ -56,7 +56,7 @@ class PreLNBlock(nn.Module):
         super().__init__()
         factory = dict(device=device, dtype=dtype)
         self.norm1 = nn.LayerNorm(dim, eps=eps, **factory)
-        self.attn = MultiheadAttention(dim, heads, dropout=attention_dropout, **factory)
+        self.attn = VLMultiheadAttention(dim, heads, dropout=attention_dropout, **factory)
         self.norm2 = nn.LayerNorm(dim, eps=eps, **factory)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), activation=activation, dropout=dropout, **factory)
         self.dropout = nn.Dropout(dropout)
