@@ -3,6 +3,7 @@ against the same models unpatched, on padded inputs: outputs, state dict, which 
 switches on, revert, class-level patching, the per-call fallbacks and errors."""
 import copy
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -14,7 +15,8 @@ transformers = pytest.importorskip("transformers")
 
 import vlkernels  # noqa: E402
 from vlkernels import integrations, ops  # noqa: E402
-from vlkernels.integrations import _kernels, _patching, lxmert, vilt, visual_bert, vit  # noqa: E402
+from vlkernels.integrations import _kernels, _patching, _versions, lxmert, vilt, visual_bert, vit  # noqa: E402
+from vlkernels.testing import HostReads  # noqa: E402
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # fp32: the kernels differ from HF only by rounding
 TINY = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64)
@@ -67,10 +69,16 @@ def vit_model(attn_implementation="eager", **overrides):
     return transformers.ViTModel(config)
 
 
+TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5
+
+
 def vit_inputs(g):
+    pixels = torch.randn(2, 3, 32, 32, generator=g)
+    if TRANSFORMERS_4:  # ViTModel takes no attention mask there
+        return dict(pixel_values=pixels)
     mask = torch.ones(2, 17, dtype=torch.long)  # cls + 16 patches
     mask[1, 12:] = 0
-    return dict(pixel_values=torch.randn(2, 3, 32, 32, generator=g), attention_mask=mask)
+    return dict(pixel_values=pixels, attention_mask=mask)
 
 
 @dataclass
@@ -314,40 +322,112 @@ def test_training_without_attention_dropout_uses_the_kernel(case_name, calls):
             torch.testing.assert_close(q.grad, p.grad, **TOL, msg=name)
 
 
-def test_masks_that_are_not_padding_run_the_hf_forward(calls):
+def _vilt_attention_and_masks():
     module = build(BY_NAME["vilt"]).encoder.layer[0].attention.attention
     hidden = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(3))
     minimum = torch.finfo(torch.float32).min
     padding = torch.zeros(2, 1, 1, 5)
     padding[1, ..., 3:] = minimum
-    causal = torch.full((5, 5), float("-inf")).triu(1).expand(2, 1, 5, 5)
     fully_padded = padding.clone()
-    fully_padded[0] = minimum
-    masks = {"padding": (padding, 1), "padding expanded over queries": (padding.expand(2, 1, 5, 5), 1),
-             "no mask": (None, 1), "bias": (torch.randn(2, 1, 1, 5), 0), "causal": (causal, 0),
-             "per head": (torch.cat([padding, torch.zeros(2, 1, 1, 5)], dim=1), 0),  # heads masked differently
-             "a sample without real keys": (fully_padded, 0)}
+    fully_padded[0] = minimum  # HF then spreads attention uniformly: the kernel path gives the same
+    return module, hidden, padding, fully_padded
+
+
+def test_padding_masks_run_the_kernel(calls):
+    module, hidden, padding, fully_padded = _vilt_attention_and_masks()
+    masks = {"padding": padding, "padding expanded over queries": padding.expand(2, 1, 5, 5).contiguous(),
+             "no mask": None, "a sample without real keys": fully_padded, "bool (sdpa)": padding == 0,
+             "batch of one": padding[1:]}
     vilt.apply_vlkernels_to_vilt(module)
     original = _patching.original_forward(module)
-    for name, (mask, kernel_calls) in masks.items():
+    for name, mask in masks.items():
         calls["attention"] = 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", _kernels.FallbackWarning)
+            with torch.no_grad():
+                actual = module(hidden, mask)[0]
+        # HF's bool-mask path is SDPA's: compare with the additive form of the same mask
+        hf_mask = None if mask is None else (mask if mask.dtype != torch.bool else padding)
         with torch.no_grad():
-            torch.testing.assert_close(module(hidden, mask)[0], original(module, hidden, mask)[0], **TOL, msg=name)
-        assert calls["attention"] == kernel_calls, name
+            expected = original(module, hidden, hf_mask)[0]
+        torch.testing.assert_close(actual, expected, **TOL, msg=name)
+        assert calls["attention"] == 1, name
+
+
+def test_masks_that_are_not_padding_fall_back_or_are_refused(calls):
+    module, hidden, padding, _ = _vilt_attention_and_masks()
+    causal = torch.full((5, 5), float("-inf")).triu(1).expand(2, 1, 5, 5)
+    vilt.apply_vlkernels_to_vilt(module)
+    original = _patching.original_forward(module)
+    # By shape or dtype: the HF forward, with a warning naming the reason, in every mode.
+    by_shape = {"per head": torch.cat([padding, torch.zeros(2, 1, 1, 5)], dim=1), "3-d": padding[:, 0],
+                "integer": torch.zeros(2, 1, 1, 5, dtype=torch.long)}
+    # By value: strict (host) mode reads the values and falls back; the default device mode
+    # refuses without a host read (a RuntimeError from the device-side check).
+    by_value = {"bias": torch.randn(2, 1, 1, 5), "causal": causal}
+    _kernels._WARNED.clear()
+    for name, mask in {**by_shape, **by_value}.items():
+        calls["attention"] = 0
+        with pytest.warns(_kernels.FallbackWarning, match="ViltSelfAttention runs the HuggingFace forward"):
+            with torch.no_grad():
+                actual = module(hidden, mask)[0]
+        with torch.no_grad():
+            torch.testing.assert_close(actual, original(module, hidden, mask)[0], **TOL, msg=name)
+        assert calls["attention"] == 0, name
+        _kernels._WARNED.clear()
+    with vlkernels.ops._checks.value_checks("device"):
+        for name, mask in by_value.items():
+            with pytest.raises(RuntimeError, match="not a key padding mask"), torch.no_grad():
+                module(hidden, mask)
+
+
+def test_fallback_warns_once_per_reason():
+    module, hidden, padding, _ = _vilt_attention_and_masks()
+    vilt.apply_vlkernels_to_vilt(module)
+    _kernels._WARNED.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            for _ in range(3):
+                module(hidden, padding, output_attentions=True)
+                module(hidden, torch.randn(2, 1, 1, 5))
+    messages = [str(w.message) for w in caught if issubclass(w.category, _kernels.FallbackWarning)]
+    assert len(messages) == 2 and "output_attentions" in messages[0] and "bias" in messages[1], messages
 
 
 def test_hf_key_mask_conversion():
     minimum = torch.finfo(torch.float32).min
     additive = torch.tensor([[0.0, 0.0, minimum], [0.0, float("-inf"), 0.0]])[:, None, None]
     expected = torch.tensor([[True, True, False], [True, False, True]])
-    assert torch.equal(_kernels.hf_key_mask(additive, 2, 4, 3), expected)
-    assert torch.equal(_kernels.hf_key_mask(additive.expand(2, 1, 4, 3), 2, 4, 3), expected)
-    assert torch.equal(_kernels.hf_key_mask(expected[:, None, None].expand(2, 1, 4, 3), 2, 4, 3), expected)
-    assert torch.equal(_kernels.hf_key_mask(additive[:1], 2, 4, 3), expected[:1].expand(2, 3))
-    assert _kernels.hf_key_mask(torch.zeros(2, 1, 1, 3), 2, 4, 3) is None  # no padding: no mask
-    for bad in (additive + 1.0, additive.expand(2, 2, 4, 3), additive[:, :, :, :2], additive[:, 0],
-                torch.ones(2, 1, 1, 3, dtype=torch.long)):
-        assert _kernels.hf_key_mask(bad, 2, 4, 3) is _kernels.NOT_PADDING
+
+    def key_mask(mask):
+        result, reason = _kernels.hf_key_mask(mask, 2, 4, 3)
+        assert reason is None
+        return result
+
+    assert torch.equal(key_mask(additive), expected)
+    assert torch.equal(key_mask(additive.expand(2, 1, 4, 3)), expected)
+    assert torch.equal(key_mask(expected[:, None, None].expand(2, 1, 4, 3)), expected)
+    assert torch.equal(key_mask(additive[:1]), expected[:1].expand(2, 3))
+    assert key_mask(None) is None
+    assert torch.equal(key_mask(torch.zeros(2, 1, 1, 3)), torch.ones(2, 3, dtype=torch.bool))
+    for bad in (additive.expand(2, 2, 4, 3), additive[:, :, :, :2], additive[:, 0],
+                torch.ones(2, 1, 1, 3, dtype=torch.long), "mask"):
+        result, reason = _kernels.hf_key_mask(bad, 2, 4, 3)
+        assert result is None and "attention mask" in reason
+    # values: strict mode falls back, device mode asserts on the device
+    assert _kernels.hf_key_mask(additive + 1.0, 2, 4, 3)[1] is not None
+    with vlkernels.ops._checks.value_checks("device"), pytest.raises(RuntimeError, match="not a key padding"):
+        _kernels.hf_key_mask(additive + 1.0, 2, 4, 3)
+
+
+def test_hf_key_mask_reads_nothing_on_the_host():
+    mask = torch.zeros(2, 1, 6, 6)
+    mask[1, ..., 4:] = torch.finfo(torch.float32).min
+    with vlkernels.ops._checks.value_checks("device"), HostReads() as reads:
+        key_mask, reason = _kernels.hf_key_mask(mask, 2, 6, 6)
+    assert reason is None and reads.reads == 0
+    assert torch.equal(key_mask, mask[:, 0, 0] == 0)
 
 
 def test_vilt_patch_embeddings_keep_the_conv_layout(calls):
@@ -411,3 +491,30 @@ def test_triton_kernels_under_the_interpreter(calls, monkeypatch):
             actual = run(model, batch)
     assert calls["attention"] > 0 and calls["patch_embed"] > 0
     assert_outputs_close(actual, expected)
+
+
+@pytest.mark.parametrize("version", ["4.56.2", "4.58.0", "3.36.0", "6.0.0"])
+def test_transformers_outside_the_supported_range_is_refused(version, monkeypatch):
+    monkeypatch.setattr(_versions, "installed", lambda: version)
+    model = build(BY_NAME["visual_bert"])
+    for function in (integrations.apply_vlkernels_to_visual_bert, integrations.revert_vlkernels_to_visual_bert):
+        with pytest.raises(ImportError, match=f"4.57.x or 5.x.*transformers {version} is installed"):
+            function(model)
+    assert not patched_modules(model)
+
+
+@pytest.mark.parametrize("version, ok", [("4.57.0", True), ("4.57.6", True), ("5.0.0", True), ("5.24.0.dev0", True),
+                                         ("4.56.9", False), ("4.58.0", False), ("6.1.0", False)])
+def test_supported_versions(version, ok):
+    assert _versions.supported(version) is ok
+
+
+def test_an_unknown_hf_signature_is_refused(monkeypatch):
+    from transformers.models.lxmert import modeling_lxmert as hf
+
+    def forward(self, hidden_states, context, attention_mask=None, output_attentions=False, extra=None):
+        return None
+
+    monkeypatch.setattr(hf.LxmertAttention, "forward", forward)
+    with pytest.raises(ImportError, match="LxmertAttention.forward.*not a signature vlkernels knows"):
+        integrations.apply_vlkernels_to_lxmert(build(BY_NAME["lxmert"]))

@@ -4,9 +4,12 @@ Two ways to patch one HF module class ``cls`` with a kernel forward ``fn`` (a pl
 with the same parameters as ``cls.forward``):
 
 - a loaded model: each ``cls`` instance inside it gets ``fn`` bound as an instance attribute
-  (``module.forward = MethodType(fn, module)``). nn.Module stores a plain attribute in the
+  (``module.forward = BoundForward(fn, module)``). nn.Module stores a plain attribute in the
   instance ``__dict__``, so parameters, buffers, the state dict and hooks are untouched, and
   ``nn.Module.__call__`` finds the instance ``forward`` before the class one. Revert deletes it.
+  A :class:`BoundForward` (not a ``types.MethodType``, which pickles as ``getattr(module,
+  fn.__name__)``, a name the module does not have) pickles, deep-copies and ``torch.save``\ s
+  with the module: the function by its qualified name, the module by reference.
 - no model: ``cls.forward = fn``, Liger-Kernel style, so every instance uses it (those created
   later too). The HF function is kept on the class under ``_ORIGINAL`` until revert puts it back.
 
@@ -15,11 +18,13 @@ A kernel forward falls back to the HF forward for calls the kernel cannot comput
 """
 from __future__ import annotations
 
-import types
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 from torch import nn
+
+from vlkernels.integrations._versions import check_transformers, installed
 
 # Class attribute holding the HF forward while the class is patched.
 _ORIGINAL = "_vlkernels_original_forward"
@@ -37,14 +42,15 @@ def _is_kernel_forward(fn) -> bool:
     return getattr(fn, _MARK, False) is True
 
 
-def original_forward(module: nn.Module) -> Callable:
-    """The HF ``forward`` function (unbound) of ``module``'s class, the one a kernel forward
-    falls back to. Call it as ``original_forward(module)(module, *args)``."""
-    for cls in type(module).__mro__:
+def original_forward(module) -> Callable:
+    """The HF ``forward`` function (unbound) of ``module``'s class (or of the class ``module``),
+    the one a kernel forward falls back to. Call it as ``original_forward(module)(module, *args)``."""
+    owner = module if isinstance(module, type) else type(module)
+    for cls in owner.__mro__:
         original = vars(cls).get(_ORIGINAL)
         if original is not None:  # this class is patched: its HF forward is kept here
             return original
-    return type(module).forward
+    return owner.forward
 
 
 @dataclass(frozen=True)
@@ -56,10 +62,41 @@ class Patch:
 
 
 # ---- one module ---------------------------------------------------------------------------------
+class BoundForward:
+    """``fn`` bound to ``module``, as ``types.MethodType(fn, module)`` but picklable: calling it
+    calls ``fn(module, *args, **kwargs)``. ``__func__`` and ``__self__`` as on a bound method."""
+
+    def __init__(self, fn: Callable, module: nn.Module):
+        self.__func__ = fn
+        self.__self__ = module
+
+    def __call__(self, *args, **kwargs):
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, BoundForward) and other.__func__ is self.__func__
+                and other.__self__ is self.__self__)
+
+    def __hash__(self) -> int:
+        return hash((self.__func__, id(self.__self__)))
+
+    def __repr__(self) -> str:
+        return f"<vlkernels forward {self.__func__.__qualname__} of {type(self.__self__).__name__}>"
+
+
 def is_patched(module: nn.Module) -> bool:
     """True when ``module`` has a vlkernels forward bound on the instance."""
     bound = vars(module).get("forward")
-    return isinstance(bound, types.MethodType) and _is_kernel_forward(bound.__func__)
+    return isinstance(bound, BoundForward) and _is_kernel_forward(bound.__func__)
+
+
+def output_capture_active(module: nn.Module) -> bool:
+    """True while transformers 4.x's output capturing (``check_model_inputs`` with
+    ``output_attentions``) has wrapped ``module.forward`` to record its outputs: the kernel
+    forward must then return what HF returns (the attention probabilities), so it falls back.
+    The wrapper is an instance ``forward`` made with ``functools.wraps`` (``__wrapped__``)."""
+    bound = vars(module).get("forward")
+    return bound is not None and hasattr(bound, "__wrapped__")
 
 
 def patch_module(module: nn.Module, patch: Patch) -> bool:
@@ -70,7 +107,7 @@ def patch_module(module: nn.Module, patch: Patch) -> bool:
     hf_forward = vars(patch.cls).get(_ORIGINAL, patch.cls.forward)
     if type(module).forward not in (hf_forward, patch.forward):
         return False
-    module.forward = types.MethodType(patch.forward, module)
+    module.forward = BoundForward(patch.forward, module)
     return True
 
 
@@ -108,6 +145,20 @@ def is_class_patched(cls: type) -> bool:
     return _ORIGINAL in vars(cls)
 
 
+def _parameters(function: Callable) -> list:
+    return [(p.name, p.kind, p.default) for p in inspect.signature(function).parameters.values()]
+
+
+def _check_signature(patch: Patch, function: str) -> None:
+    """ImportError unless the kernel forward takes exactly the HF forward's parameters: a
+    transformers release whose module differs is refused, never patched with a wrong forward."""
+    hf_forward = original_forward(patch.cls)
+    if _parameters(hf_forward) != _parameters(patch.forward):
+        raise ImportError(f"{function}: {patch.cls.__name__}.forward{inspect.signature(hf_forward)} of "
+                          f"transformers {installed()} is not a signature vlkernels knows; the "
+                          f"integrations are tested on transformers 4.57 and 5.x (see TRANSFORMERS_RANGE)")
+
+
 # ---- a model family -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Family:
@@ -120,11 +171,17 @@ class Family:
     load: Callable[[], dict[str, tuple[Patch, ...]]]
 
     def patches(self) -> dict[str, tuple[Patch, ...]]:
+        """The patches per flag; ImportError without transformers or outside the supported versions."""
         try:
-            return self.load()
+            import transformers  # noqa: F401
         except ImportError as error:
             raise ImportError(f"{self.apply_name} patches HuggingFace {self.name} modules and needs "
-                              f"transformers (pip install transformers): {error}") from error
+                              f"transformers (pip install 'transformers>=4.57,<6'): {error}") from error
+        check_transformers(self.apply_name)
+        patches = self.load()
+        for patch in (patch for group in patches.values() for patch in group):
+            _check_signature(patch, self.apply_name)
+        return patches
 
     def check_model(self, model, function: str) -> None:
         """Raise a TypeError unless ``model`` is an nn.Module holding at least one module this family patches."""

@@ -13,25 +13,26 @@ from typing import Optional
 from torch import nn
 
 from vlkernels.integrations import _patching
-from vlkernels.integrations._kernels import NOT_PADDING, attention_dropout_active, bert_style_attention, hf_key_mask
+from vlkernels.integrations._kernels import bert_attention_or_reason, fallback
 from vlkernels.integrations._patching import Patch, kernel_forward, original_forward
 
 
 @kernel_forward
 def attention_forward(self, hidden_states, context, attention_mask=None, output_attentions=False):
-    """vlkernels forward of HF ``LxmertAttention`` (self- or cross-attention).
+    """vlkernels forward of HF ``LxmertAttention`` (self- or cross-attention; the same signature
+    in transformers 4.57 and 5).
 
     hidden_states: [B, Sq, D] (queries), context: [B, Sk, Dc] (keys and values),
     attention_mask: HF's extended additive mask of the context, [B, 1, 1, Sk], or None
     returns (context layer [B, Sq, D],), as HF does without output_attentions.
-    Runs the HF forward instead, for this call only, with output_attentions (the kernel never
-    forms the probabilities), attention dropout in training mode (the kernel has none), or a
-    mask that is not a key padding mask.
+    Runs the HF forward instead, for this call only and with a warning, with output_attentions
+    (the kernel never forms the probabilities), attention dropout in training mode (the kernel
+    has none), or a mask whose shape or dtype is not a key padding mask's.
     """
-    if not output_attentions and not attention_dropout_active(self, self.dropout.p):
-        key_mask = hf_key_mask(attention_mask, hidden_states.shape[0], hidden_states.shape[1], context.shape[1])
-        if key_mask is not NOT_PADDING:
-            return (bert_style_attention(self, hidden_states, context, key_mask),)
+    result = bert_attention_or_reason(self, hidden_states, context, attention_mask, output_attentions)
+    if not isinstance(result, str):
+        return result
+    fallback(self, result)
     return original_forward(self)(self, hidden_states, context, attention_mask, output_attentions)
 
 

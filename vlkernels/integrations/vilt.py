@@ -12,7 +12,7 @@ from torch import nn
 
 from vlkernels import ops
 from vlkernels.integrations import _patching
-from vlkernels.integrations._kernels import bert_self_attention_forward, is_patch_conv
+from vlkernels.integrations._kernels import bert_self_attention_patch, fallback, is_patch_conv
 from vlkernels.integrations._patching import Patch, kernel_forward, original_forward
 
 
@@ -22,13 +22,14 @@ def patch_embeddings_forward(self, pixel_values):
 
     pixel_values: [B, C, H, W] -> [B, D, H/P, W/P], as the HF Conv2d returns it (a view of the
     kernel's [B, N, D] tokens, so its strides are channels-last; ViLT flattens it right away).
-    Runs the HF forward instead, for this call only, when the conv is not a plain patch conv the
+    Runs the HF forward instead, for this call only and with a warning, when the conv is not a plain patch conv the
     kernel computes exactly (see ``is_patch_conv``), or the input has the wrong channel count
     (HF then raises its own error).
     """
     projection = self.projection
     pixels = pixel_values.to(dtype=projection.weight.dtype)  # HF casts the pixels to the conv's dtype
     if not is_patch_conv(projection, pixels) or pixels.shape[1] != self.num_channels:
+        fallback(self, "the patch conv or the pixels are not a plain patch embedding (see is_patch_conv)")
         return original_forward(self)(self, pixel_values)
     patch = projection.kernel_size[0]
     tokens = ops.patch_embed(pixels, projection.weight, projection.bias)  # [B, N, D], N row-major
@@ -40,7 +41,7 @@ def _load() -> dict:
     from transformers.models.vilt import modeling_vilt as hf
 
     return {
-        "attention": (Patch(hf.ViltSelfAttention, bert_self_attention_forward),),
+        "attention": (bert_self_attention_patch(hf.ViltSelfAttention),),
         "patch_embed": (Patch(hf.ViltPatchEmbeddings, patch_embeddings_forward),),
     }
 

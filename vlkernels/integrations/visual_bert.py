@@ -11,15 +11,14 @@ from typing import Optional
 from torch import nn
 
 from vlkernels.integrations import _patching
-from vlkernels.integrations._kernels import bert_self_attention_forward
-from vlkernels.integrations._patching import Patch
+from vlkernels.integrations._kernels import bert_self_attention_patch
 
 
 @functools.lru_cache(maxsize=None)
 def _load() -> dict:
     from transformers.models.visual_bert import modeling_visual_bert as hf
 
-    return {"attention": (Patch(hf.VisualBertSelfAttention, bert_self_attention_forward),)}
+    return {"attention": (bert_self_attention_patch(hf.VisualBertSelfAttention),)}
 
 
 FAMILY = _patching.Family("VisualBERT", "apply_vlkernels_to_visual_bert",
