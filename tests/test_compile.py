@@ -200,8 +200,10 @@ def _targets():
 
 
 MODULE_CASES = {
-    "PatchEmbed": (lambda: vnn.PatchEmbed(img_size=8, patch_size=4, in_chans=3, embed_dim=16),
+    "PatchEmbed": (lambda: vnn.PatchEmbed(img_size=(8, 12), patch_size=4, in_chans=3, embed_dim=16),
                    lambda: [_rand(2, 3, 8, 12, grad=True)], BACKENDS),
+    "PatchEmbed-dynamic-pad-nhwc": (lambda: vnn.PatchEmbed(None, 4, 3, 16, output_fmt="NHWC", dynamic_img_pad=True),
+                                    lambda: [_rand(2, 3, 9, 14, grad=True)], BACKENDS),
     "VLMultiheadAttention-cross": (lambda: _Call(vnn.VLMultiheadAttention(16, 2), 2, ["key_padding_mask"]),
                                    lambda: [_rand(2, 5, 16, grad=True), _rand(2, 9, 16, grad=True), _mask(2, 9)],
                                    BACKENDS),

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import vlkernels
+import vlkernels.nn._fallback
 import vlkernels.nn.multihead_attention as mha_module
 from vlkernels.nn import MultiheadAttention, VLMultiheadAttention
 from vlkernels.testing import DEVICE, fp32_tolerance, rel_error
@@ -187,7 +188,8 @@ def test_signature_defaults_and_attributes_are_torchs():
 def test_state_dict_keys_order_and_round_trip_are_torchs(options):
     theirs = nn.MultiheadAttention(E, H, **options)
     ours = MultiheadAttention(E, H, **options)
-    assert [(k, v.shape) for k, v in ours.state_dict().items()] == [(k, v.shape) for k, v in theirs.state_dict().items()]
+    assert [(k, v.shape) for k, v in ours.state_dict().items()] == \
+        [(k, v.shape) for k, v in theirs.state_dict().items()]
     ours.load_state_dict(theirs.state_dict())
     back = nn.MultiheadAttention(E, H, **options)
     back.load_state_dict(ours.state_dict())
@@ -245,7 +247,7 @@ def test_fully_padded_sample_matches_torch_kernel_path(backend):
 
 
 def test_fallback_says_so_once_per_reason(monkeypatch):
-    monkeypatch.setattr(mha_module, "_WARNED", set())
+    monkeypatch.setattr(vlkernels.nn._fallback, "_WARNED", set())
     module = MultiheadAttention(E, H, batch_first=True)
     x = torch.randn(N, L, E)
     with pytest.warns(UserWarning, match="need_weights=True") as record:

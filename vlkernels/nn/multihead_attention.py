@@ -11,7 +11,7 @@ kernels lack: ``need_weights=False``, ``key_padding_mask`` None or bool, ``attn_
 given with ``is_causal=True`` on equal query and key lengths, no ``add_bias_kv`` /
 ``add_zero_attn``, no attention dropout in training. Every other call runs torch's own
 ``F.multi_head_attention_forward`` (the math of ``nn.MultiheadAttention`` itself) and says so
-once per reason (a warning; see :func:`_record_fallback`).
+once per reason (``vlkernels.nn._fallback.record_fallback``: a warning).
 
 A query that sees no key (all its keys padded) gets a zero attention output on the kernel path,
 as torch's own ``need_weights=False`` path gives; with ``need_weights=True`` torch (and so this
@@ -22,7 +22,6 @@ returned) is :class:`vlkernels.nn.VLMultiheadAttention`.
 """
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from typing import Optional
 
@@ -30,24 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlkernels.nn._fallback import record_fallback as _record_fallback
 from vlkernels.nn.attention import VLMultiheadAttention
-
-_WARNED: set[tuple[str, str]] = set()
-
-
-def _record_fallback(op: str, reason: str) -> None:
-    """Report that ``op`` ran torch's path instead of the kernels, once per reason: through
-    ``vlkernels._coverage.record_fallback`` where the library has it, else a warning."""
-    try:
-        from vlkernels._coverage import record_fallback
-    except ImportError:
-        record_fallback = None
-    if record_fallback is not None:
-        record_fallback(op, reason)
-    elif (op, reason) not in _WARNED:
-        _WARNED.add((op, reason))
-        warnings.warn(f"{op}: {reason}, so this call runs torch's F.multi_head_attention_forward instead of the "
-                      "vlkernels kernels (said once per reason)", stacklevel=5)
 
 
 def _mask_error(name: str, mask: torch.Tensor, expected: str) -> ValueError:
