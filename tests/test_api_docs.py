@@ -4,6 +4,7 @@ import inspect
 
 import pytest
 
+import vlkernels
 import vlkernels.integrations as integrations
 import vlkernels.models as models
 import vlkernels.nn as vnn
@@ -13,7 +14,8 @@ PUBLIC = ([(f"ops.{name}", getattr(ops, name)) for name in ops.__all__]
           + [(f"nn.{name}", getattr(vnn, name)) for name in vnn.__all__]
           + [(f"models.{cls}", models.model_class(key)) for key, (_, cls) in models.MODELS.items()]
           + [(f"integrations.{name}", getattr(integrations, name)) for name in integrations.__all__
-             if name.startswith("apply_")])
+             if name.startswith("apply_")]
+          + [(name, getattr(vlkernels, name)) for name in ("flash_attn_func", "flash_attn_varlen_func")])
 
 
 def _documentation(obj) -> str:

@@ -126,6 +126,10 @@ OP_CASES = {
                      + [_rand(2, 2, 9, 16, grad=True) for _ in range(3)] + [_mask(2, 5), _mask(2, 9)], BACKENDS),
     "attention_varlen-causal": (lambda q, k, v, cu: ops.attention_varlen(q, k, v, cu, cu, 7, 7, causal=True),
                                 _varlen_inputs, BACKENDS),
+    # flash-attn's layout, GQA, bottom-right causal over longer keys (the dummy-query padding)
+    "flash_attn_func-gqa-causal": (lambda q, k, v: vlkernels.flash_attn_func(q, k, v, causal=True),
+                                   lambda: [_rand(2, 5, 4, 16, grad=True), _rand(2, 9, 2, 16, grad=True),
+                                            _rand(2, 9, 2, 16, grad=True)], BACKENDS),
     "pad_input": (lambda packed, indices: ops.pad_input(packed, indices, 2, 5),
                   lambda: [_rand(6, 2, 4, grad=True), torch.tensor([0, 1, 2, 5, 6, 9])], ["torch"]),  # no backends
     "mome_ffn-index": (lambda x, idx, w1, b1, w2, b2, lnw, lnb: ops.mome_ffn(x, idx, w1, b1, w2, b2, ln_weight=lnw,

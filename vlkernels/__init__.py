@@ -1,8 +1,10 @@
 """vlkernels: Triton and CUDA kernels for vision-language pretraining, with drop-in torch modules."""
 from vlkernels._backend import BACKENDS, NoBackendError, requested_backend, use_backend
 from vlkernels._deterministic import deterministic, is_deterministic, set_deterministic
+from vlkernels.flash_attn import flash_attn_func, flash_attn_varlen_func
 from vlkernels.ops._checks import set_value_checks, value_check_mode, value_checks
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "NoBackendError", "deterministic", "is_deterministic", "requested_backend",
+__all__ = ["BACKENDS", "NoBackendError", "deterministic", "flash_attn_func", "flash_attn_varlen_func",
+           "is_deterministic", "requested_backend",
            "set_deterministic", "set_value_checks", "use_backend", "value_check_mode", "value_checks", "__version__"]

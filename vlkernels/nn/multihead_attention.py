@@ -11,7 +11,7 @@ kernels lack: ``need_weights=False``, ``key_padding_mask`` None or bool, ``attn_
 given with ``is_causal=True`` on equal query and key lengths, no ``add_bias_kv`` /
 ``add_zero_attn``, no attention dropout in training. Every other call runs torch's own
 ``F.multi_head_attention_forward`` (the math of ``nn.MultiheadAttention`` itself) and says so
-once per reason (``vlkernels.nn._fallback.record_fallback``: a warning).
+once per reason (``vlkernels._fallback.record_fallback``: a warning).
 
 A query that sees no key (all its keys padded) gets a zero attention output on the kernel path,
 as torch's own ``need_weights=False`` path gives; with ``need_weights=True`` torch (and so this
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlkernels.nn._fallback import record_fallback as _record_fallback
+from vlkernels._fallback import record_fallback as _record_fallback
 from vlkernels.nn.attention import VLMultiheadAttention
 
 

@@ -6,9 +6,10 @@ import warnings
 _WARNED: set[tuple[str, str]] = set()
 
 
-def record_fallback(op: str, reason: str) -> None:
+def record_fallback(op: str, reason: str, *, stacklevel: int = 5) -> None:
     """Report that ``op`` ran torch's path instead of the kernels, once per (op, reason):
-    through ``vlkernels._coverage.record_fallback`` where the library has it, else a warning."""
+    through ``vlkernels._coverage.record_fallback`` where the library has it, else a warning
+    (stacklevel 5 names the caller of a module's ``__call__``; a function passes 3)."""
     try:
         from vlkernels._coverage import record_fallback as record
     except ImportError:
@@ -18,4 +19,4 @@ def record_fallback(op: str, reason: str) -> None:
     elif (op, reason) not in _WARNED:
         _WARNED.add((op, reason))
         warnings.warn(f"{op}: {reason}, so this call runs torch's path instead of the vlkernels kernels "
-                      "(said once per reason)", stacklevel=5)  # the caller of module(...)
+                      "(said once per reason)", stacklevel=stacklevel)
