@@ -291,3 +291,25 @@ def test_vl_form_keeps_its_own_name_and_conventions():
     real[0, 3:] = False
     expected, _ = theirs(x, x, x, key_padding_mask=~real, need_weights=False)
     torch.testing.assert_close(vl(x, key_padding_mask=real), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_swaps_into_torch_transformer_encoder_layer(monkeypatch):
+    """A drop-in inside torch's own layers: TransformerEncoderLayer calls self_attn with torch's
+    keywords (need_weights=False, is_causal with the causal attn_mask; its key_padding_mask
+    arrives as an additive float mask, which runs torch's path)."""
+    torch.manual_seed(8)
+    layer = nn.TransformerEncoderLayer(E, H, dim_feedforward=32, dropout=0.0, batch_first=True).train()
+    swapped = nn.TransformerEncoderLayer(E, H, dim_feedforward=32, dropout=0.0, batch_first=True).train()
+    swapped.load_state_dict(layer.state_dict())
+    swapped.self_attn = MultiheadAttention.from_torch(layer.self_attn)
+    x = torch.randn(N, L, E)
+    ignore = torch.zeros(N, L, dtype=torch.bool)
+    ignore[1, 4:] = True
+    causal = nn.Transformer.generate_square_subsequent_mask(L)
+    fallbacks = []
+    monkeypatch.setattr(mha_module, "_record_fallback", lambda op, reason: fallbacks.append(reason))
+    for kwargs in (dict(src_mask=causal, is_causal=True), dict(src_key_padding_mask=ignore)):
+        torch.testing.assert_close(swapped(x, **kwargs), layer(x, **kwargs), rtol=1e-5, atol=1e-5)
+        if "src_mask" in kwargs:
+            assert fallbacks == [], "the causal call runs the kernels"
+    assert fallbacks == ["a float key_padding_mask"]
