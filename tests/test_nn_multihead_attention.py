@@ -42,6 +42,8 @@ CASES = {
     "add-bias-kv": dict(bias_kv=True, kpm="bool", nw=False, bf=True),
     "add-zero-attn-weights": dict(zero_attn=True, attn="float2d"),
     "bias-kv-zero-attn-cross": dict(bias_kv=True, zero_attn=True, cross="kdim", kpm="bool", nw=False),
+    "zero-attn-self": dict(zero_attn=True, nw=False),
+    "bias-kv-causal": dict(bias_kv=True, attn="causal-bool", causal=True, nw=False),
     "causal-cross-lengths": dict(cross="kv", attn="causal-bool", causal=True, nw=False),
     "unbatched-bool-kpm": dict(unbatched=True, kpm="bool", nw=False),
     "unbatched-attn-mask-3d-weights": dict(unbatched=True, attn="float3d", avg=False),
@@ -54,13 +56,13 @@ CASES = {
 def kernel_path(case) -> bool:
     """Whether the module documents this call as running the kernels."""
     return (case.get("nw", True) is False and case.get("kpm") in (None, "bool") and
-            (case.get("attn") is None or case.get("causal", False)) and not case.get("bias_kv") and
-            not case.get("zero_attn") and not (case.get("causal") and case.get("cross")))
+            (case.get("attn") is None or case.get("causal", False)) and
+            not (case.get("causal") and (case.get("cross") or case.get("bias_kv") or case.get("zero_attn"))))
 
 
 # The Triton kernels (interpreter here) on the kernel-path cases that differ in what reaches them.
 TRITON_CASES = ["self-seq-first-bool-kpm", "self-causal-float-mask-bool-kpm", "cross-kdim-vdim-bool-kpm",
-                "unbatched-bool-kpm"]
+                "unbatched-bool-kpm", "bias-kv-zero-attn-cross"]
 PARAMS = [(name, "torch") for name in CASES] + [(name, "triton") for name in TRITON_CASES]
 
 

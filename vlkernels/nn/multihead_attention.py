@@ -8,8 +8,8 @@ causal mask, and the return value (attn_output, attn_weights or None).
 
 The kernel path (:func:`vlkernels.ops.attention`) runs every call that needs nothing the
 kernels lack: ``need_weights=False``, ``key_padding_mask`` None or bool, ``attn_mask`` None or
-given with ``is_causal=True`` on equal query and key lengths, no ``add_bias_kv`` /
-``add_zero_attn``, no attention dropout in training. Every other call runs torch's own
+given with ``is_causal=True`` on equal query and key lengths (and then no ``add_bias_kv`` /
+``add_zero_attn``), no attention dropout in training. Every other call runs torch's own
 ``F.multi_head_attention_forward`` (the math of ``nn.MultiheadAttention`` itself) and says so
 once per reason (``vlkernels._fallback.record_fallback``: a warning).
 
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlkernels._fallback import record_fallback as _record_fallback
-from vlkernels.nn.attention import VLMultiheadAttention
+from vlkernels.nn.attention import VLMultiheadAttention, split_heads
 
 
 def _mask_error(name: str, mask: torch.Tensor, expected: str) -> ValueError:
@@ -118,8 +118,8 @@ class MultiheadAttention(VLMultiheadAttention):
         seq_dim = 1 if batched and self.batch_first else 0
         if need_weights:
             return "need_weights=True (the kernels do not return attention weights; pass need_weights=False)"
-        if self.bias_k is not None or self.add_zero_attn:
-            return "add_bias_kv / add_zero_attn"
+        if (self.bias_k is not None or self.add_zero_attn) and is_causal:
+            return "add_bias_kv / add_zero_attn with is_causal (the extra keys make the mask non-square)"
         if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
             return "a float key_padding_mask"
         if attn_mask is not None and not is_causal:
@@ -157,6 +157,30 @@ class MultiheadAttention(VLMultiheadAttention):
         if not batched:
             return out.squeeze(0), None
         return (out if self.batch_first else out.transpose(0, 1)), None
+
+    def _forward_batch_first(self, query, key, value, key_mask, causal, prefix_len) -> torch.Tensor:
+        """The VL core, with add_bias_kv's learned key/value and add_zero_attn's zero key/value
+        appended to every sequence's keys (visible to every query, as in torch)."""
+        if self.bias_k is None and not self.add_zero_attn:
+            return super()._forward_batch_first(query, key, value, key_mask, causal, prefix_len)
+        if key is query and value is query and self._qkv_same_embed_dim:
+            q, k, v = self.project_qkv(query)
+        else:
+            q = self.project_query(query)
+            k, v = self.project_key_value(key, value)
+        batch = q.shape[0]
+        extra_k, extra_v = [], []
+        if self.bias_k is not None:  # [1, 1, E] -> [B, H, 1, Dh]
+            extra_k.append(split_heads(self.bias_k.expand(batch, 1, -1), self.num_heads))
+            extra_v.append(split_heads(self.bias_v.expand(batch, 1, -1), self.num_heads))
+        if self.add_zero_attn:
+            extra_k.append(k.new_zeros(batch, self.num_heads, 1, self.head_dim))
+            extra_v.append(v.new_zeros(batch, self.num_heads, 1, self.head_dim))
+        k, v = torch.cat([k, *extra_k], dim=2), torch.cat([v, *extra_v], dim=2)
+        if key_mask is not None:
+            key_mask = F.pad(key_mask, (0, len(extra_k)), value=True)
+        return self.project_output(self.attend(q, k, v, key_padding_mask=key_mask, causal=causal,
+                                               prefix_len=prefix_len))
 
     def _torch_forward(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
                        is_causal, batched):
