@@ -877,3 +877,323 @@ def test_no_host_reads_in_the_default_mode(case, backend):
         with HostReads() as counter:
             run(leaves, call)
     assert counter.reads == 0, f"{case}: {counter.reads} host read(s)"
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention dropout (dropout_p) and additive bias
+# ----------------------------------------------------------------------------------------------
+_ops_module = importlib.import_module("vlkernels.ops.attention")  # vlkernels.ops.attention is the function
+
+
+def _kernel_keep_mask(seed, batch_heads, seq_q, seq_k, p, stream=0):
+    """The keep mask a Triton dropout call made right after torch.manual_seed(seed): the same
+    (seed, offset) draw, run through the kernels' RNG into a tensor (the debug path)."""
+    torch.manual_seed(seed)
+    return _ops_module._dropout_keep_mask(_ops_module._rng(DEVICE), batch_heads, seq_q, seq_k, p, stream).cpu()
+
+
+def _grads_vs_reference(name, outs, grads, outs64, grads64, outs_torch, grads_torch):
+    for index, (out, out64, out_torch) in enumerate(zip(outs, outs64, outs_torch)):
+        assert_matches_reference(f"{name} out {index}", out, out64, out_torch)
+    for index, (grad, grad64, grad_torch) in enumerate(zip(grads, grads64, grads_torch)):
+        assert_matches_reference(f"{name} grad {index}", grad, grad64, grad_torch)
+
+
+DROPOUT_CASES = [  # (B, H, Sq, Sk, Dh, key_mask, causal): above the 64 x 32 fp32 tiles
+    (2, 1, 70, 70, 32, True, True),
+    (2, 1, 33, 140, 16, True, False),  # (random_key_mask leaves batch item 0 without keys)
+]
+
+
+@pytest.mark.parametrize("dtype", kernel_dtypes(), ids=dtype_id)
+@pytest.mark.parametrize("case", DROPOUT_CASES, ids=lambda c: "B{}-H{}-Sq{}-Sk{}-D{}".format(*c[:5]))
+def test_dropout_matches_the_reference_with_the_kernels_mask(case, dtype):
+    """Forward and every gradient of the Triton dropout path equal the float64 reference run
+    with the keep mask the kernels drew (the debug path regenerates it), so the backward
+    regenerates exactly the forward's mask."""
+    b, h, sq, sk, d, with_mask, causal = case
+    p = 0.3
+    generator = torch.Generator().manual_seed(sq + sk)
+    q, k, v = (torch.randn(b, h, s, d, generator=generator).to(DEVICE, dtype).requires_grad_() for s in (sq, sk, sk))
+    masks = dict(causal=causal)
+    if with_mask:
+        masks["key_mask"] = random_key_mask(generator, b, sk).to(DEVICE)
+    grad_out = torch.randn(b, h, sq, d, generator=generator).to(DEVICE, dtype)
+    torch.manual_seed(11)
+    with vlkernels.use_backend("triton"), poisoned_allocations():
+        out = attention(q, k, v, dropout_p=p, **masks)
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    keep = _kernel_keep_mask(11, b * h, sq, sk, p).view(b, h, sq, sk)
+    assert 0.6 < keep.float().mean() < 0.8
+    cpu_masks = {n: _cpu(m) for n, m in masks.items()}
+    out64, grads64 = reference_run(q, k, v, grad_out, torch.float64, "cpu", dropout_p=p, keep_mask=keep, **cpu_masks)
+    out_t, grads_t = reference_run(q, k, v, grad_out, dtype, DEVICE, dropout_p=p, keep_mask=keep.to(DEVICE), **masks)
+    _grads_vs_reference("dropout", [out], grads, [out64], grads64, [out_t], grads_t)
+    # the mask matters: without it the reference is far off
+    no_drop = reference.attention(*_float64((q, k, v)), **cpu_masks)
+    assert (out.double().cpu() - no_drop).abs().max() > 0.1
+
+
+def test_dropout_is_reproducible_under_manual_seed_and_fresh_per_call():
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=generator).to(DEVICE) for _ in range(3))
+    with vlkernels.use_backend("triton"):
+        torch.manual_seed(7)
+        first, second = attention(q, k, v, dropout_p=0.2), attention(q, k, v, dropout_p=0.2)
+        torch.manual_seed(7)
+        again = attention(q, k, v, dropout_p=0.2)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, second)  # the next step draws a new mask
+
+
+def test_dropout_keep_masks_have_the_rate_and_independence_of_bernoulli_draws():
+    """Keep rate within 5 sigma of 1 - p; the masks of different heads, rows and steps
+    agree as often as independent Bernoulli draws do (p^2 + (1 - p)^2), not more."""
+    p, bh, sq, sk = 0.1, 4, 70, 40
+    first = _kernel_keep_mask(1, bh, sq, sk, p).float()
+    step2 = _ops_module._dropout_keep_mask(_ops_module._rng(DEVICE), bh, sq, sk, p).cpu().float()  # next call
+    other_stream = _kernel_keep_mask(1, bh, sq, sk, p, stream=1).float()
+    n = first.numel()
+    for mask in (first, step2, other_stream):
+        assert abs(mask.mean().item() - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5
+    agree = p * p + (1 - p) ** 2
+    pairs = {"heads": (first[0], first[1]), "rows": (first[:, :-1], first[:, 1:]),
+             "keys": (first[:, :, :-1], first[:, :, 1:]), "steps": (first, step2), "streams": (first, other_stream)}
+    for name, (a, b) in pairs.items():
+        m = a.numel()
+        rate = (a == b).float().mean().item()
+        assert abs(rate - agree) < 5 * (agree * (1 - agree) / m) ** 0.5, f"{name}: agreement {rate:.4f}"
+    # the same seed gives the same mask
+    assert torch.equal(first, _kernel_keep_mask(1, bh, sq, sk, p).float())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_is_unbiased(backend):
+    """All query rows equal: every output row is an independent dropout sample of the same
+    expectation, the output without dropout; their mean is within 5 sigma of it."""
+    generator = torch.Generator().manual_seed(4)
+    p, rows, keys, d = 0.25, 256, 48, 16
+    q = torch.randn(1, 1, 1, d, generator=generator).expand(1, 1, rows, d).contiguous().to(DEVICE)
+    k, v = (torch.randn(1, 1, keys, d, generator=generator).to(DEVICE) for _ in range(2))
+    with vlkernels.use_backend(backend):
+        torch.manual_seed(0)
+        out = attention(q, k, v, dropout_p=p)[0, 0].double().cpu()
+    weights = torch.softmax((q[0, 0, :1].double() @ k[0, 0].double().T).cpu() * d ** -0.5, -1)[0]
+    expected = weights @ v[0, 0].double().cpu()
+    sigma = ((p / (1 - p)) * (weights[:, None] ** 2 * v[0, 0].double().cpu() ** 2).sum(0) / rows).sqrt()
+    assert ((out.mean(0) - expected).abs() < 5 * sigma).all()
+    assert out.std(0).min() > 0  # and the rows did differ
+
+
+def test_dropout_gradients_match_finite_differences_of_the_seeded_forward():
+    """Directional derivatives of the seeded forward (same mask each evaluation) equal the
+    backward's gradients: the backward differentiates the function the forward computed."""
+    generator = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(1, 2, 37, 16, generator=generator).to(DEVICE).requires_grad_() for _ in range(3))
+    directions = [torch.randn(t.shape, generator=generator).to(DEVICE) for t in (q, k, v)]
+    weight = torch.randn(1, 2, 37, 16, generator=generator).to(DEVICE)
+
+    def loss(*tensors):
+        torch.manual_seed(21)
+        return (attention(*tensors, dropout_p=0.4, causal=True) * weight).sum()
+
+    with vlkernels.use_backend("triton"):
+        grads = torch.autograd.grad(loss(q, k, v), (q, k, v))
+        eps = 1e-2
+        with torch.no_grad():
+            plus = loss(*(t + eps * dt for t, dt in zip((q, k, v), directions)))
+            minus = loss(*(t - eps * dt for t, dt in zip((q, k, v), directions)))
+    numeric = ((plus - minus) / (2 * eps)).item()
+    analytic = sum((g * dt).sum() for g, dt in zip(grads, directions)).item()
+    assert abs(numeric - analytic) <= 1e-2 * max(1.0, abs(analytic)), (numeric, analytic)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_zero_is_the_plain_path_and_draws_nothing(backend):
+    generator = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 20, 16, generator=generator).to(DEVICE) for _ in range(3))
+    with vlkernels.use_backend(backend):
+        state = torch.get_rng_state()
+        plain = attention(q, k, v, causal=True)
+        zero = attention(q, k, v, causal=True, dropout_p=0.0)
+        co = co_attention(q, k, v, q, k, v, dropout_p=0.0)
+        assert torch.equal(torch.get_rng_state(), state)  # p = 0 draws no seed
+        co_plain = co_attention(q, k, v, q, k, v)
+    assert torch.equal(plain, zero)
+    assert torch.equal(co[0], co_plain[0]) and torch.equal(co[1], co_plain[1])
+
+
+@pytest.mark.parametrize("p, error", [(1.0, ValueError), (-0.1, ValueError), (float("nan"), ValueError),
+                                      (1.5, ValueError), (True, TypeError), ("0.1", TypeError),
+                                      (torch.tensor(0.1), TypeError)], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_dropout_p_is_refused(backend, p, error):
+    q = torch.randn(1, 1, 4, 8, device=DEVICE)
+    cu = torch.tensor([0, 4], dtype=torch.int32, device=DEVICE)
+    with vlkernels.use_backend(backend):
+        for call in (lambda: attention(q, q, q, dropout_p=p), lambda: co_attention(q, q, q, q, q, q, dropout_p=p),
+                     lambda: attention_varlen(q[0].transpose(0, 1), q[0].transpose(0, 1), q[0].transpose(0, 1), cu, cu,
+                                              4, 4, dropout_p=p)):
+            with pytest.raises(error, match="dropout_p"):
+                call()
+
+
+def test_co_attention_dropout_matches_the_reference_with_both_masks():
+    generator = torch.Generator().manual_seed(6)
+    b, h, st, si, d, p = 2, 1, 20, 70, 16, 0.2
+    text = [torch.randn(b, h, st, d, generator=generator).to(DEVICE).requires_grad_() for _ in range(3)]
+    image = [torch.randn(b, h, si, d, generator=generator).to(DEVICE).requires_grad_() for _ in range(3)]
+    text_mask, image_mask = random_key_mask(generator, b, st).to(DEVICE), random_key_mask(generator, b, si).to(DEVICE)
+    grads_out = [torch.randn(b, h, s, d, generator=generator).to(DEVICE) for s in (st, si)]
+    torch.manual_seed(13)
+    with vlkernels.use_backend("triton"):
+        outs = co_attention(*text, *image, text_mask=text_mask, image_mask=image_mask, dropout_p=p)
+        grads = torch.autograd.grad(outs, (*text, *image), grads_out)
+    keep_t = _kernel_keep_mask(13, b * h, st, si, p, stream=0).view(b, h, st, si)
+    keep_i = _kernel_keep_mask(13, b * h, si, st, p, stream=1).view(b, h, si, st)
+    inputs64 = _float64((*text, *image))
+    outs64 = reference.co_attention(*inputs64, text_mask=text_mask.cpu(), image_mask=image_mask.cpu(), dropout_p=p,
+                                    keep_masks=(keep_t, keep_i))
+    grads64 = torch.autograd.grad(outs64, inputs64, [g.double().cpu() for g in grads_out])
+    for index, (actual, expected) in enumerate(zip([*outs, *grads], [*outs64, *grads64])):
+        assert_matches_reference(f"co_attention dropout {index}", actual, expected, actual)
+
+
+def test_varlen_dropout_matches_the_reference_with_the_padded_mask():
+    causal = True
+    generator = torch.Generator().manual_seed(10)
+    lengths, h, d, p = [30, 0, 70], 1, 16, 0.3
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, h, d, generator=generator).to(DEVICE).requires_grad_() for _ in range(3))
+    grad_out = torch.randn(total, h, d, generator=generator).to(DEVICE)
+    cu = _cu(lengths)
+    torch.manual_seed(17)
+    with vlkernels.use_backend("triton"):
+        out = attention_varlen(q, k, v, cu, cu, 70, 70, causal=causal, dropout_p=p)
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    keep = _kernel_keep_mask(17, len(lengths) * h, 70, 70, p).view(len(lengths), h, 70, 70)
+    inputs64 = _float64((q, k, v))
+    out64 = reference.attention_varlen(*inputs64, cu.cpu(), cu.cpu(), causal=causal, dropout_p=p, keep_mask=keep)
+    grads64 = torch.autograd.grad(out64, inputs64, grad_out.double().cpu())
+    for index, (actual, expected) in enumerate(zip([out, *grads], [out64, *grads64])):
+        assert_matches_reference(f"varlen dropout {index}", actual, expected, actual)
+
+
+def test_dropout_and_bias_compile_without_graph_breaks_and_pass_opcheck():
+    from vlkernels.ops.attention import _attention_fwd_op, _co_attention_fwd_op
+
+    generator = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(1, 2, 16, 16, generator=generator).to(DEVICE).requires_grad_() for _ in range(3))
+    bias = torch.randn(1, 2, 16, 16, generator=generator).to(DEVICE).requires_grad_()
+
+    def step(q, k, v, bias):
+        return attention(q, k, v, bias=bias, dropout_p=0.1).sum()
+
+    with vlkernels.use_backend("triton"):
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+        torch.manual_seed(5)
+        loss = compiled(q, k, v, bias)
+        loss.backward()
+        torch.manual_seed(5)
+        eager = step(q, k, v, bias)
+    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-5)
+    assert bias.grad is not None and bias.grad.shape == bias.shape
+    rng = _ops_module._rng(DEVICE)
+    checks = ("test_schema", "test_faketensor")  # the compile above covers autograd and aot
+    torch.library.opcheck(_attention_fwd_op, (q, k, v, None, None, None, None, 16, 16, False, 0.25, bias, rng, 0.2),
+                          test_utils=checks)
+    torch.library.opcheck(_co_attention_fwd_op, (q, k, v, q, k, v, None, None, 0.25, rng, 0.2), test_utils=checks)
+
+
+BIAS_SHAPES = {  # bias shape for (B, H, Sq, Sk) = (2, 2, 70, 45)
+    "relative-position-1HSS": (1, 2, 70, 45),
+    "per-key-B11S": (2, 1, 1, 45),
+    "full-BHSS": (2, 2, 70, 45),
+    "keys-only-S": (45,),
+    "per-head-key-H1S": (2, 1, 45),  # (a per-query bias has a zero gradient: softmax ignores row shifts)
+}
+
+
+@pytest.mark.parametrize("dtype", kernel_dtypes(), ids=dtype_id)
+@pytest.mark.parametrize("shape", BIAS_SHAPES, ids=list(BIAS_SHAPES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bias_and_its_gradient_match_float64(backend, shape, dtype):
+    """The bias (requiring grad) in each broadcast shape, with a key mask: forward and the
+    gradients of q, k, v and of the bias (in its own shape and dtype) vs float64."""
+    if shape != "relative-position-1HSS" and (backend == "torch" or dtype != torch.float32):
+        pytest.skip("CI time: the torch backend (the reference) and 16-bit dtypes on one shape")
+    generator = torch.Generator().manual_seed(len(shape))
+    b, h, sq, sk, d = 2, 2, 70, 45, 16
+    q = torch.randn(b, h, sq, d, generator=generator).to(DEVICE, dtype).requires_grad_()
+    k, v = (torch.randn(b, h, sk, d, generator=generator).to(DEVICE, dtype).requires_grad_() for _ in range(2))
+    bias = (2 * torch.randn(BIAS_SHAPES[shape], generator=generator)).to(DEVICE, dtype).requires_grad_()
+    key_mask = random_key_mask(generator, b, sk).to(DEVICE)
+    grad_out = torch.randn(b, h, sq, d, generator=generator).to(DEVICE, dtype)
+    with vlkernels.use_backend(backend), poisoned_allocations():
+        out = attention(q, k, v, key_mask=key_mask, bias=bias)
+        grads = torch.autograd.grad(out, (q, k, v, bias), grad_out)
+    assert grads[3].shape == bias.shape and grads[3].dtype == bias.dtype
+
+    def run(device, run_dtype):
+        inputs = [t.detach().to(device, run_dtype).requires_grad_() for t in (q, k, v, bias)]
+        result = reference.attention(*inputs[:3], key_mask=key_mask.to(device), bias=inputs[3])
+        return result, torch.autograd.grad(result, inputs, grad_out.to(device, run_dtype))
+
+    out64, grads64 = run("cpu", torch.float64)
+    out_t, grads_t = run(DEVICE, dtype)
+    _grads_vs_reference("bias", [out], grads, [out64], grads64, [out_t], grads_t)
+    # padded keys (and the batch item without keys) get exactly zero bias gradient
+    if shape == "full-BHSS":
+        assert torch.equal(grads[3][0], torch.zeros_like(grads[3][0]))
+        assert torch.equal(grads[3][1][..., ~key_mask[1]], torch.zeros_like(grads[3][1][..., ~key_mask[1]]))
+
+
+def test_bias_with_causal_dropout_and_fp32_bias_for_fp16_inputs():
+    """Bias, causal mask and dropout together (VLMo's PrefixLM-free path with attention dropout);
+    an fp32 bias table on fp16 activations gets an fp32 gradient. Run-to-run bit-identical."""
+    generator = torch.Generator().manual_seed(14)
+    b, h, s, d, p = 1, 1, 70, 16, 0.1
+    q, k, v = (torch.randn(b, h, s, d, generator=generator).to(DEVICE, torch.float16).requires_grad_()
+               for _ in range(3))
+    bias = torch.randn(1, h, s, s, generator=generator).to(DEVICE).requires_grad_()
+    grad_out = torch.randn(b, h, s, d, generator=generator).to(DEVICE, torch.float16)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(19)
+        with vlkernels.use_backend("triton"):
+            out = attention(q, k, v, causal=True, bias=bias, dropout_p=p)
+            runs.append((out, *torch.autograd.grad(out, (q, k, v, bias), grad_out)))
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+    assert runs[0][4].dtype == torch.float32
+    keep = _kernel_keep_mask(19, b * h, s, s, p).view(b, h, s, s)
+    inputs64 = _float64((q, k, v, bias))
+    out64 = reference.attention(*inputs64[:3], causal=True, bias=inputs64[3], dropout_p=p, keep_mask=keep)
+    grads64 = torch.autograd.grad(out64, inputs64, grad_out.double().cpu())
+    # the same-dtype torch run is all fp16 (the bias too): the bias gradient's accuracy is
+    # bounded by the fp16 activations it comes from, whatever the table's dtype
+    inputs16 = [t.detach().half().requires_grad_() for t in (q, k, v, bias)]
+    out16 = reference.attention(*inputs16[:3], causal=True, bias=inputs16[3], dropout_p=p, keep_mask=keep.to(DEVICE))
+    grads16 = torch.autograd.grad(out16, inputs16, grad_out)
+    _grads_vs_reference("bias+dropout", [runs[0][0]], runs[0][1:4], [out64], grads64[:3], [out16], grads16[:3])
+    assert_matches_reference("bias+dropout grad bias", runs[0][4].half(), grads64[3], grads16[3])
+
+
+BAD_BIAS = {
+    "too-long": (torch.zeros(2, 3, 9, 12), ValueError, r"does not broadcast to \[B, H, Sq, Sk\]"),
+    "five-dims": (torch.zeros(1, 2, 3, 9, 11), ValueError, "does not broadcast"),
+    "bool": (torch.zeros(1, 1, 9, 11, dtype=torch.bool), TypeError, "floating tensor .* use key_mask"),
+    "int": (torch.zeros(11, dtype=torch.int64), TypeError, "floating tensor"),
+    "not-a-tensor": (0.5, TypeError, "bias must be a tensor"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_BIAS, ids=list(BAD_BIAS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_bias_is_refused_clearly(backend, case):
+    bias, error, message = BAD_BIAS[case]
+    q, k = torch.randn(2, 3, 9, 8, device=DEVICE), torch.randn(2, 3, 11, 8, device=DEVICE)
+    if isinstance(bias, torch.Tensor):
+        bias = bias.to(DEVICE)
+    with vlkernels.use_backend(backend), pytest.raises(error, match=message):
+        attention(q, k, k, bias=bias)

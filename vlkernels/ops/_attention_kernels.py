@@ -40,6 +40,41 @@ import triton
 import triton.language as tl
 
 
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _keep(seed, offset, pid_bh, rows, cols, dropout_p):
+    """bool, the shape of rows / cols broadcast: is the attention probability of (query row,
+    key col) of (batch * heads) pair pid_bh kept by dropout. Philox on the counter (col, row,
+    pid_bh, offset) under the 64-bit key seed: every element has its own counter, so no mask
+    is stored and the backward regenerates the forward's."""
+    zero = (rows + cols) * 0
+    c0 = (cols + zero).to(tl.uint32)
+    c1 = (rows + zero).to(tl.uint32)
+    c2 = (zero + pid_bh).to(tl.uint32)
+    c3 = zero.to(tl.uint32) + offset
+    r, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
+    return tl.uint_to_uniform_float(r) >= dropout_p
+
+
+@triton.jit
+def _rng_state(rng, stream):
+    # (seed, counter offset) of one launch: two int64 drawn from torch's generator (ops' _rng),
+    # the offset's low 32 bits plus the co-attention stream.
+    seed = tl.load(rng)
+    offset = (tl.load(rng + 1) & 0x7FFFFFFF).to(tl.uint32) + stream
+    return seed, offset
+
+
+@triton.jit
+def _bias_tile(bias_base, offs_m, offs_n, m_ok, real, sb_m, sb_n):
+    # [BLOCK_M, BLOCK_N] fp32 additive bias in log2 units; 0 outside the rows / real keys.
+    tile = tl.load(bias_base + offs_m[:, None].to(tl.int64) * sb_m + offs_n[None, :].to(tl.int64) * sb_n,
+                   mask=m_ok[:, None] & real[None, :], other=0.0)
+    return tile.to(tl.float32) * LOG2E
+
+
 @triton.jit
 def _sequence(cu_seqlens, batch, max_len, VARLEN: tl.constexpr):
     # (first row, length) of sequence `batch`: packed by cu_seqlens, or a dense [.., S, ..] slab.
@@ -91,11 +126,12 @@ def _query_rows(q_base, do_base, lse_base, delta_base, offs_m, offs_d, q_len, d_
 
 @triton.jit
 def _attention_fwd_tile(
-    q, k, v, out, lse, key_mask, key_limit, prefix_len, cu_q, cu_k,
+    q, k, v, out, lse, key_mask, key_limit, prefix_len, cu_q, cu_k, bias, rng,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s, lse_sb, lse_sh, mask_sb,
-    heads, seq_q, seq_k, scale_log2, pid_m, pid_bh,
+    sb_b, sb_h, sb_m, sb_n, heads, seq_q, seq_k, scale_log2, dropout_p, keep_scale, stream, pid_m, pid_bh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     # Query block pid_m of (batch, head) = divmod(pid_bh, heads): writes its out and logsumexp rows.
     batch = pid_bh // heads
@@ -126,6 +162,10 @@ def _attention_fwd_tile(
         k_base = k + batch.to(tl.int64) * sk_b + head * sk_h + k_begin.to(tl.int64) * sk_s
         v_base = v + batch.to(tl.int64) * sv_b + head * sv_h + k_begin.to(tl.int64) * sv_s
         mask_row = key_mask + batch.to(tl.int64) * mask_sb
+        bias_base = bias + batch.to(tl.int64) * sb_b + head.to(tl.int64) * sb_h
+        seed, offset = 0, 0
+        if DROPOUT:
+            seed, offset = _rng_state(rng, stream)
 
         row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -137,6 +177,8 @@ def _attention_fwd_tile(
             k_tile = tl.load(k_base + offs_n[None, :].to(tl.int64) * sk_s + offs_d[:, None],
                              mask=d_ok[:, None] & real[None, :], other=0.0)
             scores = tl.dot(q_tile, k_tile, input_precision=DOT_PRECISION) * scale_log2
+            if HAS_BIAS:
+                scores += _bias_tile(bias_base, offs_m, offs_n, m_ok, real, sb_m, sb_n)
             visible = _visible(offs_m, offs_n, real, prefix, CAUSAL)
             scores = tl.where(visible, scores, float("-inf"))
             new_max = tl.maximum(row_max, tl.max(scores, axis=1))
@@ -144,6 +186,9 @@ def _attention_fwd_tile(
             p = tl.exp2(scores - shift[:, None])
             rescale = tl.exp2(row_max - shift)
             row_sum = row_sum * rescale + tl.sum(p, axis=1)
+            if DROPOUT:  # the normaliser sums the kept and the dropped; only kept ones reach v, scaled
+                p = p * tl.where(_keep(seed, offset, pid_bh, offs_m[:, None], offs_n[None, :], dropout_p),
+                                 keep_scale, 0.0)
             v_tile = tl.load(v_base + offs_n[:, None].to(tl.int64) * sv_s + offs_d[None, :],
                              mask=real[:, None] & d_ok[None, :], other=0.0)
             acc = acc * rescale[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=DOT_PRECISION)
@@ -162,10 +207,13 @@ def _attention_fwd_tile(
 @triton.jit
 def _attention_bwd_tile(
     q, k, v, grad_out, lse, delta, grad_q, grad_k, grad_v, key_mask, key_limit, prefix_len, cu_q, cu_k,
+    bias, grad_bias, rng,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s, lse_sb, lse_sh, mask_sb,
-    delta_sb, delta_sh, delta_ss, heads, seq_q, seq_k, scale_log2, scale, role_pid, pid_bh,
+    delta_sb, delta_sh, delta_ss, sb_b, sb_h, sb_m, sb_n, heads, seq_q, seq_k, scale_log2, scale,
+    dropout_p, keep_scale, stream, role_pid, pid_bh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     # Programs role_pid in [0, cdiv(seq_k, BLOCK_N)) compute dk, dv of one key block; the
     # programs after them compute dq of one query block. Both recompute P from the saved
@@ -195,6 +243,13 @@ def _attention_bwd_tile(
     lse_base = lse + b64 * lse_sb + head * lse_sh + q_begin
     delta_base = delta + b64 * delta_sb + head * delta_sh + q_begin.to(tl.int64) * delta_ss
     mask_row = key_mask + b64 * mask_sb
+    bias_base = bias + b64 * sb_b + head.to(tl.int64) * sb_h
+    # grad_bias: a zero-filled fp32 [B * H, Sq, Sk] buffer (dense layout only); dk/dv programs
+    # write dS of the tiles they visit, each element once.
+    dbias_base = grad_bias + pid_bh.to(tl.int64) * seq_q * seq_k
+    seed, offset = 0, 0
+    if DROPOUT:
+        seed, offset = _rng_state(rng, stream)
     key_blocks = tl.cdiv(seq_k, BLOCK_N)
 
     if role_pid < key_blocks:
@@ -219,11 +274,23 @@ def _attention_bwd_tile(
                 q_tile, do_tile, delta_rows, logsumexp, _ = _query_rows(q_base, do_base, lse_base, delta_base, offs_m,
                                                                         offs_d, q_len, d_ok, sq_s, so_s, delta_ss)
                 scores = tl.dot(q_tile, tl.trans(k_tile), input_precision=DOT_PRECISION) * scale_log2
+                if HAS_BIAS:
+                    scores += _bias_tile(bias_base, offs_m, offs_n, offs_m < q_len, real, sb_m, sb_n)
                 visible = _visible(offs_m, offs_n, real, prefix, CAUSAL)
                 p = tl.where(visible, tl.exp2(scores - logsumexp[:, None]), 0.0)
-                grad_v_acc += tl.dot(tl.trans(p.to(do_tile.dtype)), do_tile, input_precision=DOT_PRECISION)
+                p_used = p
+                if DROPOUT:  # the forward's keep mask, regenerated; dP of a dropped weight is 0
+                    factor = tl.where(_keep(seed, offset, pid_bh, offs_m[:, None], offs_n[None, :], dropout_p),
+                                      keep_scale, 0.0)
+                    p_used = p * factor
+                grad_v_acc += tl.dot(tl.trans(p_used.to(do_tile.dtype)), do_tile, input_precision=DOT_PRECISION)
                 grad_p = tl.dot(do_tile, tl.trans(v_tile), input_precision=DOT_PRECISION)
+                if DROPOUT:
+                    grad_p = grad_p * factor
                 grad_s = tl.where(visible, p * (grad_p - delta_rows[:, None]), 0.0)  # hidden: exactly 0 (NaN delta)
+                if BIAS_GRAD:
+                    tl.store(dbias_base + offs_m[:, None].to(tl.int64) * seq_k + offs_n[None, :], grad_s,
+                             mask=(offs_m < q_len)[:, None] & n_ok[None, :])
                 grad_k_acc += tl.dot(tl.trans(grad_s.to(q_tile.dtype)), q_tile, input_precision=DOT_PRECISION)
             # Every key row of the block is stored; a padded key's gradients are exactly 0 (not
             # 0 * Inf = NaN from a row whose delta is infinite), as the reference's masking gives.
@@ -251,9 +318,14 @@ def _attention_bwd_tile(
                 v_tile = tl.load(v_base + offs_n[None, :].to(tl.int64) * sv_s + offs_d[:, None], mask=load_mask,
                                  other=0.0)
                 scores = tl.dot(q_tile, k_tile, input_precision=DOT_PRECISION) * scale_log2
+                if HAS_BIAS:
+                    scores += _bias_tile(bias_base, offs_m, offs_n, offs_m < q_len, real, sb_m, sb_n)
                 visible = _visible(offs_m, offs_n, real, prefix, CAUSAL)
                 p = tl.where(visible, tl.exp2(scores - logsumexp[:, None]), 0.0)
                 grad_p = tl.dot(do_tile, v_tile, input_precision=DOT_PRECISION)
+                if DROPOUT:
+                    grad_p = grad_p * tl.where(_keep(seed, offset, pid_bh, offs_m[:, None], offs_n[None, :],
+                                                     dropout_p), keep_scale, 0.0)
                 grad_s = tl.where(visible, p * (grad_p - delta_rows[:, None]), 0.0)  # hidden: exactly 0 (NaN delta)
                 grad_q_acc += tl.dot(grad_s.to(k_tile.dtype), tl.trans(k_tile), input_precision=DOT_PRECISION)
             tl.store(dq_base + offs_m[:, None].to(tl.int64) * sq_s + offs_d[None, :],
@@ -279,30 +351,36 @@ def _attention_bwd_delta_kernel(out, grad_out, delta, rows, HEAD_DIM: tl.constex
 
 @triton.jit
 def _attention_fwd_kernel(
-    q, k, v, out, lse, key_mask, key_limit, prefix_len, cu_q, cu_k,
+    q, k, v, out, lse, key_mask, key_limit, prefix_len, cu_q, cu_k, bias, rng,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s, lse_sb, lse_sh, mask_sb,
-    heads, seq_q, seq_k, scale_log2, programs_per_head,
+    sb_b, sb_h, sb_m, sb_n, heads, seq_q, seq_k, scale_log2, dropout_p, keep_scale, programs_per_head,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """Forward of attention / attention_varlen. Grid (B * H * programs_per_head,): program
     (bh, m) = divmod(pid, programs_per_head) writes query rows [m * BLOCK_M, +BLOCK_M) of
     (batch, head) = divmod(bh, H): out and logsumexp, one writer each; it reads only inputs.
     Its dot loop loads k and v tiles, each consumed by one tl.dot (see the module docstring)."""
     pid = tl.program_id(0)
-    _attention_fwd_tile(q, k, v, out, lse, key_mask, key_limit, prefix_len, cu_q, cu_k,
+    _attention_fwd_tile(q, k, v, out, lse, key_mask, key_limit, prefix_len, cu_q, cu_k, bias, rng,
                         sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s, lse_sb, lse_sh, mask_sb,
-                        heads, seq_q, seq_k, scale_log2, pid % programs_per_head, pid // programs_per_head,
-                        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_KEY_MASK, VARLEN, DOT_PRECISION)
+                        sb_b, sb_h, sb_m, sb_n, heads, seq_q, seq_k, scale_log2, dropout_p, keep_scale, 0,
+                        pid % programs_per_head, pid // programs_per_head,
+                        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_KEY_MASK, VARLEN, DOT_PRECISION,
+                        HAS_BIAS, DROPOUT)
 
 
 @triton.jit
 def _attention_bwd_kernel(
     q, k, v, grad_out, lse, delta, grad_q, grad_k, grad_v, key_mask, key_limit, prefix_len, cu_q, cu_k,
+    bias, grad_bias, rng,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s, lse_sb, lse_sh, mask_sb,
-    delta_sb, delta_sh, delta_ss, heads, seq_q, seq_k, scale_log2, scale, programs_per_head,
+    delta_sb, delta_sh, delta_ss, sb_b, sb_h, sb_m, sb_n, heads, seq_q, seq_k, scale_log2, scale,
+    dropout_p, keep_scale, programs_per_head,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """Backward of attention / attention_varlen after the delta pre-pass. Grid
     (B * H * programs_per_head,) with programs_per_head = cdiv(Sk, BLOCK_N) + cdiv(Sq, BLOCK_M):
@@ -311,10 +389,12 @@ def _attention_bwd_kernel(
     per element, no atomics; programs read only forward outputs, delta and inputs."""
     pid = tl.program_id(0)
     _attention_bwd_tile(q, k, v, grad_out, lse, delta, grad_q, grad_k, grad_v, key_mask, key_limit, prefix_len,
-                        cu_q, cu_k, sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s,
-                        lse_sb, lse_sh, mask_sb, delta_sb, delta_sh, delta_ss, heads, seq_q, seq_k, scale_log2, scale,
+                        cu_q, cu_k, bias, grad_bias, rng, sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
+                        so_b, so_h, so_s, lse_sb, lse_sh, mask_sb, delta_sb, delta_sh, delta_ss, sb_b, sb_h, sb_m, sb_n,
+                        heads, seq_q, seq_k, scale_log2, scale, dropout_p, keep_scale, 0,
                         pid % programs_per_head, pid // programs_per_head,
-                        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_KEY_MASK, VARLEN, DOT_PRECISION)
+                        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_KEY_MASK, VARLEN, DOT_PRECISION,
+                        HAS_BIAS, BIAS_GRAD, DROPOUT)
 
 
 @triton.jit
@@ -325,9 +405,9 @@ def _co_attention_fwd_kernel(
     q_b, k_b, v_b, out_b, lse_b, mask_b, limit_b,
     sq_b_b, sq_h_b, sq_s_b, sk_b_b, sk_h_b, sk_s_b, sv_b_b, sv_h_b, sv_s_b, so_b_b, so_h_b, so_s_b, mask_sb_b,
     seq_q_b, seq_k_b,
-    heads, scale_log2, programs_per_head,
+    rng, heads, scale_log2, dropout_p, keep_scale, programs_per_head,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_MASK_A: tl.constexpr, HAS_MASK_B: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_MASK_A: tl.constexpr, HAS_MASK_B: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """Both directions of co-attention's forward in one launch. Grid (B * H * programs_per_head,
     1, 2): axis 2 picks the direction (0 = queries a over keys b, 1 = queries b over keys a),
@@ -337,16 +417,18 @@ def _co_attention_fwd_kernel(
     pid = tl.program_id(0)
     if tl.program_id(2) == 0:
         _attention_fwd_tile(q_a, k_a, v_a, out_a, lse_a, mask_a, limit_a, mask_a, mask_a, mask_a,
-                            sq_b_a, sq_h_a, sq_s_a, sk_b_a, sk_h_a, sk_s_a, sv_b_a, sv_h_a, sv_s_a,
-                            so_b_a, so_h_a, so_s_a, heads * seq_q_a, seq_q_a, mask_sb_a,
-                            heads, seq_q_a, seq_k_a, scale_log2, pid % programs_per_head, pid // programs_per_head,
-                            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_MASK_A, False, DOT_PRECISION)
+                            mask_a, rng, sq_b_a, sq_h_a, sq_s_a, sk_b_a, sk_h_a, sk_s_a,
+                            sv_b_a, sv_h_a, sv_s_a, so_b_a, so_h_a, so_s_a, heads * seq_q_a, seq_q_a,
+                            mask_sb_a, 0, 0, 0, 0, heads, seq_q_a, seq_k_a, scale_log2, dropout_p, keep_scale, 0,
+                            pid % programs_per_head, pid // programs_per_head,
+                            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_MASK_A, False, DOT_PRECISION, False, DROPOUT)
     else:
         _attention_fwd_tile(q_b, k_b, v_b, out_b, lse_b, mask_b, limit_b, mask_b, mask_b, mask_b,
-                            sq_b_b, sq_h_b, sq_s_b, sk_b_b, sk_h_b, sk_s_b, sv_b_b, sv_h_b, sv_s_b,
-                            so_b_b, so_h_b, so_s_b, heads * seq_q_b, seq_q_b, mask_sb_b,
-                            heads, seq_q_b, seq_k_b, scale_log2, pid % programs_per_head, pid // programs_per_head,
-                            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_MASK_B, False, DOT_PRECISION)
+                            mask_b, rng, sq_b_b, sq_h_b, sq_s_b, sk_b_b, sk_h_b, sk_s_b,
+                            sv_b_b, sv_h_b, sv_s_b, so_b_b, so_h_b, so_s_b, heads * seq_q_b, seq_q_b,
+                            mask_sb_b, 0, 0, 0, 0, heads, seq_q_b, seq_k_b, scale_log2, dropout_p, keep_scale, 1,
+                            pid % programs_per_head, pid // programs_per_head,
+                            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_MASK_B, False, DOT_PRECISION, False, DROPOUT)
 
 
 @triton.jit
@@ -357,9 +439,9 @@ def _co_attention_bwd_kernel(
     q_b, k_b, v_b, grad_out_b, lse_b, delta_b, grad_q_b, grad_k_b, grad_v_b, mask_b, limit_b,
     sq_b_b, sq_h_b, sq_s_b, sk_b_b, sk_h_b, sk_s_b, sv_b_b, sv_h_b, sv_s_b, so_b_b, so_h_b, so_s_b, mask_sb_b,
     seq_q_b, seq_k_b,
-    heads, scale_log2, scale, programs_per_head,
+    rng, heads, scale_log2, scale, dropout_p, keep_scale, programs_per_head,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_MASK_A: tl.constexpr, HAS_MASK_B: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_MASK_A: tl.constexpr, HAS_MASK_B: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """Both directions of co-attention's backward in one launch, after the delta pre-pass.
     Grid (B * H * programs_per_head, 1, 2), roles as in _attention_bwd_kernel per direction.
@@ -369,15 +451,37 @@ def _co_attention_bwd_kernel(
     pid = tl.program_id(0)
     if tl.program_id(2) == 0:
         _attention_bwd_tile(q_a, k_a, v_a, grad_out_a, lse_a, delta_a, grad_q_a, grad_k_a, grad_v_a, mask_a, limit_a,
-                            mask_a, mask_a, mask_a, sq_b_a, sq_h_a, sq_s_a, sk_b_a, sk_h_a, sk_s_a,
+                            mask_a, mask_a, mask_a, mask_a, mask_a, rng,
+                            sq_b_a, sq_h_a, sq_s_a, sk_b_a, sk_h_a, sk_s_a,
                             sv_b_a, sv_h_a, sv_s_a, so_b_a, so_h_a, so_s_a, heads * seq_q_a, seq_q_a, mask_sb_a,
-                            heads * seq_q_a, seq_q_a, 1, heads, seq_q_a, seq_k_a, scale_log2, scale,
-                            pid % programs_per_head, pid // programs_per_head,
-                            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_MASK_A, False, DOT_PRECISION)
+                            heads * seq_q_a, seq_q_a, 1, 0, 0, 0, 0, heads, seq_q_a, seq_k_a, scale_log2, scale,
+                            dropout_p, keep_scale, 0, pid % programs_per_head, pid // programs_per_head,
+                            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_MASK_A, False, DOT_PRECISION,
+                            False, False, DROPOUT)
     else:
         _attention_bwd_tile(q_b, k_b, v_b, grad_out_b, lse_b, delta_b, grad_q_b, grad_k_b, grad_v_b, mask_b, limit_b,
-                            mask_b, mask_b, mask_b, sq_b_b, sq_h_b, sq_s_b, sk_b_b, sk_h_b, sk_s_b,
+                            mask_b, mask_b, mask_b, mask_b, mask_b, rng,
+                            sq_b_b, sq_h_b, sq_s_b, sk_b_b, sk_h_b, sk_s_b,
                             sv_b_b, sv_h_b, sv_s_b, so_b_b, so_h_b, so_s_b, heads * seq_q_b, seq_q_b, mask_sb_b,
-                            heads * seq_q_b, seq_q_b, 1, heads, seq_q_b, seq_k_b, scale_log2, scale,
-                            pid % programs_per_head, pid // programs_per_head,
-                            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_MASK_B, False, DOT_PRECISION)
+                            heads * seq_q_b, seq_q_b, 1, 0, 0, 0, 0, heads, seq_q_b, seq_k_b, scale_log2, scale,
+                            dropout_p, keep_scale, 1, pid % programs_per_head, pid // programs_per_head,
+                            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_MASK_B, False, DOT_PRECISION,
+                            False, False, DROPOUT)
+
+
+@triton.jit
+def _dropout_keep_kernel(rng, keep, seq_q, seq_k, dropout_p, stream, programs_per_head,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Debug / test path: the keep mask the attention kernels use, written out as uint8
+    [B * H, Sq, Sk] (the kernels themselves never store it). Grid (B * H * programs_per_head,):
+    program (bh, m) writes rows [m * BLOCK_M, +BLOCK_M) of pair bh, one writer per element; no dot."""
+    pid = tl.program_id(0)
+    pid_bh = pid // programs_per_head
+    offs_m = (pid % programs_per_head) * BLOCK_M + tl.arange(0, BLOCK_M)
+    seed, offset = _rng_state(rng, stream)
+    base = keep + pid_bh.to(tl.int64) * seq_q * seq_k
+    for start_n in range(0, seq_k, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kept = _keep(seed, offset, pid_bh, offs_m[:, None], offs_n[None, :], dropout_p)
+        tl.store(base + offs_m[:, None].to(tl.int64) * seq_k + offs_n[None, :], kept.to(tl.uint8),
+                 mask=(offs_m < seq_q)[:, None] & (offs_n < seq_k)[None, :])

@@ -180,7 +180,39 @@ def _layout(q, k, v, cu_q, cu_k, max_q, max_k):
     return cu_q.shape[0] - 1, q.shape[1], max_q, max_k, _packed_strides
 
 
-def _launch_fwd(q, k, v, key_mask, prefix_len, cu_q, cu_k, max_q, max_k, causal, scale):
+def _rng(device) -> torch.Tensor:
+    """(seed, counter offset) of one dropout call: two int64 drawn on ``device`` from torch's
+    default generator of that device, so torch.manual_seed makes runs reproducible. A device
+    op (no host read), traced by torch.compile like any random op."""
+    return torch.randint(0, 2 ** 62, (2,), dtype=torch.int64, device=device)
+
+
+def _keep_scale(dropout_p: float) -> float:
+    return 1.0 / (1.0 - dropout_p)
+
+
+def _bias_view(bias: torch.Tensor, shape) -> torch.Tensor:
+    """bias (broadcastable to shape = [B, H, Sq, Sk]) as a [B, H, Sq, Sk] view: stride 0 along
+    the broadcast dimensions, so the kernels read it in place."""
+    return bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape)).expand(shape)
+
+
+def _bias_strides(bias: Optional[torch.Tensor], shape) -> tuple[int, int, int, int]:
+    return (0, 0, 0, 0) if bias is None else _bias_view(bias, shape).stride()
+
+
+def _reduce_bias_grad(grad: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The fp32 [B, H, Sq, Sk] dS summed over the dimensions bias broadcasts along, in bias's
+    shape and dtype (torch's sums: deterministic)."""
+    padded = (1,) * (4 - bias.dim()) + tuple(bias.shape)
+    dims = [d for d in range(4) if padded[d] == 1 and grad.shape[d] != 1]
+    if dims:
+        grad = grad.sum(dims, keepdim=True)
+    return grad.reshape(bias.shape).to(bias.dtype).contiguous()
+
+
+def _launch_fwd(q, k, v, key_mask, prefix_len, cu_q, cu_k, max_q, max_k, causal, scale, bias=None, rng=None,
+                dropout_p=0.0):
     q, k, v = (_unit_stride_last(t) for t in (q, k, v))
     batch, heads, seq_q, seq_k, strides = _layout(q, k, v, cu_q, cu_k, max_q, max_k)
     head_dim = q.shape[-1]
@@ -194,21 +226,27 @@ def _launch_fwd(q, k, v, key_mask, prefix_len, cu_q, cu_k, max_q, max_k, causal,
     grid, per_head = _fwd_grid("attention", seq_q, batch * heads, q.dtype, head_dim)
     if grid[0] == 0:  # no query rows or no (batch, head): nothing to compute
         return out, lse
+    dropout = rng is not None and dropout_p > 0
     kernels._attention_fwd_kernel[grid](
         q, k, v, out, lse, mask, limit,
         prefix_len if prefix_len is not None else placeholder,
         cu_q if cu_q is not None else placeholder, cu_k if cu_k is not None else placeholder,
+        bias if bias is not None else placeholder, rng if dropout else placeholder,
         *strides(q), *strides(k), *strides(v), *strides(out), *lse_strides,
-        mask.stride(0) if key_mask is not None else 0,
-        heads, seq_q, seq_k, scale * math.log2(math.e), per_head,
+        mask.stride(0) if key_mask is not None else 0, *_bias_strides(bias, (batch, heads, seq_q, seq_k)),
+        heads, seq_q, seq_k, scale * math.log2(math.e), float(dropout_p), _keep_scale(dropout_p), per_head,
         HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         CAUSAL=causal, HAS_KEY_MASK=key_mask is not None, VARLEN=cu_q is not None,
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_PRECISION=_dot_precision(q.dtype), HAS_BIAS=bias is not None, DROPOUT=dropout,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
 
 
-def _launch_bwd(grad_out, q, k, v, out, lse, key_mask, prefix_len, cu_q, cu_k, max_q, max_k, causal, scale):
+def _launch_bwd(grad_out, q, k, v, out, lse, key_mask, prefix_len, cu_q, cu_k, max_q, max_k, causal, scale,
+                bias=None, rng=None, dropout_p=0.0, bias_grad=False):
+    """[grad_q, grad_k, grad_v, grad_bias]; grad_bias is in bias's shape and dtype when
+    bias_grad, else an empty placeholder."""
     q, k, v = (_dense(t) for t in (q, k, v))
     grad_out = grad_out.contiguous()  # out is contiguous: both use its strides
     batch, heads, seq_q, seq_k, strides = _layout(q, k, v, cu_q, cu_k, max_q, max_k)
@@ -221,21 +259,33 @@ def _launch_bwd(grad_out, q, k, v, out, lse, key_mask, prefix_len, cu_q, cu_k, m
     placeholder = limit
     cfg = _config(q.dtype, _block_d(head_dim), backward=True)
     grid, per_head = _bwd_grid("attention", seq_q, seq_k, batch * heads, q.dtype, head_dim)
+    bias_grad = bias_grad and bias is not None
+    # dS of every (query, key) pair for the bias gradient: zeros where the kernel skips a tile
+    # (hidden by the masks), written once per element by the key-block programs otherwise.
+    full_grad_bias = torch.zeros((batch, heads, seq_q, seq_k) if bias_grad else (1,), device=q.device,
+                                 dtype=torch.float32)
+    grad_bias = q.new_empty(0)
     if grid[0] == 0 or q.numel() == 0:  # nothing to differentiate (and an empty key side has no gradient)
-        return [g.zero_() for g in grads]
+        return [g.zero_() for g in grads] + [_reduce_bias_grad(full_grad_bias, bias) if bias_grad else grad_bias]
     delta = _delta(out, grad_out)
+    dropout = rng is not None and dropout_p > 0
     kernels._attention_bwd_kernel[grid](
         q, k, v, grad_out, lse, delta, *grads, mask, limit,
         prefix_len if prefix_len is not None else placeholder,
         cu_q if cu_q is not None else placeholder, cu_k if cu_k is not None else placeholder,
+        bias if bias is not None else placeholder, full_grad_bias, rng if dropout else placeholder,
         *strides(q), *strides(k), *strides(v), *strides(out), *lse_strides,
         mask.stride(0) if key_mask is not None else 0, *delta_strides,
-        heads, seq_q, seq_k, scale * math.log2(math.e), scale, per_head,
+        *_bias_strides(bias, (batch, heads, seq_q, seq_k)),
+        heads, seq_q, seq_k, scale * math.log2(math.e), scale, float(dropout_p), _keep_scale(dropout_p), per_head,
         HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         CAUSAL=causal, HAS_KEY_MASK=key_mask is not None, VARLEN=cu_q is not None,
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_PRECISION=_dot_precision(q.dtype), HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad, DROPOUT=dropout,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return grads
+    if bias_grad:
+        grad_bias = _reduce_bias_grad(full_grad_bias, bias)
+    return grads + [grad_bias]
 
 
 def _direction_args(q, k, v, out, lse, key_mask, limit, grads=()):
@@ -246,7 +296,7 @@ def _direction_args(q, k, v, out, lse, key_mask, limit, grads=()):
             *_dense_strides(out), mask_stride, q.shape[2], k.shape[2]]
 
 
-def _launch_co_fwd(q_t, k_t, v_t, q_i, k_i, v_i, text_mask, image_mask, scale):
+def _launch_co_fwd(q_t, k_t, v_t, q_i, k_i, v_i, text_mask, image_mask, scale, rng=None, dropout_p=0.0):
     q_t, k_t, v_t, q_i, k_i, v_i = (_unit_stride_last(t) for t in (q_t, k_t, v_t, q_i, k_i, v_i))
     batch, heads, head_dim = q_t.shape[0], q_t.shape[1], q_t.shape[-1]
     outs = [torch.empty(q.shape, device=q.device, dtype=q.dtype) for q in (q_t, q_i)]
@@ -258,19 +308,21 @@ def _launch_co_fwd(q_t, k_t, v_t, q_i, k_i, v_i, text_mask, image_mask, scale):
                                head_dim, directions=2)
     if grid[0] == 0:
         return outs[0], lses[0], outs[1], lses[1]
+    dropout = rng is not None and dropout_p > 0
     kernels._co_attention_fwd_kernel[grid](
         *_direction_args(q_t, k_i, v_i, outs[0], lses[0], *image),
         *_direction_args(q_i, k_t, v_t, outs[1], lses[1], *text),
-        heads, scale * math.log2(math.e), per_head,
+        rng if dropout else image[1], heads, scale * math.log2(math.e), float(dropout_p), _keep_scale(dropout_p),
+        per_head,
         HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         HAS_MASK_A=image_mask is not None, HAS_MASK_B=text_mask is not None,
-        DOT_PRECISION=_dot_precision(q_t.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_PRECISION=_dot_precision(q_t.dtype), DROPOUT=dropout, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return outs[0], lses[0], outs[1], lses[1]
 
 
 def _launch_co_bwd(grad_t, grad_i, q_t, k_t, v_t, q_i, k_i, v_i, out_t, lse_t, out_i, lse_i,
-                   text_mask, image_mask, scale):
+                   text_mask, image_mask, scale, rng=None, dropout_p=0.0):
     q_t, k_t, v_t, q_i, k_i, v_i = (_dense(t) for t in (q_t, k_t, v_t, q_i, k_i, v_i))
     grad_t, grad_i = grad_t.contiguous(), grad_i.contiguous()
     batch, heads, head_dim = q_t.shape[0], q_t.shape[1], q_t.shape[-1]
@@ -288,11 +340,13 @@ def _launch_co_bwd(grad_t, grad_i, q_t, k_t, v_t, q_i, k_i, v_i, out_t, lse_t, o
     image_args = _direction_args(q_i, k_t, v_t, grad_i, lse_i, *text)
     text_args[5:5] = [_delta(out_t, grad_t), grads["q_t"], grads["k_i"], grads["v_i"]]
     image_args[5:5] = [_delta(out_i, grad_i), grads["q_i"], grads["k_t"], grads["v_t"]]
+    dropout = rng is not None and dropout_p > 0
     kernels._co_attention_bwd_kernel[grid](
-        *text_args, *image_args, heads, scale * math.log2(math.e), scale, per_head,
+        *text_args, *image_args, rng if dropout else image[1], heads, scale * math.log2(math.e), scale,
+        float(dropout_p), _keep_scale(dropout_p), per_head,
         HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         HAS_MASK_A=image_mask is not None, HAS_MASK_B=text_mask is not None,
-        DOT_PRECISION=_dot_precision(q_t.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_PRECISION=_dot_precision(q_t.dtype), DROPOUT=dropout, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return [grads[name] for name in names]
 
@@ -304,13 +358,14 @@ def _launch_co_bwd(grad_t, grad_i, q_t, k_t, v_t, q_i, k_i, v_i, out_t, lse_t, o
 def _attention_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor],
     prefix_len: Optional[torch.Tensor], cu_q: Optional[torch.Tensor], cu_k: Optional[torch.Tensor],
-    max_q: int, max_k: int, causal: bool, scale: float,
+    max_q: int, max_k: int, causal: bool, scale: float, bias: Optional[torch.Tensor] = None,
+    rng: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch_fwd(q, k, v, key_mask, prefix_len, cu_q, cu_k, max_q, max_k, causal, scale)
+    return _launch_fwd(q, k, v, key_mask, prefix_len, cu_q, cu_k, max_q, max_k, causal, scale, bias, rng, dropout_p)
 
 
 @_attention_fwd_op.register_fake
-def _(q, k, v, key_mask, prefix_len, cu_q, cu_k, max_q, max_k, causal, scale):
+def _(q, k, v, key_mask, prefix_len, cu_q, cu_k, max_q, max_k, causal, scale, bias=None, rng=None, dropout_p=0.0):
     lse_shape = (q.shape[0], q.shape[1], q.shape[2]) if cu_q is None else (q.shape[1], q.shape[0])
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(lse_shape, dtype=torch.float32)
 
@@ -320,28 +375,35 @@ def _attention_bwd_op(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, key_mask: Optional[torch.Tensor], prefix_len: Optional[torch.Tensor],
     cu_q: Optional[torch.Tensor], cu_k: Optional[torch.Tensor], max_q: int, max_k: int, causal: bool, scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    bias: Optional[torch.Tensor] = None, rng: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+    bias_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return tuple(_launch_bwd(grad_out, q, k, v, out, lse, key_mask, prefix_len, cu_q, cu_k, max_q, max_k,
-                             causal, scale))
+                             causal, scale, bias, rng, dropout_p, bias_grad))
 
 
 @_attention_bwd_op.register_fake
-def _(grad_out, q, k, v, out, lse, key_mask, prefix_len, cu_q, cu_k, max_q, max_k, causal, scale):
-    return _grad_buffer(q), _grad_buffer(k), _grad_buffer(v)
+def _(grad_out, q, k, v, out, lse, key_mask, prefix_len, cu_q, cu_k, max_q, max_k, causal, scale, bias=None,
+      rng=None, dropout_p=0.0, bias_grad=False):
+    grad_bias = bias.new_empty(bias.shape) if bias_grad and bias is not None else q.new_empty(0)
+    return _grad_buffer(q), _grad_buffer(k), _grad_buffer(v), grad_bias
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, key_mask, prefix_len, cu_q, cu_k, max_q, max_k, causal, scale = inputs
+    q, k, v, key_mask, prefix_len, cu_q, cu_k, max_q, max_k, causal, scale, bias, rng, dropout_p = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_mask, prefix_len, cu_q, cu_k)
+    ctx.save_for_backward(q, k, v, out, lse, key_mask, prefix_len, cu_q, cu_k, bias, rng)
     ctx.sizes = (max_q, max_k, causal, scale)
+    ctx.dropout_p = dropout_p
     ctx.mark_non_differentiable(lse)
 
 
 def _attention_backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, key_mask, prefix_len, cu_q, cu_k = ctx.saved_tensors
-    grads = _attention_bwd_op(grad_out, q, k, v, out, lse, key_mask, prefix_len, cu_q, cu_k, *ctx.sizes)
-    return (*grads, None, None, None, None, None, None, None, None)
+    q, k, v, out, lse, key_mask, prefix_len, cu_q, cu_k, bias, rng = ctx.saved_tensors
+    bias_grad = bias is not None and ctx.needs_input_grad[11]
+    *grads, grad_bias = _attention_bwd_op(grad_out, q, k, v, out, lse, key_mask, prefix_len, cu_q, cu_k, *ctx.sizes,
+                                          bias, rng, ctx.dropout_p, bias_grad)
+    return (*grads, None, None, None, None, None, None, None, None, grad_bias if bias_grad else None, None, None)
 
 
 torch.library.register_autograd("vlkernels::attention_fwd", _attention_backward, setup_context=_attention_setup)
@@ -351,12 +413,13 @@ torch.library.register_autograd("vlkernels::attention_fwd", _attention_backward,
 def _co_attention_fwd_op(
     q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, q_i: torch.Tensor, k_i: torch.Tensor,
     v_i: torch.Tensor, text_mask: Optional[torch.Tensor], image_mask: Optional[torch.Tensor], scale: float,
+    rng: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launch_co_fwd(q_t, k_t, v_t, q_i, k_i, v_i, text_mask, image_mask, scale)
+    return _launch_co_fwd(q_t, k_t, v_t, q_i, k_i, v_i, text_mask, image_mask, scale, rng, dropout_p)
 
 
 @_co_attention_fwd_op.register_fake
-def _(q_t, k_t, v_t, q_i, k_i, v_i, text_mask, image_mask, scale):
+def _(q_t, k_t, v_t, q_i, k_i, v_i, text_mask, image_mask, scale, rng=None, dropout_p=0.0):
     def lse(q):
         return q.new_empty(q.shape[:3], dtype=torch.float32)
 
@@ -369,29 +432,30 @@ def _co_attention_bwd_op(
     grad_t: torch.Tensor, grad_i: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor,
     q_i: torch.Tensor, k_i: torch.Tensor, v_i: torch.Tensor, out_t: torch.Tensor, lse_t: torch.Tensor,
     out_i: torch.Tensor, lse_i: torch.Tensor, text_mask: Optional[torch.Tensor], image_mask: Optional[torch.Tensor],
-    scale: float,
+    scale: float, rng: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return tuple(_launch_co_bwd(grad_t, grad_i, q_t, k_t, v_t, q_i, k_i, v_i, out_t, lse_t, out_i, lse_i,
-                                text_mask, image_mask, scale))
+                                text_mask, image_mask, scale, rng, dropout_p))
 
 
 @_co_attention_bwd_op.register_fake
-def _(grad_t, grad_i, q_t, k_t, v_t, q_i, k_i, v_i, out_t, lse_t, out_i, lse_i, text_mask, image_mask, scale):
+def _(grad_t, grad_i, q_t, k_t, v_t, q_i, k_i, v_i, out_t, lse_t, out_i, lse_i, text_mask, image_mask, scale,
+      rng=None, dropout_p=0.0):
     return tuple(_grad_buffer(t) for t in (q_t, k_t, v_t, q_i, k_i, v_i))
 
 
 def _co_attention_setup(ctx, inputs, output):
-    *qkv, text_mask, image_mask, scale = inputs
+    *qkv, text_mask, image_mask, scale, rng, dropout_p = inputs
     out_t, lse_t, out_i, lse_i = output
-    ctx.save_for_backward(*qkv, out_t, lse_t, out_i, lse_i, text_mask, image_mask)
-    ctx.scale = scale
+    ctx.save_for_backward(*qkv, out_t, lse_t, out_i, lse_i, text_mask, image_mask, rng)
+    ctx.scale, ctx.dropout_p = scale, dropout_p
     ctx.mark_non_differentiable(lse_t, lse_i)
 
 
 def _co_attention_backward(ctx, grad_t, _grad_lse_t, grad_i, _grad_lse_i):
-    *saved, text_mask, image_mask = ctx.saved_tensors
-    grads = _co_attention_bwd_op(grad_t, grad_i, *saved, text_mask, image_mask, ctx.scale)
-    return (*grads, None, None, None)
+    *saved, text_mask, image_mask, rng = ctx.saved_tensors
+    grads = _co_attention_bwd_op(grad_t, grad_i, *saved, text_mask, image_mask, ctx.scale, rng, ctx.dropout_p)
+    return (*grads, None, None, None, None, None)
 
 
 torch.library.register_autograd("vlkernels::co_attention_fwd", _co_attention_backward,
@@ -449,7 +513,48 @@ def _triton_refusal(q: torch.Tensor) -> Optional[str]:
     return why
 
 
-def _run_attention_triton(q, k, v, key_mask, prefix_len, causal, scale):
+def _check_dropout(op: str, dropout_p) -> float:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"{op}: dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:  # NaN fails too; p = 1 would scale the kept weights by 1 / 0
+        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p!r}")
+    return float(dropout_p)
+
+
+def _check_bias(op: str, bias: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor) -> None:
+    if bias is None:
+        return
+    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{op}: bias must be a tensor broadcastable to [B, H, Sq, Sk] = {list(target)}")
+    if not bias.dtype.is_floating_point:
+        raise TypeError(f"{op}: bias must be a floating tensor (an additive bias; use key_mask for a bool mask), "
+                        f"got {bias.dtype}")
+    if bias.device != q.device:
+        raise ValueError(f"{op}: bias is on {bias.device} but the queries are on {q.device}")
+    padded = (1,) * (4 - bias.dim()) + tuple(bias.shape)
+    if bias.dim() > 4 or any(size not in (1, want) for size, want in zip(padded, target)):
+        raise ValueError(f"{op}: bias of shape {list(bias.shape)} does not broadcast to [B, H, Sq, Sk] = "
+                         f"{list(target)}")
+
+
+def _dropout_keep_mask(rng: torch.Tensor, batch_heads: int, seq_q: int, seq_k: int, dropout_p: float,
+                       stream: int = 0) -> torch.Tensor:
+    """Debug / test path: the bool [batch_heads, Sq, Sk] keep mask that the Triton kernels use
+    for the (seed, offset) tensor ``rng`` (ops draw it with ``_rng``), from the same RNG code.
+    Varlen calls index it as the padded [N * H, max_seqlen_q, max_seqlen_k] batch; stream 1 is
+    co-attention's image-query direction."""
+    keep = torch.empty((batch_heads, seq_q, seq_k), device=rng.device, dtype=torch.uint8)
+    block_m, block_n = 64, 64
+    per_head = triton.cdiv(seq_q, block_m)
+    grid = _grid("dropout_keep_mask", per_head, batch_heads)
+    if grid[0] and seq_k:
+        kernels._dropout_keep_kernel[grid](rng, keep, seq_q, seq_k, float(dropout_p), stream, per_head,
+                                           BLOCK_M=block_m, BLOCK_N=block_n)
+    return keep.bool()
+
+
+def _run_attention_triton(q, k, v, key_mask, prefix_len, causal, scale, dropout_p=0.0, bias=None):
     # The kernels take an int32 prefix; any prefix >= Sk means every key is in it, so clamp to Sk
     # before narrowing (2**31 + 5 would otherwise wrap to 5, 2**32 to plain causal).
     seq_k = k.shape[2]
@@ -459,16 +564,18 @@ def _run_attention_triton(q, k, v, key_mask, prefix_len, causal, scale):
         prefix_len = prefix_len.to(q.device).clamp(max=seq_k).to(torch.int32).expand(q.shape[0]).contiguous()
     elif causal:
         prefix_len = torch.zeros(q.shape[0], dtype=torch.int32, device=q.device)  # plain causal: an empty prefix
+    rng = _rng(q.device) if dropout_p > 0 else None
     out, _ = _attention_fwd_op(q, k, v, key_mask, prefix_len, None, None, q.shape[2], k.shape[2],
-                               causal or prefix_len is not None, scale)
+                               causal or prefix_len is not None, scale, bias, rng, dropout_p)
     return out
 
 
 _ATTENTION = [
     Implementation("triton", lambda q, *rest: _triton_refusal(q), _run_attention_triton),
     Implementation("torch", lambda *args: None,
-                   lambda q, k, v, key_mask, prefix_len, causal, scale: reference.attention(
-                       q, k, v, key_mask=key_mask, causal=causal, prefix_len=prefix_len, scale=scale)),
+                   lambda q, k, v, key_mask, prefix_len, causal, scale, dropout_p, bias: reference.attention(
+                       q, k, v, key_mask=key_mask, causal=causal, prefix_len=prefix_len, scale=scale,
+                       dropout_p=dropout_p, bias=bias)),
 ]
 
 
@@ -481,6 +588,8 @@ def attention(
     causal: bool = False,
     prefix_len: Union[int, torch.Tensor, None] = None,
     scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention with the masks of VL transformers.
 
@@ -490,6 +599,16 @@ def attention(
     prefix_len: int or [B] int tensor, SimVLM's PrefixLM: query i sees key j when j < prefix_len
         or j <= i, so the prefix is bidirectional and every position sees all of it (needs Sq == Sk)
     scale: defaults to Dh ** -0.5
+    dropout_p: attention dropout as in F.scaled_dot_product_attention: each probability (after
+        the softmax) is dropped with probability dropout_p and the kept ones are scaled by
+        1 / (1 - dropout_p); applied whenever dropout_p > 0, so pass 0.0 in eval. In [0, 1).
+        The Triton kernels draw the mask from a counter-based RNG (Philox) seeded by two int64
+        drawn from the default torch generator of q's device (torch.manual_seed reproduces a
+        run) and regenerate it in the backward; it is never stored.
+    bias: additive attention bias broadcastable to [B, H, Sq, Sk] (e.g. a relative position
+        bias [1, H, Sq, Sk], or [B, 1, 1, Sk]), any floating dtype, added to the scaled scores
+        before the masks and the softmax; its gradient comes back in its own shape and dtype,
+        summed over the broadcast dimensions.
     returns [B, H, Sq, Dh]; a query that sees no key gets zeros (and zero gradients), never NaN.
     Triton backend: Dh <= 128; fp32 uses tf32 dots when torch.backends.cuda.matmul.allow_tf32.
     A negative value in a prefix_len tensor is refused without a host read by default (a
@@ -511,20 +630,25 @@ def attention(
         check_value((prefix_len >= 0).all(), f"{op}: prefix_len must be non-negative")
     elif prefix_len is not None and (not isinstance(prefix_len, int) or isinstance(prefix_len, bool) or prefix_len < 0):
         raise ValueError(f"{op}: prefix_len must be a non-negative int or an integer tensor, got {prefix_len!r}")
+    dropout_p = _check_dropout(op, dropout_p)
+    _check_bias(op, bias, q, k)
     scale = head_dim ** -0.5 if scale is None else float(scale)
-    return _backend.dispatch(op, _ATTENTION, q.device, q, k, v, key_mask, prefix_len, causal, scale)
+    return _backend.dispatch(op, _ATTENTION, q.device, q, k, v, key_mask, prefix_len, causal, scale, dropout_p, bias)
 
 
-def _run_co_attention_triton(q_t, k_t, v_t, q_i, k_i, v_i, text_mask, image_mask, scale):
-    out_t, _, out_i, _ = _co_attention_fwd_op(q_t, k_t, v_t, q_i, k_i, v_i, text_mask, image_mask, scale)
+def _run_co_attention_triton(q_t, k_t, v_t, q_i, k_i, v_i, text_mask, image_mask, scale, dropout_p=0.0):
+    rng = _rng(q_t.device) if dropout_p > 0 else None
+    out_t, _, out_i, _ = _co_attention_fwd_op(q_t, k_t, v_t, q_i, k_i, v_i, text_mask, image_mask, scale, rng,
+                                              dropout_p)
     return out_t, out_i
 
 
 _CO_ATTENTION = [
     Implementation("triton", lambda q_t, *rest: _triton_refusal(q_t), _run_co_attention_triton),
     Implementation("torch", lambda *args: None,
-                   lambda q_t, k_t, v_t, q_i, k_i, v_i, text_mask, image_mask, scale: reference.co_attention(
-                       q_t, k_t, v_t, q_i, k_i, v_i, text_mask=text_mask, image_mask=image_mask, scale=scale)),
+                   lambda q_t, k_t, v_t, q_i, k_i, v_i, text_mask, image_mask, scale, dropout_p: reference.co_attention(
+                       q_t, k_t, v_t, q_i, k_i, v_i, text_mask=text_mask, image_mask=image_mask, scale=scale,
+                       dropout_p=dropout_p)),
 ]
 
 
@@ -535,12 +659,14 @@ def co_attention(
     text_mask: Optional[torch.Tensor] = None,
     image_mask: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
+    dropout_p: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Bidirectional co-attention (LXMERT, ViLBERT, METER): text queries attend the image and
     image queries attend the text, both in one kernel launch (forward and backward).
 
     q_t, k_t, v_t: [B, H, St, Dh]; q_i, k_i, v_i: [B, H, Si, Dh]
     text_mask: [B, St] bool, image_mask: [B, Si] bool (True = a real token)
+    dropout_p: attention dropout of both directions (see ``attention``; independent masks)
     returns (out_t [B, H, St, Dh] = attention(q_t, k_i, v_i, key_mask=image_mask),
              out_i [B, H, Si, Dh] = attention(q_i, k_t, v_t, key_mask=text_mask))
     """
@@ -554,22 +680,25 @@ def co_attention(
         raise ValueError(f"co_attention: text is on {q_t.device} but image on {q_i.device}")
     _check_key_mask(op, "text_mask", text_mask, q_t.shape[0], k_t.shape[2], q_t.device)
     _check_key_mask(op, "image_mask", image_mask, q_t.shape[0], k_i.shape[2], q_t.device)
+    dropout_p = _check_dropout(op, dropout_p)
     scale = q_t.shape[-1] ** -0.5 if scale is None else float(scale)
     return _backend.dispatch(op, _CO_ATTENTION, q_t.device, q_t, k_t, v_t, q_i, k_i, v_i, text_mask, image_mask,
-                             scale)
+                             scale, dropout_p)
 
 
-def _run_varlen_triton(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+def _run_varlen_triton(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p=0.0):
     prefix = torch.zeros(cu_q.shape[0] - 1, dtype=torch.int32, device=q.device) if causal else None
-    out, _ = _attention_fwd_op(q, k, v, None, prefix, cu_q, cu_k, max_q, max_k, causal, scale)
+    rng = _rng(q.device) if dropout_p > 0 else None
+    out, _ = _attention_fwd_op(q, k, v, None, prefix, cu_q, cu_k, max_q, max_k, causal, scale, None, rng, dropout_p)
     return out
 
 
 _VARLEN = [
     Implementation("triton", lambda q, *rest: _triton_refusal(q), _run_varlen_triton),
     Implementation("torch", lambda *args: None,
-                   lambda q, k, v, cu_q, cu_k, max_q, max_k, causal, scale: reference.attention_varlen(
-                       q, k, v, cu_q, cu_k, causal=causal, scale=scale, max_seqlen_q=max_q, max_seqlen_k=max_k)),
+                   lambda q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p: reference.attention_varlen(
+                       q, k, v, cu_q, cu_k, causal=causal, scale=scale, max_seqlen_q=max_q, max_seqlen_k=max_k,
+                       dropout_p=dropout_p)),
 ]
 
 
@@ -584,6 +713,7 @@ def attention_varlen(
     *,
     causal: bool = False,
     scale: Optional[float] = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Attention over packed sequences with no padding (flash-attn's varlen layout).
 
@@ -591,6 +721,7 @@ def attention_varlen(
     cu_seqlens[b]:cu_seqlens[b+1] (cu_seqlens_q, cu_seqlens_k: [N+1] int32, starting at 0,
     non-decreasing; empty sequences allowed); max_seqlen_*: the longest sequence.
     causal: query i of a sequence sees its keys j <= i (needs equal q and k lengths).
+    dropout_p: attention dropout (see ``attention``).
     returns [total_q, H, Dh]. See unpad_input / pad_input to convert from padded batches.
     Value checks of cu_seqlens (0 to total, non-decreasing, no sequence over max_seqlen, equal q
     and k for causal) read nothing on the host by default (a violation is a RuntimeError from a
@@ -615,9 +746,10 @@ def attention_varlen(
     if causal:
         check_value((cu_seqlens_q == cu_seqlens_k).all(),
                     f"{op}: causal attention needs each sequence's q and k lengths equal")
+    dropout_p = _check_dropout(op, dropout_p)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _backend.dispatch(op, _VARLEN, q.device, q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
-                             int(max_seqlen_q), int(max_seqlen_k), causal, scale)
+                             int(max_seqlen_q), int(max_seqlen_k), causal, scale, dropout_p)
 
 
 def unpad_input(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -673,13 +805,16 @@ def aot_variants():
         sizes.update({f"{prefix}_{axis}_{side}": value for side in "ab"
                       for axis, value in (("b", 12 * 185 * 64), ("h", 64), ("s", 12 * 64))})
     sizes.update(lse_sb=12 * 185, lse_sh=185, mask_sb=185, mask_sb_a=185, mask_sb_b=185)
+    # a VLMo-style relative position bias [1, H, S, S]; dropout 0.1 where a variant has it on
+    sizes.update(sb_b=0, sb_h=185 * 185, sb_m=185, sb_n=1, dropout_p=0.1, keep_scale=1 / 0.9)
     variants = []
     cases = [(torch.bfloat16, d) for d in (32, 64, 80, 96, 128)] + [(t, d) for t in (torch.float16, torch.float32) for d in (64, 128)]
     for dtype, head_dim in cases:
         block_d = max(16, 1 << (head_dim - 1).bit_length())
         pointers = {name: dtype for name in ("q", "k", "v", "out", "grad_out", "grad_q", "grad_k", "grad_v")}
         pointers.update(lse=torch.float32, delta=torch.float32, key_mask=torch.uint8, key_limit=torch.int32,
-                        prefix_len=torch.int32, cu_q=torch.int32, cu_k=torch.int32)
+                        prefix_len=torch.int32, cu_q=torch.int32, cu_k=torch.int32, bias=dtype,
+                        grad_bias=torch.float32, rng=torch.int64)
         for side in "ab":
             pointers.update({f"{name}_{side}": dtype for name in ("q", "k", "v", "out", "grad_out", "grad_q",
                                                                  "grad_k", "grad_v")})
@@ -698,9 +833,16 @@ def aot_variants():
                 common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                               DOT_PRECISION=precision)
                 name = label + ("-ieee" if precision == "ieee" else "")
-                variants.append(KernelVariant(single, name, dict(common, CAUSAL=True, HAS_KEY_MASK=True, VARLEN=False),
-                                              pointers, sizes, options, gemm_shaped=True))
+                extra = dict(HAS_BIAS=False, DROPOUT=False) | (dict(BIAS_GRAD=False) if backward else {})
+                variants.append(KernelVariant(single, name, dict(common, CAUSAL=True, HAS_KEY_MASK=True, VARLEN=False,
+                                                                 **extra), pointers, sizes, options, gemm_shaped=True))
                 if head_dim == 64:
-                    variants.append(KernelVariant(pair, name, dict(common, HAS_MASK_A=True, HAS_MASK_B=True),
+                    variants.append(KernelVariant(pair, name, dict(common, HAS_MASK_A=True, HAS_MASK_B=True,
+                                                                   DROPOUT=False),
+                                                  pointers, sizes, options, gemm_shaped=True))
+                if head_dim == 64 and precision == "tf32":  # the faithful-pretraining call: bias and dropout on
+                    extra = dict(HAS_BIAS=True, DROPOUT=True) | (dict(BIAS_GRAD=True) if backward else {})
+                    variants.append(KernelVariant(single, name + "-bias-dropout",
+                                                  dict(common, CAUSAL=False, HAS_KEY_MASK=True, VARLEN=False, **extra),
                                                   pointers, sizes, options, gemm_shaped=True))
     return variants
