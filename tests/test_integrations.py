@@ -518,3 +518,62 @@ def test_an_unknown_hf_signature_is_refused(monkeypatch):
     monkeypatch.setattr(hf.LxmertAttention, "forward", forward)
     with pytest.raises(ImportError, match="LxmertAttention.forward.*not a signature vlkernels knows"):
         integrations.apply_vlkernels_to_lxmert(build(BY_NAME["lxmert"]))
+
+
+def _compiled(model, fullgraph):
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()  # dynamo's graphs, run without inductor (the graph count is the point)
+    return torch.compile(model, backend=counter, fullgraph=fullgraph), counter
+
+
+@pytest.mark.parametrize("case_name", ["lxmert", "visual_bert", "vit-eager"])
+def test_patched_model_compiles_into_one_graph(case_name):
+    # No host read in the patched forwards: fullgraph=True works, one graph as for HF's model.
+    case = BY_NAME[case_name]
+    torch._dynamo.reset()
+    layers = dict(l_layers=1, x_layers=1, r_layers=1) if case_name == "lxmert" else dict(num_hidden_layers=1)
+    model, batch = build(case, **layers), inputs(case)
+    with torch.no_grad():
+        expected = run(model, batch)
+        compiled, counter = _compiled(case.apply(model), fullgraph=True)
+        with vlkernels.ops._checks.value_checks("device"):
+            actual = run(compiled, batch)
+            run(compiled, batch)  # no recompile either
+    assert counter.frame_count == 1
+    assert_outputs_close(actual, expected)
+    torch._dynamo.reset()
+
+
+def test_patched_vilt_compiles_as_hf_vilt_does():
+    # HF ViLT's embeddings sample image patches with data-dependent sizes (graph breaks, no
+    # fullgraph); the patched patch embedding adds no break: the same graph count there, and
+    # the encoder (the patched attention) compiles whole.
+    case = BY_NAME["vilt"]
+    model, batch = build(case, num_hidden_layers=1), inputs(case)
+    embeddings_inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             token_type_ids=torch.zeros_like(batch["input_ids"]), pixel_values=batch["pixel_values"],
+                             pixel_mask=batch["pixel_mask"], inputs_embeds=None, image_embeds=None)
+    counts = []
+    for patch in (False, True):
+        torch._dynamo.reset()
+        if patch:
+            case.apply(model)
+        compiled, counter = _compiled(model.embeddings, fullgraph=False)
+        with torch.no_grad():
+            torch.manual_seed(7)
+            compiled(**embeddings_inputs)
+        counts.append(counter.frame_count)
+    assert counts[0] == counts[1]
+    torch._dynamo.reset()
+    hidden = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(2))
+    mask = torch.zeros(2, 1, 1, 9)  # HF's extended padding mask
+    mask[1, ..., 5:] = torch.finfo(torch.float32).min
+    encoder, counter = _compiled(model.encoder, fullgraph=True)
+    with torch.no_grad():
+        actual = encoder(hidden, mask).last_hidden_state
+        vilt.revert_vlkernels_to_vilt(model)
+        expected = model.encoder(hidden, mask).last_hidden_state
+    assert counter.frame_count == 1
+    torch.testing.assert_close(actual, expected, **TOL)
+    torch._dynamo.reset()
