@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import vlkernels
-import vlkernels._fallback
 from vlkernels import flash_attn_func, flash_attn_varlen_func
 from vlkernels.testing import DEVICE, fp32_tolerance, rel_error
 
@@ -131,8 +130,6 @@ def test_unsupported_arguments_are_refused_by_name():
             flash_attn_varlen_func(packed, packed, packed, cu, cu, 4, 4, **{name: value})
     with pytest.raises(NotImplementedError, match="block_table"):
         flash_attn_varlen_func(packed, packed, packed, cu, cu, 4, 4, block_table=torch.zeros(1, 1, dtype=torch.int32))
-    with pytest.raises(NotImplementedError, match="flash_attn_varlen_func: dropout_p > 0"):
-        flash_attn_varlen_func(packed, packed, packed, cu, cu, 4, 4, dropout_p=0.1)
     with pytest.raises(ValueError, match=r"nheads \(3\) must be a multiple of nheads_k \(2\)"):
         flash_attn_func(torch.randn(1, 4, 3, 8), q, q)
     with pytest.raises(ValueError, match=r"q must be \[batch, seqlen, nheads, headdim\]"):
@@ -145,16 +142,31 @@ def test_unsupported_arguments_are_refused_by_name():
         flash_attn_func(q, q, q, dropout_p=1.0)
 
 
-def test_dropout_is_unbiased_and_said_once(monkeypatch):
-    """dropout_p > 0 (torch path until the kernels have dropout): it drops (outputs differ per
-    call) and keeps the expectation (the mean of many calls approaches the dropout-free output)."""
-    monkeypatch.setattr(vlkernels._fallback, "_WARNED", set())
+@pytest.mark.parametrize("varlen", [False, True])
+def test_dropout_drops_and_keeps_the_expectation(varlen):
+    """dropout_p > 0 (the kernels' dropout; the torch backend here): outputs differ per call, and
+    the mean of many calls approaches the dropout-free output (inverted dropout is unbiased)."""
     generator = torch.Generator().manual_seed(9)
-    q, k, v = (torch.randn(1, 6, 2, 8, generator=generator) for _ in range(3))
-    exact = flash_attn_func(q, k, v, causal=True)
+    if varlen:
+        q, k, v = (torch.randn(9, 2, 8, generator=generator) for _ in range(3))
+        cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+        run = lambda p: flash_attn_varlen_func(q, k, v, cu, cu, 5, 5, dropout_p=p, causal=True)  # noqa: E731
+    else:
+        q, k, v = (torch.randn(1, 6, 2, 8, generator=generator) for _ in range(3))
+        run = lambda p: flash_attn_func(q, k, v, dropout_p=p, causal=True)  # noqa: E731
+    exact = run(0.0)
     torch.manual_seed(0)
-    with pytest.warns(UserWarning, match="dropout_p > 0") as record:
-        samples = torch.stack([flash_attn_func(q, k, v, dropout_p=0.3, causal=True) for _ in range(200)])
-    assert len(record) == 1
+    samples = torch.stack([run(0.3) for _ in range(200)])
     assert not torch.equal(samples[0], samples[1]) and torch.isfinite(samples).all()
     assert rel_error(samples.mean(0), exact) < 0.1 < rel_error(samples[0], exact)
+
+
+def test_dropout_runs_in_the_triton_kernels():
+    generator = torch.Generator().manual_seed(10)
+    q, k, v = (torch.randn(1, 70, 2, 16, generator=generator).to(DEVICE).requires_grad_() for _ in range(3))
+    with vlkernels.use_backend("triton"):
+        exact = flash_attn_func(q, k, v, causal=True)
+        dropped = flash_attn_func(q, k, v, dropout_p=0.5, causal=True)
+        grads = torch.autograd.grad(dropped.sum(), [q, k, v])
+    assert torch.isfinite(dropped).all() and all(torch.isfinite(g).all() for g in grads)
+    assert rel_error(dropped, exact) > 0.1

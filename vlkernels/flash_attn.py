@@ -9,8 +9,8 @@ What differs from flash-attn, argument by argument:
 - causal with seqlen_q != seqlen_k: flash-attn's bottom-right alignment (query i sees key j
   when j <= i + seqlen_k - seqlen_q; a query that sees no key gets zeros), in flash_attn_func;
   flash_attn_varlen_func takes causal only with each sequence's q and k lengths equal.
-- dropout_p > 0 (flash_attn_func): the torch path (the reference attention with dropout), said
-  once; flash_attn_varlen_func refuses it.
+- dropout_p: in the kernels (its own random stream: the same probability, not flash-attn's
+  bits); dropout_p is applied whenever it is > 0, as in flash-attn (pass 0.0 in eval).
 - deterministic: accepted; the backward is deterministic either way (no atomics).
 - window_size other than (-1, -1), softcap != 0, alibi_slopes, return_attn_probs=True and
   block_table: refused with NotImplementedError naming the argument.
@@ -21,9 +21,7 @@ from typing import Optional
 
 import torch
 
-from vlkernels._fallback import record_fallback
 from vlkernels.ops import attention, attention_varlen
-from vlkernels.reference.attention import attention as reference_attention
 
 
 def _refuse_unsupported(op: str, window_size, softcap, alibi_slopes, return_attn_probs, block_table=None) -> None:
@@ -91,11 +89,7 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
             pad = k.new_zeros(k.shape[0], k.shape[1], extra, k.shape[3])
             k, v = torch.cat([pad, k], dim=2), torch.cat([pad, v], dim=2)
             key_mask = (torch.arange(seq_q, device=q.device) >= extra).expand(q.shape[0], seq_q)
-    if dropout_p > 0:
-        record_fallback(op, "dropout_p > 0 (the attention kernels have no dropout yet)", stacklevel=3)
-        out = reference_attention(q, k, v, key_mask=key_mask, causal=causal, scale=softmax_scale, dropout_p=dropout_p)
-    else:
-        out = attention(q, k, v, key_mask=key_mask, causal=causal, scale=softmax_scale)
+    out = attention(q, k, v, key_mask=key_mask, causal=causal, scale=softmax_scale, dropout_p=float(dropout_p))
     return out[:, :, offset:].transpose(1, 2).contiguous()
 
 
@@ -112,9 +106,7 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     op = "flash_attn_varlen_func"
     _refuse_unsupported(op, window_size, softcap, alibi_slopes, return_attn_probs, block_table)
     group = _check(op, q, k, v, 3, "[total, nheads, headdim]", dropout_p)
-    if dropout_p > 0:
-        raise NotImplementedError(f"vlkernels.{op}: dropout_p > 0 is not supported yet; flash_attn_func takes it")
     if group > 1:
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     return attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
-                            scale=softmax_scale)
+                            scale=softmax_scale, dropout_p=float(dropout_p))
