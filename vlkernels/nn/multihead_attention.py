@@ -9,7 +9,8 @@ causal mask, and the return value (attn_output, attn_weights or None).
 The kernel path (:func:`vlkernels.ops.attention`) runs every call that needs nothing the
 kernels lack: ``need_weights=False``, ``key_padding_mask`` None or bool, ``attn_mask`` None or
 given with ``is_causal=True`` on equal query and key lengths (and then no ``add_bias_kv`` /
-``add_zero_attn``), no attention dropout in training. Every other call runs torch's own
+``add_zero_attn``); attention dropout in training runs in the kernels too (its own random
+stream: the same probability, not torch's bits). Every other call runs torch's own
 ``F.multi_head_attention_forward`` (the math of ``nn.MultiheadAttention`` itself) and says so
 once per reason (``vlkernels._fallback.record_fallback``: a warning).
 
@@ -31,6 +32,7 @@ from torch import nn
 
 from vlkernels._fallback import record_fallback as _record_fallback
 from vlkernels.nn.attention import VLMultiheadAttention, split_heads
+from vlkernels.ops import attention
 
 
 def _mask_error(name: str, mask: torch.Tensor, expected: str) -> ValueError:
@@ -126,8 +128,8 @@ class MultiheadAttention(VLMultiheadAttention):
             return "an attn_mask without the is_causal hint (an arbitrary mask)"
         if is_causal and query.shape[seq_dim] != key.shape[seq_dim]:
             return "is_causal with different query and key lengths"
-        if self.training and self.dropout > 0:
-            return "attention dropout in training"
+        if self.training and self.dropout >= 1:
+            return "dropout=1 in training (every attention probability dropped)"
         return None
 
     # -- forward ---------------------------------------------------------------------------------
@@ -181,6 +183,11 @@ class MultiheadAttention(VLMultiheadAttention):
             key_mask = F.pad(key_mask, (0, len(extra_k)), value=True)
         return self.project_output(self.attend(q, k, v, key_padding_mask=key_mask, causal=causal,
                                                prefix_len=prefix_len))
+
+    def attend(self, q, k, v, *, key_padding_mask=None, causal=False, prefix_len=None) -> torch.Tensor:
+        """The attention core on [B, H, S, Dh] heads; attention dropout in training in the kernels."""
+        dropout_p = float(self.dropout) if self.training else 0.0
+        return attention(q, k, v, key_mask=key_padding_mask, causal=causal, prefix_len=prefix_len, dropout_p=dropout_p)
 
     def _torch_forward(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
                        is_causal, batched):
