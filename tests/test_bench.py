@@ -20,10 +20,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def run_cli(*args, timeout=300):
-    """python -m vlkernels.bench ARGS from the repository root; returns the CompletedProcess."""
+# The CLI with tqdm made unimportable (None in sys.modules makes `import tqdm` raise ImportError).
+WITHOUT_TQDM = ("import sys; sys.modules.update({'tqdm': None, 'tqdm.auto': None}); "
+                "from vlkernels.bench.cli import main; raise SystemExit(main(sys.argv[1:]))")
+
+
+def run_cli(*args, timeout=300, hide_tqdm=False):
+    """python -m vlkernels.bench ARGS from the repository root (without tqdm importable when
+    hide_tqdm); returns the CompletedProcess."""
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "vlkernels.bench", *args], cwd=REPO, env=env,
+    command = ["-c", WITHOUT_TQDM] if hide_tqdm else ["-m", "vlkernels.bench"]
+    return subprocess.run([sys.executable, *command, *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -43,9 +50,11 @@ def check_quantiles(row):
 @pytest.mark.parametrize("device", DEVICES)
 def test_quick_cli_writes_csv_and_png(tmp_path, device):
     out = tmp_path / "results"
+    # --no-progress needs no tqdm (the [bench] extra's): the run never imports it.
     proc = run_cli("--op", "patch_embed", "--quick", "--device", device, "--providers", "vlkernels,eager",
-                   "--no-progress", "--out", str(out))
+                   "--no-progress", "--out", str(out), hide_tqdm=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "steps" not in proc.stderr, proc.stderr  # no progress lines either
 
     columns, rows = read_rows(out / "patch_embed.csv")
     assert columns == list(CSV_COLUMNS)
@@ -62,6 +71,8 @@ def test_quick_cli_writes_csv_and_png(tmp_path, device):
         assert row["versions"].startswith("torch=") and "triton=" in row["versions"]
         assert row["commit"] and row["device"]
         check_quantiles(row)
+        if row["metric"] == "time_ms":  # enough samples behind every time for p20/p80 to be quantiles
+            assert int(row["samples"]) >= harness.MIN_SAMPLES, row
     metrics = {r["metric"] for r in rows}
     assert {"time_ms", "tflops"} <= metrics
     if device == "cuda":
@@ -76,7 +87,7 @@ def test_quick_cli_writes_csv_and_png(tmp_path, device):
     # The summary: each shape and mode with vlkernels' speed-up over eager.
     assert "vs eager" in proc.stdout
     for shape in shapes:
-        assert proc.stdout.count(shape) == len(harness.MODES), proc.stdout
+        assert sum(line.startswith(shape + " ") for line in proc.stdout.splitlines()) == len(harness.MODES), proc.stdout
 
     # --summarize reads the CSV back and prints the same table for the chosen modes.
     again = run_cli("--summarize", str(out / "patch_embed.csv"), "--modes", "forward,full")
@@ -246,3 +257,112 @@ def test_roofline_matches_device_names_exactly(monkeypatch):
     assert harness.roofline_precision(torch.float32, tf32=True) == "tf32"
     assert harness.roofline_precision(torch.float32, tf32=False) == "fp32"
     assert harness.roofline_precision(torch.bfloat16, tf32=False) == "bf16"
+
+
+def test_quick_budget_leaves_expensive_baselines_out_unless_named(monkeypatch):
+    def no_compile(self):
+        raise AssertionError("--quick must not compile an expensive baseline")
+
+    monkeypatch.setattr(Compiled, "fresh", no_compile)
+    case = scale_case(["vlkernels", "eager"])
+    case.providers["torch.compile"] = Compiled(lambda x: x * 2)
+    result = run_cases([case], device=torch.device("cpu"), dtype=torch.float32, modes=harness.MODES,
+                       budget=QUICK_BUDGET, progress=False)
+    assert result.failures == []
+    skipped = [r for r in result.rows if r["metric"] == "skipped"]
+    assert [(r["provider"], r["mode"]) for r in skipped] == [("torch.compile", m) for m in harness.MODES]
+    assert all("left out of --quick" in r["note"] for r in skipped)
+    timed = {(r["provider"], r["mode"]) for r in result.rows if r["metric"] == "time_ms"}
+    assert timed == {(p, m) for p in ("vlkernels", "eager") for m in harness.MODES}
+    # The full budget runs it; so does --quick when it is named (test_torch_compile_provider_runs_...).
+    assert harness.FULL_BUDGET.expensive_baselines and not QUICK_BUDGET.expensive_baselines
+
+
+def test_cpu_timing_warms_up_and_takes_enough_samples():
+    calls = []
+
+    def first_calls_slow():  # a one-time cost in the first calls (allocator growth, a first backward)
+        calls.append(None)
+        time.sleep(0.2 if len(calls) <= 2 else 0.004)
+
+    timing = harness.time_call(first_calls_slow, torch.device("cpu"), QUICK_BUDGET)
+    assert timing.samples >= max(QUICK_BUDGET.cpu_min_samples, harness.MIN_SAMPLES)
+    assert 0.004 * 1e3 <= timing.median < 0.1 * 1e3 and timing.p80 < 0.1 * 1e3, timing  # warm-up not timed
+    assert timing.p20 <= timing.median <= timing.p80
+
+    slow = harness.TimingBudget(cpu_min_samples=50, cpu_min_run_time_s=10.0, cpu_max_run_time_s=0.01)
+    start = time.perf_counter()
+    timing = harness.time_call(lambda: time.sleep(0.01), torch.device("cpu"), slow)
+    assert timing.samples == harness.MIN_SAMPLES and time.perf_counter() - start < 1.0  # capped, never below 5
+
+    fast = harness.time_call(lambda: None, torch.device("cpu"), QUICK_BUDGET)
+    assert fast.samples >= QUICK_BUDGET.cpu_min_samples and fast.median < 0.01  # blocks of calls: per-call ms
+
+
+def test_summary_flags_full_far_from_forward_plus_backward():
+    def row(provider, mode, ms, shape="S"):
+        return dict(op="op", provider=provider, mode=mode, shape=shape, dtype="fp32", metric="time_ms",
+                    median=ms, p20=ms, p80=ms, device="dev", versions="v", commit="c", note="", samples=9)
+
+    rows = [row("vlkernels", "forward", 69.0), row("vlkernels", "backward", 5.7), row("vlkernels", "full", 800.0),
+            row("eager", "forward", 10.0), row("eager", "backward", 20.0), row("eager", "full", 33.0)]
+    assert harness.unbalanced_full(rows) == {("S", "vlkernels"): (800.0, 74.7)}
+    table = harness.summary_table(rows)
+    assert "full far from forward + backward" in table and "S vlkernels: full 800 ms" in table
+    assert "S eager" not in table
+    assert "far from" not in harness.summary_table(rows[3:])
+
+
+def test_progress_without_tqdm_prints_plain_lines(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    monkeypatch.setattr(harness.Progress, "LINE_EVERY_S", 0.0)
+    bar = harness.Progress(4)
+    bar.describe("op S vlkernels forward")
+    bar.advance(2)
+    bar.close()
+    assert "2/4 steps" in capsys.readouterr().err
+    quiet = harness.Progress(4, enabled=False)
+    quiet.advance(4)
+    assert capsys.readouterr().err == ""
+    cases = [scale_case(["vlkernels", "eager"]), scale_case(["vlkernels"])]
+    assert harness.count_steps(cases, harness.MODES) == 9
+    assert harness.count_steps(cases, ["forward"], providers=["eager"]) == 1
+
+
+def test_plot_panels_stack_and_legend_clears_every_bar():
+    from vlkernels.bench import plot
+
+    shapes = [f"model{i}-tiny-B4" for i in range(9)]
+    rows = [dict(op="model_step", provider=p, mode=m, shape=s, dtype="fp32", metric="time_ms", median=ms, p20=ms * 0.9,
+                 p80=ms * 1.1, device="cpu AMD EPYC (2 threads)", versions="torch=2.13.0 triton=3.6.0",
+                 commit="abcdef0-dirty", note="", samples=9)
+            for s in shapes for m, ms in zip(harness.MODES, (5.0, 3.0, 9.0)) for p in ("vlkernels", "eager", "peer")]
+    fig = plot.figure(rows)
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        width, height = fig.get_size_inches() * plot.DPI
+        assert width <= plot.PANEL_WIDTH_IN[1] * plot.DPI and height <= width * 1.5  # not a 5000 px strip
+        assert len(fig.axes) == len(harness.MODES)
+        legend = fig.legends[0].get_window_extent(renderer)
+        title = fig._suptitle.get_window_extent(renderer)
+        for ax in fig.axes:
+            assert not legend.overlaps(ax.get_window_extent(renderer))
+            assert not title.overlaps(ax.get_window_extent(renderer))
+        assert not legend.overlaps(title)
+        assert title.x0 >= 0 and title.x1 <= width  # the (wrapped) title fits the figure
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+
+def test_quick_results_default_is_git_ignored():
+    from vlkernels.bench import cli
+
+    if subprocess.run(["git", "rev-parse"], cwd=REPO, capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    folder = os.path.join(cli._results_root(), harness.device_slug(torch.device("cpu")) + "-quick")
+    probe = subprocess.run(["git", "check-ignore", "-q", os.path.join(folder, "patch_embed.csv")], cwd=REPO)
+    assert probe.returncode == 0, f"{folder} is not git-ignored"

@@ -29,8 +29,9 @@ def _csv_list(text: str) -> list[str]:
 
 
 def _results_root() -> str:
-    """bench/results of the repository checkout holding vlkernels (results are committed there),
-    else bench/results under the working directory (an installed, non-editable vlkernels)."""
+    """bench/results of the repository checkout holding vlkernels, else bench/results under the
+    working directory (an installed, non-editable vlkernels). Full runs are the results the
+    repository commits; quick runs go to ``<device>-quick`` folders, which .gitignore ignores."""
     import vlkernels
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(vlkernels.__file__)))
@@ -43,7 +44,9 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--op", type=_csv_list, default=None,
                         help=f"comma-separated ops (default: all registered: {', '.join(OPS)})")
-    parser.add_argument("--quick", action="store_true", help="small shapes and few repetitions")
+    parser.add_argument("--quick", action="store_true",
+                        help="small shapes, short timings, no expensive baselines (torch.compile: name it in "
+                             "--providers to time it anyway); about a minute on a 2-core CPU")
     parser.add_argument("--modes", type=_csv_list, default=list(harness.MODES),
                         help=f"comma-separated subset of {','.join(harness.MODES)} (default: all)")
     parser.add_argument("--dtype", choices=sorted(harness.DTYPES), default=None,
@@ -51,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--providers", type=_csv_list, default=None,
                         help="comma-separated providers to time (default: all of each op's)")
     parser.add_argument("--out", default=None,
-                        help="output folder (default: <repo>/bench/results/<device-slug>, with -quick for --quick)")
+                        help="output folder (default: <repo>/bench/results/<device-slug>; with --quick "
+                             "<device-slug>-quick, git-ignored)")
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                         help="start no new case after this many seconds (the rest are recorded as skipped)")
@@ -116,15 +120,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         batches = [(op, cases[op]) for op in ops]
     rows = {op: [] for op in ops}
     failures = []
+    # One bar over the whole run (every op's every measurement), so its ETA is the run's.
+    progress = harness.Progress(sum(harness.count_steps(op_cases, args.modes, args.providers)
+                                    for _, op_cases in batches), enabled=not args.no_progress)
     for op, op_cases in batches:
         result = harness.run_cases(op_cases, device=device, dtype=dtype, modes=args.modes, providers=args.providers,
-                                   budget=budget, progress=not args.no_progress, deadline=deadline)
+                                   budget=budget, progress=progress, deadline=deadline)
         rows[op] += result.rows
         failures += result.failures
         harness.write_csv(rows[op], os.path.join(out_dir, f"{op}.csv"))  # kept current: a killed run keeps its rows
         late = sum("time limit" in message for message in result.skipped)
         if late:
             print(f"vlkernels-bench: {op}: time limit reached; {late} measurement(s) not taken", file=sys.stderr)
+    progress.close()
     for op in ops:
         written = [os.path.join(out_dir, f"{op}.csv")]
         if any(r["metric"] == "time_ms" for r in rows[op]):

@@ -21,6 +21,7 @@ and makes the run fail (:attr:`BenchResult.failures`).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -29,6 +30,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -37,8 +39,9 @@ import torch
 MODES = ("forward", "backward", "full")
 METRICS = ("time_ms", "peak_mem_mb", "tflops", "pct_roofline")
 # "note" is the one column beyond the design's list: the reason of a skipped or error row.
+# "samples" (how many timed samples are behind median/p20/p80) follows it.
 CSV_COLUMNS = ("op", "provider", "mode", "shape", "dtype", "metric", "median", "p20", "p80",
-               "device", "versions", "commit", "note")
+               "device", "versions", "commit", "note", "samples")
 SUBJECT = "vlkernels"  # the provider whose speed-up over the others the summary reports
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
@@ -67,7 +70,13 @@ class Compiled:
     (``dynamic=False``) graph and the recompile limit is never reached across many presets.
     Compilation itself happens at the first call, inside the harness's warm-up, where a
     failure (e.g. no C++ compiler for inductor's CPU code) is recorded as a skip.
+
+    ``expensive``: compiling takes tens of seconds per preset on a CPU (a forward and a
+    backward graph through inductor's C++ codegen), so a budget without expensive baselines
+    (--quick) leaves it out unless it is asked for by name.
     """
+
+    expensive = True
 
     def __init__(self, fn: Callable, **compile_kwargs):
         self.fn = fn
@@ -79,6 +88,13 @@ class Compiled:
         # graphs refuse while they donate their saved buffers to the backward.
         torch._functorch.config.donated_buffer = False
         return torch.compile(self.fn, **self.compile_kwargs)
+
+
+def expensive(fn: Callable) -> Callable:
+    """Mark a provider as an expensive baseline (like :class:`Compiled`): --quick leaves it out
+    unless it is asked for by name. Returns ``fn``."""
+    fn.expensive = True
+    return fn
 
 
 def standard_providers(vlkernels_fn: Callable, reference_fn: Callable, peers: Optional[dict] = None) -> dict:
@@ -204,16 +220,41 @@ def git_commit() -> str:
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TimingBudget:
-    """How long to measure each (provider, mode): do_bench warmup/rep in ms on CUDA,
-    blocked_autorange min_run_time in s on CPU."""
+    """How long to measure each (provider, mode).
+
+    CUDA: do_bench's warmup/rep in ms. CPU: timed samples until both ``cpu_min_samples`` samples
+    and ``cpu_min_run_time_s`` are reached (a sample is one call, or the mean of a block of
+    calls lasting about ``cpu_block_s`` for calls far shorter than that), stopping early only
+    past ``cpu_max_run_time_s`` with at least :data:`MIN_SAMPLES`. Every row has at least
+    MIN_SAMPLES samples, so its p20 and p80 are quantiles of real spread, not copies of one
+    time. ``expensive_baselines``: whether providers marked expensive (torch.compile, whose
+    compile alone takes tens of seconds on a CPU) run when not asked for by name.
+    """
 
     cuda_warmup_ms: int = 25
     cuda_rep_ms: int = 100
     cpu_min_run_time_s: float = 0.5
+    cpu_min_samples: int = 20
+    cpu_max_run_time_s: float = 10.0
+    cpu_block_s: float = 0.002
+    expensive_baselines: bool = True
 
 
+# The fewest samples behind any time (CPU and CUDA): with fewer, p20 and p80 say nothing.
+MIN_SAMPLES = 5
 FULL_BUDGET = TimingBudget()
-QUICK_BUDGET = TimingBudget(cuda_warmup_ms=5, cuda_rep_ms=20, cpu_min_run_time_s=0.1)
+QUICK_BUDGET = TimingBudget(cuda_warmup_ms=5, cuda_rep_ms=20, cpu_min_run_time_s=0.05, cpu_min_samples=10,
+                            cpu_max_run_time_s=1.5, expensive_baselines=False)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Per-call time of one (provider, mode) in ms: median, 20 % and 80 % quantiles, sample count."""
+
+    median: float
+    p20: float
+    p80: float
+    samples: int
 
 
 def _quantile(sorted_values: Sequence[float], q: float) -> float:
@@ -224,19 +265,53 @@ def _quantile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
 
 
-def time_call(fn: Callable[[], object], device: torch.device, budget: TimingBudget) -> tuple[float, float, float]:
-    """(median, p20, p80) of one call of ``fn``, in milliseconds."""
+def _timing(times_ms: Sequence[float]) -> Timing:
+    ordered = sorted(times_ms)
+    return Timing(_quantile(ordered, 0.5), _quantile(ordered, 0.2), _quantile(ordered, 0.8), len(ordered))
+
+
+def cpu_samples_ms(fn: Callable[[], object], budget: TimingBudget) -> list[float]:
+    """Per-call times of ``fn`` on the CPU, in ms, after two untimed warm-up calls.
+
+    The warm-up matters: the first calls of a mode pay one-time costs (the allocator growing
+    to the mode's working set, lazily built state, a graph's first backward) that would
+    otherwise sit in the few samples of a slow call. A plain perf_counter loop rather than
+    torch.utils.benchmark's blocked_autorange: that one stops after ``min_run_time`` however
+    few samples it has (a 100 ms call gave one sample, p20 = p80 = median), and its timeit
+    adds warm-up calls to every block.
+    """
+    fn()
+    begin = time.perf_counter()
+    fn()
+    once = time.perf_counter() - begin
+    number = max(1, int(budget.cpu_block_s / max(once, 1e-9)))
+    times: list[float] = []
+    start = time.perf_counter()
+    while True:
+        begin = time.perf_counter()
+        for _ in range(number):
+            fn()
+        end = time.perf_counter()
+        times.append((end - begin) / number * 1e3)
+        elapsed = end - start
+        if len(times) >= budget.cpu_min_samples and elapsed >= budget.cpu_min_run_time_s:
+            return times
+        if len(times) >= MIN_SAMPLES and elapsed >= budget.cpu_max_run_time_s:
+            return times
+
+
+def time_call(fn: Callable[[], object], device: torch.device, budget: TimingBudget) -> Timing:
+    """The per-call :class:`Timing` of ``fn`` in ms (do_bench on CUDA, :func:`cpu_samples_ms` on CPU)."""
     if device.type == "cuda":
         import triton.testing
 
-        median, p20, p80 = triton.testing.do_bench(fn, warmup=budget.cuda_warmup_ms, rep=budget.cuda_rep_ms,
-                                                   quantiles=[0.5, 0.2, 0.8])
-        return float(median), float(p20), float(p80)
-    from torch.utils.benchmark import Timer
-
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    times_ms = sorted(t * 1e3 for t in timer.blocked_autorange(min_run_time=budget.cpu_min_run_time_s).times)
-    return _quantile(times_ms, 0.5), _quantile(times_ms, 0.2), _quantile(times_ms, 0.8)
+        rep = budget.cuda_rep_ms
+        while True:  # do_bench takes rep / (estimated time) samples: lengthen rep until there are enough
+            times = triton.testing.do_bench(fn, warmup=budget.cuda_warmup_ms, rep=rep, return_mode="all")
+            if len(times) >= MIN_SAMPLES or rep > 100 * budget.cuda_rep_ms:
+                return _timing(times)
+            rep *= 2 * MIN_SAMPLES / max(1, len(times))
+    return _timing(cpu_samples_ms(fn, budget))
 
 
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[float]:
@@ -298,10 +373,11 @@ class _Recorder:
         self.result = result
         self.common = common
 
-    def row(self, case: Case, provider: str, mode: str, metric: str, values=(None, None, None), note: str = ""):
+    def row(self, case: Case, provider: str, mode: str, metric: str, values=(None, None, None), note: str = "",
+            samples: Optional[int] = None):
         median, p20, p80 = values
         self.result.rows.append(dict(self.common, op=case.op, provider=provider, mode=mode, shape=case.shape,
-                                     metric=metric, median=median, p20=p20, p80=p80, note=note))
+                                     metric=metric, median=median, p20=p20, p80=p80, note=note, samples=samples))
 
     def skip(self, case: Case, provider: str, mode: str, reason: str, error: Optional[bool] = None):
         if error is None:
@@ -316,6 +392,73 @@ def _free_cuda(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+class Progress:
+    """One progress bar over a whole run: a step per (case, provider, mode) measurement, with
+    elapsed time and ETA. tqdm draws it when installed (the [bench] extra); without tqdm, a
+    plain line on stderr every few seconds; nothing (and no tqdm import) when disabled."""
+
+    LINE_EVERY_S = 5.0
+
+    def __init__(self, total: int, enabled: bool = True, desc: str = "vlkernels-bench"):
+        self.total, self.done, self.enabled, self.desc = total, 0, enabled, desc
+        self.started = self.last_line = time.monotonic()
+        self._bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                self._bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+        self.text = ""
+
+    def describe(self, text: str) -> None:
+        self.text = text
+        if self._bar is not None:
+            self._bar.set_postfix_str(text, refresh=True)
+
+    def advance(self, steps: int = 1) -> None:
+        self.done += steps
+        if self._bar is not None:
+            self._bar.update(steps)
+        elif self.enabled and time.monotonic() - self.last_line >= self.LINE_EVERY_S:
+            self.last_line = time.monotonic()
+            elapsed = self.last_line - self.started
+            eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+            print(f"{self.desc}: {self.done}/{self.total} steps, {elapsed:.0f} s elapsed, ETA {eta:.0f} s "
+                  f"({self.text})", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def count_steps(cases: Iterable[Case], modes: Sequence[str], providers: Optional[Sequence[str]] = None) -> int:
+    """The progress steps of running ``cases``: one per (case, provider, mode)."""
+    return sum(len(modes) for case in cases for name in case.providers if providers is None or name in providers)
+
+
+@contextlib.contextmanager
+def _quiet_compilers():
+    """torch.compile's warnings (graph breaks, recompiles, inductor's autotuning notes) go to
+    stderr once per compile and would bury the progress bar: a failed compile is recorded as a
+    skip with its reason, so the run keeps them out of the terminal."""
+    import logging
+
+    names = ("torch._dynamo", "torch._inductor", "torch.fx.experimental.symbolic_shapes")
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"torch\._(dynamo|inductor|functorch)")
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+
+
 def run_cases(
     cases: Iterable[Case],
     *,
@@ -324,104 +467,126 @@ def run_cases(
     modes: Sequence[str] = MODES,
     providers: Optional[Sequence[str]] = None,
     budget: TimingBudget = FULL_BUDGET,
-    progress: bool = True,
+    progress: "bool | Progress" = True,
     seed: int = 0,
     deadline: Optional[float] = None,
 ) -> BenchResult:
     """Time each case's providers (all, or those named in ``providers``) in each mode.
 
-    ``deadline`` (a ``time.monotonic()`` value): cases not started by then are recorded as
-    skipped ("time limit"), so a run under a fixed budget still writes what it measured.
+    ``progress``: a :class:`Progress` shared over several calls (the CLI's one bar), or whether
+    to show a bar of this call's own. ``deadline`` (a ``time.monotonic()`` value): cases not
+    started by then are recorded as skipped ("time limit"), so a run under a fixed budget
+    still writes what it measured.
     """
-    from tqdm.auto import tqdm
-
     cases = list(cases)
+    own_bar = not isinstance(progress, Progress)
+    bar = Progress(count_steps(cases, modes, providers), enabled=bool(progress)) if own_bar else progress
     result = BenchResult()
     recorder = _Recorder(result, dict(dtype=DTYPE_NAMES.get(dtype, str(dtype)), device=device_description(device),
                                       versions=versions(), commit=git_commit()))
+    with _quiet_compilers():
+        for index, case in enumerate(cases):
+            _run_case(case, index, recorder, bar, device=device, dtype=dtype, modes=modes, providers=providers,
+                      budget=budget, seed=seed, deadline=deadline)
+    if own_bar:
+        bar.close()
+    return result
+
+
+def _run_case(case: Case, index: int, recorder: _Recorder, bar: Progress, *, device, dtype, modes, providers,
+              budget, seed, deadline) -> None:
+    result = recorder.result
     roof = roofline_for(device)
-    bar = tqdm(cases, desc="vlkernels-bench", unit="case", file=sys.stderr, disable=not progress, dynamic_ncols=True)
-    for index, case in enumerate(bar):
-        wanted = [n for n in case.providers if providers is None or n in providers]
-        if deadline is not None and time.monotonic() > deadline:
-            for name in wanted:
-                for mode in modes:
-                    recorder.skip(case, name, mode, "time limit reached before this case started", error=False)
+    wanted = [n for n in case.providers if providers is None or n in providers]
+    if deadline is not None and time.monotonic() > deadline:
+        for name in wanted:
+            for mode in modes:
+                recorder.skip(case, name, mode, "time limit reached before this case started", error=False)
+        bar.advance(len(wanted) * len(modes))
+        return
+    torch.manual_seed(seed + index)  # reproducible, and different for each case
+    bar.describe(f"{case.op} {case.shape} inputs")
+    try:
+        inputs = case.make_inputs(device, dtype)
+        # The eager output is the yardstick every other provider's forward is checked against.
+        expected = (tuple(t.detach() for t in _outputs(case.providers["eager"](*inputs.args, **inputs.kwargs)))
+                    if "eager" in case.providers else None)
+    except Exception as error:  # noqa: BLE001 - e.g. the inputs of the largest preset do not fit
+        for name in wanted:
+            for mode in modes:
+                recorder.skip(case, name, mode, f"inputs/reference failed: {_reason(error)}", error=False)
+        bar.advance(len(wanted) * len(modes))
+        _free_cuda(device)
+        return
+    grads = inputs.grad_tensors()
+    grad_out = tuple(torch.randn_like(t) for t in expected) if expected is not None and grads else None
+    case_modes = [m for m in modes if m == "forward" or grads]  # no backward for an op without grads
+    tolerance = (case.tolerance or default_tolerance)(dtype)
+    for name in wanted:
+        provider = case.providers[name]
+        bar.describe(f"{case.op} {case.shape} {name}")
+        bar.advance(len(modes) - len(case_modes))
+        if getattr(provider, "expensive", False) and not budget.expensive_baselines and providers is None:
+            for mode in case_modes:
+                recorder.skip(case, name, mode, "left out of --quick (an expensive baseline: the full run times it)",
+                              error=False)
+            bar.advance(len(case_modes))
             continue
-        torch.manual_seed(seed + index)  # reproducible, and different for each case
         try:
-            inputs = case.make_inputs(device, dtype)
-            # The eager output is the yardstick every other provider's forward is checked against.
-            expected = (tuple(t.detach() for t in _outputs(case.providers["eager"](*inputs.args, **inputs.kwargs)))
-                        if "eager" in case.providers else None)
-        except Exception as error:  # noqa: BLE001 - e.g. the inputs of the largest preset do not fit
-            inputs = expected = None
-            for name in wanted:
-                for mode in modes:
-                    recorder.skip(case, name, mode, f"inputs/reference failed: {_reason(error)}", error=False)
+            fn = provider.fresh() if isinstance(provider, Compiled) else provider
+            # Warm-up, grad enabled like the timed calls: compiles Triton kernels and the
+            # torch.compile graph (forward and backward) outside the timing.
+            out = _outputs(fn(*inputs.args, **inputs.kwargs))
+            if grads:
+                if grad_out is None:
+                    grad_out = tuple(torch.randn_like(t) for t in out)
+                torch.autograd.grad(out, grads, grad_out)
+            out = tuple(t.detach() for t in out)
+        except Exception as error:  # noqa: BLE001 - any failure of a provider is a result, not a crash
+            for mode in case_modes:
+                recorder.skip(case, name, mode, _reason(error))
+            bar.advance(len(case_modes))
             _free_cuda(device)
             continue
-        grads = inputs.grad_tensors()
-        grad_out = tuple(torch.randn_like(t) for t in expected) if expected is not None and grads else None
-        case_modes = [m for m in modes if m == "forward" or grads]  # no backward for an op without grads
-        tolerance = (case.tolerance or default_tolerance)(dtype)
-        for name, provider in case.providers.items():
-            if providers is not None and name not in providers:
-                continue
-            bar.set_postfix_str(f"{case.shape} {name}", refresh=True)
+        if expected is not None and name != "eager":
+            err = _rel_error(out, expected)
+            if not err <= tolerance:
+                message = f"output differs from eager: relative error {err:.3g} > {tolerance:.3g}"
+                recorder.row(case, name, "forward", "error", note=message)
+                result.failures.append(f"{case.op} {case.shape} {name}: {message}")
+        del out
+        for mode in case_modes:
+            bar.describe(f"{case.op} {case.shape} {name} {mode}")
             try:
-                fn = provider.fresh() if isinstance(provider, Compiled) else provider
-                # Warm-up, grad enabled like the timed calls: compiles Triton kernels and the
-                # torch.compile graph (forward and backward) outside the timing.
-                out = _outputs(fn(*inputs.args, **inputs.kwargs))
-                if grads:
-                    if grad_out is None:
-                        grad_out = tuple(torch.randn_like(t) for t in out)
-                    torch.autograd.grad(out, grads, grad_out)
-                out = tuple(t.detach() for t in out)
-            except Exception as error:  # noqa: BLE001 - any failure of a provider is a result, not a crash
-                for mode in case_modes:
-                    recorder.skip(case, name, mode, _reason(error))
+                call = _mode_closure(fn, inputs, mode, grad_out)
+                timing = time_call(call, device, budget)
+                memory = peak_memory_mb(call, device)
+                del call
+            except Exception as error:  # noqa: BLE001 - e.g. out of memory at the largest preset
+                recorder.skip(case, name, mode, _reason(error))
+                bar.advance()
                 _free_cuda(device)
                 continue
-            if expected is not None and name != "eager":
-                err = _rel_error(out, expected)
-                if not err <= tolerance:
-                    message = f"output differs from eager: relative error {err:.3g} > {tolerance:.3g}"
-                    recorder.row(case, name, "forward", "error", note=message)
-                    result.failures.append(f"{case.op} {case.shape} {name}: {message}")
-            del out
-            for mode in case_modes:
-                bar.set_postfix_str(f"{case.shape} {name} {mode}", refresh=False)
-                try:
-                    call = _mode_closure(fn, inputs, mode, grad_out)
-                    median, p20, p80 = time_call(call, device, budget)
-                    memory = peak_memory_mb(call, device)
-                    del call
-                except Exception as error:  # noqa: BLE001 - e.g. out of memory at the largest preset
-                    recorder.skip(case, name, mode, _reason(error))
-                    _free_cuda(device)
-                    continue
-                recorder.row(case, name, mode, "time_ms", (median, p20, p80))
-                if memory is not None:
-                    recorder.row(case, name, mode, "peak_mem_mb", (memory, memory, memory))
-                flops = case.flops(mode) if case.flops else None
-                if flops:
-                    # Throughput quantiles mirror the time quantiles: p20 of TFLOP/s is at p80 of time.
-                    tflops = tuple(flops / (t * 1e-3) / 1e12 for t in (median, p80, p20))
-                    recorder.row(case, name, mode, "tflops", tflops)
-                nbytes = case.bytes(mode, dtype) if case.bytes else None
-                peak = roof.dense_tflops.get(roofline_precision(dtype, case.tf32())) if roof is not None else None
-                if peak and flops and nbytes:
-                    # Roofline time: the larger of compute-bound and bandwidth-bound time at peak.
-                    ideal_ms = max(flops / (peak * 1e12), nbytes / (roof.hbm_tb_s * 1e12)) * 1e3
-                    pct = tuple(100 * ideal_ms / t for t in (median, p80, p20))
-                    recorder.row(case, name, mode, "pct_roofline", pct)
-            del fn
-        del inputs, expected, grad_out, grads
-        _free_cuda(device)
-    bar.close()
-    return result
+            bar.advance()
+            median, p20, p80 = timing.median, timing.p20, timing.p80
+            recorder.row(case, name, mode, "time_ms", (median, p20, p80), samples=timing.samples)
+            if memory is not None:
+                recorder.row(case, name, mode, "peak_mem_mb", (memory, memory, memory), samples=1)
+            flops = case.flops(mode) if case.flops else None
+            if flops:
+                # Throughput quantiles mirror the time quantiles: p20 of TFLOP/s is at p80 of time.
+                tflops = tuple(flops / (t * 1e-3) / 1e12 for t in (median, p80, p20))
+                recorder.row(case, name, mode, "tflops", tflops, samples=timing.samples)
+            nbytes = case.bytes(mode, dtype) if case.bytes else None
+            peak = roof.dense_tflops.get(roofline_precision(dtype, case.tf32())) if roof is not None else None
+            if peak and flops and nbytes:
+                # Roofline time: the larger of compute-bound and bandwidth-bound time at peak.
+                ideal_ms = max(flops / (peak * 1e12), nbytes / (roof.hbm_tb_s * 1e12)) * 1e3
+                pct = tuple(100 * ideal_ms / t for t in (median, p80, p20))
+                recorder.row(case, name, mode, "pct_roofline", pct, samples=timing.samples)
+        del fn
+    del inputs, expected, grad_out, grads
+    _free_cuda(device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -443,6 +608,7 @@ def read_csv(path: str) -> list[dict]:
     for row in rows:
         for key in ("median", "p20", "p80"):
             row[key] = float(row[key]) if row.get(key) not in (None, "") else None
+        row["samples"] = int(row["samples"]) if row.get("samples") not in (None, "") else None
     return rows
 
 
@@ -490,6 +656,13 @@ def summary_table(rows: Sequence[dict], modes: Optional[Sequence[str]] = None) -
                         theirs = median.get((shape, mode, p))
                         line += f"  {theirs / mine:>15.2f}x" if mine and theirs else f"  {'-':>16}"
                 lines.append(line)
+        flagged = unbalanced_full(op_rows)
+        if flagged:
+            lines.append(f"  ! full far from forward + backward (outside {1 / FULL_SUM_SPREAD:.2f}-"
+                         f"{FULL_SUM_SPREAD:.2f}x): a timing to distrust")
+            for (shape, provider), (full, parts) in flagged.items():
+                lines.append(f"    {shape} {provider}: full {full:.4g} ms, forward + backward {parts:.4g} ms "
+                             f"({full / parts:.2f}x)")
     notes = [r for r in rows if r["metric"] in ("skipped", "error") and (modes is None or r["mode"] in modes)]
     if notes:
         lines += ["", "skipped / errors:"]
@@ -501,6 +674,25 @@ def summary_table(rows: Sequence[dict], modes: Optional[Sequence[str]] = None) -
                 seen.add(key)
                 lines.append(f"  {r['metric']}: {r['op']} {r['provider']} ({len(shapes)} shape(s)): {r['note']}")
     return "\n".join(lines).lstrip("\n")
+
+
+# full = forward + backward holds to within this factor on any timing to trust (the backward
+# mode replays a retained graph, which can be a little cheaper than a fresh one).
+FULL_SUM_SPREAD = 1.5
+
+
+def unbalanced_full(rows: Sequence[dict]) -> dict:
+    """{(shape, provider): (full ms, forward + backward ms)} for the time rows (of one op) whose
+    full time is more than FULL_SUM_SPREAD times away from forward + backward."""
+    median = {(r["shape"], r["provider"], r["mode"]): float(r["median"]) for r in rows if r["metric"] == "time_ms"}
+    out = {}
+    for (shape, provider, mode), full in median.items():
+        forward, backward = median.get((shape, provider, "forward")), median.get((shape, provider, "backward"))
+        if mode == "full" and forward is not None and backward is not None:
+            parts = forward + backward
+            if not 1 / FULL_SUM_SPREAD <= full / parts <= FULL_SUM_SPREAD:
+                out[(shape, provider)] = (full, parts)
+    return out
 
 
 def speedups(rows: Sequence[dict]) -> dict:
@@ -517,7 +709,8 @@ def speedups(rows: Sequence[dict]) -> dict:
 
 __all__ = [
     "BenchResult", "CSV_COLUMNS", "Case", "Compiled", "DTYPES", "FULL_BUDGET", "Inputs", "METRICS", "MODES",
-    "QUICK_BUDGET", "Roofline", "SUBJECT", "TimingBudget", "default_tolerance", "device_description", "device_slug",
+    "FULL_SUM_SPREAD", "MIN_SAMPLES", "Progress", "QUICK_BUDGET", "Roofline", "Timing", "count_steps", "cpu_samples_ms",
+    "unbalanced_full", "SUBJECT", "TimingBudget", "default_tolerance", "device_description", "expensive", "device_slug",
     "git_commit", "ordered_unique", "peak_memory_mb", "provider_order", "read_csv", "roofline_for",
     "roofline_precision", "run_cases", "speedups", "standard_providers", "summary_table", "time_call", "versions",
     "write_csv",

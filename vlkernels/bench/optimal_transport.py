@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from vlkernels.bench.harness import Case, Inputs, standard_providers
+from vlkernels.bench.harness import Case, Inputs, expensive, standard_providers
 
 DIM = 768
 ITERS = 50  # UNITER's and ViLT's IPOT iterations
@@ -145,7 +145,8 @@ def sinkhorn_cases(device: torch.device, quick: bool = False) -> list[Case]:
     try:
         import ot  # noqa: F401
 
-        peers.update({"pot-per-sample": fixed(_pot_per_sample), "pot-batched": fixed(_pot_batched)})
+        # Expensive (POT's solvers take seconds per call on a CPU): the full run times them, not --quick.
+        peers.update({"pot-per-sample": expensive(fixed(_pot_per_sample)), "pot-batched": expensive(fixed(_pot_batched))})
     except ImportError:  # POT is optional: its providers are left out
         pass
     providers = standard_providers(fixed(sinkhorn), fixed(reference), peers)
