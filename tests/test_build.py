@@ -169,3 +169,25 @@ def test_info_main_in_process(capsys):
     assert info.main() == 0
     out = capsys.readouterr().out
     assert "backends:" in out and "0.1.0" in out
+
+
+def _cmake_globs(kind: str) -> list:
+    """The files a file(GLOB[_RECURSE] VAR ... "<dir>/<pattern>") line of CMakeLists.txt names."""
+    text = (ROOT / "CMakeLists.txt").read_text()
+    files = []
+    for recurse, pattern in re.findall(rf'file\((GLOB(?:_RECURSE)?) VLKERNELS_{kind} [A-Z_ ]*"\$\{{CMAKE_CURRENT_SOURCE_DIR\}}/([^"]+)"\)', text):
+        folder, name = pattern.rsplit("/", 1)
+        files += (ROOT / folder).rglob(name) if recurse == "GLOB_RECURSE" else (ROOT / folder).glob(name)
+    return sorted(files)
+
+
+def test_cmake_builds_every_source_setup_py_builds():
+    # The standalone library (CMakeLists.txt) and the extension (setup.py) compile the same csrc/.
+    cpu = sorted(ROOT.glob("csrc/cpu/**/*.cpp"))
+    assert cpu and _cmake_globs("CPU_SOURCES") == cpu
+    assert _cmake_globs("CUDA_SOURCES") == CU_FILES
+    tests = _cmake_globs("CPU_TESTS")
+    assert {path.name for path in tests} >= {"test_optimal_transport.cpp", "test_visual_dictionary.cpp"}
+    text = (ROOT / "CMakeLists.txt").read_text()
+    assert "80-real 90a-real" in text  # the archs of setup.py's GPU build
+    assert "add_test(" in text and "csrc/tests" in text
