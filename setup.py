@@ -13,6 +13,7 @@ with torch.utils.cpp_extension against the torch that is installed, so install w
   torch cannot be imported (pip's isolated build env) or when compiling fails.
 """
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -67,6 +68,15 @@ def _extension_build():
         _warn(f"torch is not importable at build time ({error}); pip builds in an isolated environment "
               "without torch unless given --no-build-isolation. vlkernels installs as pure Python + Triton, "
               f"without its compiled extension vlkernels._C. To build it, install torch, then: {HOW_TO_BUILD}")
+        return [], {}
+
+    # torch's BuildExtension compiles with $CXX, else c++. Without one there is nothing to try:
+    # say so (vlkernels warns again when imported, since pip shows this only with -v).
+    compiler = (os.environ.get("CXX", "").strip() or "c++").split()[0]
+    if shutil.which(compiler) is None:
+        _warn(f"no C++ compiler found ({compiler!r} is not on PATH; set CXX to choose one). The compiled "
+              "extension vlkernels._C needs a C++17 compiler (g++ or clang++; nvcc too for the GPU build), so "
+              f"vlkernels installs as pure Python + Triton without it. Install one, then reinstall: {HOW_TO_BUILD}")
         return [], {}
 
     nvcc = Path(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None

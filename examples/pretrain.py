@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import os
 import sys
 import time
 
@@ -54,11 +55,41 @@ def warmup_then_linear_decay(warmup_steps: int, total_steps: int):
     return factor
 
 
+class DataError(ValueError):
+    """A --data file that cannot be read or does not fit the model (reported in one line)."""
+
+
+def load_data(path: str, model) -> list:
+    """The batches of a --data file, checked against the model's own batch (its keys, and each
+    tensor's dtype and number of dimensions) before any step runs."""
+    if not os.path.isfile(path):
+        raise DataError(f"--data {path}: no such file")
+    try:
+        data = torch.load(path, weights_only=True)
+    except Exception as error:  # not a torch.save file, a truncated one, pickled objects weights_only refuses
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"--data {path}: cannot be read by torch.load(weights_only=True): {first}") from None
+    if not isinstance(data, list) or not data or not all(isinstance(b, dict) for b in data):
+        raise DataError(f"--data {path}: expected a non-empty list of batch dicts, got {type(data).__name__}")
+    expected = model.synthetic_batch(2, generator=torch.Generator().manual_seed(0))
+    for i, batch in enumerate(data):
+        missing, extra = sorted(set(expected) - set(batch)), sorted(set(batch) - set(expected))
+        if missing or extra:
+            raise DataError(f"--data {path}: batch {i} does not fit this model: missing keys {missing or 'none'}, "
+                            f"unexpected keys {extra or 'none'} (the keys of model.synthetic_batch)")
+        for key, want in expected.items():
+            got = batch[key]
+            if isinstance(want, torch.Tensor) and (not isinstance(got, torch.Tensor) or got.dim() != want.dim()
+                                                   or got.dtype.is_floating_point != want.dtype.is_floating_point):
+                what = f"{got.dtype} with {got.dim()} dims" if isinstance(got, torch.Tensor) else type(got).__name__
+                raise DataError(f"--data {path}: batch {i}[{key!r}] is {what}; this model takes {want.dtype} "
+                                f"with {want.dim()} dims")
+    return data
+
+
 def batches(model, args, device):
     if args.data:
-        data = torch.load(args.data, weights_only=True)
-        if not isinstance(data, list) or not data or not all(isinstance(b, dict) for b in data):
-            sys.exit(f"--data {args.data}: expected a non-empty list of batch dicts")
+        data = load_data(args.data, model)
     else:
         data = [model.synthetic_batch(args.batch_size, generator=torch.Generator().manual_seed(args.seed + i))
                 for i in range(args.dataset_batches)]
@@ -100,7 +131,12 @@ def main(argv=None) -> int:
     print(f"{args.model} ({args.size}, {parameters / 1e6:.2f} M parameters) on {device}, {precision}, "
           f"{'torch references' if args.no_kernels else 'vlkernels kernels'}", flush=True)
 
-    data, bar, losses = batches(model, args, device), progress(args.steps), []
+    try:
+        data = batches(model, args, device)
+    except DataError as error:
+        print(f"pretrain.py: {error}", file=sys.stderr)
+        return 2
+    bar, losses = progress(args.steps), []
     start = time.perf_counter()
     for step in range(args.steps):
         batch = next(data)

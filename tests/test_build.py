@@ -191,3 +191,27 @@ def test_cmake_builds_every_source_setup_py_builds():
     text = (ROOT / "CMakeLists.txt").read_text()
     assert "80-real 90a-real" in text  # the archs of setup.py's GPU build
     assert "add_test(" in text and "csrc/tests" in text
+
+
+def test_import_warns_when_the_extension_was_never_built():
+    # pip shows setup.py's warning only with -v, so `import vlkernels` says it again (once).
+    hide = ("import importlib.util, warnings; find = importlib.util.find_spec; "
+            "importlib.util.find_spec = lambda name, *a: None if name == 'vlkernels._C' else find(name, *a); "
+            "warnings.simplefilter('default'); import vlkernels; from vlkernels import _extension; "
+            "print('reason:', _extension.unavailable_reason())")
+    env = {k: v for k, v in os.environ.items() if k != "VLKERNELS_NO_EXTENSION"}
+    proc = subprocess.run([sys.executable, "-c", hide], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("the C++/CUDA extension is unavailable") == 1, proc.stderr
+    assert "not built" in proc.stderr and "reason: vlkernels._C is not built" in proc.stdout
+
+
+def test_setup_py_warns_and_installs_pure_python_without_a_compiler(tmp_path):
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-c++"))
+    env.pop("VLKERNELS_NO_EXTENSION", None)
+    proc = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "vlkernels"
+    warning = " ".join(proc.stderr.split())  # the box wraps its text at 78 columns
+    assert "WARNING (vlkernels): no C++ compiler found" in warning and "needs a C++17 compiler" in warning

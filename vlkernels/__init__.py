@@ -3,6 +3,10 @@ from vlkernels._backend import BACKENDS, NoBackendError, requested_backend, use_
 from vlkernels._deterministic import deterministic, is_deterministic, set_deterministic
 from vlkernels.flash_attn import flash_attn_func, flash_attn_varlen_func
 from vlkernels.ops._checks import set_value_checks, value_check_mode, value_checks
+from vlkernels import _extension as _extension_module
+
+_extension_module.warn_if_not_built()  # an install without a C++ compiler warns here: pip hides setup.py's warning
+del _extension_module
 
 __version__ = "0.1.0"
 __all__ = ["BACKENDS", "NoBackendError", "deterministic", "flash_attn_func", "flash_attn_varlen_func",

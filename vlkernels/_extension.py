@@ -46,6 +46,20 @@ def _load() -> tuple[Optional[ModuleType], Optional[str]]:
     return module, None
 
 
+def warn_if_not_built() -> None:
+    """At ``import vlkernels``: the one warning when the extension was not built at all (no C++
+    compiler at install time, a failed compile), which pip shows only with -v. Cheap: it looks
+    the module up without loading it; a built module is loaded (and checked) at first use."""
+    if os.environ.get("VLKERNELS_NO_EXTENSION", "0") == "1":
+        return
+    try:
+        missing = importlib.util.find_spec("vlkernels._C") is None
+    except (ImportError, ValueError):
+        return
+    if missing:
+        _load()  # warns once, naming how to build it; later calls reuse the cached answer
+
+
 def abi_mismatch(info: dict) -> Optional[str]:
     """Why a module with this build_info() cannot run with the running torch, or None."""
     if info.get("torch_version") != torch.__version__:
