@@ -54,6 +54,7 @@ from vlkernels.models.common import (
 )
 from vlkernels.models.synthetic import MASK, PAD, SyntheticPairs, to_device
 from vlkernels.nn import MLMHead, MoMEBlock, Pooler, TextEmbeddings
+from vlkernels.nn.mome import is_plain, record_fallback
 from vlkernels.ops import patch_embed
 
 
@@ -224,7 +225,15 @@ class VLMo(PretrainingModel):
         """[B, C, H, W] -> [B, 1 + N, D]: patches, [CLS], position embedding (one op), dropout,
         + the image token type (1)."""
         proj = self.patch_embed.proj
-        tokens = patch_embed(pixel_values, proj.weight, proj.bias, pos_embed=self.pos_embed, cls_token=self.cls_token)
+        if is_plain(proj, nn.Conv2d):
+            tokens = patch_embed(pixel_values, proj.weight, proj.bias, pos_embed=self.pos_embed,
+                                 cls_token=self.cls_token)
+        else:  # a wrapped projection (LoRA, say) is called, so its update is not skipped
+            record_fallback("VLMo.patch_embed", "patch_embed.proj is wrapped (LoRA, a parametrization) or hooked")
+            patches = proj(pixel_values).flatten(2).transpose(1, 2)
+            tokens = torch.cat([self.cls_token.expand(len(patches), -1, -1).to(patches.dtype), patches], 1)
+            if self.pos_embed is not None:
+                tokens = tokens + self.pos_embed
         return self.pos_drop(tokens) + self.token_type_embeddings.weight[1]
 
     def _pad_text(self, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

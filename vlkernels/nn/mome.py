@@ -11,16 +11,28 @@ nn.Linear parameters); w2 [E, F, D] likewise from fc2.weight. The stacks' backwa
 parameter a gradient of its own storage (torch.stack's backward hands out views of one tensor,
 which would leave the experts' .grad sharing storage). Dropout in VLMo's Mlp is 0 in
 its configs and is not implemented here.
+
+Wrapped submodules: the fused op reads the experts' weights only while every fc1/fc2 is a
+plain nn.Linear or peft's LoRA Linear over one (``lora_weight``: base weight + B @ A * scaling,
+one small GEMM per expert beside the fused ones, so a LoRA fine-tune keeps the kernel; LoRA
+dropout, DoRA and LoRA biases excepted), every norm a plain nn.LayerNorm and every Mlp a plain
+Mlp, all without hooks (``is_plain``); otherwise MoMEFFN calls the experts' submodules
+(``record_fallback`` says so once), so an adapter's update is never skipped. VLMoAttention calls a wrapped ``qkv`` and adds q_bias / v_bias beside it: the
+attention kernel still runs.
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module
 
 from vlkernels.nn.transformer import Mlp
+from vlkernels.ops._checks import check_value
 from vlkernels.ops.attention import attention
 from vlkernels.ops.mome_ffn import mome_ffn
 from vlkernels.reference.attention import masked_softmax
@@ -50,6 +62,63 @@ class _StackOwnGrads(torch.autograd.Function):
 
 def _stack(tensors) -> torch.Tensor:
     return _StackOwnGrads.apply(*tensors)
+
+
+def is_plain(module: nn.Module, cls: type) -> bool:
+    """True while ``module`` is exactly a ``cls`` (no subclass, no wrapper such as a LoRA layer, no
+    parametrization) with no hooks: only then may a fused kernel read its weight instead of calling it."""
+    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks,
+             _module._global_forward_hooks, _module._global_forward_pre_hooks, _module._global_backward_hooks,
+             _module._global_backward_pre_hooks)
+    return type(module) is cls and not any(hooks)
+
+
+def lora_weight(linear: nn.Module) -> Optional[torch.Tensor]:
+    """The effective weight of ``linear`` for a fused kernel: its own weight when it is a plain
+    nn.Linear; base weight + each active adapter's delta (B @ A * scaling, one small GEMM that
+    autograd follows back to the adapter) when it is peft's LoRA ``Linear`` over a plain
+    nn.Linear, unmerged, without dropout, DoRA or a LoRA bias; None for anything else (the
+    caller then calls the module)."""
+    if is_plain(linear, nn.Linear):
+        return linear.weight
+    kind = type(linear)
+    if not (kind.__name__ == "Linear" and kind.__module__.startswith("peft.tuners.lora") and is_plain(linear, kind)):
+        return None
+    base = getattr(linear, "base_layer", None)
+    adapters = list(getattr(linear, "active_adapters", ()))
+    if base is None or not is_plain(base, nn.Linear) or linear.merged or linear.disable_adapters:
+        return None
+    weight = base.weight
+    for name in adapters:
+        if name not in linear.lora_A:
+            continue
+        if (linear.use_dora.get(name) or linear.lora_bias.get(name)
+                or not isinstance(linear.lora_dropout[name], nn.Identity)):
+            return None
+        weight = weight + linear.get_delta_weight(name).to(weight.dtype)
+    return weight
+
+
+def _linear_bias(linear: nn.Module) -> Optional[torch.Tensor]:
+    return getattr(linear, "base_layer", linear).bias
+
+
+_WARNED: set = set()
+
+
+def record_fallback(op: str, reason: str) -> None:
+    """Say once per (op, reason) that ``op`` ran its submodules in torch instead of the fused kernel
+    (counted by vlkernels._coverage.record_fallback where the library has it)."""
+    try:
+        from vlkernels._coverage import record_fallback as record
+    except ImportError:
+        record = None
+    if record is not None:
+        record(op, reason)
+    elif (op, reason) not in _WARNED:
+        _WARNED.add((op, reason))
+        warnings.warn(f"{op}: {reason}, so it calls its submodules instead of the fused kernel (said once)",
+                      stacklevel=4)
 
 
 class MoMEFFN(nn.Module):
@@ -87,13 +156,51 @@ class MoMEFFN(nn.Module):
             raise ValueError(f"MoMEFFN: no expert {name!r}; this module has {self.experts}")
         return self.experts.index(name)
 
+    def _wrapped(self, mlps, norms) -> Optional[str]:
+        """Why the fused op cannot run these experts (a wrapped or hooked submodule), or None."""
+        for mlp, norm in zip(mlps, norms):
+            if not is_plain(norm, nn.LayerNorm):
+                return "a LayerNorm expert is wrapped or hooked"
+            if not (is_plain(mlp, Mlp) and mlp.activation == self.activation and mlp.dropout.p == 0):
+                return "an expert's Mlp is wrapped or hooked"
+        return None
+
+    def _call_experts(self, x, expert_index, mlps, norms, segments):
+        """What the op computes, by calling each expert's norm and Mlp (every expert over every
+        token, the token's own expert's output kept): the path for wrapped submodules."""
+        if expert_index is None:
+            if segments == (0, 0, 0):
+                return mlps[0](norms[0](x))
+            text_len = segments[0]
+            if isinstance(text_len, bool) or not isinstance(text_len, (int, torch.SymInt)):
+                raise ValueError(f"MoMEFFN: text_len must be an int, got {type(text_len).__name__}")
+            expert_index = (torch.arange(x.shape[1], device=x.device) >= text_len).long().expand(x.shape[:2])
+        elif expert_index.shape != x.shape[:2] or expert_index.is_floating_point():
+            raise ValueError(f"MoMEFFN: expert_index must be an integer [B, S] = {list(x.shape[:2])} tensor, "
+                             f"got {expert_index.dtype} {list(expert_index.shape)}")
+        else:
+            check_value(((expert_index >= 0) & (expert_index < len(mlps))).all(),
+                        f"MoMEFFN: expert_index must lie in [0, {len(mlps)})", IndexError)
+        out = None
+        for e, (mlp, norm) in enumerate(zip(mlps, norms)):
+            y = mlp(norm(x))
+            out = y if out is None else torch.where((expert_index == e)[..., None], y, out)
+        return out
+
     def _run(self, x, expert_index, names, segments=None):
         """The op over the experts ``names`` only (a single-expert pass stacks one expert's weights)."""
         mlps, norms = [self.mlp(n) for n in names], [self.norm(n) for n in names]
-        w1 = _stack([m.fc1.weight for m in mlps]).transpose(1, 2)
-        w2 = _stack([m.fc2.weight for m in mlps]).transpose(1, 2)
-        b1 = _stack([m.fc1.bias for m in mlps])
-        b2 = _stack([m.fc2.bias for m in mlps])
+        why = self._wrapped(mlps, norms)
+        fc1, fc2 = [lora_weight(m.fc1) for m in mlps], [lora_weight(m.fc2) for m in mlps]
+        if why is None and any(w is None for w in fc1 + fc2):
+            why = "an expert's fc1/fc2 is wrapped (other than a plain LoRA) or hooked"
+        if why is not None:
+            record_fallback("MoMEFFN", why)
+            return self._call_experts(x, expert_index, mlps, norms, segments)
+        w1 = _stack(fc1).transpose(1, 2)
+        w2 = _stack(fc2).transpose(1, 2)
+        b1 = _stack([_linear_bias(m.fc1) for m in mlps])
+        b2 = _stack([_linear_bias(m.fc2) for m in mlps])
         ln_weight = _stack([n.weight for n in norms])
         ln_bias = _stack([n.bias for n in norms])
         return mome_ffn(x, expert_index, w1, b1, w2, b2, activation=self.activation, ln_weight=ln_weight,
@@ -144,7 +251,11 @@ class VLMoAttention(nn.Module):
         bias = None
         if self.q_bias is not None:
             bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
-        q, k, v = F.linear(x, self.qkv.weight, bias).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        if is_plain(self.qkv, nn.Linear):
+            qkv = F.linear(x, self.qkv.weight, bias)
+        else:  # a wrapped qkv (LoRA, say) is called, so its update reaches the attention kernel
+            qkv = self.qkv(x) if bias is None else self.qkv(x) + bias
+        q, k, v = qkv.unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
         if relative_position_bias is None:
             out = attention(q, k, v, key_mask=mask)
         else:

@@ -1,0 +1,144 @@
+"""LoRA adapters (peft's own) on the fused modules: the adapted module computes what the same
+module with the adapters merged into its weights computes, forward and backward.
+
+Kernel path: a plain LoRA (no dropout) on qkv and the MoME experts keeps the fused kernels
+(base weight + B @ A * scaling). Fallback: anything else that wraps or hooks a submodule whose
+weight a kernel reads (LoRA dropout, a forward hook) makes the module call that submodule.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from vlkernels import use_backend
+from vlkernels.models import vlmo
+from vlkernels.nn import MoMEBlock, MoMEFFN, VLMoAttention, mome
+
+peft = pytest.importorskip("peft")
+
+
+def _lora(module: nn.Module, targets, dropout: float = 0.0) -> nn.Module:
+    # init_lora_weights=False: B is random too, so the adapters change the output.
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), lora_dropout=dropout,
+                             init_lora_weights=False)
+    return peft.get_peft_model(copy.deepcopy(module), config)
+
+
+def _lora_layers(model: nn.Module) -> dict:
+    return {name: m for name, m in model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+
+
+@contextlib.contextmanager
+def _fallbacks():
+    """Collects the (op, reason) of every fallback in the block."""
+    seen = []
+    with pytest.MonkeyPatch.context() as patch:
+        for module in (mome, vlmo):
+            patch.setattr(module, "record_fallback", lambda op, reason: seen.append((op, reason)))
+        yield seen
+
+
+def _check_against_merged(adapted: nn.Module, run, *, expect_fallback: bool) -> None:
+    """run(model) -> (output tensor, inputs needing grad). Compares the output, the inputs'
+    gradients and the adapters' gradients with those the merged model implies
+    (dA = s B^T dW, dB = s dW A^T, dW the merged weight's gradient)."""
+    merged = copy.deepcopy(adapted).merge_and_unload()
+    layers = _lora_layers(adapted)
+    merged_modules = dict(merged.named_modules())
+    merged_weights = [merged_modules[name.removeprefix("base_model.model.")].weight for name in layers]
+    for weight in merged_weights:
+        weight.requires_grad_(True)
+    adapters = [p for layer in layers.values() for p in (layer.lora_A["default"].weight,
+                                                         layer.lora_B["default"].weight)]
+    with _fallbacks() as seen:
+        out, inputs = run(adapted)
+    assert bool(seen) == expect_fallback, seen
+    expected, expected_inputs = run(merged)
+    torch.testing.assert_close(out, expected)
+    assert not torch.equal(out, run(copy.deepcopy(adapted).unload())[0]), "the adapters changed nothing"
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weights).sum(), inputs + adapters)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), expected_inputs + merged_weights)
+    for g, e in zip(grads[:len(inputs)], expected_grads[:len(inputs)]):
+        torch.testing.assert_close(g, e)
+    lora_grads, weight_grads = grads[len(inputs):], expected_grads[len(inputs):]
+    for (name, layer), d_weight, d_a, d_b in zip(layers.items(), weight_grads, lora_grads[0::2], lora_grads[1::2]):
+        a, b, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+        d_weight = d_weight.flatten(1)  # a Conv2d's [out, in, kh, kw] weight as lora_B @ lora_A
+        torch.testing.assert_close(d_a.flatten(1), s * b.flatten(1).T @ d_weight, msg=lambda m: f"{name} A: {m}")
+        torch.testing.assert_close(d_b.flatten(1), s * d_weight @ a.flatten(1).T, msg=lambda m: f"{name} B: {m}")
+
+
+def _input(*shape):
+    return torch.randn(*shape, requires_grad=True)
+
+
+MODULES = {
+    "MoMEFFN-index": (lambda: MoMEFFN(16, 32, ("text", "image", "vl")), ["fc1", "fc2"],
+                      lambda x: dict(expert_index=torch.randint(3, (2, 7)))),
+    "MoMEFFN-joint": (lambda: MoMEFFN(16, 32, ("text", "image")), ["fc1", "fc2"], lambda x: dict(text_len=3)),
+    "MoMEBlock": (lambda: MoMEBlock(16, 2, mlp_ratio=2.0, max_text_len=3), ["qkv", "fc1", "fc2"], lambda x: {}),
+    "VLMoAttention": (lambda: VLMoAttention(16, 2), ["qkv"], lambda x: {}),
+}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["kernel-path", "fallback"])
+@pytest.mark.parametrize("name", MODULES)
+def test_lora_module_matches_merged(name, dropout):
+    torch.manual_seed(0)
+    build, targets, kwargs = MODULES[name]
+    module = build()
+    adapted = _lora(module, targets, dropout).eval()  # eval: LoRA dropout is the identity, yet a Dropout module
+    x = _input(2, 7, 16)
+    extra = kwargs(x)
+    # Only MoMEFFN's experts fall back (VLMoAttention calls a wrapped qkv beside its attention kernel).
+    expect = dropout > 0 and name != "VLMoAttention"
+    _check_against_merged(adapted, lambda m: (m(x, **extra), [x]), expect_fallback=expect)
+
+
+def test_hooked_expert_is_called():
+    """A forward hook on an expert's fc1 takes effect (the fused op would skip it)."""
+    torch.manual_seed(0)
+    module = MoMEFFN(16, 32, ("text", "image"))
+    x = torch.randn(2, 5, 16)
+    plain = module(x, text_len=2)
+    module.mlp_text.fc1.register_forward_hook(lambda m, args, out: out * 0.0)
+    with _fallbacks() as seen:
+        hooked = module(x, text_len=2)
+    assert seen == [("MoMEFFN", "an expert's fc1/fc2 is wrapped (other than a plain LoRA) or hooked")]
+    expected = plain.clone()
+    expected[:, :2] = module.mlp_text.fc2.bias  # fc1's output zeroed: fc2(gelu(0)) = its bias
+    torch.testing.assert_close(hooked, expected)
+
+
+def test_lora_triton_kernel_path():
+    """The kernel path on the Triton backend (the interpreter on CPU), small sizes."""
+    from vlkernels import _backend
+    why = _backend.triton_refusal(torch.device("cpu"))
+    if why:
+        pytest.skip(why)
+    torch.manual_seed(0)
+    adapted = _lora(MoMEFFN(16, 32, ("text", "image")), ["fc1", "fc2"])
+    x = _input(2, 5, 16)
+    with use_backend("triton"):
+        _check_against_merged(adapted, lambda m: (m(x, text_len=2), [x]), expect_fallback=False)
+
+
+def test_lora_vlmo_model_matches_merged():
+    from vlkernels.models import build_model
+    torch.manual_seed(0)
+    model = build_model("vlmo", "tiny", relative_position_bias=True)
+    # "proj" adapts attn.proj (called as a module) and patch_embed.proj (a Conv2d the patch op reads).
+    adapted = _lora(model, ["qkv", "fc1", "fc2", "proj"]).eval()
+    batch = model.synthetic_batch(2, generator=torch.Generator().manual_seed(1))
+    batch["itm"] = False  # ITM draws its negatives at random; ITC and MLM are deterministic
+    pixels = batch.pop("pixel_values").requires_grad_(True)
+
+    def run(m):
+        return m(pixel_values=pixels, **batch).loss, [pixels]
+    # the patch projection falls back (a LoRA Conv2d); qkv and the experts keep their kernels
+    _check_against_merged(adapted, run, expect_fallback=True)
