@@ -7,9 +7,9 @@ and reason) through :func:`fallback`. The ops are looked up on ``vlkernels.ops``
 so the backend choice (``vlkernels.use_backend``) applies.
 
 Every choice between kernel and HF forward is made from what needs no data: flags, shapes,
-dtypes, the module's training mode. The values of an attention mask are checked without a host
-read (``vlkernels.ops._checks.check_value``), so a patched forward compiles into as many graphs
-as the HF one, and with ``fullgraph=True``.
+dtypes. HF's attention masks go to the kernel as its additive bias, whatever their values, so no
+value is read on the host and a patched forward compiles into as many graphs as the HF one,
+and with ``fullgraph=True``.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from torch import nn
 
 from vlkernels import ops
 from vlkernels.integrations._patching import Patch, kernel_forward, original_forward, output_capture_active
-from vlkernels.ops._checks import check_value, compiling, reads_on_host
+from vlkernels.ops._checks import compiling
 
 try:  # kernel_coverage() counts the fallbacks where the library has it
     from vlkernels._coverage import record_fallback as _record_fallback
@@ -53,82 +53,52 @@ def fallback(module: nn.Module, reason: str) -> None:
                   f"{reason}", FallbackWarning, stacklevel=3)
 
 
-def hf_key_mask(mask: Optional[torch.Tensor], batch: int, seq_q: int, seq_k: int):
-    """An HF attention mask as the ops' key mask: ``(key_mask, None)`` or ``(None, reason)``.
+def hf_attention_bias(mask: Optional[torch.Tensor], batch: int, heads: int, seq_q: int, seq_k: int,
+                      dtype: torch.dtype):
+    """An HF attention mask as ``ops.attention``'s additive bias: ``(bias, None)`` or ``(None, reason)``.
 
-    mask: None; HF's additive float mask (0 = attend, finfo.min or -inf = ignore) as
-        [B, 1, 1, Sk] (extended) or [B, 1, Sq, Sk] (expanded over the queries); or HF's bool
-        mask for SDPA, [B, 1, 1 or Sq, Sk] with True = attend. A batch dim of 1 broadcasts.
-    returns key_mask: bool [B, Sk], True = real token, or None for no mask; or reason: why the
-        kernel cannot take this mask (a shape or dtype that is not a key padding mask), decided
-        from the shape and dtype alone.
-    The values must be a key padding mask (0 or <= finfo.min / 2 for float masks, the same for
-    every query). That is checked without a host read by default: a bias or per-query values
-    (e.g. a causal mask) raise a RuntimeError from a device-side assert. In strict value-check
-    mode (``VLKERNELS_VALUE_CHECKS=host`` / ``vlkernels.set_value_checks("host")``, eager) the
-    check is read on the host instead and such a mask runs the HF forward (with a warning).
+    mask: None; HF's additive float mask (0 = attend, finfo.min or -inf = ignore, or any other
+        additive values: a bias, causal or per-head masks) or HF's bool mask for SDPA (True =
+        attend), 4-D and broadcastable to [B, H, Sq, Sk] ([B, 1, 1, Sk] extended, [B, 1, Sq, Sk]
+        expanded over the queries, ...).
+    dtype: the queries' dtype (a bool mask becomes a bias of it).
+    returns bias: the same mask as a float tensor of the mask's shape (None for no mask), its
+        large negatives clamped to finfo.min / 4 so that the kernel's scaled scores stay finite:
+        a key HF ignores still gets probability 0, and a sample whose keys are all ignored gets
+        HF's uniform attention over them (with -inf or an all-False bool mask, where HF returns
+        NaN, the same uniform attention); or reason: why the kernel cannot take the mask (not a
+        4-D tensor broadcastable to [B, H, Sq, Sk], or an integer dtype), decided from the shape
+        and dtype alone: no value is read, and no value is refused.
     """
     if mask is None:
         return None, None
-    if (not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[1] != 1
-            or mask.shape[0] not in (1, batch) or mask.shape[2] not in (1, seq_q) or mask.shape[3] != seq_k):
+    target = (batch, heads, seq_q, seq_k)
+    if (not isinstance(mask, torch.Tensor) or mask.dim() != 4
+            or any(size not in (1, want) for size, want in zip(mask.shape, target))):
         shape = list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        return None, f"the attention mask is not a key padding mask ([B, 1, 1 or Sq, Sk]), got {shape}"
-    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
-        return None, f"the attention mask has dtype {mask.dtype} (neither bool nor an additive float mask)"
-    first_row = mask[:, 0, 0]  # [B or 1, Sk]
+        return None, f"the attention mask does not broadcast to [B, H, Sq, Sk] = {list(target)}, got {shape}"
     if mask.dtype == torch.bool:
-        real = first_row  # HF's bool (SDPA) masks mark the keys to attend with True
-        valid = None
-    else:
-        real = first_row == 0
-        valid = (real | (first_row <= torch.finfo(mask.dtype).min / 2)).all()
-    if mask.shape[2] > 1:  # [B, 1, Sq, Sk]: every query must see the keys of the first one
-        same = (mask == mask[:, :, :1]).all()
-        valid = same if valid is None else valid & same
-    if valid is not None:
-        message = ("the attention mask is not a key padding mask (a bias, or values that differ between "
-                   "queries): the vlkernels kernel cannot compute it; revert the patch for such masks")
-        if reads_on_host():
-            if not bool(valid):  # strict mode: read on the host, and HF's forward takes the mask
-                return None, "the attention mask is a bias or differs between queries"
-        else:
-            check_value(valid, message)
-    return real.expand(batch, seq_k), None
+        floor = torch.finfo(dtype).min / 4
+        return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, floor), None
+    if not mask.dtype.is_floating_point:
+        return None, f"the attention mask has dtype {mask.dtype} (neither bool nor an additive float mask)"
+    return mask.clamp(min=torch.finfo(mask.dtype).min / 4), None
 
 
-def attention_dropout(module: nn.Module, p: float) -> Optional[str]:
-    """Why the kernel cannot run for ``module`` now: attention-probability dropout in training
-    mode, which the kernels do not have; None when there is none."""
-    if module.training and p > 0:
-        return f"attention dropout is active (training mode, p={p})"
-    return None
-
-
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor],
-                     scale: float) -> torch.Tensor:
-    """``ops.attention`` with HF's result for a sample whose keys are all padding.
-
-    q: [B, H, Sq, Dh], k and v: [B, H, Sk, Dh], key_mask: [B, Sk] bool (True = real) or None
-    returns [B, H, Sq, Dh]. HF adds finfo.min to every score of such a sample, so its queries
-    attend uniformly to all keys: the mean of v. (HF's -inf or bool masks give NaN there; this
-    gives the mean too.) Selected with a tensor op, no host read.
-    """
-    out = ops.attention(q, k, v, key_mask=key_mask, scale=scale)
-    if key_mask is None:
-        return out
-    empty = ~key_mask.any(dim=-1)  # [B]
-    return torch.where(empty[:, None, None, None], v.mean(dim=2, keepdim=True).to(out.dtype), out)
+def attention_dropout_p(module: nn.Module, p: float) -> float:
+    """The attention-probability dropout of ``module`` now: ``p`` in training mode, else 0."""
+    return float(p) if module.training else 0.0
 
 
 def bert_style_attention(module: nn.Module, hidden_states: torch.Tensor, context: torch.Tensor,
-                         key_mask: Optional[torch.Tensor]) -> torch.Tensor:
+                         bias: Optional[torch.Tensor]) -> torch.Tensor:
     """Multi-head attention of HF's BERT-family modules (``query``/``key``/``value`` Linears,
-    ``attention_head_size``) on the vlkernels op.
+    ``attention_head_size``, ``dropout``) on the vlkernels op.
 
     hidden_states: [B, Sq, D] (queries), context: [B, Sk, Dc] (keys and values; the hidden
-    states themselves for self-attention), key_mask: [B, Sk] bool or None
-    returns the context layer [B, Sq, H*Dh], heads concatenated as HF does
+    states themselves for self-attention), bias: from :func:`hf_attention_bias`, or None
+    returns the context layer [B, Sq, H*Dh], heads concatenated as HF does. Attention dropout
+    runs in the kernel (its own random draws: the same distribution as HF's, not HF's draws).
     """
     head_dim = module.attention_head_size
 
@@ -139,7 +109,8 @@ def bert_style_attention(module: nn.Module, hidden_states: torch.Tensor, context
     k = heads(module.key(context))
     v = heads(module.value(context))
     # HF divides the scores by sqrt(Dh); the kernel multiplies by this scale (equal to fp32 rounding).
-    out = masked_attention(q, k, v, key_mask, 1.0 / math.sqrt(head_dim))
+    out = ops.attention(q, k, v, bias=bias, scale=1.0 / math.sqrt(head_dim),
+                        dropout_p=attention_dropout_p(module, module.dropout.p))
     return out.transpose(1, 2).flatten(2)
 
 
@@ -151,12 +122,10 @@ def bert_attention_or_reason(module: nn.Module, hidden_states: torch.Tensor, con
         return "the attention probabilities are requested (output_attentions)"
     if head_mask is not None:
         return "a head_mask is given"
-    reason = attention_dropout(module, module.dropout.p)
+    bias, reason = hf_attention_bias(attention_mask, hidden_states.shape[0], module.num_attention_heads,
+                                     hidden_states.shape[1], context.shape[1], hidden_states.dtype)
     if reason is None:
-        key_mask, reason = hf_key_mask(attention_mask, hidden_states.shape[0], hidden_states.shape[1],
-                                       context.shape[1])
-        if reason is None:
-            return (bert_style_attention(module, hidden_states, context, key_mask),)
+        return (bert_style_attention(module, hidden_states, context, bias),)
     return reason
 
 
@@ -170,9 +139,8 @@ def bert_self_attention_forward(self, hidden_states, attention_mask=None, output
     returns (context [B, S, D],), as HF does without output_attentions.
 
     Runs the HF forward instead, for this call only and with a warning, when the kernel cannot
-    give HF's result: output_attentions (the kernel never forms the attention probabilities),
-    attention dropout in training mode (the kernel has none), or a mask whose shape or dtype is
-    not a key padding mask's (see :func:`hf_key_mask`).
+    give HF's result: output_attentions (the kernel never forms the attention probabilities) or
+    a mask of a shape or dtype the kernel does not take (see :func:`hf_attention_bias`).
     """
     result = bert_attention_or_reason(self, hidden_states, hidden_states, attention_mask, output_attentions)
     if not isinstance(result, str):

@@ -23,11 +23,12 @@ def attention_forward(self, hidden_states, context, attention_mask=None, output_
     in transformers 4.57 and 5).
 
     hidden_states: [B, Sq, D] (queries), context: [B, Sk, Dc] (keys and values),
-    attention_mask: HF's extended additive mask of the context, [B, 1, 1, Sk], or None
+    attention_mask: HF's extended additive mask of the context, [B, 1, 1, Sk] (or any mask
+    broadcastable to [B, H, Sq, Sk]), or None
     returns (context layer [B, Sq, D],), as HF does without output_attentions.
-    Runs the HF forward instead, for this call only and with a warning, with output_attentions
-    (the kernel never forms the probabilities), attention dropout in training mode (the kernel
-    has none), or a mask whose shape or dtype is not a key padding mask's.
+    Attention dropout (training mode) runs in the kernel. Runs the HF forward instead, for this
+    call only and with a warning, with output_attentions (the kernel never forms the
+    probabilities) or a mask of a shape or dtype the kernel does not take.
     """
     result = bert_attention_or_reason(self, hidden_states, context, attention_mask, output_attentions)
     if not isinstance(result, str):
@@ -59,10 +60,11 @@ def apply_vlkernels_to_lxmert(model: Optional[nn.Module] = None, *, attention: b
     attention: ``LxmertAttention`` (queries [B, Sq, D], context [B, Sk, D], extended padding
         mask of the context) through ``vlkernels.ops.attention``. False patches nothing.
 
-    A patched forward keeps HF's signature and return tuple. It runs the HF forward for a call
-    the kernel cannot compute exactly: ``output_attentions=True`` (the kernel never forms the
-    probabilities), attention-probability dropout in training mode (the kernel has none), or an
-    attention mask that is not a key padding mask. Patching twice is the same as once. Raises
+    A patched forward keeps HF's signature and return tuple; attention masks and attention
+    dropout (training mode; the kernel's own random draws) run in the kernel. It runs the HF forward for a call, with a
+    ``FallbackWarning`` once per module class and reason, when the kernel cannot compute it
+    exactly: 
+    ``output_attentions=True`` (the kernel never forms the probabilities). Patching twice is the same as once. Raises
     TypeError when the model has no LXMERT attention modules.
     """
     return _patching.apply(FAMILY, model, {"attention": attention})

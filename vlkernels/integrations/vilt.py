@@ -64,10 +64,12 @@ def apply_vlkernels_to_vilt(model: Optional[nn.Module] = None, *, patch_embed: b
     attention: ``ViltSelfAttention`` ([B, S, D], extended padding mask) through ``vlkernels.ops.attention``.
     A False flag leaves that kernel as it is (it does not revert an earlier patch).
 
-    A patched forward keeps HF's signature and return tuple. It runs the HF forward for a call
-    the kernel cannot compute exactly: ``output_attentions=True`` (the kernel never forms the
-    probabilities), attention-probability dropout in training mode (the kernels have none), an
-    attention mask that is not a key padding mask, or a conv the kernel does not cover.
+    A patched forward keeps HF's signature and return tuple; attention masks and attention
+    dropout (training mode; the kernel's own random draws) run in the kernel. It runs the HF forward for a call, with a
+    ``FallbackWarning`` once per module class and reason, when the kernel cannot compute it
+    exactly: 
+    ``output_attentions=True`` (the kernel never forms the probabilities), a head_mask
+    (transformers 4.57), or a conv the kernel does not cover.
     Patching twice is the same as once. Raises TypeError when the model has no ViLT modules.
     """
     return _patching.apply(FAMILY, model, {"attention": attention, "patch_embed": patch_embed})

@@ -38,10 +38,12 @@ def apply_vlkernels_to_visual_bert(model: Optional[nn.Module] = None, *,
     attention: ``VisualBertSelfAttention`` ([B, S, D] text + visual tokens, the concatenated
         padding mask) through ``vlkernels.ops.attention``. False patches nothing.
 
-    A patched forward keeps HF's signature and return tuple. It runs the HF forward for a call
-    the kernel cannot compute exactly: ``output_attentions=True`` (the kernel never forms the
-    probabilities), attention-probability dropout in training mode (the kernel has none), or an
-    attention mask that is not a key padding mask. Patching twice is the same as once. Raises
+    A patched forward keeps HF's signature and return tuple; attention masks and attention
+    dropout (training mode; the kernel's own random draws) run in the kernel. It runs the HF forward for a call, with a
+    ``FallbackWarning`` once per module class and reason, when the kernel cannot compute it
+    exactly: 
+    ``output_attentions=True`` (the kernel never forms the probabilities) or a head_mask
+    (transformers 4.57). Patching twice is the same as once. Raises
     TypeError when the model has no VisualBERT attention modules.
     """
     return _patching.apply(FAMILY, model, {"attention": attention})

@@ -18,7 +18,7 @@ from torch import nn
 
 from vlkernels import ops
 from vlkernels.integrations import _patching
-from vlkernels.integrations._kernels import attention_dropout, fallback, hf_key_mask, is_patch_conv, masked_attention
+from vlkernels.integrations._kernels import attention_dropout_p, fallback, hf_attention_bias, is_patch_conv
 from vlkernels.integrations._patching import Patch, kernel_forward, original_forward, output_capture_active
 
 
@@ -47,23 +47,23 @@ def attention_forward(self, hidden_states, attention_mask=None, **kwargs):
     hidden_states: [B, S, D]; attention_mask: HF's mask from ``create_bidirectional_mask``
     ([B, 1, S, S] additive float for eager, bool True = attend for sdpa) or None
     returns (output [B, S, D], None): the same tuple as HF, with no attention weights.
-    Runs the HF forward instead, for this call only and with a warning, when the attention
-    weights are requested (output_attentions; the kernel never forms them), with attention
-    dropout in training mode (the kernel has none), or with a mask whose shape or dtype is not
-    a key padding mask's (its values are checked as :func:`~vlkernels.integrations._kernels.hf_key_mask` says).
+    Attention dropout (training mode) runs in the kernel. Runs the HF forward instead, for this
+    call only and with a warning, when the attention weights are requested (output_attentions;
+    the kernel never forms them) or with a mask of a shape or dtype the kernel does not take
+    (see :func:`~vlkernels.integrations._kernels.hf_attention_bias`).
     """
     if _attention_weights_requested(kwargs):
         reason = "the attention probabilities are requested (output_attentions)"
     else:
-        reason = attention_dropout(self, self.attention_dropout)
-    if reason is None:
-        input_shape = hidden_states.shape[:-1]
-        key_mask, reason = hf_key_mask(attention_mask, input_shape[0], input_shape[1], input_shape[1])
+        batch, seq = hidden_states.shape[:-1]
+        bias, reason = hf_attention_bias(attention_mask, batch, self.num_attention_heads, seq, seq,
+                                         hidden_states.dtype)
         if reason is None:
-            out = masked_attention(_heads(self.q_proj(hidden_states), self.head_dim),
-                                   _heads(self.k_proj(hidden_states), self.head_dim),
-                                   _heads(self.v_proj(hidden_states), self.head_dim), key_mask, self.scaling)
-            return self.o_proj(out.transpose(1, 2).reshape(*input_shape, -1)), None
+            out = ops.attention(_heads(self.q_proj(hidden_states), self.head_dim),
+                                _heads(self.k_proj(hidden_states), self.head_dim),
+                                _heads(self.v_proj(hidden_states), self.head_dim), bias=bias, scale=self.scaling,
+                                dropout_p=attention_dropout_p(self, self.attention_dropout))
+            return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1)), None
     fallback(self, reason)
     return original_forward(self)(self, hidden_states, attention_mask, **kwargs)
 
@@ -74,12 +74,10 @@ def _self_attention_or_reason(self, hidden_states, head_mask=None):
         return "the attention probabilities are requested (output_attentions)"
     if head_mask is not None:
         return "a head_mask is given"
-    reason = attention_dropout(self, self.dropout_prob)
-    if reason is not None:
-        return reason
     head_dim = self.attention_head_size
     out = ops.attention(_heads(self.query(hidden_states), head_dim), _heads(self.key(hidden_states), head_dim),
-                        _heads(self.value(hidden_states), head_dim), scale=self.scaling)
+                        _heads(self.value(hidden_states), head_dim), scale=self.scaling,
+                        dropout_p=attention_dropout_p(self, self.dropout_prob))
     return out.transpose(1, 2).flatten(2), None
 
 
@@ -88,8 +86,8 @@ def self_attention_forward_head_mask(self, hidden_states, head_mask=None):
     """vlkernels forward of HF ``ViTSelfAttention`` in transformers 4.57 (ViT there has no
     attention mask). hidden_states: [B, S, D] -> (context [B, S, D], None), HF's tuple without
     the probabilities. Runs the HF forward instead, for this call only and with a warning, when
-    the probabilities are recorded (output_attentions), with a head_mask, or with attention
-    dropout in training mode."""
+    the probabilities are recorded (output_attentions) or with a head_mask. Attention dropout
+    (training mode) runs in the kernel."""
     result = _self_attention_or_reason(self, hidden_states, head_mask)
     if not isinstance(result, str):
         return result
@@ -201,10 +199,12 @@ def apply_vlkernels_to_vit(model: Optional[nn.Module] = None, *, patch_embed: bo
     attention: ``ViTAttention`` ([B, S, D], optional padding mask) through ``vlkernels.ops.attention``.
     A False flag leaves that kernel as it is (it does not revert an earlier patch).
 
-    A patched forward keeps HF's signature and return tuple. It runs the HF forward for a call
-    the kernel cannot compute exactly: requested attention weights (``output_attentions``; the
-    kernel never forms the probabilities), attention-probability dropout in training mode (the
-    kernels have none), a mask that is not a key padding mask, mask tokens or interpolated
+    A patched forward keeps HF's signature and return tuple; attention masks (any additive or
+    bool mask) and attention dropout (training mode; the kernel's own random draws) run in the
+    kernel. It runs the HF forward for a call, with a
+    ``FallbackWarning`` once per module class and reason, when the kernel cannot compute it
+    exactly: requested attention weights (``output_attentions``; the kernel
+    never forms the probabilities), a head_mask (transformers 4.57), mask tokens or interpolated
     position embeddings (the conv alone then still runs on the kernel). Patching twice is the
     same as once. Only transformers' ViT is covered (timm's is not). Raises TypeError when the
     model has no ViT modules.
