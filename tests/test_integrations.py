@@ -582,3 +582,38 @@ def test_patched_vilt_compiles_as_hf_vilt_does():
     assert counter.frame_count == 1
     torch.testing.assert_close(actual, expected, **TOL)
     torch._dynamo.reset()
+
+
+@case_param
+def test_apply_vlkernels_dispatches_by_model_type(case, calls):
+    model, batch = build(case), inputs(case)
+    with torch.no_grad():
+        expected = run(model, batch)
+    assert vlkernels.apply_vlkernels(model) is model
+    per_model = case.apply(build(case))
+    assert patched_modules(model) == patched_modules(per_model)  # the same modules as the per-model function
+    with torch.no_grad():
+        assert_outputs_close(run(model, batch), expected)
+    for kernel in ("attention", "patch_embed"):
+        assert (calls[kernel] > 0) == (kernel in case.kernels), kernel
+    assert vlkernels.revert_vlkernels(model) is model and not patched_modules(model)
+
+
+def test_apply_vlkernels_flags_and_composite_models():
+    vit_model, bert_model = build(BY_NAME["vit-eager"]), build(BY_NAME["visual_bert"])
+    both = nn.ModuleDict({"vision": vit_model, "text": bert_model})
+    vlkernels.apply_vlkernels(both, patch_embed=False)
+    names = patched_modules(both)
+    assert any(n.startswith("vision.") for n in names) and any(n.startswith("text.") for n in names)
+    assert not any("embeddings" in n for n in names)  # patch_embed=False
+    vlkernels.revert_vlkernels(both)
+    assert not patched_modules(both)
+
+
+@pytest.mark.parametrize("model", [transformers.BertModel(transformers.BertConfig(**TINY, num_hidden_layers=1,
+                                                                                  vocab_size=99)),
+                                   nn.Linear(2, 2), "model"], ids=["BertModel", "Linear", "str"])
+def test_apply_vlkernels_refuses_unsupported_types(model):
+    for function in (vlkernels.apply_vlkernels, vlkernels.revert_vlkernels):
+        with pytest.raises(TypeError, match=r"ViLT, LXMERT, VisualBERT, ViT.*got (BertModel|Linear|str)"):
+            function(model)

@@ -1,5 +1,6 @@
 """Patch HuggingFace transformers models to run on the vlkernels ops, Liger-Kernel style.
 
+``apply_vlkernels(model)`` dispatches by model type to the per-model functions below.
 ``apply_vlkernels_to_<model>(model)`` binds kernel forwards on a loaded model's modules (state
 dict and outputs unchanged); ``apply_vlkernels_to_<model>()`` patches the transformers classes
 so models created afterwards use the kernels. ``revert_vlkernels_to_<model>`` undoes either.
@@ -11,9 +12,10 @@ from vlkernels.integrations.vilt import apply_vlkernels_to_vilt, revert_vlkernel
 from vlkernels.integrations.visual_bert import apply_vlkernels_to_visual_bert, revert_vlkernels_to_visual_bert
 from vlkernels.integrations.vit import apply_vlkernels_to_vit, revert_vlkernels_to_vit
 from vlkernels.integrations._versions import TRANSFORMERS_RANGE, TRANSFORMERS_VERSIONS
+from vlkernels.integrations.auto import apply_vlkernels, revert_vlkernels
 
 __all__ = [
-    "apply_vlkernels_to_lxmert", "apply_vlkernels_to_vilt", "apply_vlkernels_to_visual_bert", "apply_vlkernels_to_vit",
+    "apply_vlkernels", "revert_vlkernels", "apply_vlkernels_to_lxmert", "apply_vlkernels_to_vilt", "apply_vlkernels_to_visual_bert", "apply_vlkernels_to_vit",
     "revert_vlkernels_to_lxmert", "revert_vlkernels_to_vilt", "revert_vlkernels_to_visual_bert",
     "revert_vlkernels_to_vit", "TRANSFORMERS_RANGE", "TRANSFORMERS_VERSIONS",
 ]
