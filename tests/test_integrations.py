@@ -2,6 +2,8 @@
 against the same models unpatched, on padded inputs: outputs, state dict, which kernel each flag
 switches on, revert, class-level patching, the per-call fallbacks and errors."""
 import copy
+import io
+import pickle
 import inspect
 import warnings
 from dataclasses import dataclass
@@ -617,3 +619,50 @@ def test_apply_vlkernels_refuses_unsupported_types(model):
     for function in (vlkernels.apply_vlkernels, vlkernels.revert_vlkernels):
         with pytest.raises(TypeError, match=r"ViLT, LXMERT, VisualBERT, ViT.*got (BertModel|Linear|str)"):
             function(model)
+
+
+def _round_trips():
+    def torch_save(model):
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        return torch.load(buffer, weights_only=False)
+
+    return {"pickle": lambda model: pickle.loads(pickle.dumps(model)), "torch.save": torch_save,
+            "deepcopy": copy.deepcopy}
+
+
+@case_param
+def test_patched_model_survives_pickle_torch_save_and_deepcopy(case, calls):
+    model, batch = build(case), inputs(case)
+    case.apply(model)
+    with torch.no_grad():
+        expected = run(model, batch)
+    for how, round_trip in _round_trips().items():
+        loaded = round_trip(model)
+        assert patched_modules(loaded) == patched_modules(model), how
+        # each bound forward belongs to its own (loaded) module, none to the original model
+        assert all(vars(m)["forward"].__self__ is m for m in loaded.modules() if _patching.is_patched(m)), how
+        calls.update(attention=0, patch_embed=0)
+        with torch.no_grad():
+            assert_outputs_close(run(loaded, batch), expected, exact=True)
+        for kernel in case.kernels:
+            assert calls[kernel] > 0, (how, kernel)
+        assert case.revert(loaded) is loaded and not patched_modules(loaded)
+
+
+@pytest.mark.parametrize("case_name", ["vilt", "lxmert", "visual_bert", "vit-eager"])
+def test_patched_model_save_pretrained_round_trips(case_name, tmp_path, calls):
+    case = BY_NAME[case_name]
+    model, batch = build(case), inputs(case)
+    with torch.no_grad():
+        expected = run(model, batch)
+    case.apply(model).save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()  # HF's forwards: the patch is not part of the weights
+    with torch.no_grad():
+        assert_outputs_close(run(loaded, batch), expected)
+        case.apply(loaded)
+        calls.update(attention=0, patch_embed=0)
+        assert_outputs_close(run(loaded, batch), expected)
+    assert calls["attention"] > 0
+    assert set(loaded.state_dict()) == set(model.state_dict())
