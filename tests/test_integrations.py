@@ -319,7 +319,7 @@ def test_training_with_attention_dropout_runs_the_kernel_dropout(case, calls):
     assert not torch.allclose(first, no_dropout, **TOL)
 
 
-@pytest.mark.parametrize("case_name", ["vilt", "lxmert", "vit-eager"])
+@pytest.mark.parametrize("case_name", ["vilt", "lxmert", "visual_bert", "vit-eager"])
 def test_training_without_attention_dropout_uses_the_kernel(case_name, calls):
     case = BY_NAME[case_name]
     model = build(case, attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0).train()
@@ -361,7 +361,7 @@ def test_hf_masks_run_the_kernel_as_bias(backend, calls):
     for name, mask in masks.items():
         calls["attention"] = 0
         with warnings.catch_warnings():
-            warnings.simplefilter("error", _kernels.FallbackWarning)
+            warnings.simplefilter("error", integrations.FallbackWarning)
             with torch.no_grad(), vlkernels.use_backend(backend):
                 actual = module(hidden, mask)[0]
         # HF's bool-mask path is SDPA's: compare with the additive form of the same mask
@@ -380,7 +380,7 @@ def test_masks_the_kernel_cannot_take_run_the_hf_forward(calls):
     for name, mask in masks.items():
         _kernels._WARNED.clear()
         calls["attention"] = 0
-        with pytest.warns(_kernels.FallbackWarning, match="ViltSelfAttention runs the HuggingFace forward"):
+        with pytest.warns(integrations.FallbackWarning, match="ViltSelfAttention runs the HuggingFace forward"):
             with torch.no_grad():
                 actual = module(hidden, mask)[0]
         with torch.no_grad():
@@ -398,7 +398,7 @@ def test_fallback_warns_once_per_reason():
             for _ in range(3):
                 module(hidden, padding, output_attentions=True)
                 module(hidden, padding[:, 0])
-    messages = [str(w.message) for w in caught if issubclass(w.category, _kernels.FallbackWarning)]
+    messages = [str(w.message) for w in caught if issubclass(w.category, integrations.FallbackWarning)]
     assert len(messages) == 2 and "output_attentions" in messages[0] and "[2, 1, 5]" in messages[1], messages
 
 

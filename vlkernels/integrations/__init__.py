@@ -11,11 +11,13 @@ from vlkernels.integrations.lxmert import apply_vlkernels_to_lxmert, revert_vlke
 from vlkernels.integrations.vilt import apply_vlkernels_to_vilt, revert_vlkernels_to_vilt
 from vlkernels.integrations.visual_bert import apply_vlkernels_to_visual_bert, revert_vlkernels_to_visual_bert
 from vlkernels.integrations.vit import apply_vlkernels_to_vit, revert_vlkernels_to_vit
+from vlkernels.integrations._kernels import FallbackWarning
 from vlkernels.integrations._versions import TRANSFORMERS_RANGE, TRANSFORMERS_VERSIONS
 from vlkernels.integrations.auto import apply_vlkernels, revert_vlkernels
 
 __all__ = [
-    "apply_vlkernels", "revert_vlkernels", "apply_vlkernels_to_lxmert", "apply_vlkernels_to_vilt", "apply_vlkernels_to_visual_bert", "apply_vlkernels_to_vit",
+    "apply_vlkernels", "revert_vlkernels",
+    "apply_vlkernels_to_lxmert", "apply_vlkernels_to_vilt", "apply_vlkernels_to_visual_bert", "apply_vlkernels_to_vit",
     "revert_vlkernels_to_lxmert", "revert_vlkernels_to_vilt", "revert_vlkernels_to_visual_bert",
-    "revert_vlkernels_to_vit", "TRANSFORMERS_RANGE", "TRANSFORMERS_VERSIONS",
+    "revert_vlkernels_to_vit", "FallbackWarning", "TRANSFORMERS_RANGE", "TRANSFORMERS_VERSIONS",
 ]
