@@ -372,7 +372,14 @@ def test_hf_masks_run_the_kernel_as_bias(backend, calls):
         assert calls["attention"] == 1, name
 
 
-def test_masks_the_kernel_cannot_take_run_the_hf_forward(calls):
+@pytest.fixture
+def local_warnings(monkeypatch):
+    """The integrations' own once-per-reason FallbackWarning (not vlkernels._coverage's record)."""
+    monkeypatch.setattr(_kernels, "_record_fallback", None)
+    monkeypatch.setattr(_kernels, "_WARNED", set())
+
+
+def test_masks_the_kernel_cannot_take_run_the_hf_forward(calls, local_warnings):
     module, hidden, padding, _ = _vilt_attention_and_masks()
     vilt.apply_vlkernels_to_vilt(module)
     original = _patching.original_forward(module)
@@ -388,10 +395,9 @@ def test_masks_the_kernel_cannot_take_run_the_hf_forward(calls):
         assert calls["attention"] == 0, name
 
 
-def test_fallback_warns_once_per_reason():
+def test_fallback_warns_once_per_reason(local_warnings):
     module, hidden, padding, _ = _vilt_attention_and_masks()
     vilt.apply_vlkernels_to_vilt(module)
-    _kernels._WARNED.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with torch.no_grad():
@@ -400,6 +406,17 @@ def test_fallback_warns_once_per_reason():
                 module(hidden, padding[:, 0])
     messages = [str(w.message) for w in caught if issubclass(w.category, integrations.FallbackWarning)]
     assert len(messages) == 2 and "output_attentions" in messages[0] and "[2, 1, 5]" in messages[1], messages
+
+
+def test_fallback_goes_to_the_coverage_record_where_there_is_one(monkeypatch):
+    records = []
+    monkeypatch.setattr(_kernels, "_record_fallback", lambda op, reason: records.append((op, reason)))
+    module, hidden, padding, _ = _vilt_attention_and_masks()
+    vilt.apply_vlkernels_to_vilt(module)
+    with torch.no_grad():
+        module(hidden, padding, output_attentions=True)
+    assert records == [("integrations.ViltSelfAttention",
+                        "the attention probabilities are requested (output_attentions)")]
 
 
 def test_hf_attention_bias_conversion():

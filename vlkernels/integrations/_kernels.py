@@ -39,14 +39,18 @@ class FallbackWarning(UserWarning):
 
 
 def fallback(module: nn.Module, reason: str) -> None:
-    """Note that ``module``'s kernel forward runs the HF forward for this call because of
-    ``reason``: recorded for ``vlkernels.kernel_coverage()`` where the library has it, and a
-    :class:`FallbackWarning` once per module class and reason (not while torch.compile traces:
-    a warning would break the graph)."""
+    """Say that ``module``'s kernel forward runs the HF forward for this call because of
+    ``reason``, once per module class and reason: through ``vlkernels._coverage.record_fallback``
+    (which ``vlkernels.kernel_coverage()`` counts) where the library has it, else a
+    :class:`FallbackWarning`. Nothing while torch.compile traces (a warning would break the graph;
+    the eager calls report it)."""
+    if compiling():
+        return
     name = type(module).__name__
     if _record_fallback is not None:
-        _record_fallback(f"hf.{name}", reason)
-    if compiling() or (name, reason) in _WARNED:
+        _record_fallback(f"integrations.{name}", reason)
+        return
+    if (name, reason) in _WARNED:
         return
     _WARNED.add((name, reason))
     warnings.warn(f"vlkernels: {name} runs the HuggingFace forward instead of the vlkernels kernel when "
