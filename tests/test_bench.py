@@ -366,3 +366,13 @@ def test_quick_results_default_is_git_ignored():
     folder = os.path.join(cli._results_root(), harness.device_slug(torch.device("cpu")) + "-quick")
     probe = subprocess.run(["git", "check-ignore", "-q", os.path.join(folder, "patch_embed.csv")], cwd=REPO)
     assert probe.returncode == 0, f"{folder} is not git-ignored"
+
+
+def test_busy_machine_is_called_out(monkeypatch):
+    from vlkernels.bench import cli
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.8, 3.0, 2.0))
+    assert "load average 3.8 on 2 cores" in cli._busy_cpu(torch.device("cpu"))
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.3, 0.3))
+    assert cli._busy_cpu(torch.device("cpu")) == ""

@@ -39,6 +39,21 @@ def _results_root() -> str:
     return os.path.join(base, "bench", "results")
 
 
+def _busy_cpu(device: torch.device) -> str:
+    """A warning when other processes load this machine's CPUs before the run starts, else ''.
+    Other work inflates CPU times far beyond its share: torch's and the extension's OpenMP
+    regions wait at each barrier for a thread the scheduler has parked (a 5 ms call measured
+    40 ms at a load average of 3.7 on 2 cores), and by different amounts for columns timed at
+    different moments."""
+    if device.type != "cpu" or not hasattr(os, "getloadavg"):
+        return ""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load <= 0.5 * cores:
+        return ""
+    return (f"the machine was busy when the run started (1-minute load average {load:.1f} on {cores} cores): "
+            "CPU times are inflated and noisy; compare columns of one run only, rerun when it is idle")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlkernels-bench", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -112,6 +127,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"vlkernels-bench: {', '.join(ops)} on {harness.device_description(device)}, "
           f"{harness.DTYPE_NAMES[dtype]}, modes {','.join(args.modes)}{' (quick)' if args.quick else ''}; "
           f"{harness.versions()}; commit {harness.git_commit()}", flush=True)
+    busy = _busy_cpu(device)
+    if busy:
+        print(f"vlkernels-bench: {busy}", file=sys.stderr, flush=True)
     os.makedirs(out_dir, exist_ok=True)
     if args.schedule == "rounds":
         longest = max((len(op_cases) for op_cases in cases.values()), default=0)
@@ -148,6 +166,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print()
     print(harness.summary_table(all_rows, args.modes))
     print(f"\nvlkernels-bench: {time.perf_counter() - started:.1f} s")
+    if busy:
+        print(f"vlkernels-bench: {busy}", flush=True)
     if failures:
         print(f"vlkernels-bench: {len(failures)} failure(s):", file=sys.stderr)
         for message in failures:
