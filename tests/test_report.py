@@ -95,3 +95,13 @@ def test_occupancy_follows_registers_shared_memory_and_warps():
     assert report.occupancy(64, 4, 100_000) == (2, "shared")  # two 100 KB CTAs in 228 KB
     assert report.occupancy(24, 4, 0) == (16, "warps")  # 64 warps per SM
     assert report.occupancy(16, 1, 0) == (32, "warps")  # at most 32 CTAs per SM
+
+
+def test_attention_dq_kernel_fits_two_ctas_per_sm_at_head_dim_64(report_rows):
+    """The FA2-form backward's dQ launch runs apart from dK/dV, so its programs get their own
+    (smaller) register allocation: at least 2 resident CTAs per SM at Dh 64 (issue 14 item 8)."""
+    rows = [row for row in report_rows if row["kernel"] in ("_attention_bwd_kernel", "_co_attention_bwd_kernel")
+            and "-D64" in row["variant"] and row["variant"].endswith("-dq") and "ieee" not in row["variant"]]
+    assert len(rows) >= 4, [row["variant"] for row in rows]
+    for row in rows:
+        assert row["ctas_per_sm"] >= 2, f"{row['kernel']}[{row['variant']}]: {row['ctas_per_sm']} CTA/SM"

@@ -1,8 +1,17 @@
 """Triton kernels of the attention family (flash-attention style, online softmax).
 
 One tile routine per pass, called by the single-direction kernels and by the co-attention
-kernels, whose third program axis picks the direction so that both directions of
-co-attention run in one launch. Layouts are given by strides: dense [B, H, S, Dh] tensors
+kernels, whose third program axis picks the direction's pointers, strides and lengths as
+scalars before one inlined copy of the tile (both directions in one launch, one code path).
+The backward is FA2's: a delta = rowsum(dO * O) pre-pass, a dK/dV launch over key blocks in
+the transposed form (S^T = K Q^T) and a dQ launch over query blocks.
+
+Attention dropout: a counter-based RNG (Philox, _keep) on the counter (key, query, batch *
+heads, offset) under a seed, both drawn by the launcher from torch's generator; the backward
+regenerates the forward's mask, nothing is stored. Additive bias: read by strides (stride 0
+along broadcast dimensions) in the loops, register-side only; its gradient dS is stored by the
+dK/dV programs into a zero-filled fp32 [B, H, Sq, Sk] buffer, each element by one program,
+and reduced over the broadcast dimensions by the launcher. Layouts are given by strides: dense [B, H, S, Dh] tensors
 (any batch/head/row strides, unit stride along Dh) or packed varlen [total, H, Dh] tensors
 whose sequences start at cu_seqlens[b] (batch stride 0).
 
@@ -24,9 +33,9 @@ programs (the launchers check), axes 1 and 2 stay far below CUDA's 65535.
 
 Concurrency rules (the interpreter runs programs one at a time and cannot show a violation):
 - one writer per output element: a forward program owns BLOCK_M query rows of one (batch,
-  head) and writes their out and logsumexp; a backward program owns either BLOCK_N key rows
-  (dk, dv) or BLOCK_M query rows (dq) of one (batch, head); the delta pre-pass owns BLOCK_R
-  rows of delta.
+  head) and writes their out and logsumexp; a dK/dV program owns BLOCK_N key rows (dk, dv and
+  the bias gradient's dS columns of those keys), a dQ program BLOCK_M query rows (dq) of one
+  (batch, head); the delta pre-pass owns BLOCK_R rows of delta.
 - no program reads what another program of the same launch writes: the backward reads only
   q, k, v, out, dO, the logsumexp and delta, written by earlier launches (forward, pre-pass);
   dk/dv programs and dq programs recompute P independently and never read each other's results.
@@ -34,7 +43,8 @@ Concurrency rules (the interpreter runs programs one at a time and cannot show a
   inside the loops, k, v, q and dO tiles feed tl.dot only (q and dO two dots each, which the
   pipeliner sizes for); delta = rowsum(dO * O) is computed by the separate pre-pass kernel
   instead of from the dO tile of the loop; the key-mask bytes, logsumexp and delta vectors
-  loaded in the loops are register-side only and feed no dot.
+  loaded in the loops are register-side only and feed no dot; so are the bias tiles and the
+  Philox keep mask (computed, not loaded).
 """
 import triton
 import triton.language as tl
@@ -213,13 +223,15 @@ def _attention_bwd_tile(
     dropout_p, keep_scale, stream, role_pid, pid_bh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr, DQ: tl.constexpr,
 ):
-    # Programs role_pid in [0, cdiv(seq_k, BLOCK_N)) compute dk, dv of one key block; the
-    # programs after them compute dq of one query block. Both recompute P from the saved
-    # logsumexp and read delta = rowsum(dO * O) from the pre-pass, so one launch needs no
-    # atomics and no program reads another's output. grad_q/grad_k/grad_v share the strides of
-    # q/k/v; grad_out has the strides of out (so_*).
+    # DQ = False (the dK/dV kernel): program role_pid computes dk, dv of key block role_pid, in
+    # the transposed form S^T = K Q^T (P^T and dS^T are computed as they feed the dots, no
+    # transpose through shared memory). DQ = True (the dQ kernel, a launch of its own so it
+    # gets its own, smaller register allocation): dq of query block role_pid. Both recompute P
+    # from the saved logsumexp and read delta = rowsum(dO * O) from the pre-pass: no atomics,
+    # no program reads another's output. grad_q/grad_k/grad_v share the strides of q/k/v;
+    # grad_out has the strides of out (so_*).
     batch = pid_bh // heads
     head = pid_bh % heads
     q_begin, q_len = _sequence(cu_q, batch, seq_q, VARLEN)
@@ -250,9 +262,7 @@ def _attention_bwd_tile(
     seed, offset = 0, 0
     if DROPOUT:
         seed, offset = _rng_state(rng, stream)
-    key_blocks = tl.cdiv(seq_k, BLOCK_N)
-
-    if role_pid < key_blocks:
+    if not DQ:
         start_n = role_pid * BLOCK_N
         if start_n < k_len:
             offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -273,25 +283,53 @@ def _attention_bwd_tile(
                 offs_m = start_m + tl.arange(0, BLOCK_M)
                 q_tile, do_tile, delta_rows, logsumexp, _ = _query_rows(q_base, do_base, lse_base, delta_base, offs_m,
                                                                         offs_d, q_len, d_ok, sq_s, so_s, delta_ss)
-                scores = tl.dot(q_tile, tl.trans(k_tile), input_precision=DOT_PRECISION) * scale_log2
-                if HAS_BIAS:
-                    scores += _bias_tile(bias_base, offs_m, offs_n, offs_m < q_len, real, sb_m, sb_n)
-                visible = _visible(offs_m, offs_n, real, prefix, CAUSAL)
-                p = tl.where(visible, tl.exp2(scores - logsumexp[:, None]), 0.0)
-                p_used = p
-                if DROPOUT:  # the forward's keep mask, regenerated; dP of a dropped weight is 0
-                    factor = tl.where(_keep(seed, offset, pid_bh, offs_m[:, None], offs_n[None, :], dropout_p),
-                                      keep_scale, 0.0)
-                    p_used = p * factor
-                grad_v_acc += tl.dot(tl.trans(p_used.to(do_tile.dtype)), do_tile, input_precision=DOT_PRECISION)
-                grad_p = tl.dot(do_tile, tl.trans(v_tile), input_precision=DOT_PRECISION)
-                if DROPOUT:
-                    grad_p = grad_p * factor
-                grad_s = tl.where(visible, p * (grad_p - delta_rows[:, None]), 0.0)  # hidden: exactly 0 (NaN delta)
-                if BIAS_GRAD:
-                    tl.store(dbias_base + offs_m[:, None].to(tl.int64) * seq_k + offs_n[None, :], grad_s,
-                             mask=(offs_m < q_len)[:, None] & n_ok[None, :])
-                grad_k_acc += tl.dot(tl.trans(grad_s.to(q_tile.dtype)), q_tile, input_precision=DOT_PRECISION)
+                m_ok = offs_m < q_len
+                if q_tile.dtype != tl.float32:
+                    # [BLOCK_N, BLOCK_M] tiles: key n, query m
+                    scores_t = tl.dot(k_tile, tl.trans(q_tile), input_precision=DOT_PRECISION) * scale_log2
+                    if HAS_BIAS:
+                        scores_t += _bias_tile(bias_base, offs_n, offs_m, real, m_ok, sb_n, sb_m)
+                    visible_t = real[:, None] & (offs_m >= 0)[None, :]
+                    if CAUSAL:
+                        visible_t = visible_t & ((offs_n[:, None] <= offs_m[None, :]) | (offs_n[:, None] < prefix))
+                    p_t = tl.where(visible_t, tl.exp2(scores_t - logsumexp[None, :]), 0.0)
+                    p_used = p_t
+                    if DROPOUT:  # the forward's keep mask, regenerated; dP of a dropped weight is 0
+                        factor = tl.where(_keep(seed, offset, pid_bh, offs_m[None, :], offs_n[:, None], dropout_p),
+                                          keep_scale, 0.0)
+                        p_used = p_t * factor
+                    grad_v_acc += tl.dot(p_used.to(do_tile.dtype), do_tile, input_precision=DOT_PRECISION)
+                    grad_p_t = tl.dot(v_tile, tl.trans(do_tile), input_precision=DOT_PRECISION)
+                    if DROPOUT:
+                        grad_p_t = grad_p_t * factor
+                    # hidden: exactly 0 (NaN delta)
+                    grad_s_t = tl.where(visible_t, p_t * (grad_p_t - delta_rows[None, :]), 0.0)
+                    if BIAS_GRAD:
+                        tl.store(dbias_base + offs_m[None, :].to(tl.int64) * seq_k + offs_n[:, None], grad_s_t,
+                                 mask=m_ok[None, :] & n_ok[:, None])
+                    grad_k_acc += tl.dot(grad_s_t.to(q_tile.dtype), q_tile, input_precision=DOT_PRECISION)
+                else:
+                    # fp32 (tf32) operands: Hopper's tf32 wgmma takes no transposed shared-memory
+                    # operand, so fp32 keeps the [BLOCK_M, BLOCK_N] form S = Q K^T
+                    scores = tl.dot(q_tile, tl.trans(k_tile), input_precision=DOT_PRECISION) * scale_log2
+                    if HAS_BIAS:
+                        scores += _bias_tile(bias_base, offs_m, offs_n, m_ok, real, sb_m, sb_n)
+                    visible = _visible(offs_m, offs_n, real, prefix, CAUSAL)
+                    p = tl.where(visible, tl.exp2(scores - logsumexp[:, None]), 0.0)
+                    p_used = p
+                    if DROPOUT:
+                        factor = tl.where(_keep(seed, offset, pid_bh, offs_m[:, None], offs_n[None, :], dropout_p),
+                                          keep_scale, 0.0)
+                        p_used = p * factor
+                    grad_v_acc += tl.dot(tl.trans(p_used), do_tile, input_precision=DOT_PRECISION)
+                    grad_p = tl.dot(do_tile, tl.trans(v_tile), input_precision=DOT_PRECISION)
+                    if DROPOUT:
+                        grad_p = grad_p * factor
+                    grad_s = tl.where(visible, p * (grad_p - delta_rows[:, None]), 0.0)
+                    if BIAS_GRAD:
+                        tl.store(dbias_base + offs_m[:, None].to(tl.int64) * seq_k + offs_n[None, :], grad_s,
+                                 mask=m_ok[:, None] & n_ok[None, :])
+                    grad_k_acc += tl.dot(tl.trans(grad_s), q_tile, input_precision=DOT_PRECISION)
             # Every key row of the block is stored; a padded key's gradients are exactly 0 (not
             # 0 * Inf = NaN from a row whose delta is infinite), as the reference's masking gives.
             store_mask = n_ok[:, None] & d_ok[None, :]
@@ -302,7 +340,7 @@ def _attention_bwd_tile(
             tl.store(dv_base + offs_n[:, None].to(tl.int64) * sv_s + offs_d[None, :],
                      grad_v_acc.to(grad_v.dtype.element_ty), mask=store_mask)
     else:
-        start_m = (role_pid - key_blocks) * BLOCK_M
+        start_m = role_pid * BLOCK_M
         if start_m < q_len:
             offs_m = start_m + tl.arange(0, BLOCK_M)
             q_tile, do_tile, delta_rows, logsumexp, row_mask = _query_rows(q_base, do_base, lse_base, delta_base,
@@ -380,13 +418,13 @@ def _attention_bwd_kernel(
     dropout_p, keep_scale, programs_per_head,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr, DQ: tl.constexpr,
 ):
-    """Backward of attention / attention_varlen after the delta pre-pass. Grid
-    (B * H * programs_per_head,) with programs_per_head = cdiv(Sk, BLOCK_N) + cdiv(Sq, BLOCK_M):
-    role = pid % programs_per_head picks a key block (writes its dk, dv rows) or a query block
-    (writes its dq rows) of (batch, head) = divmod(pid // programs_per_head, H). One writer
-    per element, no atomics; programs read only forward outputs, delta and inputs."""
+    """Backward of attention / attention_varlen after the delta pre-pass, in two launches (FA2's
+    form): DQ = False, grid (B * H * cdiv(Sk, BLOCK_N),): program (bh, n) writes dk, dv (and the
+    bias gradient's dS) of key block n; DQ = True, grid (B * H * cdiv(Sq, BLOCK_M),): program
+    (bh, m) writes dq of query block m; (batch, head) = divmod(bh, H), bh = pid // programs_per_head.
+    One writer per element, no atomics; programs read only forward outputs, delta and inputs."""
     pid = tl.program_id(0)
     _attention_bwd_tile(q, k, v, grad_out, lse, delta, grad_q, grad_k, grad_v, key_mask, key_limit, prefix_len,
                         cu_q, cu_k, bias, grad_bias, rng, sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
@@ -394,79 +432,92 @@ def _attention_bwd_kernel(
                         heads, seq_q, seq_k, scale_log2, scale, dropout_p, keep_scale, 0,
                         pid % programs_per_head, pid // programs_per_head,
                         HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_KEY_MASK, VARLEN, DOT_PRECISION,
-                        HAS_BIAS, BIAS_GRAD, DROPOUT)
+                        HAS_BIAS, BIAS_GRAD, DROPOUT, DQ)
 
 
 @triton.jit
 def _co_attention_fwd_kernel(
     q_a, k_a, v_a, out_a, lse_a, mask_a, limit_a,
-    sq_b_a, sq_h_a, sq_s_a, sk_b_a, sk_h_a, sk_s_a, sv_b_a, sv_h_a, sv_s_a, so_b_a, so_h_a, so_s_a, mask_sb_a,
-    seq_q_a, seq_k_a,
+    sq_b_a: tl.int64, sq_h_a: tl.int64, sq_s_a: tl.int64, sk_b_a: tl.int64, sk_h_a: tl.int64, sk_s_a: tl.int64,
+    sv_b_a: tl.int64, sv_h_a: tl.int64, sv_s_a: tl.int64, so_b_a: tl.int64, so_h_a: tl.int64, so_s_a: tl.int64,
+    mask_sb_a: tl.int32, seq_q_a: tl.int32, seq_k_a: tl.int32,
     q_b, k_b, v_b, out_b, lse_b, mask_b, limit_b,
-    sq_b_b, sq_h_b, sq_s_b, sk_b_b, sk_h_b, sk_s_b, sv_b_b, sv_h_b, sv_s_b, so_b_b, so_h_b, so_s_b, mask_sb_b,
-    seq_q_b, seq_k_b,
+    sq_b_b: tl.int64, sq_h_b: tl.int64, sq_s_b: tl.int64, sk_b_b: tl.int64, sk_h_b: tl.int64, sk_s_b: tl.int64,
+    sv_b_b: tl.int64, sv_h_b: tl.int64, sv_s_b: tl.int64, so_b_b: tl.int64, so_h_b: tl.int64, so_s_b: tl.int64,
+    mask_sb_b: tl.int32, seq_q_b: tl.int32, seq_k_b: tl.int32,
     rng, heads, scale_log2, dropout_p, keep_scale, programs_per_head,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_MASK_A: tl.constexpr, HAS_MASK_B: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
 ):
-    """Both directions of co-attention's forward in one launch. Grid (B * H * programs_per_head,
-    1, 2): axis 2 picks the direction (0 = queries a over keys b, 1 = queries b over keys a),
-    axis 0 the (batch, head) and query block as in _attention_fwd_kernel (programs_per_head
-    covers the longer query stream; the other direction's extra programs exit). The two
-    directions write disjoint outputs; the saved logsumexp of each is [B, H, Sq] contiguous."""
+    """Both directions of co-attention's forward in one launch, through one code path: axis 2
+    (0 = queries a over keys b, 1 = queries b over keys a) picks the pointers, strides and
+    lengths as scalars, then a single inlined _attention_fwd_tile runs (one copy of the loop,
+    one direction's shared memory). Grid (B * H * programs_per_head, 1, 2); axis 0 the (batch,
+    head) and query block as in _attention_fwd_kernel (programs_per_head covers the longer
+    query stream; the other direction's extra programs exit). The two directions write
+    disjoint outputs; the saved logsumexp of each is [B, H, Sq] contiguous. Strides are typed
+    (annotated) so that both directions' values share one type."""
     pid = tl.program_id(0)
-    if tl.program_id(2) == 0:
-        _attention_fwd_tile(q_a, k_a, v_a, out_a, lse_a, mask_a, limit_a, mask_a, mask_a, mask_a,
-                            mask_a, rng, sq_b_a, sq_h_a, sq_s_a, sk_b_a, sk_h_a, sk_s_a,
-                            sv_b_a, sv_h_a, sv_s_a, so_b_a, so_h_a, so_s_a, heads * seq_q_a, seq_q_a,
-                            mask_sb_a, 0, 0, 0, 0, heads, seq_q_a, seq_k_a, scale_log2, dropout_p, keep_scale, 0,
-                            pid % programs_per_head, pid // programs_per_head,
-                            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_MASK_A, False, DOT_PRECISION, False, DROPOUT)
+    stream = tl.program_id(2)
+    if stream == 0:
+        q, k, v, out, lse, mask, limit = q_a, k_a, v_a, out_a, lse_a, mask_a, limit_a
+        sq_b, sq_h, sq_s, sk_b, sk_h, sk_s = sq_b_a, sq_h_a, sq_s_a, sk_b_a, sk_h_a, sk_s_a
+        sv_b, sv_h, sv_s, so_b, so_h, so_s = sv_b_a, sv_h_a, sv_s_a, so_b_a, so_h_a, so_s_a
+        mask_sb, seq_q, seq_k = mask_sb_a, seq_q_a, seq_k_a
     else:
-        _attention_fwd_tile(q_b, k_b, v_b, out_b, lse_b, mask_b, limit_b, mask_b, mask_b, mask_b,
-                            mask_b, rng, sq_b_b, sq_h_b, sq_s_b, sk_b_b, sk_h_b, sk_s_b,
-                            sv_b_b, sv_h_b, sv_s_b, so_b_b, so_h_b, so_s_b, heads * seq_q_b, seq_q_b,
-                            mask_sb_b, 0, 0, 0, 0, heads, seq_q_b, seq_k_b, scale_log2, dropout_p, keep_scale, 1,
-                            pid % programs_per_head, pid // programs_per_head,
-                            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_MASK_B, False, DOT_PRECISION, False, DROPOUT)
+        q, k, v, out, lse, mask, limit = q_b, k_b, v_b, out_b, lse_b, mask_b, limit_b
+        sq_b, sq_h, sq_s, sk_b, sk_h, sk_s = sq_b_b, sq_h_b, sq_s_b, sk_b_b, sk_h_b, sk_s_b
+        sv_b, sv_h, sv_s, so_b, so_h, so_s = sv_b_b, sv_h_b, sv_s_b, so_b_b, so_h_b, so_s_b
+        mask_sb, seq_q, seq_k = mask_sb_b, seq_q_b, seq_k_b
+    _attention_fwd_tile(q, k, v, out, lse, mask, limit, limit, limit, limit, limit, rng,
+                        sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s, heads * seq_q, seq_q,
+                        mask_sb, 0, 0, 0, 0, heads, seq_q, seq_k, scale_log2, dropout_p, keep_scale, stream,
+                        pid % programs_per_head, pid // programs_per_head,
+                        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_KEY_MASK, False, DOT_PRECISION, False, DROPOUT)
 
 
 @triton.jit
 def _co_attention_bwd_kernel(
     q_a, k_a, v_a, grad_out_a, lse_a, delta_a, grad_q_a, grad_k_a, grad_v_a, mask_a, limit_a,
-    sq_b_a, sq_h_a, sq_s_a, sk_b_a, sk_h_a, sk_s_a, sv_b_a, sv_h_a, sv_s_a, so_b_a, so_h_a, so_s_a, mask_sb_a,
-    seq_q_a, seq_k_a,
+    sq_b_a: tl.int64, sq_h_a: tl.int64, sq_s_a: tl.int64, sk_b_a: tl.int64, sk_h_a: tl.int64, sk_s_a: tl.int64,
+    sv_b_a: tl.int64, sv_h_a: tl.int64, sv_s_a: tl.int64, so_b_a: tl.int64, so_h_a: tl.int64, so_s_a: tl.int64,
+    mask_sb_a: tl.int32, seq_q_a: tl.int32, seq_k_a: tl.int32,
     q_b, k_b, v_b, grad_out_b, lse_b, delta_b, grad_q_b, grad_k_b, grad_v_b, mask_b, limit_b,
-    sq_b_b, sq_h_b, sq_s_b, sk_b_b, sk_h_b, sk_s_b, sv_b_b, sv_h_b, sv_s_b, so_b_b, so_h_b, so_s_b, mask_sb_b,
-    seq_q_b, seq_k_b,
+    sq_b_b: tl.int64, sq_h_b: tl.int64, sq_s_b: tl.int64, sk_b_b: tl.int64, sk_h_b: tl.int64, sk_s_b: tl.int64,
+    sv_b_b: tl.int64, sv_h_b: tl.int64, sv_s_b: tl.int64, so_b_b: tl.int64, so_h_b: tl.int64, so_s_b: tl.int64,
+    mask_sb_b: tl.int32, seq_q_b: tl.int32, seq_k_b: tl.int32,
     rng, heads, scale_log2, scale, dropout_p, keep_scale, programs_per_head,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_MASK_A: tl.constexpr, HAS_MASK_B: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr, DQ: tl.constexpr,
 ):
-    """Both directions of co-attention's backward in one launch, after the delta pre-pass.
-    Grid (B * H * programs_per_head, 1, 2), roles as in _attention_bwd_kernel per direction.
-    Direction 0 writes dq_a, dk_b, dv_b (gradients of q_t, k_i, v_i) and direction 1 writes
-    dq_b, dk_a, dv_a: distinct buffers, one writer per element; delta and lse of each
-    direction are [B, H, Sq] contiguous and written by earlier launches."""
+    """Both directions of co-attention's backward, after the delta pre-pass: one launch per
+    role (DQ as in _attention_bwd_kernel), both directions in it through one code path (axis 2
+    picks pointers, strides and lengths as scalars, as in _co_attention_fwd_kernel). Grid
+    (B * H * programs_per_head, 1, 2). Direction 0 writes dq_a, dk_b, dv_b (gradients of q_t,
+    k_i, v_i) and direction 1 writes dq_b, dk_a, dv_a: distinct buffers, one writer per
+    element; delta and lse of each direction are [B, H, Sq] contiguous, written by earlier
+    launches."""
     pid = tl.program_id(0)
-    if tl.program_id(2) == 0:
-        _attention_bwd_tile(q_a, k_a, v_a, grad_out_a, lse_a, delta_a, grad_q_a, grad_k_a, grad_v_a, mask_a, limit_a,
-                            mask_a, mask_a, mask_a, mask_a, mask_a, rng,
-                            sq_b_a, sq_h_a, sq_s_a, sk_b_a, sk_h_a, sk_s_a,
-                            sv_b_a, sv_h_a, sv_s_a, so_b_a, so_h_a, so_s_a, heads * seq_q_a, seq_q_a, mask_sb_a,
-                            heads * seq_q_a, seq_q_a, 1, 0, 0, 0, 0, heads, seq_q_a, seq_k_a, scale_log2, scale,
-                            dropout_p, keep_scale, 0, pid % programs_per_head, pid // programs_per_head,
-                            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_MASK_A, False, DOT_PRECISION,
-                            False, False, DROPOUT)
+    stream = tl.program_id(2)
+    if stream == 0:
+        q, k, v, grad_out, lse, delta, mask, limit = q_a, k_a, v_a, grad_out_a, lse_a, delta_a, mask_a, limit_a
+        grad_q, grad_k, grad_v = grad_q_a, grad_k_a, grad_v_a
+        sq_b, sq_h, sq_s, sk_b, sk_h, sk_s = sq_b_a, sq_h_a, sq_s_a, sk_b_a, sk_h_a, sk_s_a
+        sv_b, sv_h, sv_s, so_b, so_h, so_s = sv_b_a, sv_h_a, sv_s_a, so_b_a, so_h_a, so_s_a
+        mask_sb, seq_q, seq_k = mask_sb_a, seq_q_a, seq_k_a
     else:
-        _attention_bwd_tile(q_b, k_b, v_b, grad_out_b, lse_b, delta_b, grad_q_b, grad_k_b, grad_v_b, mask_b, limit_b,
-                            mask_b, mask_b, mask_b, mask_b, mask_b, rng,
-                            sq_b_b, sq_h_b, sq_s_b, sk_b_b, sk_h_b, sk_s_b,
-                            sv_b_b, sv_h_b, sv_s_b, so_b_b, so_h_b, so_s_b, heads * seq_q_b, seq_q_b, mask_sb_b,
-                            heads * seq_q_b, seq_q_b, 1, 0, 0, 0, 0, heads, seq_q_b, seq_k_b, scale_log2, scale,
-                            dropout_p, keep_scale, 1, pid % programs_per_head, pid // programs_per_head,
-                            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_MASK_B, False, DOT_PRECISION,
-                            False, False, DROPOUT)
+        q, k, v, grad_out, lse, delta, mask, limit = q_b, k_b, v_b, grad_out_b, lse_b, delta_b, mask_b, limit_b
+        grad_q, grad_k, grad_v = grad_q_b, grad_k_b, grad_v_b
+        sq_b, sq_h, sq_s, sk_b, sk_h, sk_s = sq_b_b, sq_h_b, sq_s_b, sk_b_b, sk_h_b, sk_s_b
+        sv_b, sv_h, sv_s, so_b, so_h, so_s = sv_b_b, sv_h_b, sv_s_b, so_b_b, so_h_b, so_s_b
+        mask_sb, seq_q, seq_k = mask_sb_b, seq_q_b, seq_k_b
+    _attention_bwd_tile(q, k, v, grad_out, lse, delta, grad_q, grad_k, grad_v, mask, limit,
+                        limit, limit, limit, delta, delta, rng,
+                        sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s, heads * seq_q, seq_q,
+                        mask_sb, heads * seq_q, seq_q, 1, 0, 0, 0, 0, heads, seq_q, seq_k, scale_log2, scale,
+                        dropout_p, keep_scale, stream, pid % programs_per_head, pid // programs_per_head,
+                        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_KEY_MASK, False, DOT_PRECISION,
+                        False, False, DROPOUT, DQ)
 
 
 @triton.jit

@@ -2,9 +2,10 @@
 causal and PrefixLM masks, bidirectional co-attention in one launch, and packed varlen.
 
 Flash-attention style Triton kernels (see _attention_kernels.py): forward with online
-softmax saving the logsumexp, backward (after a delta = rowsum(dO * O) pre-pass) in one
-launch whose programs compute either dk/dv of a key block or dq of a query block (no atomics,
-deterministic).
+softmax saving the logsumexp, backward in FA2's form (a delta = rowsum(dO * O) pre-pass, a
+dK/dV launch over key blocks, a dQ launch over query blocks; no atomics, deterministic).
+Attention dropout (dropout_p, SDPA's semantics, in-kernel Philox) and an additive bias with
+its gradient.
 
 Masked positions, on every backend: a query that sees no key gets zeros and zero gradients
 (decided by the masks, not by the values); the k and v of a padded key (key_mask, past a
@@ -139,10 +140,11 @@ def _fwd_grid(op: str, seq_q: int, batch_heads: int, dtype: torch.dtype, head_di
 
 
 def _bwd_grid(op: str, seq_q: int, seq_k: int, batch_heads: int, dtype: torch.dtype, head_dim: int,
-              directions: int = 1):
-    """(grid, programs_per_head) of a backward launch: the key blocks, then the query blocks."""
+              directions: int = 1, dq: bool = False):
+    """(grid, programs_per_head) of a backward launch: over the key blocks (the dK/dV kernel)
+    or, with dq, over the query blocks (the dQ kernel)."""
     cfg = _config(dtype, _block_d(head_dim), backward=True)
-    per_head = triton.cdiv(seq_k, cfg.block_n) + triton.cdiv(seq_q, cfg.block_m)
+    per_head = triton.cdiv(seq_q, cfg.block_m) if dq else triton.cdiv(seq_k, cfg.block_n)
     return _grid(op, per_head, batch_heads, directions), per_head
 
 
@@ -259,30 +261,34 @@ def _launch_bwd(grad_out, q, k, v, out, lse, key_mask, prefix_len, cu_q, cu_k, m
     placeholder = limit
     cfg = _config(q.dtype, _block_d(head_dim), backward=True)
     grid, per_head = _bwd_grid("attention", seq_q, seq_k, batch * heads, q.dtype, head_dim)
+    grid_dq, per_head_dq = _bwd_grid("attention", seq_q, seq_k, batch * heads, q.dtype, head_dim, dq=True)
     bias_grad = bias_grad and bias is not None
     # dS of every (query, key) pair for the bias gradient: zeros where the kernel skips a tile
     # (hidden by the masks), written once per element by the key-block programs otherwise.
     full_grad_bias = torch.zeros((batch, heads, seq_q, seq_k) if bias_grad else (1,), device=q.device,
                                  dtype=torch.float32)
     grad_bias = q.new_empty(0)
-    if grid[0] == 0 or q.numel() == 0:  # nothing to differentiate (and an empty key side has no gradient)
+    if grid[0] == 0 or grid_dq[0] == 0 or q.numel() == 0:  # nothing to differentiate (or no key side)
         return [g.zero_() for g in grads] + [_reduce_bias_grad(full_grad_bias, bias) if bias_grad else grad_bias]
     delta = _delta(out, grad_out)
     dropout = rng is not None and dropout_p > 0
-    kernels._attention_bwd_kernel[grid](
-        q, k, v, grad_out, lse, delta, *grads, mask, limit,
-        prefix_len if prefix_len is not None else placeholder,
-        cu_q if cu_q is not None else placeholder, cu_k if cu_k is not None else placeholder,
-        bias if bias is not None else placeholder, full_grad_bias, rng if dropout else placeholder,
-        *strides(q), *strides(k), *strides(v), *strides(out), *lse_strides,
-        mask.stride(0) if key_mask is not None else 0, *delta_strides,
-        *_bias_strides(bias, (batch, heads, seq_q, seq_k)),
-        heads, seq_q, seq_k, scale * math.log2(math.e), scale, float(dropout_p), _keep_scale(dropout_p), per_head,
-        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        CAUSAL=causal, HAS_KEY_MASK=key_mask is not None, VARLEN=cu_q is not None,
-        DOT_PRECISION=_dot_precision(q.dtype), HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad, DROPOUT=dropout,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    # Two launches (FA2's form): dK/dV over key blocks (and dS for the bias), then dQ over query
+    # blocks; each writes only its own outputs and reads what earlier launches wrote.
+    for dq, launch_grid, programs in ((False, grid, per_head), (True, grid_dq, per_head_dq)):
+        kernels._attention_bwd_kernel[launch_grid](
+            q, k, v, grad_out, lse, delta, *grads, mask, limit,
+            prefix_len if prefix_len is not None else placeholder,
+            cu_q if cu_q is not None else placeholder, cu_k if cu_k is not None else placeholder,
+            bias if bias is not None else placeholder, full_grad_bias, rng if dropout else placeholder,
+            *strides(q), *strides(k), *strides(v), *strides(out), *lse_strides,
+            mask.stride(0) if key_mask is not None else 0, *delta_strides,
+            *_bias_strides(bias, (batch, heads, seq_q, seq_k)),
+            heads, seq_q, seq_k, scale * math.log2(math.e), scale, float(dropout_p), _keep_scale(dropout_p), programs,
+            HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            CAUSAL=causal, HAS_KEY_MASK=key_mask is not None, VARLEN=cu_q is not None,
+            DOT_PRECISION=_dot_precision(q.dtype), HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad and not dq,
+            DROPOUT=dropout, DQ=dq, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     if bias_grad:
         grad_bias = _reduce_bias_grad(full_grad_bias, bias)
     return grads + [grad_bias]
@@ -296,13 +302,24 @@ def _direction_args(q, k, v, out, lse, key_mask, limit, grads=()):
             *_dense_strides(out), mask_stride, q.shape[2], k.shape[2]]
 
 
+def _co_limits(text_mask, image_mask, batch, seq_t, seq_i, device):
+    """(text, image) key limits of co-attention and whether the kernel reads masks. Both
+    directions run one code path: when only one stream has a mask, the other gets an all-True
+    one, so the two directions' mask pointers have one type."""
+    has_mask = text_mask is not None or image_mask is not None
+    if has_mask:
+        text_mask = torch.ones(batch, seq_t, dtype=torch.bool, device=device) if text_mask is None else text_mask
+        image_mask = torch.ones(batch, seq_i, dtype=torch.bool, device=device) if image_mask is None else image_mask
+    return _key_limits(text_mask, batch, device), _key_limits(image_mask, batch, device), has_mask
+
+
 def _launch_co_fwd(q_t, k_t, v_t, q_i, k_i, v_i, text_mask, image_mask, scale, rng=None, dropout_p=0.0):
     q_t, k_t, v_t, q_i, k_i, v_i = (_unit_stride_last(t) for t in (q_t, k_t, v_t, q_i, k_i, v_i))
     batch, heads, head_dim = q_t.shape[0], q_t.shape[1], q_t.shape[-1]
     outs = [torch.empty(q.shape, device=q.device, dtype=q.dtype) for q in (q_t, q_i)]
     lses = [torch.empty(batch, heads, q.shape[2], device=q.device, dtype=torch.float32) for q in (q_t, q_i)]
-    image = _key_limits(image_mask, batch, q_t.device)  # text queries attend image keys
-    text = _key_limits(text_mask, batch, q_t.device)
+    # text queries attend image keys
+    text, image, has_mask = _co_limits(text_mask, image_mask, batch, k_t.shape[2], k_i.shape[2], q_t.device)
     cfg = _config(q_t.dtype, _block_d(head_dim), backward=False)
     grid, per_head = _fwd_grid("co_attention", max(q_t.shape[2], q_i.shape[2]), batch * heads, q_t.dtype,
                                head_dim, directions=2)
@@ -315,8 +332,8 @@ def _launch_co_fwd(q_t, k_t, v_t, q_i, k_i, v_i, text_mask, image_mask, scale, r
         rng if dropout else image[1], heads, scale * math.log2(math.e), float(dropout_p), _keep_scale(dropout_p),
         per_head,
         HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        HAS_MASK_A=image_mask is not None, HAS_MASK_B=text_mask is not None,
-        DOT_PRECISION=_dot_precision(q_t.dtype), DROPOUT=dropout, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HAS_KEY_MASK=has_mask, DOT_PRECISION=_dot_precision(q_t.dtype), DROPOUT=dropout,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return outs[0], lses[0], outs[1], lses[1]
 
@@ -328,12 +345,11 @@ def _launch_co_bwd(grad_t, grad_i, q_t, k_t, v_t, q_i, k_i, v_i, out_t, lse_t, o
     batch, heads, head_dim = q_t.shape[0], q_t.shape[1], q_t.shape[-1]
     grads = {name: _grad_buffer(t) for name, t in dict(q_t=q_t, k_t=k_t, v_t=v_t, q_i=q_i, k_i=k_i, v_i=v_i).items()}
     names = ("q_t", "k_t", "v_t", "q_i", "k_i", "v_i")
-    image = _key_limits(image_mask, batch, q_t.device)
-    text = _key_limits(text_mask, batch, q_t.device)
+    text, image, has_mask = _co_limits(text_mask, image_mask, batch, k_t.shape[2], k_i.shape[2], q_t.device)
     cfg = _config(q_t.dtype, _block_d(head_dim), backward=True)
-    grid, per_head = max(_bwd_grid("co_attention", q.shape[2], k.shape[2], batch * heads, q_t.dtype, head_dim,
-                                   directions=2) for q, k in ((q_t, k_i), (q_i, k_t)))
-    if grid[0] == 0 or q_t.numel() + q_i.numel() == 0:
+    grids = [max(_bwd_grid("co_attention", q.shape[2], k.shape[2], batch * heads, q_t.dtype, head_dim,
+                           directions=2, dq=dq) for q, k in ((q_t, k_i), (q_i, k_t))) for dq in (False, True)]
+    if grids[0][0][0] == 0 or grids[1][0][0] == 0 or q_t.numel() + q_i.numel() == 0:
         return [grads[name].zero_() for name in names]
     # The kernel takes (q, k, v, grad_out, lse, delta, grad_q, grad_k, grad_v, mask, limit, ...).
     text_args = _direction_args(q_t, k_i, v_i, grad_t, lse_t, *image)
@@ -341,13 +357,14 @@ def _launch_co_bwd(grad_t, grad_i, q_t, k_t, v_t, q_i, k_i, v_i, out_t, lse_t, o
     text_args[5:5] = [_delta(out_t, grad_t), grads["q_t"], grads["k_i"], grads["v_i"]]
     image_args[5:5] = [_delta(out_i, grad_i), grads["q_i"], grads["k_t"], grads["v_t"]]
     dropout = rng is not None and dropout_p > 0
-    kernels._co_attention_bwd_kernel[grid](
-        *text_args, *image_args, rng if dropout else image[1], heads, scale * math.log2(math.e), scale,
-        float(dropout_p), _keep_scale(dropout_p), per_head,
-        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        HAS_MASK_A=image_mask is not None, HAS_MASK_B=text_mask is not None,
-        DOT_PRECISION=_dot_precision(q_t.dtype), DROPOUT=dropout, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    for dq, (grid, per_head) in zip((False, True), grids):  # dK/dV, then dQ (see _launch_bwd)
+        kernels._co_attention_bwd_kernel[grid](
+            *text_args, *image_args, rng if dropout else image[1], heads, scale * math.log2(math.e), scale,
+            float(dropout_p), _keep_scale(dropout_p), per_head,
+            HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            HAS_KEY_MASK=has_mask, DOT_PRECISION=_dot_precision(q_t.dtype), DROPOUT=dropout, DQ=dq,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return [grads[name] for name in names]
 
 
@@ -832,17 +849,23 @@ def aot_variants():
             for precision in ("tf32", "ieee") if dtype == torch.float32 else ("tf32",):
                 common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                               DOT_PRECISION=precision)
-                name = label + ("-ieee" if precision == "ieee" else "")
-                extra = dict(HAS_BIAS=False, DROPOUT=False) | (dict(BIAS_GRAD=False) if backward else {})
-                variants.append(KernelVariant(single, name, dict(common, CAUSAL=True, HAS_KEY_MASK=True, VARLEN=False,
-                                                                 **extra), pointers, sizes, options, gemm_shaped=True))
-                if head_dim == 64:
-                    variants.append(KernelVariant(pair, name, dict(common, HAS_MASK_A=True, HAS_MASK_B=True,
-                                                                   DROPOUT=False),
+                # the backward is two kernels' worth of launches: dK/dV and dQ (the DQ constexpr)
+                for roles in ((dict(DQ=False), "-dkdv"), (dict(DQ=True), "-dq")) if backward else ((dict(), ""),):
+                    role, suffix = roles
+                    name = label + ("-ieee" if precision == "ieee" else "") + suffix
+                    extra = dict(HAS_BIAS=False, DROPOUT=False, **role) | (dict(BIAS_GRAD=False) if backward else {})
+                    variants.append(KernelVariant(single, name, dict(common, CAUSAL=True, HAS_KEY_MASK=True,
+                                                                     VARLEN=False, **extra),
                                                   pointers, sizes, options, gemm_shaped=True))
-                if head_dim == 64 and precision == "tf32":  # the faithful-pretraining call: bias and dropout on
-                    extra = dict(HAS_BIAS=True, DROPOUT=True) | (dict(BIAS_GRAD=True) if backward else {})
-                    variants.append(KernelVariant(single, name + "-bias-dropout",
-                                                  dict(common, CAUSAL=False, HAS_KEY_MASK=True, VARLEN=False, **extra),
-                                                  pointers, sizes, options, gemm_shaped=True))
+                    if head_dim == 64:
+                        variants.append(KernelVariant(pair, name, dict(common, HAS_KEY_MASK=True, DROPOUT=False,
+                                                                       **role),
+                                                      pointers, sizes, options, gemm_shaped=True))
+                    if head_dim == 64 and precision == "tf32":  # the faithful-pretraining call: bias and dropout on
+                        extra = dict(HAS_BIAS=True, DROPOUT=True, **role) | (
+                            dict(BIAS_GRAD=not role["DQ"]) if backward else {})
+                        variants.append(KernelVariant(single, label + "-bias-dropout" + suffix,
+                                                      dict(common, CAUSAL=False, HAS_KEY_MASK=True, VARLEN=False,
+                                                           **extra),
+                                                      pointers, sizes, options, gemm_shaped=True))
     return variants
