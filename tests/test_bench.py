@@ -52,7 +52,7 @@ def test_quick_cli_writes_csv_and_png(tmp_path, device):
     out = tmp_path / "results"
     # --no-progress needs no tqdm (the [bench] extra's): the run never imports it.
     proc = run_cli("--op", "patch_embed", "--quick", "--device", device, "--providers", "vlkernels,eager",
-                   "--no-progress", "--out", str(out), hide_tqdm=True)
+                   "--no-progress", "--out", str(out), "--min-samples", str(harness.MIN_SAMPLES), hide_tqdm=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "steps" not in proc.stderr, proc.stderr  # no progress lines either
 
@@ -230,8 +230,9 @@ def test_model_step_cases_time_every_model_with_kernels_and_references():
 
     cases = load_cases("model_step", torch.device("cpu"), quick=True)
     assert [case.shape for case in cases] == [f"{name}-tiny-B4" for name in MODELS]
+    fewest = harness.TimingBudget(cpu_min_samples=harness.MIN_SAMPLES, cpu_min_run_time_s=0.0)
     result = run_cases(cases[:2], device=torch.device("cpu"), dtype=torch.float32, modes=("full",),
-                       providers=("vlkernels", "eager"), budget=QUICK_BUDGET, progress=False)
+                       providers=("vlkernels", "eager"), budget=fewest, progress=False)
     assert not result.failures and not result.skipped, result.failures + result.skipped
     timed = {(r["shape"], r["provider"]) for r in result.rows if r["metric"] == "time_ms"}
     assert timed == {(case.shape, provider) for case in cases[:2] for provider in ("vlkernels", "eager")}
@@ -376,3 +377,11 @@ def test_busy_machine_is_called_out(monkeypatch):
     assert "load average 3.8 on 2 cores" in cli._busy_cpu(torch.device("cpu"))
     monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.3, 0.3))
     assert cli._busy_cpu(torch.device("cpu")) == ""
+
+
+def test_min_samples_below_the_floor_is_refused(capsys):
+    from vlkernels.bench import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--op", "patch_embed", "--quick", "--min-samples", str(harness.MIN_SAMPLES - 1)])
+    assert exit_info.value.code == 2 and "too few for p20/p80" in capsys.readouterr().err

@@ -13,6 +13,7 @@ skipped), 2 on bad arguments.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -74,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                         help="start no new case after this many seconds (the rest are recorded as skipped)")
+    parser.add_argument("--min-samples", type=int, default=None, metavar="N",
+                        help=f"at least N (>= {harness.MIN_SAMPLES}) timed samples per CPU time "
+                             f"(default: {harness.QUICK_BUDGET.cpu_min_samples} with --quick, "
+                             f"{harness.FULL_BUDGET.cpu_min_samples} without)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--schedule", choices=("ops", "rounds"), default="ops",
                         help="ops: every case of one op, then the next op; rounds: the first case of every op "
@@ -114,6 +119,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dtype = harness.DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     out_dir = args.out or os.path.join(_results_root(), harness.device_slug(device) + ("-quick" if args.quick else ""))
     budget = harness.QUICK_BUDGET if args.quick else harness.FULL_BUDGET
+    if args.min_samples is not None:
+        if args.min_samples < harness.MIN_SAMPLES:
+            parser.error(f"--min-samples: {args.min_samples} is below {harness.MIN_SAMPLES}, too few for p20/p80")
+        budget = dataclasses.replace(budget, cpu_min_samples=args.min_samples)
 
     cases = {op: load_cases(op, device, args.quick) for op in ops}
     if args.providers:
