@@ -46,6 +46,26 @@ class PretrainingModel(nn.Module):
     def __init__(self, config, use_kernels: bool = True) -> None:
         super().__init__()
         self.config, self.use_kernels = config, use_kernels
+        self.register_load_state_dict_post_hook(_rebuild_after_load)
+
+    def derived_buffers(self) -> dict:
+        """The non-persistent buffers computed from the config, {dotted name: value} (none here).
+        They are not in a checkpoint, so ``reset_parameters()`` and every ``load_state_dict`` rebuild
+        them: FSDP2's meta-device recipe (``to_empty``, then load) and ``load_state_dict(assign=True)``
+        of a meta-built model leave no garbage or meta tensor behind."""
+        return {}
+
+    def reset_parameters(self) -> None:
+        """Rebuild the config-derived buffers on the model's device (the submodules'
+        ``reset_parameters()`` re-initialise their own parameters)."""
+        parameter = next((p for p in self.parameters() if p.device.type != "meta"), None)
+        for name, value in self.derived_buffers().items():
+            owner_name, _, attr = name.rpartition(".")
+            owner = self.get_submodule(owner_name)
+            old = getattr(owner, attr)
+            device = old.device if old.device.type != "meta" or parameter is None else parameter.device
+            dtype = old.dtype if value.is_floating_point() else value.dtype
+            owner.register_buffer(attr, value.to(device=device, dtype=dtype), persistent=False)
 
     def kernels(self):
         return contextlib.nullcontext() if self.use_kernels else use_backend("torch")
@@ -55,6 +75,11 @@ class PretrainingModel(nn.Module):
         """A pretraining batch (inputs and labels for every objective) from vlkernels.models.synthetic:
         ``model(**batch).loss`` trains all objectives."""
         raise NotImplementedError
+
+
+def _rebuild_after_load(module: "PretrainingModel", incompatible_keys) -> None:
+    # A module-level function (not a lambda), so the model still pickles.
+    module.reset_parameters()
 
 
 def init_bert_weights(model: nn.Module, std: float) -> None:
@@ -86,10 +111,12 @@ def check_batch(model: str, **tensors: Optional[torch.Tensor]) -> int:
     """The common batch size of the given tensors (None entries skipped); a ValueError naming
     each tensor's batch size when they differ."""
     sizes = {name: t.shape[0] for name, t in tensors.items() if t is not None}
-    if len(set(sizes.values())) > 1:
+    first = next(iter(sizes.values()))
+    # Comparisons, not a set: hashing a symbolic size would specialise it under torch.compile(dynamic=True).
+    if any(size != first for size in sizes.values()):
         listed = ", ".join(f"{name} {size}" for name, size in sizes.items())
         raise ValueError(f"{model}: the inputs disagree on the batch size ({listed})")
-    return next(iter(sizes.values()))
+    return first
 
 
 def check_text(model: str, input_ids: torch.Tensor, max_len: int, vocab_size: Optional[int] = None) -> None:
@@ -182,11 +209,12 @@ def mask_tokens(input_ids: torch.Tensor, *, vocab_size: int, mask_token_id: int,
 
 def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over the labelled positions (labels -100 elsewhere); logits [..., V],
-    labels [...]. Zero (still connected to the graph) when nothing is labelled."""
+    labels [...]. Zero (still connected to the graph) when nothing is labelled: the sum of the
+    per-position losses (0 where unlabelled) over max(1, labelled count), all tensor ops, so
+    torch.compile computes what eager does and no value is read on the host."""
     flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1)
-    if not torch.compiler.is_compiling() and not bool((flat_labels != IGNORE_INDEX).any()):
-        return flat_logits.sum() * 0.0
-    return F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX)
+    losses = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="none")
+    return losses.sum() / (flat_labels != IGNORE_INDEX).sum().clamp_min(1)
 
 
 def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
@@ -195,7 +223,7 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     (CLIP / VLMo ITC). returns (loss, image-to-text logits [B, B])."""
     image_features = F.normalize(image_features.float(), dim=-1)
     text_features = F.normalize(text_features.float(), dim=-1)
-    logits = logit_scale.exp() * image_features @ text_features.T
+    logits = logit_scale.float().exp() * image_features @ text_features.T  # fp32 whatever the scale's dtype
     targets = torch.arange(logits.shape[0], device=logits.device)
     loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
     return loss, logits

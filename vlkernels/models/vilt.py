@@ -222,6 +222,13 @@ class ViLT(PretrainingModel):
         nn.init.trunc_normal_(self.cls_token, std=c.initializer_range)
         nn.init.trunc_normal_(self.pos_embed, std=c.initializer_range)
 
+    def derived_buffers(self) -> dict:
+        # qkv_bias=False: the zero q/k/v bias buffers (not in ViLT's checkpoints).
+        if self.config.qkv_bias:
+            return {}
+        zeros = torch.zeros(3 * self.config.hidden_size)
+        return {f"blocks.{i}.attn.in_proj_bias": zeros for i in range(len(self.blocks))}
+
     def _init_weights(self, module: nn.Module) -> None:
         # ViLT's initialisation: N(0, initializer_range) weights, zero biases, unit LayerNorms
         # (the patch projection keeps torch's Conv2d default, as in ViLT's timm ViT).

@@ -182,6 +182,7 @@ class VLMo(PretrainingModel):
         self.norm = nn.LayerNorm(d, eps=c.layer_norm_eps)
         if c.relative_position_bias:
             index, entries = relative_position_index(c.max_text_len, self.grid)
+            # Not in VLMo's checkpoints: rebuilt by reset_parameters() and after every load (derived_buffers).
             self.register_buffer("relative_position_index", index, persistent=False)
             # [entries, layers * heads]: one bias per layer and head for each kind of token pair.
             self.relative_position_bias_table = nn.Parameter(torch.zeros(entries, c.num_layers * c.num_heads))
@@ -189,7 +190,9 @@ class VLMo(PretrainingModel):
             self.relative_position_index, self.relative_position_bias_table = None, None
         self.itc_image_proj = nn.Linear(d, d, bias=False)
         self.itc_text_proj = nn.Linear(d, d, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(1 / 0.07).log())
+        # Shape [1], not a scalar: FSDP2 shards no 0-dim parameter (a scalar in an older
+        # checkpoint still loads, see _load_from_state_dict).
+        self.logit_scale = nn.Parameter(torch.tensor([1 / 0.07]).log())
         self.pooler = Pooler(d)
         self.itm_head = nn.Linear(d, 2)
         self.mlm_head = MLMHead(d, c.vocab_size)
@@ -197,6 +200,17 @@ class VLMo(PretrainingModel):
         for parameter in (self.cls_token, self.pos_embed, self.relative_position_bias_table):
             if parameter is not None:
                 nn.init.trunc_normal_(parameter, std=c.initializer_range)
+
+    def derived_buffers(self) -> dict:
+        if self.relative_position_bias_table is None:
+            return {}
+        return {"relative_position_index": relative_position_index(self.config.max_text_len, self.grid)[0]}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "logit_scale"
+        if key in state_dict and state_dict[key].dim() == 0:  # checkpoints from before the [1] shape
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         # VLMo's initialisation: N(0, initializer_range) weights (timm's trunc_normal_, whose

@@ -1,0 +1,350 @@
+"""The life of every public module and reference model beyond one call: copies, pickling,
+saving, state-dict round trips, FSDP2's meta-device recipe, dtype casts and autocast, the
+no-grad modes, frozen parameters, functional_call, checkpointing and hooks, threads, compile
+and export.
+
+Everything is parametrized from REGISTRY: adding a module or a model is one line there
+(a builder and the inputs of one call). Outputs are compared in eval mode (dropout off, the
+visual dictionary not updating) on the default backend, with torch's global RNG reseeded
+before each call (ITM's hard negatives draw from it).
+"""
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlkernels import nn as vnn
+from vlkernels.models import MODELS, build_model
+
+D, H = 16, 2
+
+
+def _rand(*shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+
+
+def _mask(batch, length):
+    return torch.arange(length) < torch.tensor([length, max(1, length - 2)][:batch])[:, None]
+
+
+@dataclass(frozen=True)
+class Entry:
+    build: Callable[[], nn.Module]
+    inputs: Callable[[], tuple]  # (args, kwargs) of one call
+    compile: bool = False  # also run the (slow) compile and export steps
+
+
+def _model(name, **overrides):
+    def build():
+        return build_model(name, "tiny", **overrides)
+
+    def inputs():
+        if name not in _BATCH_MODELS:
+            _BATCH_MODELS[name] = build_model(name, "tiny")
+        model = _BATCH_MODELS[name]
+        return (), model.synthetic_batch(2, generator=torch.Generator().manual_seed(0))
+    return Entry(build, inputs)
+
+
+_BATCH_MODELS: dict = {}
+REGISTRY = {
+    "Mlp": Entry(lambda: vnn.Mlp(D, 32), lambda: ((_rand(2, 5, D),), {}), compile=True),
+    "Pooler": Entry(lambda: vnn.Pooler(D), lambda: ((_rand(2, 5, D),), {})),
+    "PredictionTransform": Entry(lambda: vnn.PredictionTransform(D), lambda: ((_rand(2, 5, D),), {})),
+    "MLMHead": Entry(lambda: vnn.MLMHead(D, 30), lambda: ((_rand(2, 5, D),), {})),
+    "TextEmbeddings": Entry(lambda: vnn.TextEmbeddings(30, D, 8, dropout=0.0),
+                            lambda: ((torch.arange(10).view(2, 5) % 30,), {})),
+    "VLMultiheadAttention": Entry(lambda: vnn.VLMultiheadAttention(D, H),
+                                  lambda: ((_rand(2, 5, D),), {"key_padding_mask": _mask(2, 5)}), compile=True),
+    "MultiheadAttention": Entry(lambda: vnn.MultiheadAttention(D, H, batch_first=True),
+                                lambda: ((_rand(2, 5, D), _rand(2, 5, D), _rand(2, 5, D)), {})),
+    "PostLNAttention": Entry(lambda: vnn.PostLNAttention(D, H), lambda: ((_rand(2, 5, D),), {})),
+    "PostLNFeedForward": Entry(lambda: vnn.PostLNFeedForward(D, 32), lambda: ((_rand(2, 5, D),), {})),
+    "PreLNBlock": Entry(lambda: vnn.PreLNBlock(D, H, 2.0), lambda: ((_rand(2, 5, D), _mask(2, 5)), {})),
+    "BertLayer": Entry(lambda: vnn.BertLayer(D, H, 32), lambda: ((_rand(2, 5, D), _mask(2, 5)), {})),
+    "LXMERTCrossLayer": Entry(lambda: vnn.LXMERTCrossLayer(D, H, 32), lambda: ((_rand(2, 5, D), _rand(2, 4, D)), {})),
+    "METERCrossLayer": Entry(lambda: vnn.METERCrossLayer(D, H, 32), lambda: ((_rand(2, 5, D), _rand(2, 4, D)), {})),
+    "ViLBERTCoLayer": Entry(lambda: vnn.ViLBERTCoLayer(D, 8, D, H, 32, 16),
+                            lambda: ((_rand(2, 5, D), _rand(2, 4, 8)), {})),
+    "MoMEFFN": Entry(lambda: vnn.MoMEFFN(D, 32, ("text", "image")), lambda: ((_rand(2, 5, D),), {"text_len": 2}),
+                     compile=True),
+    "VLMoAttention": Entry(lambda: vnn.VLMoAttention(D, H), lambda: ((_rand(2, 5, D), _mask(2, 5)), {})),
+    "MoMEBlock": Entry(lambda: vnn.MoMEBlock(D, H, 2.0, max_text_len=2), lambda: ((_rand(2, 5, D), _mask(2, 5)), {})),
+    "PatchEmbed": Entry(lambda: vnn.PatchEmbed(8, 4, 3, D), lambda: ((_rand(2, 3, 8, 8),), {})),
+    "VisualDictionary": Entry(lambda: vnn.VisualDictionary(6, D), lambda: ((_rand(2, 5, D),), {})),
+    "WRALoss": Entry(lambda: vnn.WRALoss(iters=5), lambda: ((_rand(2, 5, D), _rand(2, 4, D), _mask(2, 5),
+                                                             _mask(2, 4), torch.tensor([1, 0])), {})),
+    "WPALoss": Entry(lambda: vnn.WPALoss(iters=5), lambda: ((_rand(2, 5, D), _rand(2, 4, D), _mask(2, 5),
+                                                             _mask(2, 4), torch.tensor([1, 0])), {})),
+    **{f"model:{name}": _model(name) for name in MODELS},
+    # config-derived buffers: VLMo's relative_position_index, ViLT's zero q/k/v bias
+    "model:vlmo-relative-position": _model("vlmo", relative_position_bias=True),
+    "model:vilt-no-qkv-bias": _model("vilt", qkv_bias=False),
+}
+def _is_model(name) -> bool:
+    return name.startswith("model:")
+
+
+NAMES = list(REGISTRY)
+# The steps that run many forwards take the modules and two models (a model's forward is slow on CI's CPU).
+LIGHT = [name for name in NAMES if not _is_model(name) or name in ("model:vilt", "model:vlmo")]
+COMPILED = [name for name in NAMES if REGISTRY[name].compile]
+
+
+def _flat(out) -> torch.Tensor:
+    """One tensor from a module's output: a model's loss, else every floating tensor flattened."""
+    if isinstance(out, dict):
+        return out["loss"]
+    if isinstance(out, torch.Tensor):
+        return out
+    flats = [_flat(o).flatten() for o in out if o is not None]
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in flats) else torch.float32
+    return torch.cat([t.to(dtype) for t in flats])
+
+
+def _state(module) -> dict:
+    """Every parameter and buffer, persistent or not, by name."""
+    return {**dict(module.named_parameters(remove_duplicate=False)),
+            **dict(module.named_buffers(remove_duplicate=False))}
+
+
+def _assert_same_state(actual, expected, name) -> None:
+    a, e = _state(actual), _state(expected)
+    assert a.keys() == e.keys(), f"{name}: {sorted(a.keys() ^ e.keys())}"
+    for key in e:
+        assert a[key].device == e[key].device, f"{name}: {key} on {a[key].device}"
+        torch.testing.assert_close(a[key], e[key], rtol=0, atol=0, msg=lambda m: f"{name}: {key}: {m}")
+
+
+def _build(name, seed=0):
+    torch.manual_seed(seed)
+    return REGISTRY[name].build().eval()
+
+
+def _call(module, name, inputs=None):
+    args, kwargs = REGISTRY[name].inputs() if inputs is None else inputs
+    torch.manual_seed(1)
+    return _flat(module(*args, **kwargs))
+
+
+def _float_inputs(name):
+    """The inputs with every floating tensor requiring grad (and those tensors)."""
+    args, kwargs = REGISTRY[name].inputs()
+    leaves = []
+
+    def mark(value):
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            value = value.clone().requires_grad_(True)
+            leaves.append(value)
+        return value
+    return (tuple(mark(a) for a in args), {k: mark(v) for k, v in kwargs.items()}), leaves
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_copies_pickle_and_save(name):
+    module = _build(name)
+    expected = _call(module, name)
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    weights = io.BytesIO()
+    torch.save(module.state_dict(), weights)
+    weights.seek(0)
+    from_weights = _build(name, seed=1)
+    from_weights.load_state_dict(torch.load(weights, weights_only=True), strict=True)
+    buffer.seek(0)
+    copies = (copy.deepcopy(module), pickle.loads(pickle.dumps(module)), torch.load(buffer, weights_only=False),
+              from_weights)
+    for copy_ in copies:
+        _assert_same_state(copy_, module, name)
+    # a model's forward is slow: one copy runs it (the state comparisons cover the others)
+    for copy_ in copies[2:3] if _is_model(name) else copies:
+        torch.testing.assert_close(_call(copy_.eval(), name), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_meta_device_recipe(name):
+    """FSDP2's recipe: build on meta, to_empty, reset_parameters(), load the checkpoint; and
+    load_state_dict(assign=True) into a meta-built module. Both compute as the original."""
+    module = _build(name)
+    state = module.state_dict()
+    with torch.device("meta"):
+        empty = _build(name, seed=1)
+    empty.to_empty(device="cpu")
+    for m in empty.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    empty.load_state_dict(state, strict=True)
+    _assert_same_state(empty, module, name)  # non-persistent buffers included
+    with torch.device("meta"):
+        assigned = _build(name, seed=1)
+    assigned.load_state_dict(state, strict=True, assign=True)
+    on_meta = [n for n, t in [*assigned.named_parameters(), *assigned.named_buffers()] if t.is_meta]
+    assert not on_meta, f"{name}: still on meta after load_state_dict(assign=True): {on_meta}"
+    _assert_same_state(assigned, module, name)
+    if not _is_model(name):
+        expected = _call(module, name)
+        for rebuilt in (empty, assigned):
+            torch.testing.assert_close(_call(rebuilt, name), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", LIGHT)
+def test_dtype_casts_and_autocast(name):
+    module = _build(name)
+    expected = _call(module, name)
+    args, kwargs = REGISTRY[name].inputs()
+    to64 = [t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in args]
+    kw64 = {k: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for k, t in kwargs.items()}
+    wide = copy.deepcopy(module).double()
+    try:
+        out64 = _call(wide, name, (to64, kw64))
+    except (TypeError, ValueError) as error:  # a clear refusal naming the op or module is acceptable
+        assert any(word in str(error) for word in ("float64", "dtype", "double")), error
+    else:
+        # the models compute their losses in fp32 whatever the dtype (as the papers' code does)
+        assert out64.dtype == (torch.float32 if _is_model(name) else torch.float64), out64.dtype
+        torch.testing.assert_close(out64.to(expected.dtype), expected, rtol=1e-4, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = _call(module, name)
+    assert low.shape == expected.shape and bool(torch.isfinite(low.float()).all())
+
+
+@pytest.mark.parametrize("name", LIGHT)
+def test_grad_modes_frozen_parameters_and_functional_call(name):
+    module = _build(name)
+    expected = _call(module, name)
+    with torch.no_grad():
+        torch.testing.assert_close(_call(module, name), expected, rtol=0, atol=0)
+    with torch.inference_mode():
+        torch.testing.assert_close(_call(module, name), expected, rtol=0, atol=0)
+    other = _build(name, seed=1)
+    state = {**dict(other.named_parameters()), **dict(other.named_buffers())}
+    args, kwargs = REGISTRY[name].inputs()
+    torch.manual_seed(1)
+    functional = _flat(torch.func.functional_call(module, state, args, kwargs))
+    torch.testing.assert_close(functional, _call(other, name), rtol=0, atol=0)
+    # frozen parameters: the float inputs still get gradients
+    module.requires_grad_(False)
+    inputs, leaves = _float_inputs(name)
+    out = _call(module, name, inputs)
+    if leaves and out.requires_grad:
+        grads = torch.autograd.grad(out.float().sum(), leaves, allow_unused=True)
+        assert any(g is not None and bool(g.ne(0).any()) for g in grads)
+    assert all(p.grad is None for p in module.parameters())
+
+
+@pytest.mark.parametrize("name", LIGHT)
+def test_hooks_checkpointing_and_threads(name):
+    module = _build(name)
+    expected = _call(module, name)
+    seen = []
+    handle = module.register_forward_hook(lambda m, args, kwargs, out: seen.append(out), with_kwargs=True)
+    _call(module, name)
+    handle.remove()
+    assert len(seen) == 1
+    inputs, leaves = _float_inputs(name)
+    args, kwargs = inputs
+    torch.manual_seed(1)
+    checkpointed = _flat(torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False, **kwargs))
+    torch.testing.assert_close(checkpointed, expected, rtol=0, atol=0)
+    first = list(module.parameters())[:1]
+    if checkpointed.requires_grad and first:
+        g_ckpt = torch.autograd.grad(checkpointed.float().sum(), first, allow_unused=True)
+        plain = _call(module, name, inputs)
+        g_plain = torch.autograd.grad(plain.float().sum(), first, allow_unused=True)
+        if g_plain[0] is not None:
+            torch.testing.assert_close(g_ckpt[0], g_plain[0])
+    # two threads, each on its own copy, compute what one thread does
+    results = {}
+
+    def work(i, copy_):
+        with torch.no_grad():
+            results[i] = _flat(copy_(*REGISTRY[name].inputs()[0], **REGISTRY[name].inputs()[1]))
+    threads = [threading.Thread(target=work, args=(i, copy.deepcopy(module))) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if not name.startswith("model:"):  # models draw ITM negatives from the global RNG, shared by threads
+        for i in range(2):
+            torch.testing.assert_close(results[i], expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", COMPILED)
+def test_compile_and_export(name):
+    """Static compile (one graph, no break) equals eager; torch.export works or refuses clearly."""
+    import torch._dynamo.testing
+
+    module = _build(name)
+    expected = _call(module, name)
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(module, backend=counter, fullgraph=True)
+    torch.testing.assert_close(_call(compiled, name), expected)
+    assert counter.frame_count == 1
+    args, kwargs = REGISTRY[name].inputs()
+    exported = torch.export.export(module, args, kwargs)
+    torch.testing.assert_close(_flat(exported.module()(*args, **kwargs)), expected)
+
+
+def test_dynamic_compile_one_graph_over_sizes():
+    """dynamic=True: one graph over 4 batch sizes and sequence lengths (MoMEFFN, VLMultiheadAttention)."""
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    for name, build in (("Mlp", lambda: vnn.Mlp(D, 32)),
+                        ("VLMultiheadAttention", lambda: vnn.VLMultiheadAttention(D, H))):
+        module = build().eval()
+        counter = torch._dynamo.testing.CompileCounter()
+        compiled = torch.compile(module, backend=counter, dynamic=True, fullgraph=True)
+        for batch, length in ((2, 5), (3, 7), (4, 9), (5, 11)):
+            x = torch.randn(batch, length, D)
+            torch.testing.assert_close(compiled(x), module(x))
+        assert counter.frame_count == 1, f"{name}: {counter.frame_count} graphs over 4 sizes"
+
+
+def test_masked_lm_loss_without_labels_compiled():
+    """The nothing-labelled branch is tensor ops: compiled and eager agree (0, connected to the graph)."""
+    from vlkernels.models.common import masked_lm_loss
+
+    logits = torch.randn(2, 5, 7, requires_grad=True)
+    for labels in (torch.full((2, 5), -100), torch.randint(7, (2, 5))):
+        eager = masked_lm_loss(logits, labels)
+        compiled = torch.compile(masked_lm_loss, fullgraph=True, dynamic=False)(logits, labels)
+        torch.testing.assert_close(compiled, eager)
+        reference = (F.cross_entropy(logits.reshape(-1, 7), labels.reshape(-1)) if (labels != -100).any()
+                     else torch.tensor(0.0))
+        torch.testing.assert_close(eager, reference)
+        assert eager.requires_grad
+
+
+def test_vlmo_loads_a_scalar_logit_scale():
+    """logit_scale is [1] (FSDP2 shards no scalar); a checkpoint with the old 0-dim one still loads."""
+    model = build_model("vlmo", "tiny")
+    state = model.state_dict()
+    state["logit_scale"] = torch.tensor(1.25)
+    model.load_state_dict(state, strict=True)
+    assert model.logit_scale.shape == (1,) and model.logit_scale.item() == 1.25
+
+
+def test_check_batch_keeps_the_batch_dynamic():
+    """check_batch compares sizes without hashing them: one graph over 4 batch sizes under dynamic=True."""
+    import torch._dynamo.testing
+
+    from vlkernels.models.common import check_batch
+
+    counter = torch._dynamo.testing.CompileCounter()
+
+    @torch.compile(backend=counter, dynamic=True, fullgraph=True)
+    def scaled(a, b):
+        return a * check_batch("M", a=a, b=b, c=None)
+    for batch in (2, 3, 5, 7):
+        torch.testing.assert_close(scaled(torch.ones(batch, 3), torch.ones(batch)), torch.full((batch, 3), batch * 1.0))
+    assert counter.frame_count == 1
