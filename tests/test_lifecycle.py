@@ -348,3 +348,21 @@ def test_check_batch_keeps_the_batch_dynamic():
     for batch in (2, 3, 5, 7):
         torch.testing.assert_close(scaled(torch.ones(batch, 3), torch.ones(batch)), torch.full((batch, 3), batch * 1.0))
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("name", ["MoMEFFN", "VLMultiheadAttention"])
+def test_triton_path_copies_and_meta_recipe(name):
+    """The Triton path (the interpreter on CPU) at small sizes: a pickled copy and a module
+    rebuilt by the meta recipe compute what the original does."""
+    from vlkernels import _backend, use_backend
+    why = _backend.triton_refusal(torch.device("cpu"))
+    if why:
+        pytest.skip(why)
+    module = _build(name)
+    with torch.device("meta"):
+        rebuilt = _build(name, seed=1)
+    rebuilt.load_state_dict(module.state_dict(), assign=True)
+    with use_backend("triton"):
+        expected = _call(module, name)
+        for copy_ in (pickle.loads(pickle.dumps(module)), rebuilt):
+            torch.testing.assert_close(_call(copy_.eval(), name), expected, rtol=0, atol=0)
