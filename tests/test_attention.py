@@ -1197,3 +1197,24 @@ def test_bad_bias_is_refused_clearly(backend, case):
         bias = bias.to(DEVICE)
     with vlkernels.use_backend(backend), pytest.raises(error, match=message):
         attention(q, k, k, bias=bias)
+
+
+@pytest.mark.parametrize("dtype", kernel_dtypes(), ids=dtype_id)
+def test_right_padded_and_holed_key_masks(dtype):
+    """Key masks the kernels read through their limits only (right-padded, one all-real row)
+    and masks with holes after a long real run (the blocks past the run read the mask bytes):
+    forward and gradients vs float64, above the key block sizes."""
+    generator = torch.Generator().manual_seed(15)
+    b, h, s, d = 4, 1, 150, 16
+    q, k, v = (torch.randn(b, h, s, d, generator=generator).to(DEVICE, dtype).requires_grad_() for _ in range(3))
+    mask = torch.ones(b, s, dtype=torch.bool)
+    mask[0, 70:] = False          # right-padded, the limit inside a block
+    mask[1, 41] = False           # a hole after a run spanning a block boundary
+    mask[2, 100:120] = False      # a gap, then real keys again to the end
+    grad_out = torch.randn(b, h, s, d, generator=generator).to(DEVICE, dtype)
+    with vlkernels.use_backend("triton"), poisoned_allocations():
+        out = attention(q, k, v, key_mask=mask.to(DEVICE), causal=True)
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    out64, grads64 = reference_run(q, k, v, grad_out, torch.float64, "cpu", key_mask=mask, causal=True)
+    out_t, grads_t = reference_run(q, k, v, grad_out, dtype, DEVICE, key_mask=mask.to(DEVICE), causal=True)
+    _grads_vs_reference("masks", [out], grads, [out64], grads64, [out_t], grads_t)

@@ -95,11 +95,15 @@ def _sequence(cu_seqlens, batch, max_len, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _real_keys(offs_n, key_len, key_mask_row, HAS_KEY_MASK: tl.constexpr):
-    # [BLOCK_N] bool: is key offs_n a real key (inside the sequence and not padding).
+def _real_keys(offs_n, block_end, key_len, key_mask_row, dense, HAS_KEY_MASK: tl.constexpr):
+    # [BLOCK_N] bool: is key offs_n a real key (inside the sequence and not padding). Keys
+    # below `dense` (the mask's leading run of real keys, from _key_limits) are real without a
+    # look: only a block reaching past it loads mask bytes, so a right-padded mask (dense = its
+    # limit, which key_len already is) never does; an arbitrary mask does past its first hole.
     real = offs_n < key_len
     if HAS_KEY_MASK:
-        real = real & (tl.load(key_mask_row + offs_n, mask=real, other=0) != 0)
+        if tl.minimum(block_end, key_len) > dense:  # a key of the block before key_len is past the run
+            real = real & (tl.load(key_mask_row + offs_n, mask=real, other=0) != 0)
     return real
 
 
@@ -151,7 +155,7 @@ def _attention_fwd_tile(
     start_m = pid_m * BLOCK_M
     if start_m < q_len:
         if HAS_KEY_MASK:
-            k_len = tl.minimum(k_len, tl.load(key_limit + 2 * batch))  # trailing padding: skip its tiles
+            k_len = tl.minimum(k_len, tl.load(key_limit + 3 * batch))  # trailing padding: skip its tiles
         prefix = 0
         if CAUSAL:
             prefix = tl.load(prefix_len + batch)
@@ -159,8 +163,10 @@ def _attention_fwd_tile(
         # Does a row see any key? From the mask alone, with no reduction in the loop: the first
         # real key exists (k_len > first) and, under CAUSAL, is at or before the row or in the prefix.
         first = 0
+        dense = 0
         if HAS_KEY_MASK:
-            first = tl.load(key_limit + 2 * batch + 1)
+            first = tl.load(key_limit + 3 * batch + 1)
+            dense = tl.load(key_limit + 3 * batch + 2)
         seen = (first < k_len) & (offs_m >= 0)
         if CAUSAL:
             seen = seen & ((first <= offs_m) | (first < prefix))
@@ -182,7 +188,7 @@ def _attention_fwd_tile(
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         for start_n in range(0, _key_end(start_m, k_len, prefix, BLOCK_M, CAUSAL), BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            real = _real_keys(offs_n, k_len, mask_row, HAS_KEY_MASK)
+            real = _real_keys(offs_n, start_n + BLOCK_N, k_len, mask_row, dense, HAS_KEY_MASK)
             # Padded keys load as 0: a NaN stored there must not reach the products.
             k_tile = tl.load(k_base + offs_n[None, :].to(tl.int64) * sk_s + offs_d[:, None],
                              mask=d_ok[:, None] & real[None, :], other=0.0)
@@ -237,8 +243,10 @@ def _attention_bwd_tile(
     q_begin, q_len = _sequence(cu_q, batch, seq_q, VARLEN)
     k_begin, k_len = _sequence(cu_k, batch, seq_k, VARLEN)
     key_len = k_len
+    dense = 0
     if HAS_KEY_MASK:
-        key_len = tl.minimum(k_len, tl.load(key_limit + 2 * batch))
+        key_len = tl.minimum(k_len, tl.load(key_limit + 3 * batch))
+        dense = tl.load(key_limit + 3 * batch + 2)
     prefix = 0
     if CAUSAL:
         prefix = tl.load(prefix_len + batch)
@@ -267,7 +275,7 @@ def _attention_bwd_tile(
         if start_n < k_len:
             offs_n = start_n + tl.arange(0, BLOCK_N)
             n_ok = offs_n < k_len
-            real = _real_keys(offs_n, key_len, mask_row, HAS_KEY_MASK)
+            real = _real_keys(offs_n, start_n + BLOCK_N, key_len, mask_row, dense, HAS_KEY_MASK)
             load_mask = real[:, None] & d_ok[None, :]  # padded keys load as 0 (a NaN there reaches nothing)
             k_tile = tl.load(k_base + offs_n[:, None].to(tl.int64) * sk_s + offs_d[None, :], mask=load_mask, other=0.0)
             v_tile = tl.load(v_base + offs_n[:, None].to(tl.int64) * sv_s + offs_d[None, :], mask=load_mask, other=0.0)
@@ -349,7 +357,7 @@ def _attention_bwd_tile(
             grad_q_acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
             for start_n in range(0, _key_end(start_m, key_len, prefix, BLOCK_M, CAUSAL), BLOCK_N):
                 offs_n = start_n + tl.arange(0, BLOCK_N)
-                real = _real_keys(offs_n, key_len, mask_row, HAS_KEY_MASK)
+                real = _real_keys(offs_n, start_n + BLOCK_N, key_len, mask_row, dense, HAS_KEY_MASK)
                 load_mask = d_ok[:, None] & real[None, :]
                 k_tile = tl.load(k_base + offs_n[None, :].to(tl.int64) * sk_s + offs_d[:, None], mask=load_mask,
                                  other=0.0)

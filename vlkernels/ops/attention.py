@@ -98,21 +98,24 @@ def _grad_buffer(t: torch.Tensor) -> torch.Tensor:
 
 
 def _key_limits(key_mask: Optional[torch.Tensor], batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask as uint8 [B, Sk], [B, 2] int32 of (1 + index of each row's last real key, index of
-    its first real key; (0, 0) without any)): the kernels skip every key tile after the last
-    real key and decide from the first whether a query row sees any key."""
+    """(mask as uint8 [B, Sk], [B, 3] int32 of (1 + index of each row's last real key, index of
+    its first real key, length of its leading run of real keys; (0, 0, 0) without any)): the
+    kernels skip every key tile after the last real key, decide from the first whether a query
+    row sees any key, and read mask bytes only in blocks past the leading run (none for a
+    right-padded mask). Computed once per call, by device ops (no host read)."""
     if key_mask is None:
         empty = torch.zeros(1, dtype=torch.int32, device=device)
         return empty, empty
     if key_mask.shape[1] == 0:  # no keys at all (amax has nothing to reduce): every row is empty
-        return key_mask.contiguous().view(torch.uint8), torch.zeros(batch, 2, dtype=torch.int32, device=device)
+        return key_mask.contiguous().view(torch.uint8), torch.zeros(batch, 3, dtype=torch.int32, device=device)
     keys = key_mask.shape[1]
     positions = torch.arange(1, keys + 1, device=device, dtype=torch.int32)
     real = key_mask.to(torch.int32)
     limit = (real * positions).amax(1)
     first = torch.where(key_mask, positions - 1, keys).amin(1)  # keys (= past the end) when none is real
     first = torch.where(limit > 0, first, 0)
-    return key_mask.contiguous().view(torch.uint8), torch.stack([limit, first], 1).to(torch.int32).contiguous()
+    dense = torch.where(key_mask, keys, positions - 1).amin(1)  # the first padded key (keys when none)
+    return key_mask.contiguous().view(torch.uint8), torch.stack([limit, first, dense], 1).to(torch.int32).contiguous()
 
 
 # CUDA caps grid axis 0 at 2**31 - 1 programs and axes 1 and 2 at 65535. Every launch here puts
