@@ -1179,6 +1179,33 @@ def test_bias_with_causal_dropout_and_fp32_bias_for_fp16_inputs():
     assert_matches_reference("bias+dropout grad bias", runs[0][4].half(), grads64[3], grads16[3])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bias_at_the_most_negative_float_stays_finite(backend):
+    """HF's padding value finfo(fp32).min as a bias: keys carrying it get no weight, and a row
+    that is finfo.min throughout is a softmax of equal scores (fp32 torch: the mean of v) —
+    never the NaN of an overflow to -inf. Gradients stay finite too."""
+    generator = torch.Generator().manual_seed(23)
+    b, h, sq, sk, d = 1, 2, 70, 45, 16
+    q, k, v = (torch.randn(b, h, s, d, generator=generator).to(DEVICE).requires_grad_() for s in (sq, sk, sk))
+    bias = torch.zeros(b, 1, sq, sk)
+    low = torch.finfo(torch.float32).min
+    bias[..., 30:] = low  # the last keys padded on every row
+    bias[..., 5, :] = low  # query 5 sees every key through the same bias
+    bias = bias.to(DEVICE)
+    with vlkernels.use_backend(backend):
+        out = attention(q, k, v, bias=bias)
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    torch.testing.assert_close(out[:, :, 5], v.detach().mean(dim=2), rtol=1e-5, atol=1e-5)
+    rows = [i for i in range(sq) if i != 5]
+    key_mask = torch.zeros(b, sk, dtype=torch.bool)
+    key_mask[:, :30] = True
+    out64 = reference.attention(*_float64((q, k, v)), key_mask=key_mask)
+    assert_matches_reference("finfo.min bias", out[:, :, rows], out64[:, :, rows],
+                             reference.attention(q.detach(), k.detach(), v.detach(),
+                                                 key_mask=key_mask.to(DEVICE))[:, :, rows])
+
+
 BAD_BIAS = {
     "too-long": (torch.zeros(2, 3, 9, 12), ValueError, r"does not broadcast to \[B, H, Sq, Sk\]"),
     "five-dims": (torch.zeros(1, 2, 3, 9, 11), ValueError, "does not broadcast"),

@@ -51,6 +51,7 @@ import triton.language as tl
 
 
 LOG2E = tl.constexpr(1.4426950408889634)
+FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
@@ -80,9 +81,13 @@ def _rng_state(rng, stream):
 @triton.jit
 def _bias_tile(bias_base, offs_m, offs_n, m_ok, real, sb_m, sb_n):
     # [BLOCK_M, BLOCK_N] fp32 additive bias in log2 units; 0 outside the rows / real keys.
+    # A finite bias stays finite in log2 units: HF's padding value finfo(fp32).min times log2(e)
+    # would overflow to -inf, and a row of -inf gives NaN where the natural-unit softmax is defined.
+    # -inf and NaN from the caller pass through unchanged.
     tile = tl.load(bias_base + offs_m[:, None].to(tl.int64) * sb_m + offs_n[None, :].to(tl.int64) * sb_n,
-                   mask=m_ok[:, None] & real[None, :], other=0.0)
-    return tile.to(tl.float32) * LOG2E
+                   mask=m_ok[:, None] & real[None, :], other=0.0).to(tl.float32)
+    scaled = tile * LOG2E
+    return tl.where((tile > float("-inf")) & (scaled < -FLOAT32_MAX), -FLOAT32_MAX, scaled)
 
 
 @triton.jit
