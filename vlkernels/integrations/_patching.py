@@ -8,7 +8,7 @@ with the same parameters as ``cls.forward``):
   instance ``__dict__``, so parameters, buffers, the state dict and hooks are untouched, and
   ``nn.Module.__call__`` finds the instance ``forward`` before the class one. Revert deletes it.
   A :class:`BoundForward` (not a ``types.MethodType``, which pickles as ``getattr(module,
-  fn.__name__)``, a name the module does not have) pickles, deep-copies and ``torch.save``\ s
+  fn.__name__)``, a name the module does not have) pickles, deep-copies and ``torch.save``-s
   with the module: the function by its qualified name, the module by reference.
 - no model: ``cls.forward = fn``, Liger-Kernel style, so every instance uses it (those created
   later too). The HF function is kept on the class under ``_ORIGINAL`` until revert puts it back.

@@ -558,6 +558,9 @@ def _check_bias(op: str, bias: Optional[torch.Tensor], q: torch.Tensor, k: torch
                          f"{list(target)}")
 
 
+_KEEP_BLOCK_M, _KEEP_BLOCK_N = 32, 64  # 64 x 64 spills the Philox state at 4 warps (255 registers)
+
+
 def _dropout_keep_mask(rng: torch.Tensor, batch_heads: int, seq_q: int, seq_k: int, dropout_p: float,
                        stream: int = 0) -> torch.Tensor:
     """Debug / test path: the bool [batch_heads, Sq, Sk] keep mask that the Triton kernels use
@@ -565,7 +568,7 @@ def _dropout_keep_mask(rng: torch.Tensor, batch_heads: int, seq_q: int, seq_k: i
     Varlen calls index it as the padded [N * H, max_seqlen_q, max_seqlen_k] batch; stream 1 is
     co-attention's image-query direction."""
     keep = torch.empty((batch_heads, seq_q, seq_k), device=rng.device, dtype=torch.uint8)
-    block_m, block_n = 64, 64
+    block_m, block_n = _KEEP_BLOCK_M, _KEEP_BLOCK_N
     per_head = triton.cdiv(seq_q, block_m)
     grid = _grid("dropout_keep_mask", per_head, batch_heads)
     if grid[0] and seq_k:
@@ -871,4 +874,10 @@ def aot_variants():
                                                       dict(common, CAUSAL=False, HAS_KEY_MASK=True, VARLEN=False,
                                                            **extra),
                                                       pointers, sizes, options, gemm_shaped=True))
+    # the debug / test path's keep-mask writer, as _dropout_keep_mask launches it
+    variants.append(KernelVariant(kernels._dropout_keep_kernel, "debug",
+                                  dict(BLOCK_M=_KEEP_BLOCK_M, BLOCK_N=_KEEP_BLOCK_N),
+                                  dict(rng=torch.int64, keep=torch.uint8),
+                                  dict(seq_q=185, seq_k=185, dropout_p=0.1, stream=0, programs_per_head=6),
+                                  dict(num_warps=4)))
     return variants
