@@ -95,24 +95,73 @@ inline float dot_any(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
-// out[a][b] = <x[a], y[b]> for four rows of x and four of y, each of length n: sixteen vector
-// accumulators stay in registers while the rows stream through once.
+// 8 floats: one ymm register (AVX2, AVX-512), two xmm ones.
+typedef float Eight __attribute__((vector_size(8 * sizeof(float))));
+typedef int32_t EightIndex __attribute__((vector_size(8 * sizeof(int32_t))));
+
+inline Eight load_eight(const float* p) {
+  Eight v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline float sum_eight(Eight v) {
+  v += __builtin_shuffle(v, EightIndex{4, 5, 6, 7, 0, 1, 2, 3});
+  v += __builtin_shuffle(v, EightIndex{2, 3, 0, 1, 6, 7, 4, 5});
+  v += __builtin_shuffle(v, EightIndex{1, 0, 3, 2, 5, 4, 7, 6});
+  return v[0];
+}
+
+// out[a][b] = <x[a], y[b]> for four rows of x and four of y, each of length n, as two 4 x 2
+// blocks: eight 8-float accumulators and six operands fit AVX2's sixteen ymm registers (a
+// 4 x 4 block of 16-float accumulators would take 32 and spill), the rows streaming from L1.
 inline void dot_4x4(const float* const* x, const float* const* y, int64_t n, float out[4][4]) {
-  Lanes acc[4][4] = {};
-  const int64_t whole = n / kLanes * kLanes;
-  for (int64_t d = 0; d < whole; d += kLanes) {
-    Lanes xv[4], yv[4];
-    for (int a = 0; a < 4; ++a) xv[a] = load_lanes(x[a] + d);
-    for (int b = 0; b < 4; ++b) yv[b] = load_lanes(y[b] + d);
+  const int64_t whole = n / 8 * 8;
+  for (int b0 = 0; b0 < 4; b0 += 2) {
+    Eight acc[4][2] = {};
+    for (int64_t d = 0; d < whole; d += 8) {
+      const Eight y0 = load_eight(y[b0] + d), y1 = load_eight(y[b0 + 1] + d);
+      for (int a = 0; a < 4; ++a) {
+        const Eight xv = load_eight(x[a] + d);
+        acc[a][0] += xv * y0;
+        acc[a][1] += xv * y1;
+      }
+    }
     for (int a = 0; a < 4; ++a) {
-      for (int b = 0; b < 4; ++b) acc[a][b] += xv[a] * yv[b];
+      for (int b = 0; b < 2; ++b) {
+        float sum = sum_eight(acc[a][b]);
+        for (int64_t d = whole; d < n; ++d) sum += x[a][d] * y[b0 + b][d];
+        out[a][b0 + b] = sum;
+      }
     }
   }
-  for (int a = 0; a < 4; ++a) {
-    for (int b = 0; b < 4; ++b) {
-      float sum = sum_lanes(acc[a][b]);
-      for (int64_t d = whole; d < n; ++d) sum += x[a][d] * y[b][d];
-      out[a][b] = sum;
+}
+// acc[g][d] = sum_t w4[4 t + g] * rows[t][d] for g < 4, d < n, rows[t] = base + index[t] * n:
+// 16 floats of four outputs (eight accumulators) stay in registers while the rows stream by.
+inline void weighted_rows_4(const float* base, const int64_t* index, int64_t count, int64_t n, const float* w4,
+                            float* acc) {
+  const int64_t whole = n / 16 * 16;
+  for (int64_t d = 0; d < whole; d += 16) {
+    Eight sum[4][2] = {};
+    for (int64_t t = 0; t < count; ++t) {
+      const float* row = base + index[t] * n + d;
+      const Eight r0 = load_eight(row), r1 = load_eight(row + 8);
+      for (int g = 0; g < 4; ++g) {
+        const float w = w4[4 * t + g];
+        sum[g][0] += w * r0;
+        sum[g][1] += w * r1;
+      }
+    }
+    for (int g = 0; g < 4; ++g) {
+      std::memcpy(acc + g * n + d, &sum[g][0], sizeof(Eight));
+      std::memcpy(acc + g * n + d + 8, &sum[g][1], sizeof(Eight));
+    }
+  }
+  for (int64_t d = whole; d < n; ++d) {
+    for (int g = 0; g < 4; ++g) {
+      float sum = 0.0f;
+      for (int64_t t = 0; t < count; ++t) sum += w4[4 * t + g] * base[index[t] * n + d];
+      acc[g * n + d] = sum;
     }
   }
 }
@@ -127,6 +176,17 @@ inline float dot_any(const float* a, const float* b, int64_t n) { return dot(a, 
 inline void dot_4x4(const float* const* x, const float* const* y, int64_t n, float out[4][4]) {
   for (int a = 0; a < 4; ++a) {
     for (int b = 0; b < 4; ++b) out[a][b] = dot(x[a], y[b], n);
+  }
+}
+inline void weighted_rows_4(const float* base, const int64_t* index, int64_t count, int64_t n, const float* w4,
+                            float* acc) {
+  std::fill(acc, acc + 4 * n, 0.0f);
+  for (int64_t t = 0; t < count; ++t) {
+    const float* row = base + index[t] * n;
+    for (int g = 0; g < 4; ++g) {
+#pragma omp simd
+      for (int64_t d = 0; d < n; ++d) acc[g * n + d] += w4[4 * t + g] * row[d];
+    }
   }
 }
 #endif
@@ -146,8 +206,8 @@ class FlushDenormals {
 
 // One problem's working set, reused across the problems a thread solves.
 struct Scratch {
-  std::vector<float> kernel, work, col_vec, col_acc, col_pen, col_aux, row_vec, row_pen;
-  std::vector<float> cost, x_len, y_len, accum;  // WRA: the cost of the stored rows, norms, gradient rows
+  std::vector<float> kernel, work, col_vec, col_acc, col_pen, col_aux, row_vec, row_pen, row_aux;
+  std::vector<float> cost, x_len, y_len, accum, w4;  // WRA: the cost of the stored rows, norms, gradient rows
   std::vector<int64_t> row_index, col_index;
   void resize(int64_t rows, int64_t cols, int64_t dim = 0) {
     const int64_t npad = padded(cols);
@@ -159,6 +219,7 @@ struct Scratch {
       x_len.resize(rows);
       y_len.resize(cols);
       accum.resize(4 * dim);
+      w4.resize(4 * std::max(rows, cols));
     }
     kernel.resize(rows * npad);
     work.resize(rows * npad);
@@ -167,6 +228,7 @@ struct Scratch {
     col_pen.resize(npad);
     row_vec.resize(rows);
     row_pen.resize(rows);
+    row_aux.resize(rows);
   }
 };
 
@@ -471,6 +533,7 @@ void wra_backward_problem(const float* x, const float* y, const uint8_t* x_mask,
     }
   }
   float* accum = s.accum.data();  // four rows of (S y)
+  float* w4 = s.w4.data();        // their weights, four per other row
   // side 0: the rows of x against y (S); side 1: the rows of y against x (S^T)
   for (int side = 0; side < 2; ++side) {
     const int64_t own_count = side == 0 ? valid.rows : valid.cols;
@@ -483,18 +546,13 @@ void wra_backward_problem(const float* x, const float* y, const uint8_t* x_mask,
     float* out = side == 0 ? grad_x : grad_y;
     for (int64_t o0 = 0; o0 < own_count; o0 += 4) {
       const int64_t group = std::min<int64_t>(4, own_count - o0);
-      std::fill(accum, accum + 4 * dim, 0.0f);
-      for (int64_t t = 0; t < other_count; ++t) {
-        const float* other_row = other + other_index[t] * dim;
-        for (int64_t g = 0; g < group; ++g) {
+      for (int64_t t = 0; t < other_count; ++t) {  // the group's weights by other row, 0 past the group
+        for (int64_t g = 0; g < 4; ++g) {
           const int64_t o = o0 + g;
-          const float w = side == 0 ? weight[o * valid.cols + t] : weight[t * valid.cols + o];
-          if (w == 0.0f) continue;
-          float* acc = accum + g * dim;
-#pragma omp simd
-          for (int64_t d = 0; d < dim; ++d) acc[d] += w * other_row[d];
+          w4[4 * t + g] = g >= group ? 0.0f : side == 0 ? weight[o * valid.cols + t] : weight[t * valid.cols + o];
         }
       }
+      weighted_rows_4(other, other_index, other_count, dim, w4, accum);
       for (int64_t g = 0; g < group; ++g) {
         const int64_t o = o0 + g;
         const float* own_row = own + own_index[o] * dim;
@@ -509,16 +567,27 @@ void wra_backward_problem(const float* x, const float* y, const uint8_t* x_mask,
   }
 }
 
+// The log-domain Sinkhorn keeps the plan's entries E = exp(K + f + g) and rescales them by
+// exp(g_new - g) = b_j / column sum and exp(f_new - f) = a_i / row sum as the potentials move
+// (the scaling iteration on E, the potentials tracked in logs), so an iteration costs no
+// exponential per entry. E is exponentiated afresh from K, f and g in the first
+// kSinkhornWarmup iterations (the potentials move most), every kSinkhornExactEvery-th one (the
+// rescalings' rounding stays within ~kSinkhornExactEvery ulp), and after a line's sum left
+// [1e-30, 1e30] (its potential then comes from an exact log-sum-exp).
+constexpr int64_t kSinkhornWarmup = 4;
+constexpr int64_t kSinkhornExactEvery = 8;
+
 // Sinkhorn on one problem (see ot_step.h), over its support only: the rows with a_i > 0 are
 // stored compactly, the columns run to the last one with b_j > 0 (-inf / 0 kernel entries off
-// it). In the log domain each line's log-sum-exp is taken relative to its previous potential:
-// sum_k exp(K + other_k + own) is then the line's current marginal, at most ~1 per term, so no
-// max pass is needed; a sum outside [1e-30, 1e30] (first iterations, extreme costs) is redone
-// with the exact maximum.
+// it). Each iteration is the column update from the column sums of the last sweep, then one
+// sweep over the rows: row i's sum gives its new potential (or scaling), after which its
+// entries are rescaled and added into the next column sums. In the log domain each line's
+// log-sum-exp is taken relative to its previous potential: the sum of its entries of E, the
+// line's current marginal, at most ~1 per term, so no max pass is needed; a sum outside
+// [1e-30, 1e30] (first iterations, extreme costs) is redone with the exact maximum.
 VLK_SIMD_CLONES
 void sinkhorn_problem(const float* cost, const float* a, const float* b, int64_t rows, int64_t cols, float reg,
                       int64_t iters, float tol, bool log_domain, float* plan, Scratch& s) {
-  std::fill(plan, plan + rows * cols, 0.0f);
   int64_t* row_index = s.row_index.data();
   int64_t count = 0, col_end = 0;
   for (int64_t i = 0; i < rows; ++i) {
@@ -527,55 +596,51 @@ void sinkhorn_problem(const float* cost, const float* a, const float* b, int64_t
   for (int64_t j = 0; j < cols; ++j) {
     if (b[j] > 0.0f) col_end = j + 1;
   }
-  if (count == 0 || col_end == 0) return;  // nothing to transport: zero plan
+  if (count == 0 || col_end == 0) {  // nothing to transport: zero plan
+    std::fill(plan, plan + rows * cols, 0.0f);
+    return;
+  }
   const int64_t npad = padded(col_end);
   float* K = s.kernel.data();       // log domain: -C/reg (-inf off the support); else exp(-C/reg) (0 off it)
   float* g = s.col_vec.data();      // column potentials g_j (log) or scalings v_j; 0 off the support
   float* col_sum = s.col_acc.data();
   float* col_target = s.col_pen.data();  // log b_j (log) or b_j
   float* f = s.row_vec.data();      // row potentials f_i (log) or scalings u_i
-  float* E = s.work.data();         // log domain: the column pass's plan entries exp(K_ij + f_i + g_j)
-  float* factor = s.col_aux.data(); // log domain: exp(g_new - g) per column, to rescale E for the row pass
+  float* row_target = s.row_aux.data();  // log a_i (log) or a_i, by stored row
+  float* E = s.work.data();         // log domain: the plan entries exp(K_ij + f_i + g_j)
+  float* factor = s.col_aux.data(); // log domain: exp(g_new - g) per column (1 off the support)
   float* column = s.row_pen.data(); // one column of K + f, for an exact log-sum-exp
   const float inv_reg = 1.0f / reg;
+  const bool check = tol >= 0.0f;   // tol < 0: no residual at all
   auto on_column = [&](int64_t j) { return j < cols && b[j] > 0.0f; };
 
   for (int64_t j = 0; j < npad; ++j) {
     col_target[j] = on_column(j) ? (log_domain ? std::log(b[j]) : b[j]) : 0.0f;
     g[j] = on_column(j) && !log_domain ? 1.0f : 0.0f;
+    factor[j] = 1.0f;
   }
+  std::fill(col_sum, col_sum + npad, 0.0f);
   for (int64_t r = 0; r < count; ++r) {
     const float* c_row = cost + row_index[r] * cols;
     float* k_row = K + r * npad;
     for (int64_t j = 0; j < npad; ++j) k_row[j] = on_column(j) ? -c_row[j] * inv_reg : -INFINITY;
-    if (!log_domain) {
-#pragma omp simd
-      for (int64_t j = 0; j < npad; ++j) k_row[j] = exp_vec(k_row[j]);
-    }
+    const float mass = a[row_index[r]];
+    row_target[r] = log_domain ? std::log(mass) : mass;
     f[r] = log_domain ? 0.0f : 1.0f;
+    // The first column sums: of E = exp(K) (f = g = 0), or of K u with u = 1.
+    float* e_row = log_domain ? E + r * npad : k_row;
+#pragma omp simd
+    for (int64_t j = 0; j < npad; ++j) {
+      e_row[j] = exp_vec(k_row[j]);
+      col_sum[j] += e_row[j];
+    }
   }
 
+  bool rescaled = true;  // the last column update was a rescaling of E (no exact log-sum-exp)
   for (int64_t it = 0; it < iters; ++it) {
-    // Column pass: sum_i exp(K_ij + f_i + g_j), the plan's column sums (log), or sum_i K_ij u_i.
-    std::fill(col_sum, col_sum + npad, 0.0f);
-    for (int64_t r = 0; r < count; ++r) {
-      const float* k_row = K + r * npad;
-      const float fi = f[r];
-      if (log_domain) {
-        float* e_row = E + r * npad;
-#pragma omp simd
-        for (int64_t j = 0; j < npad; ++j) {
-          const float e = exp_vec(k_row[j] + fi + g[j]);
-          e_row[j] = e;
-          col_sum[j] += e;
-        }
-      } else {
-#pragma omp simd
-        for (int64_t j = 0; j < npad; ++j) col_sum[j] += k_row[j] * fi;
-      }
-    }
+    // Column update from the last sweep's column sums (the plan's, log domain; else sum_i K_ij u_i).
     float err2 = 0.0f;
-    bool shifted_columns = true;  // every column's sum was usable: E, rescaled, serves the row pass
+    rescaled = true;
     for (int64_t j = 0; j < col_end; ++j) {
       if (!on_column(j)) continue;
       float marginal, update;
@@ -585,8 +650,9 @@ void sinkhorn_problem(const float* cost, const float* a, const float* b, int64_t
       } else if (ot::shifted_sum_usable(col_sum[j])) {
         marginal = col_sum[j];
         update = ot::log_potential(col_target[j], ot::shifted_lse(col_sum[j], g[j]));
+        factor[j] = ot::scaling_update(b[j], col_sum[j]);  // exp(update - g_j)
       } else {
-        shifted_columns = false;
+        rescaled = false;
         for (int64_t r = 0; r < count; ++r) column[r] = K[r * npad + j] + f[r];
         float m = -INFINITY, sum = 0.0f;
         for (int64_t r = 0; r < count; ++r) ot::lse_push(m, sum, column[r]);
@@ -594,54 +660,78 @@ void sinkhorn_problem(const float* cost, const float* a, const float* b, int64_t
         marginal = ot::line_marginal(g[j], lse);
         update = ot::log_potential(col_target[j], lse);
       }
-      const float diff = marginal - b[j];
-      err2 += diff * diff;
+      if (check) {
+        const float diff = marginal - b[j];
+        err2 += diff * diff;
+      }
       col_sum[j] = update;  // held back until the convergence test has passed
     }
-    if (it > 0 && tol >= 0.0f && std::sqrt(err2) <= tol) break;
-    for (int64_t j = 0; j < npad; ++j) {
-      const bool on = on_column(j);
-      factor[j] = on ? ot::potential_ratio(col_sum[j], g[j]) : 1.0f;  // E is 0 off the support
-      if (on) g[j] = col_sum[j];
+    if (check && it > 0 && std::sqrt(err2) <= tol) break;
+    for (int64_t j = 0; j < col_end; ++j) {
+      if (on_column(j)) g[j] = col_sum[j];
     }
-    // Row pass: f_i from sum_j exp(K_ij + f_i + g_j) (shifted by the old f_i), or u_i = a_i / sum_j K_ij v_j.
-    // In the log domain that sum is the column pass's E rescaled column by column by exp(g_new - g),
-    // one product per entry instead of an exp; after a column needed its exact log-sum-exp, E is
-    // not trusted and the entries are exponentiated afresh.
+    // Row sweep: the row's new potential / scaling, then its entries into the next column sums.
+    const bool exact = !rescaled || it < kSinkhornWarmup || it % kSinkhornExactEvery == 0;
+    std::fill(col_sum, col_sum + npad, 0.0f);
     for (int64_t r = 0; r < count; ++r) {
       const float* k_row = K + r * npad;
-      const float target = a[row_index[r]];
-      if (!log_domain) {
-        f[r] = ot::scaling_update(target, dot(k_row, g, npad));
+      if (!log_domain) {  // u_i = a_i / sum_j K_ij v_j
+        const float u = ot::scaling_update(row_target[r], dot(k_row, g, npad));
+        f[r] = u;
+#pragma omp simd
+        for (int64_t j = 0; j < npad; ++j) col_sum[j] += k_row[j] * u;
         continue;
       }
+      float* e_row = E + r * npad;
       const float fi = f[r];
-      float sum;
-      if (shifted_columns) {
-        sum = dot(E + r * npad, factor, npad);
-      } else {
-        sum = 0.0f;
+      float sum = 0.0f;
+      if (exact) {
 #pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < npad; ++j) sum += exp_vec(k_row[j] + fi + g[j]);
+        for (int64_t j = 0; j < npad; ++j) {
+          e_row[j] = exp_vec(k_row[j] + fi + g[j]);
+          sum += e_row[j];
+        }
+      } else {
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < npad; ++j) {
+          e_row[j] *= factor[j];
+          sum += e_row[j];
+        }
       }
-      float lse;
       if (ot::shifted_sum_usable(sum)) {
-        lse = ot::shifted_lse(sum, fi);
+        f[r] = ot::log_potential(row_target[r], ot::shifted_lse(sum, fi));
+        const float ratio = ot::scaling_update(a[row_index[r]], sum);  // exp(f_new - f_i)
+#pragma omp simd
+        for (int64_t j = 0; j < npad; ++j) {
+          e_row[j] *= ratio;
+          col_sum[j] += e_row[j];
+        }
       } else {
         float m = -INFINITY, total = 0.0f;
         for (int64_t j = 0; j < col_end; ++j) ot::lse_push(m, total, k_row[j] + g[j]);
-        lse = ot::lse_value(m, total);
+        const float fr = ot::log_potential(row_target[r], ot::lse_value(m, total));
+        f[r] = fr;
+#pragma omp simd
+        for (int64_t j = 0; j < npad; ++j) {
+          e_row[j] = exp_vec(k_row[j] + fr + g[j]);
+          col_sum[j] += e_row[j];
+        }
       }
-      f[r] = ot::log_potential(std::log(target), lse);
     }
   }
 
-  for (int64_t r = 0; r < count; ++r) {
+  // The plan, written once: every row of the problem, zero off the support.
+  int64_t r = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    float* out = plan + i * cols;
+    if (r == count || row_index[r] != i) {
+      std::fill(out, out + cols, 0.0f);
+      continue;
+    }
     const float* k_row = K + r * npad;
-    float* out = plan + row_index[r] * cols;
-    const float fi = f[r];
-    for (int64_t j = 0; j < col_end; ++j) {
-      if (on_column(j)) out[j] = log_domain ? std::exp(k_row[j] + fi + g[j]) : fi * k_row[j] * g[j];
+    const float fi = f[r++];
+    for (int64_t j = 0; j < cols; ++j) {
+      out[j] = on_column(j) ? (log_domain ? std::exp(k_row[j] + fi + g[j]) : fi * k_row[j] * g[j]) : 0.0f;
     }
   }
 }
