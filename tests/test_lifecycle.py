@@ -317,7 +317,7 @@ def test_masked_lm_loss_without_labels_compiled():
     logits = torch.randn(2, 5, 7, requires_grad=True)
     for labels in (torch.full((2, 5), -100), torch.randint(7, (2, 5))):
         eager = masked_lm_loss(logits, labels)
-        compiled = torch.compile(masked_lm_loss, fullgraph=True, dynamic=False)(logits, labels)
+        compiled = torch.compile(masked_lm_loss, backend="aot_eager", fullgraph=True)(logits, labels)
         torch.testing.assert_close(compiled, eager)
         reference = (F.cross_entropy(logits.reshape(-1, 7), labels.reshape(-1)) if (labels != -100).any()
                      else torch.tensor(0.0))
