@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import vlkernels
-import vlkernels._fallback
+import vlkernels._coverage
 import vlkernels.nn.multihead_attention as mha_module
 from vlkernels.nn import MultiheadAttention, VLMultiheadAttention
 from vlkernels.testing import DEVICE, fp32_tolerance, rel_error
@@ -256,7 +256,7 @@ def test_fully_padded_sample_matches_torch_kernel_path(backend):
 
 
 def test_fallback_says_so_once_per_reason(monkeypatch):
-    monkeypatch.setattr(vlkernels._fallback, "_WARNED", set())
+    monkeypatch.setattr(vlkernels._coverage, "_WARNED", set())
     module = MultiheadAttention(E, H, batch_first=True)
     x = torch.randn(N, L, E)
     with pytest.warns(UserWarning, match="need_weights=True") as record:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vlkernels
-import vlkernels._fallback
+import vlkernels._coverage
 import vlkernels.nn.patch_embed
 from vlkernels.nn import PatchEmbed
 from vlkernels.testing import DEVICE, assert_matches_reference, dtype_id, fp32_tolerance, kernel_dtypes, rel_error
@@ -168,7 +168,7 @@ def test_signature_attributes_and_positional_order_are_timms():
 def test_hooked_projection_runs_the_module(monkeypatch):
     """A forward hook on proj (an adapter, a probe) is honoured: the projection runs as a module,
     and the fallback is said once."""
-    monkeypatch.setattr(vlkernels._fallback, "_WARNED", set())
+    monkeypatch.setattr(vlkernels._coverage, "_WARNED", set())
     module = PatchEmbed(16, 8, 3, 24)
     images = torch.randn(2, 3, 16, 16)
     fused = module(images)

@@ -23,6 +23,8 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from vlkernels._coverage import record_call
+
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
 
@@ -130,6 +132,7 @@ def dispatch(op: str, implementations: list[Implementation], device: torch.devic
         impl = by_backend.get(name)
         why = f"{op} has no {name} implementation" if impl is None else impl.refuse(*args, **kwargs)
         if why is None:
+            record_call(op, name)  # for vlkernels.kernel_coverage(); nothing while torch.compile traces
             return impl.run(*args, **kwargs)
         reasons.append(f"{name}: {why}")
     tried = "\n  ".join(reasons)

@@ -25,17 +25,11 @@ from vlkernels import ops
 from vlkernels.integrations._patching import Patch, kernel_forward, original_forward, output_capture_active
 from vlkernels.ops._checks import compiling
 
-try:  # kernel_coverage() counts the fallbacks where the library has it
-    from vlkernels._coverage import record_fallback as _record_fallback
-except ImportError:
-    _record_fallback = None
+# kernel_coverage() counts the fallbacks, and warns once per reason with the library's FallbackWarning
+from vlkernels._coverage import FallbackWarning, record_fallback as _record_fallback
 
 # (module class name, reason) pairs already warned about.
 _WARNED: set = set()
-
-
-class FallbackWarning(UserWarning):
-    """A patched HF forward ran the HF forward for a call (see the message for why)."""
 
 
 def fallback(module: nn.Module, reason: str) -> None:

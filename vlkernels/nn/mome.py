@@ -24,13 +24,12 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module
 
+from vlkernels._coverage import record_fallback
 from vlkernels.nn.transformer import Mlp
 from vlkernels.ops._checks import check_value
 from vlkernels.ops.attention import attention
@@ -101,24 +100,6 @@ def lora_weight(linear: nn.Module) -> Optional[torch.Tensor]:
 
 def _linear_bias(linear: nn.Module) -> Optional[torch.Tensor]:
     return getattr(linear, "base_layer", linear).bias
-
-
-_WARNED: set = set()
-
-
-def record_fallback(op: str, reason: str) -> None:
-    """Say once per (op, reason) that ``op`` ran its submodules in torch instead of the fused kernel
-    (counted by vlkernels._coverage.record_fallback where the library has it)."""
-    try:
-        from vlkernels._coverage import record_fallback as record
-    except ImportError:
-        record = None
-    if record is not None:
-        record(op, reason)
-    elif (op, reason) not in _WARNED:
-        _WARNED.add((op, reason))
-        warnings.warn(f"{op}: {reason}, so it calls its submodules instead of the fused kernel (said once)",
-                      stacklevel=4)
 
 
 class MoMEFFN(nn.Module):

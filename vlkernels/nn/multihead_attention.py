@@ -12,7 +12,8 @@ given with ``is_causal=True`` on equal query and key lengths (and then no ``add_
 ``add_zero_attn``); attention dropout in training runs in the kernels too (its own random
 stream: the same probability, not torch's bits). Every other call runs torch's own
 ``F.multi_head_attention_forward`` (the math of ``nn.MultiheadAttention`` itself) and says so
-once per reason (``vlkernels._fallback.record_fallback``: a warning).
+once per reason (``vlkernels._coverage.record_fallback``: a warning; ``vlkernels.kernel_coverage()``
+counts every such call).
 
 A query that sees no key (all its keys padded) gets a zero attention output on the kernel path,
 as torch's own ``need_weights=False`` path gives; with ``need_weights=True`` torch (and so this
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlkernels._fallback import record_fallback as _record_fallback
+from vlkernels._coverage import record_fallback as _record_fallback
 from vlkernels.nn.attention import VLMultiheadAttention, split_heads
 from vlkernels.ops import attention
 

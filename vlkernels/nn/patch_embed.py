@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlkernels._fallback import record_fallback as _record_fallback
+from vlkernels._coverage import record_fallback as _record_fallback
 from vlkernels.ops import patch_embed
 
 
