@@ -25,8 +25,8 @@ import torch
 from vlkernels import _backend
 from vlkernels._backend import Implementation
 from vlkernels.ops._checks import check_value, reads_on_host
+from vlkernels.ops import _attention_sdpa as sdpa
 from vlkernels.ops._variants import KernelVariant
-from vlkernels.reference import attention as reference
 
 try:
     import triton
@@ -595,10 +595,7 @@ def _run_attention_triton(q, k, v, key_mask, prefix_len, causal, scale, dropout_
 
 _ATTENTION = [
     Implementation("triton", lambda q, *rest: _triton_refusal(q), _run_attention_triton),
-    Implementation("torch", lambda *args: None,
-                   lambda q, k, v, key_mask, prefix_len, causal, scale, dropout_p, bias: reference.attention(
-                       q, k, v, key_mask=key_mask, causal=causal, prefix_len=prefix_len, scale=scale,
-                       dropout_p=dropout_p, bias=bias)),
+    Implementation("torch", lambda *args: None, sdpa.attention),
 ]
 
 
@@ -668,10 +665,7 @@ def _run_co_attention_triton(q_t, k_t, v_t, q_i, k_i, v_i, text_mask, image_mask
 
 _CO_ATTENTION = [
     Implementation("triton", lambda q_t, *rest: _triton_refusal(q_t), _run_co_attention_triton),
-    Implementation("torch", lambda *args: None,
-                   lambda q_t, k_t, v_t, q_i, k_i, v_i, text_mask, image_mask, scale, dropout_p: reference.co_attention(
-                       q_t, k_t, v_t, q_i, k_i, v_i, text_mask=text_mask, image_mask=image_mask, scale=scale,
-                       dropout_p=dropout_p)),
+    Implementation("torch", lambda *args: None, sdpa.co_attention),
 ]
 
 
@@ -718,10 +712,7 @@ def _run_varlen_triton(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout
 
 _VARLEN = [
     Implementation("triton", lambda q, *rest: _triton_refusal(q), _run_varlen_triton),
-    Implementation("torch", lambda *args: None,
-                   lambda q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p: reference.attention_varlen(
-                       q, k, v, cu_q, cu_k, causal=causal, scale=scale, max_seqlen_q=max_q, max_seqlen_k=max_k,
-                       dropout_p=dropout_p)),
+    Implementation("torch", lambda *args: None, sdpa.attention_varlen),
 ]
 
 

@@ -107,13 +107,13 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale
 
     With max_seqlen_q / max_seqlen_k (bounds on the lengths, as the op takes them): the
     sequences are scattered into a zero-padded [N, H, max_seqlen, Dh] batch, attended with a
-    key padding mask and gathered back (static shapes, no host read: the torch backend's path,
-    eager and under torch.compile). Without them: one attention per sequence in eager (the
+    key padding mask and gathered back (static shapes, no host read; the torch backend runs this
+    padding around its SDPA path). Without them: one attention per sequence in eager (the
     test oracle), and under torch.compile one masked attention over all packed rows.
     dropout_p / keep_mask: as ``attention``'s, keep_mask indexed as the padded [N, H, max_q, max_k]
     batch (sequence b's query i and key j at [b, :, i, j]); the compiled masked path takes no keep_mask."""
     if max_seqlen_q is not None and max_seqlen_k is not None:
-        return _attention_varlen_padded(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+        return attention_varlen_padded(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
                                         causal=causal, scale=scale, dropout_p=dropout_p, keep_mask=keep_mask)
     if torch.compiler.is_compiling():
         return _attention_varlen_masked(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,
@@ -139,10 +139,11 @@ def _packed_positions(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tenso
     return sequence, rows - cu_seqlens[sequence]
 
 
-def _attention_varlen_padded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, *, causal, scale, dropout_p=0.0,
-                             keep_mask=None):
+def attention_varlen_padded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, *, causal, scale, dropout_p=0.0,
+                            keep_mask=None, attend=attention):
     """attention_varlen through a zero-padded batch: keys of other sequences and padding are
-    excluded by the key mask (exactly: their values never enter a product)."""
+    excluded by the key mask (exactly: their values never enter a product). ``attend`` runs
+    the padded attention (``attention``'s keywords; the torch backend passes its SDPA path)."""
     if causal:  # causal needs Sq == Sk; the lengths are equal, only the bounds may differ
         max_q = max_k = max(max_q, max_k)
     sequences = cu_seqlens_q.shape[0] - 1
@@ -157,9 +158,9 @@ def _attention_varlen_padded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, 
     key_mask = torch.arange(max_k, device=k.device)[None, :] < lengths_k
     if keep_mask is not None and causal:  # the square padded batch: extend the given mask (padding is hidden)
         keep_mask = F.pad(keep_mask, (0, max_k - keep_mask.shape[-1], 0, max_q - keep_mask.shape[-2]))
-    out = attention(pad(q, sequence_q, position_q, max_q), pad(k, sequence_k, position_k, max_k),
-                    pad(v, sequence_k, position_k, max_k), key_mask=key_mask, causal=causal, scale=scale,
-                    dropout_p=dropout_p, keep_mask=keep_mask)
+    out = attend(pad(q, sequence_q, position_q, max_q), pad(k, sequence_k, position_k, max_k),
+                 pad(v, sequence_k, position_k, max_k), key_mask=key_mask, causal=causal, scale=scale,
+                 dropout_p=dropout_p, keep_mask=keep_mask)
     return out.transpose(1, 2)[sequence_q.long(), position_q.long()]
 
 
