@@ -1,7 +1,11 @@
 """Deterministic mode (vlkernels.set_deterministic): with the flag on, every op's outputs and
 gradients are bit-identical (torch.equal) from one run to the next, on each backend that runs
 here (torch, cpp, triton in the interpreter); the flag's two deterministic schedules compute
-what the default ones do and avoid the ops torch runs with atomics on CUDA."""
+what the default ones do and avoid the ops torch runs with atomics on CUDA. deterministic() blocks
+are local to their thread / asyncio task."""
+import asyncio
+import threading
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -126,6 +130,73 @@ def test_flag_api():
     finally:
         torch.use_deterministic_algorithms(False)
     assert not vlkernels.is_deterministic()
+
+
+def test_blocks_are_local_to_their_thread_and_set_deterministic_to_the_process():
+    opened, closed, seen, errors = threading.Barrier(3, timeout=30), threading.Barrier(3, timeout=30), {}, []
+
+    def worker(enabled: bool):
+        try:
+            with vlkernels.deterministic(enabled):
+                opened.wait()
+                seen[enabled] = vlkernels.is_deterministic()
+            closed.wait()
+            seen[f"{enabled} after"] = vlkernels.is_deterministic()
+        except Exception as error:  # surfaced below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(flag,)) for flag in (True, False)]
+    for thread in threads:
+        thread.start()
+    opened.wait()
+    seen["outsider"] = vlkernels.is_deterministic()
+    closed.wait()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert seen == {True: True, False: False, "outsider": False, "True after": False, "False after": False}
+    assert not vlkernels.is_deterministic()
+    vlkernels.set_deterministic(True)  # the whole process, other threads included
+    other = []
+    thread = threading.Thread(target=lambda: other.append(vlkernels.is_deterministic()))
+    thread.start()
+    thread.join()
+    assert other == [True]
+    with vlkernels.deterministic(False):  # a block wins over the process setting, inside it
+        assert not vlkernels.is_deterministic()
+    assert vlkernels.is_deterministic()
+
+
+def test_blocks_are_local_to_their_asyncio_task():
+    async def task(enabled: bool, mine: asyncio.Event, other: asyncio.Event):
+        seen = []
+        with vlkernels.deterministic(enabled):
+            mine.set()
+            await other.wait()
+            for _ in range(3):
+                seen.append(vlkernels.is_deterministic())
+                await asyncio.sleep(0)
+        return seen + [vlkernels.is_deterministic()]
+
+    async def main():
+        a, b = asyncio.Event(), asyncio.Event()
+        return await asyncio.gather(task(True, a, b), task(False, b, a))
+
+    assert asyncio.run(main()) == [[True, True, True, False], [False, False, False, False]]
+
+
+def test_compiled_code_follows_the_block_without_a_graph_break():
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled = torch.compile(lambda x: x * 2 if vlkernels.is_deterministic() else x * 3, fullgraph=True,
+                             backend="eager")
+    x = torch.ones(2)
+    assert compiled(x).tolist() == [3, 3]
+    with vlkernels.deterministic():
+        assert compiled(x).tolist() == [2, 2]
+    assert compiled(x).tolist() == [3, 3]
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 2
 
 
 class _RecordOps(TorchDispatchMode):

@@ -1,7 +1,8 @@
 """Backend selection: the one place that decides which implementation runs an op.
 
 The backend is requested with ``VLKERNELS_BACKEND=auto|torch|triton|cuda|cpp`` or, for a
-block of code, ``with vlkernels.use_backend("triton"): ...`` (the context manager wins).
+block of code, ``with vlkernels.use_backend("triton"): ...`` (the context manager wins; its choice
+is local to the thread or asyncio task that opens it).
 
 ``auto`` picks, in order: for CUDA tensors the CUDA extension, then Triton, then the torch
 reference; for CPU tensors the C++ extension, then the torch reference. An explicit name
@@ -23,15 +24,15 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from vlkernels._context import BlockSetting
 from vlkernels._coverage import record_call
 
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
 
-# The innermost use_backend block's choice. A plain module global rather than a ContextVar:
-# torch.compile traces (and guards on) globals, while ContextVar.get breaks the graph. It is
-# process-wide: threads share it.
-_requested: Optional[str] = None
+# The innermost use_backend block's choice, local to each thread / asyncio task (see vlkernels._context
+# for how torch.compile reads it).
+_requested = BlockSetting("vlkernels_backend")
 
 
 class NoBackendError(RuntimeError):
@@ -46,7 +47,7 @@ def _checked(name: str) -> str:
 
 def requested_backend() -> str:
     """The backend asked for now: the innermost ``use_backend`` block, else ``VLKERNELS_BACKEND``, else auto."""
-    name = _requested
+    name = _requested.get()
     if name is None:
         name = os.environ.get("VLKERNELS_BACKEND", "auto").strip().lower() or "auto"
     return _checked(name)
@@ -54,13 +55,11 @@ def requested_backend() -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Run the ops called inside the block on backend ``name`` (one of ``BACKENDS``)."""
-    global _requested
-    outer, _requested = _requested, _checked(name)
-    try:
+    """Run the ops called inside the block on backend ``name`` (one of ``BACKENDS``). The choice is
+    local to the thread or asyncio task that opens the block: overlapping blocks elsewhere do not
+    see it, and after the block the previous choice (or ``VLKERNELS_BACKEND``) holds again."""
+    with _requested.block(_checked(name)):
         yield
-    finally:
-        _requested = outer
 
 
 def triton_interpreting() -> bool:

@@ -6,8 +6,12 @@ from typing import Iterator
 
 import torch
 
-# A plain module global (not a ContextVar): torch.compile reads and guards on globals.
+from vlkernels._context import BlockSetting
+
+# set_deterministic's process-wide setting, and the innermost deterministic() block's, local to
+# each thread / asyncio task (see vlkernels._context for how torch.compile reads it).
 _enabled = False
+_block = BlockSetting("vlkernels_deterministic")
 
 
 def set_deterministic(enabled: bool) -> None:
@@ -33,8 +37,9 @@ def set_deterministic(enabled: bool) -> None:
     - ``patch_embed``: the projection is a GEMM over the patches (a reshape: stride = kernel) instead
       of ``conv2d``, whose cuDNN weight gradient may pick an algorithm that accumulates with atomics.
 
-    The flag is on when ``set_deterministic(True)`` was called (or inside ``deterministic()``) or
-    when torch's own ``torch.use_deterministic_algorithms(True)`` is in force. Same-machine,
+    The flag is on when ``set_deterministic(True)`` was called (for the whole process; inside a
+    ``deterministic()`` block, the block's setting wins, for the thread or asyncio task that opened
+    it) or when torch's own ``torch.use_deterministic_algorithms(True)`` is in force. Same-machine,
     same-thread-count determinism: CPU libraries may pick other kernels on other hardware.
     """
     global _enabled
@@ -42,17 +47,16 @@ def set_deterministic(enabled: bool) -> None:
 
 
 def is_deterministic() -> bool:
-    """True when vlkernels runs its deterministic schedules: ``set_deterministic(True)`` or
-    ``torch.use_deterministic_algorithms(True)``."""
-    return _enabled or torch.are_deterministic_algorithms_enabled()
+    """True when vlkernels runs its deterministic schedules: inside ``deterministic()`` (or
+    ``deterministic(False)``: off) as the block says, else ``set_deterministic(True)``; and whenever
+    ``torch.use_deterministic_algorithms(True)`` is in force."""
+    block = _block.get()
+    return (_enabled if block is None else block) or torch.are_deterministic_algorithms_enabled()
 
 
 @contextlib.contextmanager
 def deterministic(enabled: bool = True) -> Iterator[None]:
-    """Run the block with deterministic mode on (or off), restoring the previous setting after."""
-    global _enabled
-    outer, _enabled = _enabled, bool(enabled)
-    try:
+    """Run the block with deterministic mode on (or off) in this thread or asyncio task; overlapping
+    blocks elsewhere do not see it, and after the block the previous setting holds again."""
+    with _block.block(bool(enabled)):
         yield
-    finally:
-        _enabled = outer
