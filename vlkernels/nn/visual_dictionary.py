@@ -47,6 +47,10 @@ class VisualDictionary(nn.Module):
             raise ValueError(f"VisualDictionary: features have {x.shape[-1]} channels, the dictionary {self.dim}")
         if mask is not None and mask.shape != x.shape[:-1]:
             raise ValueError(f"VisualDictionary: mask must have shape {list(x.shape[:-1])}, got {list(mask.shape)}")
+        if self.training and not torch.compiler.is_compiling() and torch._C._functorch.is_batchedtensor(x):
+            raise RuntimeError("VisualDictionary: a training step updates the dictionary's buffers in place from "
+                               "the batch, which torch.func.vmap cannot batch (as for any module updating a buffer "
+                               "from its input); vmap it in eval mode, or call it on the whole batch")
         flat = x.detach().reshape(-1, self.dim)
         index, _ = vd_nearest(flat, self.embed.to(flat.dtype))
         if self.training:

@@ -19,14 +19,18 @@ def vd_nearest(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, t
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     x, codebook = x.to(acc), codebook.to(acc)
     code_sqnorm = codebook.square().sum(1)
-    index = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
-    sqdist = torch.empty(x.shape[0], dtype=acc, device=x.device)
+
+    def nearest(rows):
+        sqdist, index = (rows.square().sum(1, keepdim=True) + (code_sqnorm - 2 * rows @ codebook.T)).min(1)
+        return index, sqdist
+
     rows_per_chunk = max(1, 2**24 // max(1, codebook.shape[0]))  # bounds the distance block to 64 MiB (fp32)
-    for start in range(0, x.shape[0], rows_per_chunk):
-        chunk = x[start : start + rows_per_chunk]
-        distances = chunk.square().sum(1, keepdim=True) + (code_sqnorm - 2 * chunk @ codebook.T)
-        torch.min(distances, 1, out=(sqdist[start : start + rows_per_chunk], index[start : start + rows_per_chunk]))
-    return index, sqdist
+    # No out= (torch.func.vmap has no batching rule for it), and one block whenever the rows fit:
+    # torch.compile(dynamic=True) then guards on N <= rows_per_chunk only, not on N.
+    if x.shape[0] <= rows_per_chunk:
+        return nearest(x)
+    index, sqdist = zip(*(nearest(chunk) for chunk in x.split(rows_per_chunk)))
+    return torch.cat(index), torch.cat(sqdist)
 
 
 def vd_cluster_statistics(x: torch.Tensor, index: torch.Tensor, num_embeddings: int,
