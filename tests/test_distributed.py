@@ -6,7 +6,8 @@ every rank after every step, and the mean of the ranks' losses, must equal one p
 training on the whole batch (computed here, in the pytest process) to fp32 rounding. The
 VisualDictionary's buffers are updated from all-reduced statistics in its forward, on each of
 its backends; DDP runs with forward_sync_buffers=False (and FSDP2 never broadcasts buffers),
-so each rank's dictionary is its own update.
+so each rank's dictionary is its own update. Its ``process_group`` and ``sync=False`` are checked
+by one step per setting.
 
 One spawn runs every case (spawn is slow). To add a case (a full model, say), add one line
 to CASES: a factory returning (module, make_batch, loss_fn), where make_batch(step) gives the
@@ -315,6 +316,36 @@ def _inner_unit_errors() -> dict[str, str]:
     return errors
 
 
+# VisualDictionary's process_group and sync switch: one training step per setting, on each backend.
+VD_BACKENDS = ("auto", "torch", "triton")
+
+
+def _dictionary_step(x: torch.Tensor, mask: torch.Tensor, backend: str, **options) -> dict:
+    torch.manual_seed(0)
+    dictionary = VisualDictionary(num_embeddings=5, dim=8, **options).train()
+    with use_backend(backend):
+        dictionary(x, mask)
+    return {name: value.clone() for name, value in dictionary.state_dict().items()}
+
+
+def _dictionary_batch():
+    g = _generator(99)
+    return torch.randn(GLOBAL_BATCH, 6, 8, generator=g), _lengths_mask([6, 3, 5, 2], 6)
+
+
+def _dictionary_settings(rank: int) -> dict:
+    """{(setting, backend): the buffers after one step on this rank's half}: sync off, a group of
+    this rank alone, and the whole world as an explicit group (new_group: every rank calls each)."""
+    alone = [dist.new_group([r]) for r in range(WORLD)][rank]
+    everyone = dist.new_group(list(range(WORLD)))
+    x, mask = _shard(_dictionary_batch(), rank)
+    settings = {"sync off": {"sync": False}, "own group": {"process_group": alone},
+                "explicit world group": {"process_group": everyone}}
+    return {(setting, backend): _dictionary_step(x, mask, backend, **options)
+            for setting, options in settings.items() for backend in VD_BACKENDS
+            if backend != "triton" or _backend.triton_refusal(torch.device("cpu")) is None}
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)  # two processes on a small machine
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
@@ -323,6 +354,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         results = {(mode, case.name): _train(case, mode, rank) for mode in MODES for case in CASES
                    if _unavailable(case) is None}
         results["inner-unit-errors"] = _inner_unit_errors()
+        results["dictionary-settings"] = _dictionary_settings(rank)
     finally:
         dist.destroy_process_group()
     path = os.path.join(out_dir, f"rank{rank}.pt")
@@ -389,6 +421,25 @@ def test_fsdp2_unit_inside_a_vlkernels_module(distributed_results, name: str):
             assert results["inner-unit-errors"][name] == ""
         else:
             assert "mixed torch.Tensor and DTensor" in results["inner-unit-errors"][name]
+
+
+@pytest.mark.parametrize("backend", VD_BACKENDS)
+def test_visual_dictionary_process_group_and_sync_switch(distributed_results, backend: str):
+    """sync=False and a group of one rank: each rank's dictionary is its own half's update (no
+    collective over the default group); the world as an explicit group: the whole batch's."""
+    if backend == "triton" and _backend.triton_refusal(torch.device("cpu")):
+        pytest.skip(_backend.triton_refusal(torch.device("cpu")))
+    batch = _dictionary_batch()
+    whole = _dictionary_step(*batch, backend)
+    for rank, results in enumerate(distributed_results):
+        own = _dictionary_step(*_shard(batch, rank), backend)
+        expected = {"sync off": own, "own group": own, "explicit world group": whole}
+        for setting, state in expected.items():
+            actual = results["dictionary-settings"][(setting, backend)]
+            for name in state:
+                torch.testing.assert_close(actual[name], state[name],
+                                           msg=lambda m: f"{setting} rank {rank} {name}: {m}")
+        assert not torch.equal(own["embed"], whole["embed"])  # the halves' updates differ from the whole's
 
 
 def _stuck_or_failing_worker(rank: int, fail: bool) -> None:

@@ -15,8 +15,11 @@ class VisualDictionary(nn.Module):
 
     Buffers: ``embed`` [K, D] (init N(0, 1)), ``cluster_size`` [K], ``embed_avg`` [K, D]; SOHO
     checkpoints store them under the same names and shapes. In training mode each forward
-    first updates the dictionary by SOHO's moving average (all-reduced across processes when
-    torch.distributed is initialised), then quantises with the updated entries, as SOHO does.
+    first updates the dictionary by SOHO's moving average, then quantises with the updated
+    entries, as SOHO does. When torch.distributed is initialised, the step's statistics are
+    all-reduced over ``process_group`` (None: the default group) so that every process of the
+    group keeps the same dictionary, as SOHO's; ``sync=False`` turns that off (each process
+    updates from its own batch, with no collective).
     The decay follows SOHO's schedule: ``set_decay_updates(n)`` sets it to
     ``min(decay * n, max_decay)``; until then it is ``decay``.
 
@@ -29,9 +32,12 @@ class VisualDictionary(nn.Module):
     the ids come from ``vd_nearest`` and are checked on the device by ``vd_ema_update_``.
     """
 
+    sync, process_group = True, None  # the defaults for modules pickled before these options existed
+
     def __init__(self, num_embeddings: int = 2048, dim: int = 768, decay: float = 0.4, eps: float = 1e-5,
-                 max_decay: float = 0.99) -> None:
+                 max_decay: float = 0.99, *, sync: bool = True, process_group=None) -> None:
         super().__init__()
+        self.sync, self.process_group = sync, process_group
         self.num_embeddings, self.dim = num_embeddings, dim
         self.decay, self.max_decay, self.eps = decay, max_decay, eps
         self.current_decay = decay
@@ -55,7 +61,8 @@ class VisualDictionary(nn.Module):
         index, _ = vd_nearest(flat, self.embed.to(flat.dtype))
         if self.training:
             vd_ema_update_(self.embed, self.cluster_size, self.embed_avg, flat, index, decay=self.current_decay,
-                           eps=self.eps, mask=None if mask is None else mask.reshape(-1))
+                           eps=self.eps, mask=None if mask is None else mask.reshape(-1), sync=self.sync,
+                           process_group=self.process_group)
         quantized = self.embed[index].to(x.dtype).view(x.shape)
         return x + (quantized - x).detach(), index.view(x.shape[:-1])
 

@@ -368,16 +368,9 @@ def vd_nearest(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, t
     return _backend.dispatch("vd_nearest", _NEAREST, x.device, x, codebook)
 
 
-def _sum_across_processes(counts: torch.Tensor, sums: torch.Tensor) -> None:
-    # Every process then updates its dictionary from the statistics of the whole global batch.
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(counts)
-        torch.distributed.all_reduce(sums)
-
-
-def _triton_update(codebook, cluster_size, embed_avg, x, index, decay, eps, mask):
+def _triton_update(codebook, cluster_size, embed_avg, x, index, decay, eps, mask, sync, process_group):
     counts, sums = _cluster_statistics_op(x, index, codebook.shape[0], mask)
-    _sum_across_processes(counts, sums)
+    reference.sum_across_processes(counts, sums, sync, process_group)
     _apply_statistics_op(codebook, cluster_size, embed_avg, counts, sums, decay, eps)
 
 
@@ -404,9 +397,9 @@ def _cpp_refusal(codebook, cluster_size, embed_avg, x, *rest) -> Optional[str]:
     return why
 
 
-def _cpp_update(codebook, cluster_size, embed_avg, x, index, decay, eps, mask):
+def _cpp_update(codebook, cluster_size, embed_avg, x, index, decay, eps, mask, sync, process_group):
     counts, sums = _cpp_cluster_statistics_op(x, index, codebook.shape[0], mask)
-    _sum_across_processes(counts, sums)
+    reference.sum_across_processes(counts, sums, sync, process_group)
     _cpp_apply_statistics_op(codebook, cluster_size, embed_avg, counts, sums, decay, eps)
 
 
@@ -414,8 +407,9 @@ _UPDATE = [
     Implementation("cpp", _cpp_refusal, _cpp_update),
     Implementation("triton", _triton_update_refusal, _triton_update),
     Implementation("torch", lambda *args: None,
-                   lambda codebook, cluster_size, embed_avg, x, index, decay, eps, mask: reference.vd_ema_update_(
-                       codebook, cluster_size, embed_avg, x, index, decay=decay, eps=eps, mask=mask)),
+                   lambda codebook, cluster_size, embed_avg, x, index, decay, eps, mask, sync, process_group:
+                   reference.vd_ema_update_(codebook, cluster_size, embed_avg, x, index, decay=decay, eps=eps,
+                                            mask=mask, sync=sync, process_group=process_group)),
 ]
 
 
@@ -429,6 +423,8 @@ def vd_ema_update_(
     decay: float,
     eps: float = 1e-5,
     mask: Optional[torch.Tensor] = None,
+    sync: bool = True,
+    process_group: Optional[torch.distributed.ProcessGroup] = None,
 ) -> None:
     """SOHO's moving-average dictionary update, in place.
 
@@ -437,7 +433,10 @@ def vd_ema_update_(
     to count (None = all). With counts c and sums s of this step's rows per entry:
     cluster_size = d*cluster_size + (1-d)*c; embed_avg = d*embed_avg + (1-d)*s;
     codebook = embed_avg / n, n = (cluster_size + eps) / (sum(cluster_size) + K*eps) * sum(cluster_size).
-    When torch.distributed is initialised, c and s are all-reduced over the default group first.
+    When torch.distributed is initialised and ``sync`` is True, c and s are all-reduced first over
+    ``process_group`` (None: the default group), so every process of the group updates its
+    dictionary from the statistics of the group's whole batch; ``sync=False`` keeps each
+    process's update its own.
 
     Where n is 0 the codebook entry is kept as it was (every backend and the reference). n is 0
     exactly when sum(cluster_size) is 0: no row has been counted in any entry yet (a fresh state
@@ -499,7 +498,7 @@ def vd_ema_update_(
         # The kernels write contiguous state: a strided one is updated through a contiguous copy.
         state = tuple(t if t.is_contiguous() else t.contiguous() for t in (codebook, cluster_size, embed_avg))
         _backend.dispatch("vd_ema_update_", _UPDATE, codebook.device, *state, x.detach(), index, float(decay),
-                          float(eps), mask)
+                          float(eps), mask, bool(sync), process_group)
         for target, updated in zip((codebook, cluster_size, embed_avg), state):
             if updated is not target:
                 target.copy_(updated)

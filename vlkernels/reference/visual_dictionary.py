@@ -81,13 +81,23 @@ def vd_apply_statistics_(codebook: torch.Tensor, cluster_size: torch.Tensor, emb
     codebook.copy_(torch.where(smoothed == 0, codebook, embed_avg / smoothed))
 
 
-def vd_ema_update_(codebook, cluster_size, embed_avg, x, index, *, decay, eps=1e-5, mask=None) -> None:
+def sum_across_processes(counts: torch.Tensor, sums: torch.Tensor, sync: bool = True,
+                         process_group=None) -> None:
+    """All-reduce one step's counts and sums over ``process_group`` (None: the default group) when
+    ``sync`` and torch.distributed is initialised: every process of the group then updates its
+    dictionary from the statistics of the group's whole batch."""
+    if sync and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(counts, group=process_group)
+        torch.distributed.all_reduce(sums, group=process_group)
+
+
+def vd_ema_update_(codebook, cluster_size, embed_avg, x, index, *, decay, eps=1e-5, mask=None, sync=True,
+                   process_group=None) -> None:
     """codebook: [K, D], cluster_size: [K], embed_avg: [K, D] updated in place from x: [N, D],
     index: [N] (x's nearest entries) and mask: [N] bool (rows to count). With torch.distributed
-    initialised, the counts and sums are all-reduced first, so every process gets the same
-    dictionary as one process on the whole batch."""
+    initialised and ``sync``, the counts and sums are all-reduced first over ``process_group``
+    (None: the default group), so every process gets the same dictionary as one process on the
+    group's whole batch."""
     counts, sums = vd_cluster_statistics(x, index, codebook.shape[0], mask)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(counts)
-        torch.distributed.all_reduce(sums)
+    sum_across_processes(counts, sums, sync, process_group)
     vd_apply_statistics_(codebook, cluster_size, embed_avg, counts, sums, decay=decay, eps=eps)
