@@ -124,6 +124,23 @@ def test_segments_order_matches_a_stable_sort():
     assert torch.equal(order, expected_order) and torch.equal(offsets, expected_offsets)
 
 
+@pytest.mark.parametrize("dtype", kernel_dtypes(), ids=dtype_id)
+def test_skewed_routing_with_an_empty_expert(dtype):
+    """5% / 0% / 95% of 400 tokens: the weight gradients take the chunked schedule (each
+    expert's rows in fixed-size chunks, fp32 partials added per expert), the big expert over
+    several chunks, the tiny one in one, the empty one with zero gradients."""
+    generator = torch.Generator().manual_seed(21)
+    t, d, f, e = 400, 24, 40, 3
+    index = torch.full((t,), 2, dtype=torch.long)
+    index[torch.randperm(t, generator=generator)[:20]] = 0
+    for m_size, n_size in ((d, f), (f, d)):
+        cfg = mome_module.WEIGHT_GRAD_CONFIGS[dtype, "tf32"]
+        chunk_rows = mome_module._weight_grad_launch(t, m_size, n_size, e, cfg, mome_module._multiprocessors(DEVICE))[0]
+        assert 0 < chunk_rows < 380, chunk_rows  # chunked, and the big expert spans several chunks
+    inputs = make_inputs(t, d, f, e, True, dtype, DEVICE, generator)
+    check_against_reference(inputs, index.to(DEVICE), dtype, generator)
+
+
 def test_triton_large_row_mean_and_relu():
     """Rows with a large mean (LayerNorm statistics must not cancel) and the relu activation."""
     generator = torch.Generator().manual_seed(4)
@@ -696,8 +713,10 @@ def mome_problems(draw):
         routing = (text_len, *ids)
     else:
         routing = draw(st.lists(st.integers(0, experts - 1), min_size=batch * seq_len, max_size=batch * seq_len))
+    # A LayerNorm over D <= 2 features is constant (xhat = 0 or +-1): its exact gradient to x is 0,
+    # where a relative error measures rounding noise only.
     return dict(experts=experts, batch=batch, seq_len=seq_len, dim=dim, hidden=hidden, routing=routing,
-                ln=draw(st.booleans()), transposed_x=draw(st.booleans()), activation=draw(st.sampled_from(["gelu", "relu"])),
+                ln=dim > 2 and draw(st.booleans()), transposed_x=draw(st.booleans()), activation=draw(st.sampled_from(["gelu", "relu"])),
                 seed=draw(st.integers(0, 2**16)))
 
 
@@ -739,7 +758,7 @@ def test_launch_grids_stay_within_cuda_limits(tokens, experts):
         cfg = mome_module.GEMM_CONFIGS[dtype]
         for n_size, m_size, sms in ((768, 3072, 132), (3072, 768, 132), (100_000, 300, 1000)):
             grids = [mome_module._rows_grid(tokens, n_size, experts, cfg),
-                     mome_module._weight_grad_launch(tokens, m_size, n_size, experts, cfg, sms)[1],
+                     mome_module._weight_grad_launch(tokens, m_size, n_size, experts, cfg, sms)[2],
                      mome_module._column_sum_launch(tokens, n_size, experts, sms)[1],
                      mome_module._ln_bwd_launch(tokens, m_size, experts, sms)[3]]
             if grids[0][0] >= 2**31:

@@ -53,7 +53,6 @@ def _known(kernel: str, labels: str, reason: str, fix: str) -> dict:
 _SERIALIZED = "ptxas C7515: wgmma serialized (non-wgmma instructions define the accumulator inside a pipeline stage)"
 _DROPOUT_FIX = ("a configuration table entry per dropout / bias / head dim with smaller tiles (issue 14 item 5; "
                 "to be measured on a GPU)")
-_GEMM_FIX = "the GEMM-family rework (GEMM / optimal-transport issue)"
 # fp32 attention runs IEEE dots by default (torch's matmul flag): no tensor cores, so each
 # tile product is an FMA loop over operands held in registers, 1-57 KB spilled per thread.
 _IEEE_ATTENTION = "spills: IEEE fp32 dots (the fp32 default) keep the operand tiles in registers"
@@ -61,8 +60,6 @@ _IEEE_ATTENTION_FIX = "smaller IEEE fp32 tiles in the attention configuration ta
 _OT_FIX = ("warps per problem chosen from the tile and the batch, no 16-warp tile "
            "(GEMM / optimal-transport issue)")
 EXCEPTIONS: dict[tuple[str, str], KnownProblem] = {
-    **_known("_patch_embed_bwd_weight_kernel", "bfloat16-P16-tf32 bfloat16-P32-tf32 float16-P16-tf32",
-             _SERIALIZED + "; since d(bias) left its dot loop (triton-lang/triton#6691)", _GEMM_FIX),
     **_known("_attention_bwd_kernel", "float32-D128-dkdv float32-D128-dq",
              "spills at 255 registers: tf32 64 x 32 tiles with two [64, 128] fp32 accumulators", _DROPOUT_FIX),
     **_known("_attention_fwd_kernel", "float32-D64-ieee float32-D128-ieee", _IEEE_ATTENTION, _IEEE_ATTENTION_FIX),
@@ -78,11 +75,6 @@ EXCEPTIONS: dict[tuple[str, str], KnownProblem] = {
              "float32-D64-bias-dropout-dkdv",
              "spills at 255 registers: the regenerated Philox keep mask and the bias tile beside two accumulators",
              _DROPOUT_FIX),
-    **_known("_mome_weight_grad_kernel", "bfloat16-tf32-dw2 float16-tf32-dw2 float32-tf32-dw1", _SERIALIZED,
-             _GEMM_FIX),
-    **_known("_mome_rows_kernel", "float32-tf32-fc1", _SERIALIZED, _GEMM_FIX),
-    **_known("_mome_rows_kernel", "float32-tf32-dz float32-ieee-dz", "spills: the erf GELU derivative beside two "
-             "fp32 operand tiles at 255 registers", _GEMM_FIX),
     **_known("_ipot_kernel", "64x256 128x128 256x64", "spills: a 16384-element tile in 16 warps, the log-domain "
              "branch included", _OT_FIX),
     **_known("_sinkhorn_kernel", "64x256 128x128 256x64", "spills: a 16384-element tile in 16 warps", _OT_FIX),

@@ -9,7 +9,9 @@ their stores. Intermediate [T, F] tensors (h, pre-activation, dz) live in sorted
 Row tiles never straddle two experts: the row tiles of expert e are the cdiv(count_e, BLOCK_M)
 tiles starting at offsets[e]. Each program finds its (expert, first row) by scanning the E+1
 offsets on device (no host sync); the launch grid is an upper bound on the tile count and
-programs past the last real tile exit at once.
+programs past the last real tile exit at once. The weight gradients' row chunks are scheduled
+the same way (fixed-size chunks of each expert's rows), so the work follows the tokens of each
+expert however skewed the routing is.
 
 Concurrency rules, kept by every kernel below (the interpreter runs programs one after another
 and cannot show a violation; each kernel's docstring says how it keeps them):
@@ -40,8 +42,9 @@ ACTIVATION_RELU = 1
 
 
 @triton.jit
-def _expert_tile(offsets, tile, NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr):
-    # Which expert owns row tile `tile`, and its rows [row_begin, row_end); expert -1 past the last tile.
+def _expert_tile(offsets, tile, NUM_EXPERTS: tl.constexpr, rows_per_tile):
+    # Which expert owns row tile `tile` (tiles of rows_per_tile rows, never straddling two
+    # experts), and its rows [row_begin, row_end); expert -1 past the last tile.
     # Unrolled over the (few) experts: E loads of int32 offsets, no schedule tensor to build.
     expert = tl.program_id(0) * 0 - 1
     row_begin = expert * 0
@@ -50,14 +53,52 @@ def _expert_tile(offsets, tile, NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr
     begin = tl.load(offsets)
     for e in tl.static_range(NUM_EXPERTS):
         end = tl.load(offsets + e + 1)
-        tiles = (end - begin + BLOCK_M - 1) // BLOCK_M
+        tiles = (end - begin + rows_per_tile - 1) // rows_per_tile
         hit = (tile >= seen) & (tile < seen + tiles)
         expert = tl.where(hit, e, expert)
-        row_begin = tl.where(hit, begin + (tile - seen) * BLOCK_M, row_begin)
-        row_end = tl.where(hit, end, row_end)
+        row_begin = tl.where(hit, begin + (tile - seen) * rows_per_tile, row_begin)
+        row_end = tl.where(hit, tl.minimum(end, begin + (tile - seen + 1) * rows_per_tile), row_end)
         seen += tiles
         begin = end
     return expert, row_begin, row_end
+
+
+@triton.jit
+def _mome_layernorm_kernel(
+    x, order, offsets, ln_weight, ln_bias, mean, rstd, normed,
+    tokens, D, eps,
+    NUM_EXPERTS: tl.constexpr,  # constexpr: the per-row expert lookup unrolls over the experts
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,  # BLOCK_D >= D: a row's statistics stay in registers
+):
+    """The pre-LayerNorm of FC1, once per token: rows p of the sorted order (token order[p] of
+    x) -> mean[p], rstd[p] (fp32, saved for the backward) and normed[p] = LN_e(x row), rounded to
+    the GEMM dtype (what a separate LayerNorm would store, and FC1's and dW1's A operand).
+
+    Grid (cdiv(tokens, BLOCK_R),), 1-D. Rules: program i alone writes sorted rows
+    [i*BLOCK_R, (i+1)*BLOCK_R) of mean, rstd and normed, and reads only inputs. No dot here.
+    Statistics in two passes over the row held in registers (mean, then the centred variance):
+    exact in fp32 for rows with a large mean.
+    """
+    p = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    p_ok = p < tokens
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    ok = p_ok[:, None] & d_ok[None, :]
+    expert = p * 0  # expert of sorted row p: the number of expert starts offsets[1..E-1] at or before p
+    for e in tl.static_range(1, NUM_EXPERTS):
+        expert += (p >= tl.load(offsets + e)).to(tl.int32)
+    row = tl.load(order + p, mask=p_ok, other=0).to(tl.int64)
+    xv = tl.load(x + row[:, None] * D + d[None, :], mask=ok, other=0.0).to(tl.float32)
+    row_mean = tl.sum(xv, axis=1) / D
+    centred = tl.where(ok, xv - row_mean[:, None], 0.0)
+    row_rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / D + eps)
+    affine = expert[:, None] * D + d[None, :]
+    gamma = tl.load(ln_weight + affine, mask=ok, other=0.0).to(tl.float32)
+    beta = tl.load(ln_bias + affine, mask=ok, other=0.0).to(tl.float32)
+    tl.store(mean + p, row_mean, mask=p_ok)
+    tl.store(rstd + p, row_rstd, mask=p_ok)
+    tl.store(normed + p.to(tl.int64)[:, None] * D + d[None, :],
+             (centred * row_rstd[:, None] * gamma + beta).to(normed.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -79,32 +120,33 @@ def _activate_grad(z, ACTIVATION: tl.constexpr):
 
 @triton.jit
 def _mome_rows_kernel(
-    a, order, offsets, weight, bias, ln_weight, ln_bias, mean, rstd, pre, out,
-    K, N,
+    a, order, offsets, weight, bias, pre, out,
+    K, N, row_tiles,
     stride_we, stride_wk, stride_wn,  # weight[e] read as a [K, N] matrix through these strides (any layout)
-    eps,
     NUM_EXPERTS: tl.constexpr,  # constexpr: the tile scan unrolls over the experts
     GATHER_A: tl.constexpr,  # A rows are token rows order[p] (x, grad_out), else sorted rows p
-    LN_A: tl.constexpr,  # LayerNorm A's rows in the prologue (statistics over K) and store mean/rstd
     SCATTER_OUT: tl.constexpr,  # store row p at token row order[p], else at p
     EPILOGUE: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,  # row tiles per group of the L2-friendly program order
     DOT_PRECISION: tl.constexpr,
 ):
-    """out[rows of expert e] = epilogue(prologue(A[rows]) @ weight[e]), one [BLOCK_M, BLOCK_N] tile.
+    """out[rows of expert e] = epilogue(A[rows] @ weight[e]), one [BLOCK_M, BLOCK_N] tile.
 
-    Grid (n_tiles * row_tiles,), 1-D: program pid is N tile pid % n_tiles of row tile
-    pid // n_tiles, so consecutive programs walk the N tiles of one row tile and read its A rows
-    from L2. Rules: the program owning (row tile, N tile) is the only writer of those elements
-    of out (and of pre); mean/rstd of a row are written by the N-tile-0 program of its row tile
-    only, while the other N tiles recompute the same statistics rather than read them. The
-    main loop's loaded tiles have one consumer each: w and (without a LayerNorm) xa feed the dot
-    only; with a LayerNorm xa feeds only the normalisation whose result is the dot operand.
+    Grid (n_tiles * row_tiles,), 1-D, in grouped order: GROUP_M consecutive row tiles walk the
+    N tiles together (row tile fastest), so the programs running at once share A rows and
+    weight columns in L2. Rules: the program owning (row tile, N tile) is the only writer of
+    those elements of out (and of pre), and reads only inputs. The main loop's two loaded tiles
+    (A rows, weight) feed the dot only; everything else is read in the epilogue.
     """
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(N, BLOCK_N)
-    tile = pid // n_tiles
-    pid_n = pid - tile * n_tiles  # not pid % n_tiles: that one costs the fp32-ieee dxn variant a 12-byte spill
+    group = pid // (GROUP_M * n_tiles)
+    first_tile = group * GROUP_M
+    group_rows = tl.minimum(row_tiles - first_tile, GROUP_M)
+    within = pid - group * (GROUP_M * n_tiles)
+    pid_n = within // group_rows
+    tile = first_tile + within - pid_n * group_rows  # not within % group_rows: that one spills fp32-ieee dxn
     expert, row_begin, row_end = _expert_tile(offsets, tile, NUM_EXPERTS, BLOCK_M)
     if expert < 0:
         return
@@ -117,38 +159,12 @@ def _mome_rows_kernel(
     col = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = col < N
 
-    if LN_A:
-        # Prologue: two passes over the row strip (mean, then centred variance) in fp32; the
-        # strip is re-read from L2. Two passes keep fp32 exact for rows with a large mean.
-        total = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            xa = tl.load(a + a_row[:, None] * K + k[None, :], mask=p_ok[:, None] & (k < K)[None, :], other=0.0)
-            total += tl.sum(xa.to(tl.float32), axis=1)
-        row_mean = total / K
-        total = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            ok = p_ok[:, None] & (k < K)[None, :]
-            xa = tl.load(a + a_row[:, None] * K + k[None, :], mask=ok, other=0.0)
-            centred = tl.where(ok, xa.to(tl.float32) - row_mean[:, None], 0.0)
-            total += tl.sum(centred * centred, axis=1)
-        row_rstd = 1.0 / tl.sqrt(total / K + eps)
-        tl.store(mean + p, row_mean, mask=p_ok & (pid_n == 0))  # saved for the backward, one writer per row
-        tl.store(rstd + p, row_rstd, mask=p_ok & (pid_n == 0))
-
     weight_base = weight + expert.to(tl.int64) * stride_we
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
         xa = tl.load(a + a_row[:, None] * K + k[None, :], mask=p_ok[:, None] & k_ok[None, :], other=0.0)
-        if LN_A:
-            gamma = tl.load(ln_weight + expert * K + k, mask=k_ok, other=0.0).to(tl.float32)
-            beta = tl.load(ln_bias + expert * K + k, mask=k_ok, other=0.0).to(tl.float32)
-            # Normalised in fp32, rounded to the GEMM's input dtype (what a separate LayerNorm would store).
-            xa = ((xa.to(tl.float32) - row_mean[:, None]) * row_rstd[:, None] * gamma[None, :]
-                  + beta[None, :]).to(weight.dtype.element_ty)
         w = tl.load(weight_base + k[:, None] * stride_wk + col[None, :] * stride_wn,
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(xa, w, acc, input_precision=DOT_PRECISION)
@@ -173,24 +189,27 @@ def _mome_rows_kernel(
 
 @triton.jit
 def _mome_weight_grad_kernel(
-    a, b, order, offsets, mean, rstd, ln_weight, ln_bias, grad_weight_parts,
-    M, N, experts, splits,
+    a, b, order, offsets, grad_weight, M, N, chunk_rows,
+    NUM_EXPERTS: tl.constexpr,  # constexpr: the chunk scan unrolls over the experts
     GATHER_A: tl.constexpr, GATHER_B: tl.constexpr,  # rows of A / B are token rows order[p], else sorted rows p
-    LN_A: tl.constexpr,  # A = LayerNorm(x) rebuilt from the saved mean/rstd
+    ONE_SLOT_PER_EXPERT: tl.constexpr,  # slot = expert, all its rows, stored in grad_weight's dtype
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Split s of grad_weight[e][M, N] = A[rows_e]^T @ B[rows_e] over its share of expert e's rows
-    (a grouped GEMM reducing over each expert's rows; an empty expert gets zeros), in fp32
-    partials grad_weight_parts[s, e] that torch sums afterwards (deterministic, no atomics).
+    """Slot s of the grouped GEMM grad_weight[e][M, N] = A[rows_e]^T @ B[rows_e].
 
-    Grid (experts * splits * m_tiles * n_tiles,), 1-D: pid -> (expert, split) slot
-    pid // (m_tiles * n_tiles), then M tile, then N tile (fastest; tiles of one slot read the
-    same rows from L2). Rules: each program stores only its own [M tile, N tile] of its own
-    [split, expert] slot; it reads only inputs. In the pipelined dot loop each loaded tile has
-    one consumer: bt feeds the dot only (the bias gradient, once summed from bt here, is
-    _mome_column_sum_kernel's: triton-lang/triton#6691); at feeds the dot, or with a LayerNorm
-    only the normalisation whose result is the dot operand.
+    ONE_SLOT_PER_EXPERT: slot s is expert s with all its rows, stored straight into
+    grad_weight[s] (the gradient's dtype; zeros for an expert without rows). Otherwise slot s is
+    chunk s of the schedule that cuts each expert's rows into chunks of chunk_rows (a multiple
+    of BLOCK_K; slots past the last chunk exit), stored as fp32 partial sums grad_weight[s] that
+    _mome_slot_sum_kernel adds up per expert: the work per program follows the tokens, however
+    skewed the routing.
+
+    Grid (slots * m_tiles * n_tiles,), 1-D: pid -> slot pid // (m_tiles * n_tiles), then M tile,
+    then N tile (fastest; tiles of one slot read the same rows from L2). Rules: each program
+    stores only its own [M tile, N tile] of its own slot; it reads only inputs. In the pipelined
+    dot loop each loaded tile has one consumer, the dot (the bias gradients are
+    _mome_column_sum_kernel's: triton-lang/triton#6691).
     """
     pid = tl.program_id(0)
     m_tiles = tl.cdiv(M, BLOCK_M)
@@ -198,20 +217,17 @@ def _mome_weight_grad_kernel(
     pid_n = pid % n_tiles
     pid_m = (pid // n_tiles) % m_tiles
     slot = pid // (n_tiles * m_tiles)
-    expert = slot // splits
-    split = slot % splits
+    if ONE_SLOT_PER_EXPERT:
+        row_begin = tl.load(offsets + slot)
+        row_end = tl.load(offsets + slot + 1)
+    else:
+        expert, row_begin, row_end = _expert_tile(offsets, slot, NUM_EXPERTS, chunk_rows)
+        if expert < 0:
+            return
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = m < M
     n_ok = n < N
-    begin = tl.load(offsets + expert)
-    end = tl.load(offsets + expert + 1)
-    per_split = tl.cdiv(tl.cdiv(end - begin, splits), BLOCK_K) * BLOCK_K
-    row_begin = begin + split * per_split
-    row_end = tl.minimum(row_begin + per_split, end)
-    if LN_A:
-        gamma = tl.load(ln_weight + expert * M + m, mask=m_ok, other=0.0).to(tl.float32)
-        beta = tl.load(ln_bias + expert * M + m, mask=m_ok, other=0.0).to(tl.float32)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(row_begin, row_end, BLOCK_K):
@@ -225,18 +241,47 @@ def _mome_weight_grad_kernel(
             b_row = tl.load(order + p, mask=p_ok, other=0).to(tl.int64)
         else:
             b_row = p.to(tl.int64)
-        a_ok = m_ok[:, None] & p_ok[None, :]
-        at = tl.load(a + a_row[None, :] * M + m[:, None], mask=a_ok, other=0.0)  # [BLOCK_M, BLOCK_K] = A^T tile
-        if LN_A:
-            row_mean = tl.load(mean + p, mask=p_ok, other=0.0)
-            row_rstd = tl.load(rstd + p, mask=p_ok, other=0.0)
-            normed = (at.to(tl.float32) - row_mean[None, :]) * row_rstd[None, :] * gamma[:, None] + beta[:, None]
-            at = tl.where(a_ok, normed, 0.0).to(b.dtype.element_ty)  # rounded as the forward's A operand
+        at = tl.load(a + a_row[None, :] * M + m[:, None], mask=m_ok[:, None] & p_ok[None, :], other=0.0)  # A^T tile
         bt = tl.load(b + b_row[:, None] * N + n[None, :], mask=p_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(at, bt, acc, input_precision=DOT_PRECISION)
 
-    part = (split * experts + expert).to(tl.int64)  # slot [split, expert]
-    tl.store(grad_weight_parts + part * M * N + m[:, None] * N + n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(grad_weight + slot.to(tl.int64) * M * N + m[:, None] * N + n[None, :],
+             acc.to(grad_weight.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _mome_slot_sum_kernel(
+    parts, offsets, out, numel, chunk_rows,
+    NUM_EXPERTS: tl.constexpr,  # constexpr: the chunk count scan unrolls over the experts
+    BLOCK: tl.constexpr,
+):
+    """out[e] = sum of the fp32 partial slots of expert e's chunks (cut as in
+    _mome_weight_grad_kernel), in out's dtype; zeros for an expert without rows.
+
+    Grid (experts * cdiv(numel, BLOCK),), 1-D. Rules: program (e, block) alone writes its block
+    of out[e] and reads only parts (written by an earlier launch). The slots are added in order:
+    the same bits every run.
+    """
+    pid = tl.program_id(0)
+    blocks = tl.cdiv(numel, BLOCK)
+    expert = pid // blocks
+    i = (pid % blocks) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < numel
+    first_slot = pid * 0
+    slots = pid * 0
+    begin = tl.load(offsets)
+    for e in tl.static_range(NUM_EXPERTS):
+        end = tl.load(offsets + e + 1)
+        chunks = (end - begin + chunk_rows - 1) // chunk_rows
+        first_slot += tl.where(e < expert, chunks, 0)
+        slots = tl.where(e == expert, chunks, slots)
+        begin = end
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    slot = parts + first_slot.to(tl.int64) * numel + i
+    for _ in range(slots):
+        acc += tl.load(slot, mask=ok, other=0.0)
+        slot += numel  # pointer arithmetic is 64-bit: no int32 overflow over the slots
+    tl.store(out + expert.to(tl.int64) * numel + i, acc.to(out.dtype.element_ty), mask=ok)
 
 
 @triton.jit

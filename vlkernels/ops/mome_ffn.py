@@ -6,20 +6,26 @@ Routing (glue in torch, all on device, no host sync): order = stable argsort(exp
 torch.compile (a bincount's length depends on the largest id), no atomics. With ``segments``
 (VLMo's positional split) order and offsets are built by arithmetic: no sort at all.
 
-Forward (2 launches):
-  FC1  rows of x gathered through order; LayerNorm statistics of each row in a prologue pass
-       (mean/rstd saved), normalisation applied while loading A; epilogue + b1[e], exact GELU.
-       Writes h = act(z) [T, F] in sorted order, and (when a backward will run) the
+Forward (2 launches, 3 with a LayerNorm):
+  LN   once per token: rows of x gathered through order, mean/rstd (fp32, saved) and the
+       normalised rows in the GEMM dtype, in sorted order (what a separate LayerNorm would
+       store; FC1's and dW1's A operand, so no GEMM recomputes statistics per N tile).
+  FC1  A = normalised rows (or x gathered through order without a LayerNorm); epilogue + b1[e],
+       exact GELU. Writes h = act(z) [T, F] in sorted order, and (when a backward will run) the
        pre-activation z [T, F].
   FC2  A = h rows, epilogue + b2[e], stored straight to the token row order[p].
 Backward (up to 7 launches): dz = (dY[order] @ W2[e]^T) * act'(z) (epilogue); dW2 = grouped
-h^T @ dY[order] per expert; dW1 = grouped LN(x)^T @ dz per expert (LN rebuilt from the saved
-statistics); db2, db1 = per-expert column sums of dY[order] and dz in a kernel of their own
+h^T @ dY[order] per expert; dW1 = grouped LN(x)^T @ dz per expert (the saved normalised rows);
+db2, db1 = per-expert column sums of dY[order] and dz in a kernel of their own
 (summing them from the dW GEMMs' operand tiles would give those tiles a second, non-dot
 consumer in a pipelined dot loop: triton-lang/triton#6691); d(normalised x) = dz @ W1[e]^T;
 LayerNorm backward with d ln weight/bias, grad_x scattered to token rows (without a LayerNorm,
-the previous GEMM stores grad_x itself, scattered). Every weight-type reduction is split into
-fp32 partials that torch sums: deterministic, no atomics.
+the previous GEMM stores grad_x itself, scattered). The weight gradients reduce each expert's
+rows in one program per tile, stored in the gradient's dtype, when the batch is small enough for
+that to fill the device; otherwise in fixed-size chunks of each expert's rows (balanced by
+tokens however skewed the routing) whose fp32 partials one kernel adds per expert in the
+gradient's dtype. Bias and LayerNorm reductions are split into fp32 partials that torch sums.
+All deterministic, no atomics.
 
 Launch grids are 1-D (row tiles and splits flattened into axis 0), except the LayerNorm
 backward's (experts, chunks) whose axis 1 is bounded by the device size: CUDA's grid axes 1
@@ -40,7 +46,7 @@ import torch
 from vlkernels import _backend
 from vlkernels._backend import Implementation
 from vlkernels.ops._checks import check_value, reads_on_host
-from vlkernels.ops._gemm import GEMM_CONFIGS
+from vlkernels.ops._gemm import GEMM_CONFIGS, WEIGHT_GRAD_CONFIGS, GemmConfig
 from vlkernels.ops._variants import KernelVariant
 from vlkernels.reference import mome_ffn as reference
 
@@ -60,6 +66,12 @@ _LN_BWD_WARPS = 4
 # Bias-gradient column sums: 32 rows x 128 columns per step (16 fp32 accumulators per thread at
 # 4 warps, 16-byte loads along the contiguous columns).
 _COLUMN_SUM_ROWS, _COLUMN_SUM_COLUMNS, _COLUMN_SUM_WARPS = 32, 128, 4
+_SLOT_SUM_BLOCK, _SLOT_SUM_WARPS = 1024, 4  # fp32 partial slots added per expert, 8 values a thread
+_GROUP_M = 8  # row tiles per group of the rows kernel's L2-friendly program order
+# fp32 row GEMMs with 64-column tiles where 128 spill at 255 registers: dz's epilogue (the erf
+# GELU derivative over the fp32 pre-activation beside the fp32 operand tiles), and IEEE dots
+# (no tensor cores: the operand tiles live in registers). 128-160 registers, no spill.
+_FP32_NARROW_CONFIG = GemmConfig(128, 64, 32, 8, 3)
 _MAX_TOKENS = 2**31 - 1  # offsets, order and sorted positions are int32
 _MAX_PROGRAMS = 2**31 - 1  # CUDA's grid axis 0
 
@@ -83,6 +95,12 @@ def _row_tiles(tokens: int, experts: int, block_m: int) -> int:
     return triton.cdiv(tokens, block_m) + experts - 1 if tokens else 0
 
 
+def _rows_config(dtype: torch.dtype, precision: str, epilogue: int) -> GemmConfig:
+    if dtype == torch.float32 and (epilogue == kernels.EPILOGUE_ACT_GRAD or precision == "ieee"):
+        return _FP32_NARROW_CONFIG
+    return GEMM_CONFIGS[dtype]
+
+
 # Launch shapes. Pure functions of the sizes (tested at huge sizes without launching): every
 # grid that grows with the tokens is 1-D, since CUDA stops grid axes 1 and 2 at 65535.
 def _rows_grid(tokens: int, n_size: int, experts: int, cfg) -> tuple[int]:
@@ -90,16 +108,27 @@ def _rows_grid(tokens: int, n_size: int, experts: int, cfg) -> tuple[int]:
 
 
 def _weight_grad_launch(tokens: int, m_size: int, n_size: int, experts: int, cfg, multiprocessors: int):
-    """(splits, grid): each expert's row reduction is split until the grid covers the device about
-    twice, keeping at least four row blocks per split for an evenly routed batch."""
-    tiles = triton.cdiv(m_size, cfg.block_m) * triton.cdiv(n_size, cfg.block_n) * experts
-    splits = max(1, min(triton.cdiv(2 * multiprocessors, tiles), tokens // (4 * cfg.block_k * experts)))
-    return splits, (tiles * splits,)
+    """(chunk_rows, slots, grid) of a weight gradient. The rows of each expert are cut into chunks
+    of chunk_rows (a multiple of BLOCK_K, at least four row blocks) until the grid covers the
+    device about twice; slots bounds the chunk count of any routing (cdiv(T, chunk) + E - 1).
+    chunk_rows 0: one slot per expert, each reducing all its rows (the batch is too small to
+    split), stored in the gradient's dtype without partials."""
+    tiles = triton.cdiv(m_size, cfg.block_m) * triton.cdiv(n_size, cfg.block_n)
+    chunks = triton.cdiv(2 * multiprocessors, tiles)
+    chunk_rows = max(4 * cfg.block_k, triton.cdiv(triton.cdiv(tokens, chunks), cfg.block_k) * cfg.block_k)
+    if chunks <= experts or chunk_rows >= tokens:
+        return 0, experts, (experts * tiles,)
+    slots = triton.cdiv(tokens, chunk_rows) + experts - 1
+    return chunk_rows, slots, (slots * tiles,)
+
+
+def _slot_sum_grid(numel: int, experts: int) -> tuple[int]:
+    return (experts * triton.cdiv(numel, _SLOT_SUM_BLOCK),)
 
 
 def _column_sum_launch(tokens: int, n_size: int, experts: int, multiprocessors: int):
-    """(splits, grid) of the bias-gradient column sums: split as the weight gradients are, with
-    at least two row blocks per split."""
+    """(splits, grid) of the bias-gradient column sums: each expert's rows split until the grid
+    covers the device about twice, with at least two row blocks per split."""
     tiles = triton.cdiv(n_size, _COLUMN_SUM_COLUMNS) * experts
     splits = max(1, min(triton.cdiv(2 * multiprocessors, tiles), tokens // (2 * _COLUMN_SUM_ROWS * experts)))
     return splits, (tiles * splits,)
@@ -108,55 +137,72 @@ def _column_sum_launch(tokens: int, n_size: int, experts: int, multiprocessors: 
 def _ln_bwd_launch(tokens: int, dim: int, experts: int, multiprocessors: int):
     """(block_r, block_d, chunks, grid (experts, chunks)): chunks <= cdiv(2 * multiprocessors,
     experts), so axis 1 is bounded by the device size, not by the tokens."""
-    block_r, block_d = _ln_bwd_blocks(dim)
+    block_r, block_d = _ln_blocks(dim)
     chunks = max(1, min(triton.cdiv(2 * multiprocessors, experts), tokens // (4 * block_r * experts)))
     return block_r, block_d, chunks, (experts, chunks)
 
 
-def _launch_rows(a, order, offsets, weight, out, *, bias=None, ln_weight=None, ln_bias=None, mean=None, rstd=None,
-                 pre=None, eps=0.0, gather_a, ln_a=False, scatter_out, epilogue, activation=0, store_pre=False,
-                 weight_kn_strides):
-    """out = epilogue(prologue(A rows) @ weight[e]) over the grouped row tiles; weight[e] is read as
+def _launch_layernorm(x, order, offsets, ln_weight, ln_bias, eps):
+    """(normed [T, D] in x's dtype, mean [T], rstd [T] fp32), all in sorted order."""
+    tokens, dim = x.shape
+    block_r, block_d = _ln_blocks(dim)
+    normed = torch.empty_like(x)
+    mean = torch.empty(tokens, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    kernels._mome_layernorm_kernel[(triton.cdiv(tokens, block_r),)](
+        x, order, offsets, ln_weight, ln_bias, mean, rstd, normed, tokens, dim, eps,
+        NUM_EXPERTS=offsets.shape[0] - 1, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_LN_BWD_WARPS,
+    )
+    return normed, mean, rstd
+
+
+def _launch_rows(a, order, offsets, weight, out, *, bias=None, pre=None, gather_a, scatter_out, epilogue,
+                 activation=0, store_pre=False, weight_kn_strides):
+    """out = epilogue(A rows @ weight[e]) over the grouped row tiles; weight[e] is read as
     [K, N] with strides weight_kn_strides = (stride_k, stride_n)."""
     tokens, k_size = a.shape
     n_size = out.shape[1]
     experts = offsets.shape[0] - 1
-    cfg = GEMM_CONFIGS[weight.dtype]
+    precision = _dot_precision(weight.dtype)
+    cfg = _rows_config(weight.dtype, precision, epilogue)
     grid = _rows_grid(tokens, n_size, experts, cfg)
     if grid[0] == 0:  # no tokens: nothing to compute (a 0-program launch is not valid on every driver)
         return
     placeholder = weight  # unread when the term is absent
     kernels._mome_rows_kernel[grid](
-        a, order, offsets, weight,
-        placeholder if bias is None else bias, placeholder if ln_weight is None else ln_weight,
-        placeholder if ln_bias is None else ln_bias, placeholder if mean is None else mean,
-        placeholder if rstd is None else rstd, placeholder if pre is None else pre, out,
-        k_size, n_size, weight.stride(0), *weight_kn_strides, eps,
-        NUM_EXPERTS=experts, GATHER_A=gather_a, LN_A=ln_a, SCATTER_OUT=scatter_out, EPILOGUE=epilogue,
+        a, order, offsets, weight, placeholder if bias is None else bias, placeholder if pre is None else pre, out,
+        k_size, n_size, _row_tiles(tokens, experts, cfg.block_m), weight.stride(0), *weight_kn_strides,
+        NUM_EXPERTS=experts, GATHER_A=gather_a, SCATTER_OUT=scatter_out, EPILOGUE=epilogue,
         ACTIVATION=activation, STORE_PRE=store_pre, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, DOT_PRECISION=_dot_precision(weight.dtype),
+        BLOCK_K=cfg.block_k, GROUP_M=_GROUP_M, DOT_PRECISION=precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
-def _launch_weight_grad(a, b, order, offsets, *, gather_a, gather_b, mean=None, rstd=None, ln_weight=None,
-                        ln_bias=None) -> torch.Tensor:
-    """Per expert e: A[rows_e]^T @ B[rows_e], [E, M, N] fp32 (zeros for an expert without rows)."""
+def _launch_weight_grad(a, b, order, offsets, *, gather_a, gather_b) -> torch.Tensor:
+    """Per expert e: A[rows_e]^T @ B[rows_e], [E, M, N] in B's dtype (zeros for an expert without rows)."""
     tokens, m_size = a.shape
     n_size = b.shape[1]
     experts = offsets.shape[0] - 1
-    cfg = GEMM_CONFIGS[b.dtype]
-    splits, grid = _weight_grad_launch(tokens, m_size, n_size, experts, cfg, _multiprocessors(a.device))
-    weight_parts = torch.empty(splits, experts, m_size, n_size, device=a.device, dtype=torch.float32)
-    ln = ln_weight is not None
+    precision = _dot_precision(b.dtype)
+    cfg = WEIGHT_GRAD_CONFIGS[b.dtype, precision]
+    chunk_rows, slots, grid = _weight_grad_launch(tokens, m_size, n_size, experts, cfg, _multiprocessors(a.device))
+    grad_weight = torch.empty(experts, m_size, n_size, device=a.device, dtype=b.dtype)
+    # One slot per expert: straight into the gradient; else fp32 partials per chunk.
+    target = grad_weight if not chunk_rows else torch.empty(slots, m_size, n_size, device=a.device,
+                                                             dtype=torch.float32)
     kernels._mome_weight_grad_kernel[grid](
-        a, b, order, offsets, mean if ln else a, rstd if ln else a, ln_weight if ln else a, ln_bias if ln else a,
-        weight_parts, m_size, n_size, experts, splits,
-        GATHER_A=gather_a, GATHER_B=gather_b, LN_A=ln,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_PRECISION=_dot_precision(b.dtype),
+        a, b, order, offsets, target, m_size, n_size, chunk_rows,
+        NUM_EXPERTS=experts, GATHER_A=gather_a, GATHER_B=gather_b, ONE_SLOT_PER_EXPERT=not chunk_rows,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_PRECISION=precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return weight_parts.sum(0)
+    if chunk_rows:
+        kernels._mome_slot_sum_kernel[_slot_sum_grid(m_size * n_size, experts)](
+            target, offsets, grad_weight, m_size * n_size, chunk_rows, NUM_EXPERTS=experts,
+            BLOCK=_SLOT_SUM_BLOCK, num_warps=_SLOT_SUM_WARPS,
+        )
+    return grad_weight
 
 
 def _launch_column_sum(b, order, offsets, *, gather) -> torch.Tensor:
@@ -172,7 +218,8 @@ def _launch_column_sum(b, order, offsets, *, gather) -> torch.Tensor:
     return parts.sum(0)
 
 
-def _ln_bwd_blocks(dim: int) -> tuple[int, int]:
+def _ln_blocks(dim: int) -> tuple[int, int]:
+    # (rows, columns) of a LayerNorm block: whole rows (BLOCK_D >= D) of _LN_BWD_ELEMENTS values.
     block_d = triton.next_power_of_2(dim)
     return max(1, _LN_BWD_ELEMENTS // block_d), block_d
 
@@ -197,21 +244,24 @@ def _launch_fwd(x, order, offsets, w1, b1, w2, b2, ln_weight, ln_bias, eps, acti
     ln = ln_weight is not None
     h = torch.empty(tokens, hidden, device=x.device, dtype=x.dtype)
     pre = torch.empty(tokens if need_backward else 0, hidden, device=x.device, dtype=x.dtype)
-    mean = torch.empty(tokens if ln else 0, device=x.device, dtype=torch.float32)
-    rstd = torch.empty_like(mean)
     out = torch.empty(tokens, dim, device=x.device, dtype=x.dtype)
+    if ln and tokens:
+        normed, mean, rstd = _launch_layernorm(x, order, offsets, ln_weight, ln_bias, eps)
+    else:
+        normed = x.new_empty(tokens if ln else 0, dim)
+        mean = torch.empty(tokens if ln else 0, device=x.device, dtype=torch.float32)
+        rstd = torch.empty_like(mean)
     if tokens == 0:
-        return out, h, pre, mean, rstd
-    _launch_rows(x, order, offsets, w1, h, bias=b1, ln_weight=ln_weight, ln_bias=ln_bias, mean=mean, rstd=rstd,
-                 pre=pre, eps=eps, gather_a=True, ln_a=ln, scatter_out=False,
+        return out, h, pre, mean, rstd, normed
+    _launch_rows(normed if ln else x, order, offsets, w1, h, bias=b1, pre=pre, gather_a=not ln, scatter_out=False,
                  epilogue=kernels.EPILOGUE_BIAS_ACT, activation=_ACTIVATION_CODES[activation],
                  store_pre=need_backward, weight_kn_strides=(w1.stride(1), w1.stride(2)))
     _launch_rows(h, order, offsets, w2, out, bias=b2, gather_a=False, scatter_out=True,
                  epilogue=kernels.EPILOGUE_BIAS, weight_kn_strides=(w2.stride(1), w2.stride(2)))
-    return out, h, pre, mean, rstd
+    return out, h, pre, mean, rstd, normed
 
 
-def _launch_bwd(grad_out, x, order, offsets, w1, w2, h, pre, mean, rstd, ln_weight, ln_bias, activation,
+def _launch_bwd(grad_out, x, order, offsets, w1, w2, h, pre, mean, rstd, normed, ln_weight, activation,
                 need_x, need_weights):
     tokens, dim = x.shape
     experts, _, hidden = w1.shape
@@ -224,13 +274,13 @@ def _launch_bwd(grad_out, x, order, offsets, w1, w2, h, pre, mean, rstd, ln_weig
                  epilogue=kernels.EPILOGUE_ACT_GRAD, activation=_ACTIVATION_CODES[activation],
                  weight_kn_strides=(w2.stride(2), w2.stride(1)))
     if need_weights:
-        # Each gradient is a fresh sum of its own partials: none is a view of another (.to keeps that).
+        # Each gradient is a tensor of its own (none is a view of another; .to keeps that).
         grad_w2 = _launch_weight_grad(h, grad_out, order, offsets, gather_a=False, gather_b=True)
         grad_b2 = _launch_column_sum(grad_out, order, offsets, gather=True)
-        grad_w1 = _launch_weight_grad(x, grad_pre, order, offsets, gather_a=True, gather_b=False,
-                                      mean=mean, rstd=rstd, ln_weight=ln_weight, ln_bias=ln_bias)
+        grad_w1 = _launch_weight_grad(normed if ln else x, grad_pre, order, offsets, gather_a=not ln,
+                                      gather_b=False)
         grad_b1 = _launch_column_sum(grad_pre, order, offsets, gather=False)
-        grad_w1, grad_b1, grad_w2, grad_b2 = (t.to(x.dtype) for t in (grad_w1, grad_b1, grad_w2, grad_b2))
+        grad_b1, grad_b2 = grad_b1.to(x.dtype), grad_b2.to(x.dtype)
     if need_x or (need_weights and ln):
         # d(LN output) = dz @ W1[e]^T (W1[e] [D, F] read as [F, D]); without a LayerNorm it is grad_x.
         grad_normed = torch.empty(tokens, dim, device=x.device, dtype=torch.float32 if ln else x.dtype)
@@ -254,7 +304,7 @@ def _mome_ffn_fwd_op(
     x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
     w2: torch.Tensor, b2: torch.Tensor, ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor],
     eps: float, activation: str, need_backward: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _launch_fwd(x, order, offsets, w1, b1, w2, b2, ln_weight, ln_bias, eps, activation, need_backward)
 
 
@@ -264,22 +314,22 @@ def _(x, order, offsets, w1, b1, w2, b2, ln_weight, ln_bias, eps, activation, ne
     stats = tokens if ln_weight is not None else 0
     return (x.new_empty(tokens, x.shape[1]), x.new_empty(tokens, hidden),
             x.new_empty(tokens if need_backward else 0, hidden),
-            x.new_empty(stats, dtype=torch.float32), x.new_empty(stats, dtype=torch.float32))
+            x.new_empty(stats, dtype=torch.float32), x.new_empty(stats, dtype=torch.float32),
+            x.new_empty(stats, x.shape[1]))
 
 
 @torch.library.custom_op("vlkernels::mome_ffn_bwd", mutates_args=())
 def _mome_ffn_bwd_op(
     grad_out: torch.Tensor, x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, w1: torch.Tensor,
     w2: torch.Tensor, h: torch.Tensor, pre: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-    ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor], activation: str, need_x: bool,
-    need_weights: bool,
+    normed: torch.Tensor, ln_weight: Optional[torch.Tensor], activation: str, need_x: bool, need_weights: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launch_bwd(grad_out, x, order, offsets, w1, w2, h, pre, mean, rstd, ln_weight, ln_bias, activation,
+    return _launch_bwd(grad_out, x, order, offsets, w1, w2, h, pre, mean, rstd, normed, ln_weight, activation,
                        need_x, need_weights)
 
 
 @_mome_ffn_bwd_op.register_fake
-def _(grad_out, x, order, offsets, w1, w2, h, pre, mean, rstd, ln_weight, ln_bias, activation, need_x, need_weights):
+def _(grad_out, x, order, offsets, w1, w2, h, pre, mean, rstd, normed, ln_weight, activation, need_x, need_weights):
     ln = ln_weight is not None
     grad_x = torch.empty_like(x) if need_x or (need_weights and ln) else x.new_empty(0)
     if not need_weights:
@@ -292,22 +342,23 @@ def _(grad_out, x, order, offsets, w1, w2, h, pre, mean, rstd, ln_weight, ln_bia
 
 def _setup_context(ctx, inputs, output):
     x, order, offsets, w1, b1, w2, b2, ln_weight, ln_bias, eps, activation, need_backward = inputs
-    _, h, pre, mean, rstd = output
-    ctx.save_for_backward(x, order, offsets, w1, w2, h, pre, mean, rstd, ln_weight, ln_bias)
+    _, h, pre, mean, rstd, normed = output
+    ctx.save_for_backward(x, order, offsets, w1, w2, h, pre, mean, rstd, normed, ln_weight)
     ctx.activation = activation
-    # h, pre, mean and rstd are saved for the backward, not results: no gradient flows through them.
-    ctx.mark_non_differentiable(h, pre, mean, rstd)
+    # h, pre, mean, rstd and the normalised rows are saved for the backward, not results: no
+    # gradient flows through them.
+    ctx.mark_non_differentiable(h, pre, mean, rstd, normed)
 
 
-def _backward(ctx, grad_out, _grad_h, _grad_pre, _grad_mean, _grad_rstd):
-    x, order, offsets, w1, w2, h, pre, mean, rstd, ln_weight, ln_bias = ctx.saved_tensors
+def _backward(ctx, grad_out, _grad_h, _grad_pre, _grad_mean, _grad_rstd, _grad_normed):
+    x, order, offsets, w1, w2, h, pre, mean, rstd, normed, ln_weight = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_x = need[0]
     need_weights = any(need[3:9])
     if pre.shape[0] != x.shape[0]:
         raise RuntimeError("mome_ffn: the forward ran without saving for backward (grad mode was off)")
-    grads = _mome_ffn_bwd_op(grad_out.contiguous(), x, order, offsets, w1, w2, h, pre, mean, rstd,
-                             ln_weight, ln_bias, ctx.activation, need_x, need_weights)
+    grads = _mome_ffn_bwd_op(grad_out.contiguous(), x, order, offsets, w1, w2, h, pre, mean, rstd, normed,
+                             ln_weight, ctx.activation, need_x, need_weights)
     grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_lnw, grad_lnb = grads
     keep = lambda flag, t: t if flag else None  # noqa: E731
     return (keep(need_x, grad_x), None, None, keep(need[3], grad_w1), keep(need[4], grad_b1),
@@ -440,7 +491,8 @@ def _triton_refusal(x, expert_index, w1, *args) -> Optional[str]:
     if why is None and tokens > _MAX_TOKENS:
         why = f"more than {_MAX_TOKENS} tokens (the routing tables are int32)"
     # The widest GEMM's 1-D grid (N tiles x row tiles); only a many-terabyte x comes near it.
-    if why is None and _rows_grid(tokens, max(w1.shape[1:]), w1.shape[0], GEMM_CONFIGS[x.dtype])[0] > _MAX_PROGRAMS:
+    narrowest = _FP32_NARROW_CONFIG if x.dtype == torch.float32 else GEMM_CONFIGS.get(x.dtype)
+    if why is None and _rows_grid(tokens, max(w1.shape[1:]), w1.shape[0], narrowest)[0] > _MAX_PROGRAMS:
         why = f"{tokens} tokens x {max(w1.shape[1:])} features need more than {_MAX_PROGRAMS} programs"
     return why
 
@@ -524,44 +576,60 @@ def mome_ffn(
 # ----------------------------------------------------------------------------------------------
 def aot_variants():
     """Every kernel configuration the launchers above can pick, as report.KernelVariant entries,
-    with the runtime integers of VLMo-B (D 768, F 3072, 3 experts)."""
-    dim, hidden, experts = 768, 3072, 3
+    with the runtime integers of VLMo-B (D 768, F 3072, 3 experts; 8192 tokens)."""
+    dim, hidden, experts, tokens = 768, 3072, 3, 8192
     i32, fp32 = torch.int32, torch.float32
     variants = []
     for dtype, precision in ((torch.bfloat16, "tf32"), (torch.float16, "tf32"), (torch.float32, "tf32"),
                              (torch.float32, "ieee")):
-        cfg = GEMM_CONFIGS[dtype]
         label = f"{str(dtype)[6:]}-{precision}"
-        blocks = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_PRECISION=precision)
-        options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        rows_pointers = {"a": dtype, "order": i32, "offsets": i32, "weight": dtype, "bias": dtype,
-                         "ln_weight": dtype, "ln_bias": dtype, "mean": fp32, "rstd": fp32, "pre": dtype, "out": dtype}
-        rows_common = dict(blocks, NUM_EXPERTS=experts, ACTIVATION=0)
-        # (what, K, N, weight strides e/k/n, flags): FC1 with LayerNorm, FC2, dz, d(normalised x)
+        rows_pointers = {"a": dtype, "order": i32, "offsets": i32, "weight": dtype, "bias": dtype, "pre": dtype,
+                         "out": dtype}
+        # (what, K, N, weight strides e/k/n, flags): FC1 (normalised rows or x gathered), FC2, dz,
+        # d(normalised x)
         uses = [
             ("fc1", dim, hidden, (dim * hidden, hidden, 1),
-             dict(GATHER_A=True, LN_A=True, SCATTER_OUT=False, EPILOGUE=kernels.EPILOGUE_BIAS_ACT, STORE_PRE=True)),
+             dict(GATHER_A=False, SCATTER_OUT=False, EPILOGUE=kernels.EPILOGUE_BIAS_ACT, STORE_PRE=True)),
+            ("fc1-gather", dim, hidden, (dim * hidden, hidden, 1),
+             dict(GATHER_A=True, SCATTER_OUT=False, EPILOGUE=kernels.EPILOGUE_BIAS_ACT, STORE_PRE=True)),
             ("fc2", hidden, dim, (hidden * dim, dim, 1),
-             dict(GATHER_A=False, LN_A=False, SCATTER_OUT=True, EPILOGUE=kernels.EPILOGUE_BIAS, STORE_PRE=False)),
+             dict(GATHER_A=False, SCATTER_OUT=True, EPILOGUE=kernels.EPILOGUE_BIAS, STORE_PRE=False)),
             ("dz", dim, hidden, (hidden * dim, 1, dim),
-             dict(GATHER_A=True, LN_A=False, SCATTER_OUT=False, EPILOGUE=kernels.EPILOGUE_ACT_GRAD,
-                  STORE_PRE=False)),
+             dict(GATHER_A=True, SCATTER_OUT=False, EPILOGUE=kernels.EPILOGUE_ACT_GRAD, STORE_PRE=False)),
             ("dxn", hidden, dim, (dim * hidden, 1, hidden),
-             dict(GATHER_A=False, LN_A=False, SCATTER_OUT=False, EPILOGUE=kernels.EPILOGUE_NONE, STORE_PRE=False)),
+             dict(GATHER_A=False, SCATTER_OUT=False, EPILOGUE=kernels.EPILOGUE_NONE, STORE_PRE=False)),
         ]
         for what, k_size, n_size, (se, sk, sn), flags in uses:
+            cfg = _rows_config(dtype, precision, flags["EPILOGUE"])
+            constexprs = dict(flags, NUM_EXPERTS=experts, ACTIVATION=0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                              BLOCK_K=cfg.block_k, GROUP_M=_GROUP_M, DOT_PRECISION=precision)
             pointers = dict(rows_pointers, out=fp32 if what == "dxn" else dtype)
-            scalars = dict(K=k_size, N=n_size, stride_we=se, stride_wk=sk, stride_wn=sn, eps=1e-6)
-            variants.append(KernelVariant(kernels._mome_rows_kernel, f"{label}-{what}", dict(rows_common, **flags),
-                                          pointers, scalars, options, gemm_shaped=True))
-        grad_pointers = {"a": dtype, "b": dtype, "order": i32, "offsets": i32, "mean": fp32, "rstd": fp32,
-                         "ln_weight": dtype, "ln_bias": dtype, "grad_weight_parts": fp32}
-        for what, m_size, n_size, flags in (("dw1", dim, hidden, dict(GATHER_A=True, GATHER_B=False, LN_A=True)),
-                                            ("dw2", hidden, dim, dict(GATHER_A=False, GATHER_B=True, LN_A=False))):
-            variants.append(KernelVariant(kernels._mome_weight_grad_kernel, f"{label}-{what}", dict(blocks, **flags),
-                                          grad_pointers, dict(M=m_size, N=n_size, experts=experts, splits=1), options,
+            scalars = dict(K=k_size, N=n_size, row_tiles=_row_tiles(tokens, experts, cfg.block_m), stride_we=se,
+                           stride_wk=sk, stride_wn=sn)
+            variants.append(KernelVariant(kernels._mome_rows_kernel, f"{label}-{what}", constexprs, pointers,
+                                          scalars, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
                                           gemm_shaped=True))
+        cfg = WEIGHT_GRAD_CONFIGS[dtype, precision]
+        blocks = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_PRECISION=precision,
+                      NUM_EXPERTS=experts)
+        # dW1 = normalised rows^T @ dz (x gathered without a LayerNorm), dW2 = h^T @ dY gathered;
+        # one slot per expert (small batches, the gradient's dtype) or chunks (fp32 partials).
+        for what, m_size, n_size, gather_a, gather_b in (("dw1", dim, hidden, False, False),
+                                                         ("dw1-gather", dim, hidden, True, False),
+                                                         ("dw2", hidden, dim, False, True)):
+            for one_slot in (False, True):
+                variants.append(KernelVariant(
+                    kernels._mome_weight_grad_kernel, f"{label}-{what}" + ("-one-slot" if one_slot else ""),
+                    dict(blocks, GATHER_A=gather_a, GATHER_B=gather_b, ONE_SLOT_PER_EXPERT=one_slot),
+                    {"a": dtype, "b": dtype, "order": i32, "offsets": i32, "grad_weight": dtype if one_slot else fp32},
+                    dict(M=m_size, N=n_size, chunk_rows=0 if one_slot else 16 * cfg.block_k), dict(num_warps=cfg.num_warps,
+                                                                          num_stages=cfg.num_stages),
+                    gemm_shaped=True))
     for dtype in _SUPPORTED_DTYPES:
+        variants.append(KernelVariant(
+            kernels._mome_slot_sum_kernel, str(dtype)[6:], dict(NUM_EXPERTS=experts, BLOCK=_SLOT_SUM_BLOCK),
+            {"parts": fp32, "offsets": i32, "out": dtype}, dict(numel=dim * hidden, chunk_rows=512),
+            dict(num_warps=_SLOT_SUM_WARPS)))
         # db2 (grad_out rows gathered, N = D) and db1 (dz rows in sorted order, N = F)
         for what, n_size, gather in (("db2", dim, True), ("db1", hidden, False)):
             variants.append(KernelVariant(
@@ -571,7 +639,12 @@ def aot_variants():
                 dict(N=n_size, experts=experts, splits=2), dict(num_warps=_COLUMN_SUM_WARPS)))
     for dtype in _SUPPORTED_DTYPES:
         for dim in (256, 544, 768, 1024):  # 256: the tiny configs' row block; the others VLMo's
-            block_r, block_d = _ln_bwd_blocks(dim)
+            block_r, block_d = _ln_blocks(dim)
+            variants.append(KernelVariant(
+                kernels._mome_layernorm_kernel, f"{str(dtype)[6:]}-D{dim}",
+                dict(NUM_EXPERTS=experts, BLOCK_R=block_r, BLOCK_D=block_d),
+                {"x": dtype, "order": i32, "offsets": i32, "ln_weight": dtype, "ln_bias": dtype, "mean": fp32,
+                 "rstd": fp32, "normed": dtype}, dict(tokens=tokens, D=dim, eps=1e-6), dict(num_warps=_LN_BWD_WARPS)))
             variants.append(KernelVariant(
                 kernels._mome_ln_bwd_kernel, f"{str(dtype)[6:]}-D{dim}", dict(BLOCK_R=block_r, BLOCK_D=block_d),
                 {"x": dtype, "order": i32, "offsets": i32, "mean": fp32, "rstd": fp32, "grad_normed": fp32,

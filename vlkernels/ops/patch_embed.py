@@ -7,7 +7,8 @@ and the cls row are added in the GEMM epilogue.
 
 Backward: patches do not overlap (stride = kernel), so d(images) is a GEMM whose tiles are
 stored straight back to pixel addresses (col2im without atomics); d(weight) is a GEMM that
-reads the patches the same way, split over the patch rows for parallelism; d(bias),
+reads the patches the same way, split over the patch rows for parallelism (fp32 partials
+added up by one kernel that writes the gradient's dtype; no partials without a split); d(bias),
 d(pos_embed) and d(cls_token) come from one batch sum of the output gradient (d(bias) is not
 summed inside the d(weight) loop: a tile feeding both tl.dot and a sum is the pipeliner hazard
 of triton-lang/triton#6691). Every gradient returned owns its storage.
@@ -24,7 +25,7 @@ import torch
 
 from vlkernels import _backend
 from vlkernels._backend import Implementation
-from vlkernels.ops._gemm import GEMM_CONFIGS
+from vlkernels.ops._gemm import GEMM_CONFIGS, WEIGHT_GRAD_CONFIGS
 from vlkernels.ops._variants import KernelVariant
 from vlkernels.reference import patch_embed as reference
 
@@ -157,7 +158,7 @@ if triton is not None:
 
     @triton.jit
     def _patch_embed_bwd_weight_kernel(
-        grad_out, images, grad_weight_parts,
+        grad_out, images, grad_weight,
         patch_rows, rows_per_split, patches_per_image, tokens, embed_dim, grid_w,
         stride_b, stride_c, stride_h,
         CHANNELS: tl.constexpr, PATCH: tl.constexpr, HAS_CLS: tl.constexpr,
@@ -165,7 +166,9 @@ if triton is not None:
         DOT_PRECISION: tl.constexpr,
     ):
         """Split s of grad_weight[D, K] = grad_out_patches^T[D, M] @ patches[M, K] over the rows
-        [s*rows_per_split, (s+1)*rows_per_split); partial sums go to fp32 slot s, summed after.
+        [s*rows_per_split, (s+1)*rows_per_split), stored in slot s of grad_weight: the
+        gradient itself (its dtype) when there is one split, else fp32 partials that
+        _split_sum_kernel adds up.
 
         Concurrency: axis 0 holds the (D tile, K tile) pairs, axis 1 the splits, at most
         2 * multiprocessors (see _bwd_weight_launch); program (tile, s) alone writes its tile of
@@ -197,7 +200,24 @@ if triton is not None:
             acc = tl.dot(g, a, acc, input_precision=DOT_PRECISION)
 
         part = split.to(tl.int64) * embed_dim * K
-        tl.store(grad_weight_parts + part + d[:, None] * K + k[None, :], acc, mask=d_ok[:, None] & k_ok[None, :])
+        tl.store(grad_weight + part + d[:, None] * K + k[None, :], acc.to(grad_weight.dtype.element_ty),
+                 mask=d_ok[:, None] & k_ok[None, :])
+
+    @triton.jit
+    def _split_sum_kernel(parts, out, splits, numel, BLOCK: tl.constexpr):
+        """out[i] = sum_s parts[s, i] (fp32 partial sums) in out's dtype.
+
+        Concurrency: a 1-D grid; program p alone writes out[p*BLOCK : (p+1)*BLOCK] and reads only
+        parts (written by an earlier launch). No dot. The slots are added in order: deterministic.
+        """
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < numel
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        slot = parts + i
+        for _ in range(splits):
+            acc += tl.load(slot, mask=ok, other=0.0)
+            slot += numel  # pointer arithmetic is 64-bit: no int32 overflow over the slots
+        tl.store(out + i, acc.to(out.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _batch_sum_kernel(x, out, batch, batch_stride, numel, BLOCK: tl.constexpr):
@@ -335,17 +355,26 @@ def _launch_bwd_weight(grad_out, images, weight, has_cls) -> torch.Tensor:
     images = _unit_stride_width(images)
     _, grid_w, patches = _grid_shape(images, weight)
     patch_rows = images.shape[0] * patches
-    cfg = GEMM_CONFIGS[images.dtype]
+    precision = _dot_precision(images.dtype)
+    cfg = WEIGHT_GRAD_CONFIGS[images.dtype, precision]
     grid, rows_per_split = _bwd_weight_launch(patch_rows, embed_dim, k_size, cfg, _multiprocessors(images.device))
-    weight_parts = torch.empty(grid[1], embed_dim, k_size, device=images.device, dtype=torch.float32)
+    splits = grid[1]
+    grad_weight = torch.empty(weight.shape, device=images.device, dtype=weight.dtype)
+    # One split: the kernel stores the gradient itself; else fp32 partials, added by one more kernel.
+    target = grad_weight if splits == 1 else torch.empty(splits, embed_dim, k_size, device=images.device,
+                                                          dtype=torch.float32)
     _patch_embed_bwd_weight_kernel[grid](
-        grad_out.contiguous(), images, weight_parts,
+        grad_out.contiguous(), images, target,
         patch_rows, rows_per_split, patches, grad_out.shape[1], embed_dim, grid_w, *images.stride()[:3],
         CHANNELS=channels, PATCH=patch, HAS_CLS=has_cls,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        DOT_PRECISION=_dot_precision(images.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return weight_parts.sum(0).view(weight.shape).to(weight.dtype)
+    if splits > 1:
+        numel = embed_dim * k_size
+        _split_sum_kernel[_batch_sum_grid(numel)](target, grad_weight, splits, numel, BLOCK=_BATCH_SUM_BLOCK,
+                                                  num_warps=_BATCH_SUM_WARPS)
+    return grad_weight
 
 
 def _launch_batch_sum(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -591,12 +620,20 @@ def aot_variants():
                           dict(scalars, bias_stride=1, cls_stride=1, pos_stride_d=1), options, gemm_shaped=True),
             KernelVariant(_patch_embed_bwd_images_kernel, label, gemm,
                           {"grad_out": dtype, "weight": dtype, "grad_images": dtype}, scalars, options, gemm_shaped=True),
-            KernelVariant(_patch_embed_bwd_weight_kernel, label, gemm,
-                          {"grad_out": dtype, "images": dtype, "grad_weight_parts": fp32},
-                          scalars, options, gemm_shaped=True),
         ]
+        weight_cfg = WEIGHT_GRAD_CONFIGS[dtype, precision]
+        weight_gemm = dict(gemm, BLOCK_M=weight_cfg.block_m, BLOCK_N=weight_cfg.block_n, BLOCK_K=weight_cfg.block_k)
+        weight_options = dict(num_warps=weight_cfg.num_warps, num_stages=weight_cfg.num_stages)
+        for one_split in (False, True):  # fp32 partials, or the gradient itself in its dtype
+            variants.append(KernelVariant(
+                _patch_embed_bwd_weight_kernel, label + ("-one-split" if one_split else ""), weight_gemm,
+                {"grad_out": dtype, "images": dtype, "grad_weight": dtype if one_split else fp32},
+                scalars, weight_options, gemm_shaped=True))
     for dtype in _SUPPORTED_DTYPES:
         variants.append(KernelVariant(_batch_sum_kernel, str(dtype)[6:], dict(BLOCK=_BATCH_SUM_BLOCK),
                                       {"x": dtype, "out": torch.float32}, _example_scalars(64, 224, 16),
+                                      dict(num_warps=_BATCH_SUM_WARPS)))
+        variants.append(KernelVariant(_split_sum_kernel, str(dtype)[6:], dict(BLOCK=_BATCH_SUM_BLOCK),
+                                      {"parts": torch.float32, "out": dtype}, dict(splits=4, numel=768 * 768),
                                       dict(num_warps=_BATCH_SUM_WARPS)))
     return variants
