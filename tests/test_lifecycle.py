@@ -294,20 +294,76 @@ def test_compile_and_export(name):
     torch.testing.assert_close(_flat(exported.module()(*args, **kwargs)), expected)
 
 
-def test_dynamic_compile_one_graph_over_sizes():
-    """dynamic=True: one graph over 4 batch sizes and sequence lengths (MoMEFFN, VLMultiheadAttention)."""
+def _lengths(batch, length):
+    """[B, S] bool with a different number of real tokens per sample (at least 1)."""
+    return torch.arange(length) < (length - torch.arange(batch) % 3).clamp(min=1)[:, None]
+
+
+def _pair(batch, length):  # text and image features, their masks and ITM targets
+    return (_rand(batch, length, D), _rand(batch, length - 1, D), _lengths(batch, length),
+            _lengths(batch, length - 1), torch.arange(batch) % 2)
+
+
+# Each nn module's positional arguments at batch size b and sequence length n, then its keyword
+# arguments where it takes some (PatchEmbed: timm's strict img_size fixes the image).
+SIZED = {
+    "Mlp": lambda b, n: (_rand(b, n, D),),
+    "Pooler": lambda b, n: (_rand(b, n, D),),
+    "PredictionTransform": lambda b, n: (_rand(b, n, D),),
+    "MLMHead": lambda b, n: (_rand(b, n, D),),
+    "TextEmbeddings": lambda b, n: (torch.arange(b * n).view(b, n) % 30,),
+    "VLMultiheadAttention": lambda b, n: (_rand(b, n, D), {"key_padding_mask": _lengths(b, n)}),
+    "MultiheadAttention": lambda b, n: (_rand(b, n, D), _rand(b, n + 1, D), _rand(b, n + 1, D)),
+    "PostLNAttention": lambda b, n: (_rand(b, n, D),),
+    "PostLNFeedForward": lambda b, n: (_rand(b, n, D),),
+    "PreLNBlock": lambda b, n: (_rand(b, n, D), _lengths(b, n)),
+    "BertLayer": lambda b, n: (_rand(b, n, D), _lengths(b, n)),
+    "LXMERTCrossLayer": lambda b, n: (_rand(b, n, D), _rand(b, n - 1, D)),
+    "METERCrossLayer": lambda b, n: (_rand(b, n, D), _rand(b, n - 1, D)),
+    "ViLBERTCoLayer": lambda b, n: (_rand(b, n, D), _rand(b, n - 1, 8)),
+    "MoMEFFN": lambda b, n: (_rand(b, n, D), {"text_len": 2}),
+    "VLMoAttention": lambda b, n: (_rand(b, n, D), _lengths(b, n)),
+    "MoMEBlock": lambda b, n: (_rand(b, n, D), _lengths(b, n)),
+    "PatchEmbed": lambda b, n: (_rand(b, 3, 8, 8),),
+    "VisualDictionary": lambda b, n: (_rand(b, n, D), _lengths(b, n)),
+    "WRALoss": _pair,
+    "WPALoss": _pair,
+}
+SIZES = ((2, 4), (3, 5), (4, 6), (5, 8))  # TextEmbeddings has 8 positions
+# Known to recompile or break under dynamic=True, fullgraph=True (strict: a fix turns these green;
+# the two that recompile 4 times are not run, to spare CI ~45 s).
+DYNAMIC_KNOWN = {
+    "MoMEFFN": "the text_len split specialises the sequence length (a graph per length)",
+    "MoMEBlock": "its MoMEFFN's text_len split specialises the sequence length",
+    "WRALoss": "wra_distance's math.isfinite(beta) on the symbolic beta of dynamic=True",
+    "WPALoss": "wra_distance's math.isfinite(beta) on the symbolic beta of dynamic=True",
+}
+
+
+def test_every_module_has_sized_inputs():
+    assert SIZED.keys() == {name for name in NAMES if not _is_model(name)}  # adding a module: one line each
+
+
+@pytest.mark.parametrize("name, training", [
+    pytest.param(name, False, id=name, marks=[pytest.mark.xfail(strict=True, reason=DYNAMIC_KNOWN[name], run=not name.startswith("MoME"))]
+                 if name in DYNAMIC_KNOWN else []) for name in SIZED] + [
+    pytest.param("VisualDictionary", True, id="VisualDictionary-train")])
+def test_dynamic_compile_one_graph_over_sizes(name, training):
+    """dynamic=True, fullgraph=True: one graph over 4 batch sizes and sequence lengths, equal to
+    eager (a training VisualDictionary updates its buffers as eager does)."""
     import torch._dynamo.testing
 
     torch._dynamo.reset()
-    for name, build in (("Mlp", lambda: vnn.Mlp(D, 32)),
-                        ("VLMultiheadAttention", lambda: vnn.VLMultiheadAttention(D, H))):
-        module = build().eval()
-        counter = torch._dynamo.testing.CompileCounter()
-        compiled = torch.compile(module, backend=counter, dynamic=True, fullgraph=True)
-        for batch, length in ((2, 5), (3, 7), (4, 9), (5, 11)):
-            x = torch.randn(batch, length, D)
-            torch.testing.assert_close(compiled(x), module(x))
-        assert counter.frame_count == 1, f"{name}: {counter.frame_count} graphs over 4 sizes"
+    module, twin = _build(name).train(training), _build(name).train(training)
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(module, backend=counter, dynamic=True, fullgraph=True)
+    for batch, length in SIZES:
+        args = SIZED[name](batch, length)
+        args, kwargs = (args[:-1], args[-1]) if isinstance(args[-1], dict) else (args, {})
+        torch.testing.assert_close(_flat(compiled(*args, **kwargs)), _flat(twin(*args, **kwargs)),
+                                   msg=lambda m: f"{name} at {batch} x {length}: {m}")
+    assert counter.frame_count == 1, f"{name}: {counter.frame_count} graphs over 4 sizes"
+    _assert_same_state(module, twin, name)
 
 
 def test_masked_lm_loss_without_labels_compiled():

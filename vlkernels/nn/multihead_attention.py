@@ -36,6 +36,16 @@ from vlkernels.nn.attention import VLMultiheadAttention, split_heads
 from vlkernels.ops import attention
 
 
+def _move_once(move, query, key, value):
+    """``move`` applied to query, key and value, keeping which of them are one tensor (self-attention:
+    one GEMM). By identity, not id(): torch.compile would guard on each tensor's id and recompile
+    for every new input."""
+    moved_query = move(query)
+    moved_key = moved_query if key is query else move(key)
+    moved_value = moved_query if value is query else moved_key if value is key else move(value)
+    return moved_query, moved_key, moved_value
+
+
 def _mask_error(name: str, mask: torch.Tensor, expected: str) -> ValueError:
     return ValueError(f"MultiheadAttention: {name} must be a bool or floating tensor of shape {expected}, "
                       f"got {mask.dtype} {list(mask.shape)}")
@@ -151,12 +161,11 @@ class MultiheadAttention(VLMultiheadAttention):
             move = lambda t: t.transpose(0, 1)  # noqa: E731
         else:
             move = lambda t: t  # noqa: E731
-        moved = {id(t): move(t) for t in (query, key, value)}
+        query, key, value = _move_once(move, query, key, value)
         key_mask = None
         if key_padding_mask is not None:  # torch's True = ignore -> the kernels' True = real token
             key_mask = ~(key_padding_mask if batched else key_padding_mask.unsqueeze(0))
-        out = self._forward_batch_first(moved[id(query)], moved[id(key)], moved[id(value)], key_mask,
-                                        bool(is_causal), None)
+        out = self._forward_batch_first(query, key, value, key_mask, bool(is_causal), None)
         if not batched:
             return out.squeeze(0), None
         return (out if self.batch_first else out.transpose(0, 1)), None
@@ -194,8 +203,7 @@ class MultiheadAttention(VLMultiheadAttention):
                        is_causal, batched):
         """torch's own math: F.multi_head_attention_forward on sequence-first inputs."""
         if self.batch_first and batched:
-            moved = {id(t): t.transpose(0, 1) for t in (query, key, value)}
-            query, key, value = moved[id(query)], moved[id(key)], moved[id(value)]
+            query, key, value = _move_once(lambda t: t.transpose(0, 1), query, key, value)
         out, weights = F.multi_head_attention_forward(
             query, key, value, self.embed_dim, self.num_heads, self.in_proj_weight, self.in_proj_bias,
             self.bias_k, self.bias_v, self.add_zero_attn, self.dropout, self.out_proj.weight, self.out_proj.bias,
