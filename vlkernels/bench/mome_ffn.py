@@ -9,8 +9,11 @@ sample 40 text + 197 image tokens (237), 3 experts with pre-LayerNorm, routed as
 GPU: the batches above; CPU and --quick: batch 1-2 of VLMo-B.
 
 Providers: vlkernels; eager (the reference: gather / per-expert LN + MLP / scatter loop);
-torch.compile(reference); dense (one LN + FFN over all the tokens: the speed of light of this
-op, no routing at all); torch._grouped_mm (sort, LN, two grouped GEMMs, scatter) where torch has it.
+torch.compile(reference); looped nn.Linear (per expert: select its tokens, LayerNorm, two
+F.linear, scatter back); dense (one LN + FFN over all the tokens: the speed of light of this op,
+no routing at all); torch._grouped_mm (sort, LN, two grouped GEMMs, scatter) where torch has it
+(CUDA); on a GPU torch.compile(reference, mode="max-autotune-no-cudagraphs") (expensive: left
+out of --quick).
 All experts hold the same weights (repeated E times, distinct storage) so that the dense
 provider computes the same output as the routed ones and passes the harness's check against
 eager; the timings do not depend on the values.
@@ -23,7 +26,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from vlkernels.bench.harness import Case, Inputs, standard_providers
+from vlkernels.bench.harness import Case, Compiled, Inputs, standard_providers
 
 OP = "mome_ffn"
 TEXT_TOKENS, IMAGE_TOKENS = 40, 197  # VLMo: max_text_len 40; 14x14 patches + cls at 224/16
@@ -68,6 +71,21 @@ def dense_ffn(x, expert_index, w1, b1, w2, b2, *, ln_weight=None, ln_bias=None, 
     return F.linear(F.gelu(F.linear(h, w1[0].t(), b1[0])), w2[0].t(), b2[0])
 
 
+def looped_linear_ffn(x, expert_index, w1, b1, w2, b2, *, ln_weight=None, ln_bias=None, eps=1e-6,
+                      segments=None):
+    """What a per-expert nn.ModuleList computes: each expert's tokens selected, LN + Linear +
+    GELU + Linear, scattered back (a loop over the experts, one host sync per expert)."""
+    dim = x.shape[-1]
+    index = _route(x, expert_index, segments)
+    tokens = x.reshape(-1, dim)
+    out = tokens.new_zeros(tokens.shape)
+    for e in range(w1.shape[0]):
+        rows = torch.nonzero(index == e).squeeze(1)
+        h = F.layer_norm(tokens[rows], (dim,), ln_weight[e], ln_bias[e], eps)
+        out = out.index_copy(0, rows, F.linear(F.gelu(F.linear(h, w1[e].t(), b1[e])), w2[e].t(), b2[e]))
+    return out.reshape(x.shape)
+
+
 def grouped_mm_ffn(x, expert_index, w1, b1, w2, b2, *, ln_weight=None, ln_bias=None, eps=1e-6, segments=None):
     """torch._grouped_mm: stable sort by expert, LN with gathered affine, two grouped GEMMs, scatter."""
     dim = x.shape[-1]
@@ -82,13 +100,15 @@ def grouped_mm_ffn(x, expert_index, w1, b1, w2, b2, *, ln_weight=None, ln_bias=N
     return y.new_zeros(y.shape).index_copy(0, order, y).reshape(x.shape)
 
 
-def _providers() -> dict:
+def _providers(device: torch.device) -> dict:
     from vlkernels.ops.mome_ffn import mome_ffn
     from vlkernels.reference.mome_ffn import mome_ffn as reference
 
-    peers = {"dense": dense_ffn}
-    if hasattr(torch, "_grouped_mm"):
+    peers = {"looped nn.Linear": looped_linear_ffn, "dense": dense_ffn}
+    if device.type == "cuda" and hasattr(torch, "_grouped_mm"):  # a CUDA-only op where torch has it
         peers["torch._grouped_mm"] = grouped_mm_ffn
+    if device.type == "cuda":  # inductor's autotuning benchmarks Triton templates: a GPU's
+        peers["torch.compile max-autotune"] = Compiled(reference, mode="max-autotune-no-cudagraphs")
     return standard_providers(mome_ffn, reference, peers)
 
 
@@ -149,7 +169,7 @@ def cases(device: torch.device, quick: bool = False) -> list[Case]:
         presets = GPU_QUICK_PRESETS if quick else GPU_PRESETS
     else:
         presets = CPU_QUICK_PRESETS if quick else CPU_PRESETS
-    providers = _providers()
+    providers = _providers(device)
     return [Case(OP, preset.label(batch), _make_inputs(preset, batch), providers,
                  flops=_flops(preset, batch), bytes=_bytes(preset, batch))
             for preset, batch in presets]

@@ -7,9 +7,10 @@ Presets are the seed models' real patch embeddings (C = 3 RGB channels, D = 768,
 GPU: batches 32, 128, 256. CPU and --quick: batches 2-8 and fewer shapes.
 
 Providers: vlkernels (the op, on its auto backend), eager (the torch reference: conv2d +
-flatten + transpose + cat cls + add pos), torch.compile(reference). No peer is listed: the
-usual implementations (timm's PatchEmbed, HF ViT/ViLT embeddings) are the same nn.Conv2d +
-cat + add as the eager reference.
+flatten + transpose + cat cls + add pos; nn.Conv2d is cuDNN / cuBLAS on a GPU), torch.compile(reference),
+and on a GPU torch.compile(reference, mode="max-autotune-no-cudagraphs") (expensive: left out of
+--quick). No other peer is listed: the usual implementations (timm's PatchEmbed, HF ViT/ViLT
+embeddings) are the same nn.Conv2d + cat + add as the eager reference.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from vlkernels.bench.harness import Case, Inputs, standard_providers
+from vlkernels.bench.harness import Case, Compiled, Inputs, standard_providers
 
 OP = "patch_embed"
 
@@ -58,11 +59,14 @@ CPU_PRESETS = [(VILT_384, 4), (VILT_384x640, 2), (VIT_224, 8)]
 CPU_QUICK_PRESETS = [(VILT_384, 2), (VIT_224, 2)]
 
 
-def _providers() -> dict:
+def _providers(device: torch.device) -> dict:
     from vlkernels.ops import patch_embed
     from vlkernels.reference.patch_embed import patch_embed as reference
 
-    return standard_providers(patch_embed, reference)
+    peers = {}
+    if device.type == "cuda":  # inductor's autotuning benchmarks Triton templates: a GPU's
+        peers["torch.compile max-autotune"] = Compiled(reference, mode="max-autotune-no-cudagraphs")
+    return standard_providers(patch_embed, reference, peers)
 
 
 def _make_inputs(preset: Preset, batch: int):
@@ -120,7 +124,7 @@ def cases(device: torch.device, quick: bool = False) -> list[Case]:
         presets = GPU_QUICK_PRESETS if quick else GPU_PRESETS
     else:
         presets = CPU_QUICK_PRESETS if quick else CPU_PRESETS
-    providers = _providers()
+    providers = _providers(device)
     return [Case(OP, preset.label(batch), _make_inputs(preset, batch), providers,
                  flops=_flops(preset, batch), bytes=_bytes(preset, batch),
                  tf32=lambda: torch.backends.cudnn.allow_tf32)  # patch_embed follows nn.Conv2d's flag
