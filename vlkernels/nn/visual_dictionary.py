@@ -89,8 +89,10 @@ def mvm_mask(index: torch.Tensor, valid: torch.Tensor, prob: float = 0.015,
         raise ValueError(f"mvm_mask: prob must lie in [0, 1], got {prob}")
     batch, cells = index.shape
     # The position stays a tensor (a gather, no int()): no host sync, no graph break under torch.compile.
-    position = torch.randint(cells, (1,), generator=generator).to(index.device).expand(batch, 1)
+    # generator=None is left out: torch's generator overloads take no symbolic sizes (compile, dynamic=True).
+    draw = {} if generator is None else {"generator": generator}
+    position = torch.randint(cells, (1,), **draw).to(index.device).expand(batch, 1)
     drawn = index.gather(1, position)
-    keep = torch.rand(batch, 1, generator=generator, device=generator.device if generator else "cpu") < prob
+    keep = torch.rand(batch, 1, device=generator.device if generator else "cpu", **draw) < prob
     masked = (index == drawn) & valid & valid.gather(1, position) & keep.to(index.device)
     return masked, torch.where(masked, index, torch.full_like(index, -100))
