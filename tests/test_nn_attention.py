@@ -454,14 +454,52 @@ def test_multihead_attention_dropout_in_training(backend):
     nn.init.normal_(module.out_proj.bias)
     x = torch.randn(2, 7, 40, device=DEVICE, requires_grad=True)
     with vlkernels.use_backend(backend):
-        dropped = module(x)  # every attention probability dropped: only out_proj's bias is left
+        with vlkernels.kernel_coverage() as dropping_all:
+            dropped = module(x)  # every attention probability dropped: only out_proj's bias is left
         torch.testing.assert_close(dropped, module.out_proj.bias.expand_as(dropped), rtol=0, atol=0)
+        # Dropout 1 is the one torch path (the op takes dropout_p < 1), and it is counted.
+        assert dropping_all.fallback_ops() == {"VLMultiheadAttention"} and not dropping_all.backends("attention")
         module.dropout = 0.3
-        first, second = module(x), module(x)
+        with vlkernels.kernel_coverage() as dropping:
+            first, second = module(x), module(x)
+        assert not dropping.fallbacks and dropping.backends("attention") == {backend: 2}
         assert not torch.equal(first, second) and torch.isfinite(first).all()
         assert torch.isfinite(torch.autograd.grad(first.sum(), x)[0]).all()
         module.eval()
         torch.testing.assert_close(module(x), module(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_multihead_attention_dropout_is_unbiased_fresh_per_call_and_seeded(backend):
+    """Issue 14 item 4 through a module: in training with dropout 0.1 the outputs average to the
+    eval output (the kept probabilities are scaled by 1 / 0.9), each call and each batch row draws
+    its own mask, and torch.manual_seed replays a call exactly. One input repeated over the
+    batch gives independent samples; 40 tokens span two of the kernels' key blocks."""
+    torch.manual_seed(12)
+    module = VLMultiheadAttention(32, 2, dropout=0.1).to(DEVICE)
+    nn.init.normal_(module.in_proj_bias)
+    copies = 8
+    x = torch.randn(1, 40, 32, device=DEVICE).expand(copies, -1, -1)
+    with torch.no_grad(), vlkernels.use_backend(backend), vlkernels.kernel_coverage() as coverage:
+        expected = module.eval()(x[:1])[0].double()
+        module.train()
+        torch.manual_seed(3)
+        first = module(x)
+        second = module(x)
+        torch.manual_seed(3)
+        replayed = module(x)
+    assert not coverage.fallbacks and coverage.backends("attention") == {backend: 4}
+    torch.testing.assert_close(replayed, first, rtol=0, atol=0)
+    assert not torch.equal(first, second), "two calls drew the same dropout mask"
+    assert not torch.equal(first[0], first[1]), "two batch rows drew the same dropout mask"
+    # Unbiased: each draw's deviation from the eval output, projected on the eval output, has
+    # mean 0 (a t-test over the 16 independent draws). Without the 1 / 0.9 rescaling the draws
+    # would sit 10% below the eval output along it: a t of ~-100 here.
+    samples = torch.cat([first, second]).double()  # [2 * copies, S, D]
+    deviation = ((samples - expected) * expected).flatten(1).sum(1) / expected.square().sum()
+    t = deviation.mean() / (deviation.std() / len(deviation) ** 0.5)
+    assert abs(t) < 4, f"the dropout outputs are biased: t = {t:.1f} (mean relative deviation {deviation.mean():.2e})"
+    assert deviation.std() > 0
 
 
 @pytest.mark.parametrize("kind", ["lxmert", "vilbert", "meter"])
@@ -475,8 +513,11 @@ def test_co_attention_layer_dropout_in_training(kind):
     masks = dict(lang_mask=text_mask.to(DEVICE), visn_mask=image_mask.to(DEVICE)) if kind == "lxmert" else \
         dict(text_mask=text_mask.to(DEVICE), image_mask=image_mask.to(DEVICE))
     with vlkernels.use_backend("triton"), torch.no_grad():
-        # Attention dropout with p = 1 removes every attention term, cross and self alike.
-        actual = module(*args, **masks)
+        # Attention dropout with p = 1 removes every attention term, cross and self alike (the
+        # torch path: the op takes dropout_p < 1; counted as fallbacks).
+        with vlkernels.kernel_coverage() as coverage:
+            actual = module(*args, **masks)
+        assert type(module).__name__ in coverage.fallback_ops() and not coverage.backends("co_attention")
         expected = restated(source, text.double(), image.double(), text_mask, image_mask, drop_attention=True)
         check_all(["text out", "image out"], actual, expected, actual)
         for block in module.modules():  # hidden dropout on, attention dropout off: the kernel path
@@ -510,11 +551,11 @@ def test_multihead_attention_fully_padded_sample_gives_finite_zero_attention(bac
     assert all(torch.isfinite(g).all() for g in grads) and grads[0][1].abs().max() == 0
 
 
-@pytest.mark.parametrize("training", [False, True], ids=["eval-kernels", "train-dropout-path"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train-dropout"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_multihead_attention_propagates_nan_and_ignores_padding(backend, training):
-    """Issue 12 item 5 through the module, on the kernels' path and on the eager dropout path
-    (the reference with dropout): a NaN in one real token's input reaches every query of its
+    """Issue 12 item 5 through the module, in eval and with attention dropout in training (in
+    the op on both backends): a NaN in one real token's input reaches every query of its
     sample (its k and v are visible to all) and nothing of the other sample; the same NaN in a
     padded token reaches nothing. No nan_to_num erases it."""
     torch.manual_seed(10)

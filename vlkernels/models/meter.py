@@ -28,8 +28,7 @@ Objectives (METER's pretraining: loss weights 1 and 1):
 
 Not implemented: RoBERTa / Swin variants, the VQA / NLVR2 / retrieval heads, attention dropout
 inside the CLIP tower (0 in CLIP). Attention-probability dropout in the BERT-style layers is
-``attention_dropout`` (METER trains with 0.1; 0.0 here keeps the attention kernels, see
-vlkernels.nn.attention).
+``attention_dropout``, METER's 0.1 (in the attention ops in training, see vlkernels.nn.attention).
 """
 from __future__ import annotations
 
@@ -75,7 +74,7 @@ class METERConfig:
     intermediate_size: int = 3072
     layer_norm_eps: float = 1e-12  # BERT's LayerNorm (text encoder and fusion layers)
     dropout: float = 0.1  # BERT hidden dropout (text encoder, fusion layers)
-    attention_dropout: float = 0.0  # see the module docstring
+    attention_dropout: float = 0.1  # on the attention probabilities, as the original (in the attention op)
     initializer_range: float = 0.02
     mlm_probability: float = 0.15
     itm_negative_prob: float = 0.5
@@ -95,7 +94,8 @@ class METERConfig:
         return cls(vocab_size=160, max_text_len=12, max_position_embeddings=12, text_hidden_size=32,
                    text_num_layers=1, text_num_heads=2, text_intermediate_size=64, image_size=32, patch_size=16,
                    image_hidden_size=16, image_num_layers=1, image_num_heads=2, hidden_size=32,
-                   num_cross_layers=2, num_heads=2, intermediate_size=64, dropout=0.0)
+                   num_cross_layers=2, num_heads=2, intermediate_size=64, dropout=0.0,
+                   attention_dropout=0.0)
 
 
 class METER(PretrainingModel):

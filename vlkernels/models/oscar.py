@@ -25,8 +25,8 @@ Synthetic tags: a tag is the caption token a synthetic region depicts (what a de
 name it), one per real region in region order.
 
 Not implemented: Oscar+'s 3-way contrastive variant (set num_contrast_classes for the head
-size only), the discrete-code image feature types; attention-probability dropout is 0 by
-default (the original uses 0.1; set ``attention_dropout``).
+size only), the discrete-code image feature types. Attention-probability dropout is the
+original's 0.1 (``attention_dropout``, in the attention op in training).
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ class OscarConfig:
     type_vocab_size: int = 2
     num_contrast_classes: int = 2
     dropout: float = 0.1
-    attention_dropout: float = 0.0  # original 0.1; see the module docstring
+    attention_dropout: float = 0.1  # on the attention probabilities, as the original (in the attention op)
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
     max_seq_length: int = 35
@@ -97,7 +97,8 @@ class OscarConfig:
         6 regions of 16 + 6 values."""
         return cls(vocab_size=160, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                    img_feature_dim=16 + BOX_VALUES, max_position_embeddings=14, max_seq_length=14,
-                   max_img_seq_length=6, max_tag_len=4, dropout=0.0)
+                   max_img_seq_length=6, max_tag_len=4, dropout=0.0,
+                   attention_dropout=0.0)
 
 
 def oscar_region_features(features: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,7 @@ class SimVLMConfig:
     max_text_len: int = 64
     layer_norm_eps: float = 1e-6
     dropout: float = 0.1
+    attention_dropout: float = 0.0  # on the attention probabilities (the paper states none; in the attention op)
     initializer_range: float = 0.02
 
     @classmethod
@@ -102,7 +103,8 @@ class SimVLM(PretrainingModel):
         self.text_pos_embed = nn.Parameter(torch.zeros(1, c.max_text_len, d))
         self.embed_dropout = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(
-            PreLNBlock(d, c.num_heads, c.mlp_ratio, eps=c.layer_norm_eps, dropout=c.dropout)
+            PreLNBlock(d, c.num_heads, c.mlp_ratio, eps=c.layer_norm_eps, dropout=c.dropout,
+                       attention_dropout=c.attention_dropout)
             for _ in range(c.num_layers))
         self.norm = nn.LayerNorm(d, eps=c.layer_norm_eps)
         self.lm_head = nn.Linear(d, c.vocab_size, bias=False)

@@ -78,7 +78,7 @@ class SOHOConfig:
     layer_norm_eps: float = 1e-12  # BERT's
     visual_layer_norm_eps: float = 1e-5  # the neck's nn.LayerNorm
     dropout: float = 0.1
-    attention_dropout: float = 0.0  # SOHO trains with 0.1; 0.0 keeps the attention kernels
+    attention_dropout: float = 0.1  # SOHO trains with 0.1 (in the attention op)
     initializer_range: float = 0.02
     mlm_probability: float = 0.15
     itm_negative_prob: float = 0.5
@@ -101,7 +101,7 @@ class SOHOConfig:
         dictionary; every drawn MVM mask is kept so the loss is present."""
         return cls(vocab_size=160, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_text_len=12,
                    max_position_embeddings=12, feature_channels=16, dictionary_size=32, mvm_probability=1.0,
-                   dropout=0.0, grid_rows=6, grid_cols=6)
+                   dropout=0.0, attention_dropout=0.0, grid_rows=6, grid_cols=6)
 
 
 def sine_position_embedding(valid: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:

@@ -40,8 +40,9 @@ one task per step instead of summing):
   sides; (sum of the positive pairs' distances - sum of the negatives') / B, weight 0.1
   (``itm_ot_lambda``): total = itm_ce + 0.1 * ot_loss.
 
-Not implemented: attention-probability dropout by default (the original uses 0.1; set
-``attention_dropout``), UNITER's hard-negative ITM fine-tuning, conditional masking schedules.
+Attention-probability dropout is the original's 0.1 (``attention_dropout``, in the attention
+op in training). Not implemented: UNITER's hard-negative ITM fine-tuning, conditional masking
+schedules.
 """
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ class UNITERConfig:
     max_position_embeddings: int = 512
     type_vocab_size: int = 2
     dropout: float = 0.1
-    attention_dropout: float = 0.0  # original 0.1; see the module docstring
+    attention_dropout: float = 0.1  # on the attention probabilities, as the original (in the attention op)
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
     max_text_len: int = 60
@@ -114,7 +115,7 @@ class UNITERConfig:
         features, 12 region classes."""
         return cls(vocab_size=160, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                    img_dim=16, num_region_classes=12, max_position_embeddings=12, max_text_len=12, num_regions=6,
-                   dropout=0.0)
+                   dropout=0.0, attention_dropout=0.0)
 
 
 class RegionEmbeddings(nn.Module):

@@ -34,9 +34,8 @@ Objectives (weights 1 each, ViLBERT's sum):
 - ``itm`` (multimodal alignment prediction): dropout(pooled_text * pooled_image) -> Linear(1024, 2)
   (ViLBERT multiplies the two pooled vectors), cross-entropy.
 
-Not implemented: attention-probability dropout by default (the original uses 0.1; set
-``attention_dropout`` for it, which moves attention onto the torch path in training), masking
-the regions that overlap a masked one (IoU > 0.4) in the data pipeline, the task heads of the
+Attention-probability dropout is the original's 0.1 (``attention_dropout``, in the attention
+ops in training). Not implemented: masking the regions that overlap a masked one (IoU > 0.4) in the data pipeline, the task heads of the
 multi-task fine-tuning.
 """
 from __future__ import annotations
@@ -92,7 +91,7 @@ class ViLBERTConfig:
     v_target_size: int = 1601  # classes of the region distribution (the detector's, with background)
     global_image_token: bool = True
     dropout: float = 0.1  # hidden dropout of both streams, and before the alignment classifier
-    attention_dropout: float = 0.0  # on the attention probabilities (original 0.1; see the module docstring)
+    attention_dropout: float = 0.1  # on the attention probabilities, as the original (in the attention op)
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
     mlm_probability: float = 0.15
@@ -116,7 +115,8 @@ class ViLBERTConfig:
         return cls(vocab_size=160, hidden_size=32, num_heads=2, intermediate_size=64, num_text_layers=2,
                    v_feature_size=16, v_hidden_size=48, v_num_heads=2, v_intermediate_size=48, v_num_layers=1,
                    bi_hidden_size=32, bi_num_heads=2, t_biattention_id=(1,), v_biattention_id=(0,),
-                   max_position_embeddings=12, max_text_len=12, num_regions=5, v_target_size=20, dropout=0.0)
+                   max_position_embeddings=12, max_text_len=12, num_regions=5, v_target_size=20, dropout=0.0,
+                   attention_dropout=0.0)
 
 
 class ImageEmbeddings(nn.Module):

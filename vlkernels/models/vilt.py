@@ -88,7 +88,7 @@ class ViLTConfig:
     text_layer_norm_eps: float = 1e-12  # BERT's embeddings and MLM head
     qkv_bias: bool = True
     dropout: float = 0.1  # ViLT's drop_rate: embeddings, block outputs, MLP
-    attention_dropout: float = 0.0
+    attention_dropout: float = 0.0  # ViLT's attn_drop_rate (0; in the attention op when set)
     initializer_range: float = 0.02
     tie_mlm_decoder: bool = False  # ViLT's MLM decoder has its own weight (HF's ViltForMaskedLM ties it)
     mlm_probability: float = 0.15

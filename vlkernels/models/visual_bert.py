@@ -26,9 +26,8 @@ Objectives (VisualBERT's pretraining, HF ``VisualBertForPreTraining``; ``out.los
 
 Both objectives run on one forward pass, as in VisualBERT (the masked caption with the
 possibly mismatched image). Not implemented: ``inputs_embeds``, returning attentions or
-hidden states, HF's ``bypass_transformer`` variant; attention-probability dropout is 0 by
-default (the original uses 0.1; set ``attention_dropout`` for it, which moves attention onto
-the torch path in training).
+hidden states, HF's ``bypass_transformer`` variant. Attention-probability dropout is the
+original's 0.1 (``attention_dropout``, in the attention op in training).
 """
 from __future__ import annotations
 
@@ -73,7 +72,7 @@ class VisualBERTConfig:
     pad_token_id: int = PAD
     special_visual_initialize: bool = True
     dropout: float = 0.1  # hidden dropout (HF hidden_dropout_prob)
-    attention_dropout: float = 0.0  # on the attention probabilities (original 0.1; see the module docstring)
+    attention_dropout: float = 0.1  # on the attention probabilities, as the original (in the attention op)
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
     max_text_len: int = 128
@@ -92,7 +91,8 @@ class VisualBERTConfig:
     def tiny(cls) -> "VisualBERTConfig":
         """For tests: 32 hidden, 2 heads, 2 layers, vocab 160, 12 tokens, 6 regions of 16-d features."""
         return cls(vocab_size=160, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                   visual_embedding_dim=16, max_position_embeddings=12, max_text_len=12, num_regions=6, dropout=0.0)
+                   visual_embedding_dim=16, max_position_embeddings=12, max_text_len=12, num_regions=6, dropout=0.0,
+                   attention_dropout=0.0)
 
 
 class VisualBertEmbeddings(TextEmbeddings):

@@ -19,8 +19,8 @@ Follows SPEC "VLMo mixture-of-modality-experts":
   per layer and head, looked up in one table by the kind of token pair: image patch pairs by
   their 2-D offset (with separate entries for [CLS]->patch, patch->[CLS], [CLS]->[CLS], as in
   BEiT), text pairs by their 1-D offset, and one entry each for text->image and image->text.
-  With it, attention runs ``VLMoAttention``'s torch path (the attention op takes no additive
-  bias yet).
+  Each layer's [H, S, S] bias goes to the attention op as its additive bias (on the kernels;
+  its gradient, summed over the batch, trains the table).
 
 Objectives (weights 1 each, VLMo's loss weights):
 - ``itc``: the [CLS] of the image-only and the text-only passes -> Linear(D, D, no bias) -> L2

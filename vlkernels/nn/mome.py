@@ -34,7 +34,6 @@ from vlkernels.nn.transformer import Mlp
 from vlkernels.ops._checks import check_value
 from vlkernels.ops.attention import attention
 from vlkernels.ops.mome_ffn import mome_ffn
-from vlkernels.reference.attention import masked_softmax
 
 _SUFFIX = {"text": "text", "image": "imag", "vl": "vl"}
 
@@ -213,8 +212,7 @@ class VLMoAttention(nn.Module):
 
     forward(x [B, S, D], mask [B, S] bool (True = real token) = None,
             relative_position_bias [H, S, S] = None) -> [B, S, D]
-    Without a relative position bias it runs the attention op (Triton on GPU); with one it runs
-    the same math in torch (the op takes no additive bias yet).
+    The relative position bias is the attention op's additive bias (on the kernels either way).
     """
 
     def __init__(self, dim: int, heads: int, *, qkv_bias: bool = True, device=None, dtype=None) -> None:
@@ -237,16 +235,9 @@ class VLMoAttention(nn.Module):
         else:  # a wrapped qkv (LoRA, say) is called, so its update reaches the attention kernel
             qkv = self.qkv(x) if bias is None else self.qkv(x) + bias
         q, k, v = qkv.unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
-        if relative_position_bias is None:
-            out = attention(q, k, v, key_mask=mask)
-        else:
-            scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5 + relative_position_bias
-            if mask is None:
-                visible = scores.new_ones((1, 1, 1, scores.shape[-1]), dtype=torch.bool)
-            else:  # padded keys: weight 0 and v zeroed, so a NaN there reaches no query
-                visible, v = mask[:, None, None, :], v.masked_fill(~mask[:, None, :, None], 0.0)
-            # Fully masked rows give zeros without erasing a NaN that came from the inputs.
-            out = masked_softmax(scores.float(), visible).to(v.dtype) @ v
+        # The relative position bias [H, S, S] is the op's additive bias (broadcast over the
+        # batch; its gradient comes back summed over it, so the bias table trains).
+        out = attention(q, k, v, key_mask=mask, bias=relative_position_bias)
         return self.proj(out.transpose(1, 2).flatten(2))
 
 
