@@ -25,7 +25,7 @@ import torch
 
 from vlkernels import _backend
 from vlkernels._backend import Implementation
-from vlkernels.ops._gemm import GEMM_CONFIGS, WEIGHT_GRAD_CONFIGS
+from vlkernels.ops._gemm import GEMM_CONFIGS, WEIGHT_GRAD_CONFIGS, GemmConfig
 from vlkernels.ops._variants import KernelVariant
 from vlkernels.reference import patch_embed as reference
 
@@ -243,6 +243,15 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------------
 _BATCH_SUM_BLOCK = 1024
 _BATCH_SUM_WARPS = 4
+# The forward: its epilogue (pos-embed tile, cls row) lifts a 128 x 128 tile on 8 warps to 164
+# registers (1 CTA/SM on sm_90a, nothing to overlap one CTA's epilogue with another's K loop,
+# which is only K / BLOCK_K = 12 steps for ViT-B/16); 128 x 64 on one warpgroup keeps 168
+# registers for 4 warps: 3 CTAs/SM (2 in fp32), no spill. To be confirmed on a GPU.
+_FWD_CONFIGS = {
+    torch.float16: GemmConfig(128, 64, 64, 4, 3),
+    torch.bfloat16: GemmConfig(128, 64, 64, 4, 3),
+    torch.float32: GemmConfig(128, 64, 32, 4, 3),
+}
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -310,7 +319,7 @@ def _launch_fwd(images, weight, bias, pos_embed, cls_token) -> torch.Tensor:
     images = _unit_stride_width(images)
     weight = weight.contiguous()  # any layout (channels-last, permuted): the kernel reads it as [D, K]
     out = torch.empty(batch, tokens, embed_dim, device=images.device, dtype=images.dtype)
-    cfg = GEMM_CONFIGS[images.dtype]
+    cfg = _FWD_CONFIGS[images.dtype]
     rows = batch * tokens
     # bias, cls_token and pos_embed are read through their strides (a view of any layout, an
     # expanded batch); a shared pos_embed [1, T, D] gets batch stride 0.
@@ -613,11 +622,14 @@ def aot_variants():
         options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         scalars = _example_scalars(64, size, patch)
         fp32 = torch.float32
+        fwd_cfg = _FWD_CONFIGS[dtype]
+        fwd_gemm = dict(gemm, BLOCK_M=fwd_cfg.block_m, BLOCK_N=fwd_cfg.block_n, BLOCK_K=fwd_cfg.block_k)
         variants += [
             # Contiguous bias, cls and pos have unit stride along D (which a launch turns into a constant)
-            KernelVariant(_patch_embed_fwd_kernel, label, dict(gemm, HAS_BIAS=True, HAS_POS=True),
+            KernelVariant(_patch_embed_fwd_kernel, label, dict(fwd_gemm, HAS_BIAS=True, HAS_POS=True),
                           {"images": dtype, "weight": dtype, "bias": dtype, "pos": dtype, "cls": dtype, "out": dtype},
-                          dict(scalars, bias_stride=1, cls_stride=1, pos_stride_d=1), options, gemm_shaped=True),
+                          dict(scalars, bias_stride=1, cls_stride=1, pos_stride_d=1),
+                          dict(num_warps=fwd_cfg.num_warps, num_stages=fwd_cfg.num_stages), gemm_shaped=True),
             KernelVariant(_patch_embed_bwd_images_kernel, label, gemm,
                           {"grad_out": dtype, "weight": dtype, "grad_images": dtype}, scalars, options, gemm_shaped=True),
         ]
