@@ -1306,3 +1306,45 @@ def test_torch_backend_forward_and_backward_never_form_the_score_matrix(monkeypa
         for name, call in calls.items():
             largest = _largest_allocation(lambda: call().square().sum().backward())
             assert largest < scores_bytes, f"{name}: an op allocated {largest} bytes (scores: {scores_bytes})"
+
+
+# ----------------------------------------------------------------------------------------------
+# The launch-configuration table (issue 14 item 5)
+# ----------------------------------------------------------------------------------------------
+def test_the_report_compiles_every_row_of_the_configuration_table_and_nothing_else():
+    from vlkernels.ops import _attention_configs as configs
+
+    module = importlib.import_module("vlkernels.ops.attention")
+    rows, _ = module.table_variants()
+    assert {key for key, _ in rows} == set(configs.CONFIGS)
+    for key, variant in rows:
+        cfg = configs.CONFIGS[key]
+        launch = (variant.constexprs["BLOCK_M"], variant.constexprs["BLOCK_N"], variant.options["num_warps"],
+                  variant.options["num_stages"])
+        assert launch == (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages), (key, variant.label)
+        # the launchers would pick this row for the variant's dtype, head dim and features
+        dtype = variant.pointers["q"]
+        extras = variant.constexprs.get("DROPOUT", False)
+        length = {"short": 40, "long": 577}.get(key.length, 185)
+        assert configs.key_for(dtype, variant.constexprs["BLOCK_D"], key.pass_ == "bwd", length, extras,
+                               allow_tf32=variant.constexprs["DOT_PRECISION"] == "tf32") == key, variant.label
+    fwd_kernels = {kernel.__name__ for kernel in (module.kernels._attention_fwd_kernel, module.kernels._attention_bwd_kernel,
+                                                  module.kernels._co_attention_fwd_kernel,
+                                                  module.kernels._co_attention_bwd_kernel)}
+    table_labels = {(variant.name, variant.label) for _, variant in rows}
+    reported = {(v.name, v.label) for v in module.aot_variants() if v.name in fwd_kernels}
+    assert reported == table_labels
+
+
+def test_launch_configurations_follow_the_length_classes():
+    """UNITER (~60 tokens) and LXMERT (20 x 36) in one 64-row block, ViLT / VLMo (185-240) in
+    64-row blocks (96% of the rows filled at 185), SimVLM (512) / METER (577) in 128-row blocks;
+    the backward's rows do not depend on the length (co-attention's directions share one)."""
+    from vlkernels.ops import _attention_configs as configs
+
+    forward = {length: configs.config(torch.bfloat16, 64, False, length).block_m for length in (36, 60, 185, 240, 512, 577)}
+    assert forward == {36: 64, 60: 64, 185: 64, 240: 64, 512: 128, 577: 128}
+    assert all(key.length == "any" for key in configs.CONFIGS if key.pass_ == "bwd")
+    assert configs.key_for(torch.float16, 64, False, 185, True).extras  # bias / dropout get their row
+    assert configs.key_for(torch.float32, 128, False, 185, True, allow_tf32=True) == configs.ConfigKey("fwd", "tf32",
+                                                                                                        "d128")

@@ -121,12 +121,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optio
             inputs = _key_mask_column(q, k, v, key_mask, seen)
         out = _sdpa(*inputs, scale=scale, dropout_p=dropout_p, attn_mask=mask,
                     is_causal=causal and mask is None)[..., :head_dim]
-    # A non-finite q gives its row NaN in every score, so NaN throughout where the row sees a
-    # key (the reference's IEEE result); SDPA's CPU kernel gives 0 for such a row under is_causal.
-    nonfinite = ~q.isfinite().all(-1, keepdim=True)
-    if seen is not None:
-        nonfinite = nonfinite & seen
-    return torch.where(nonfinite, float("nan"), out) if keys else out
+        if mask is None and keys:
+            # A non-finite q gives its row NaN in every score, so NaN throughout where the row
+            # sees a key (the reference's IEEE result); SDPA's CPU kernel gives 0 for such a row
+            # when it has no mask to add (under is_causal).
+            nonfinite = ~q.isfinite().all(-1, keepdim=True)
+            out = torch.where(nonfinite if seen is None else nonfinite & seen, float("nan"), out)
+    return out
 
 
 def co_attention(q_t, k_t, v_t, q_i, k_i, v_i, text_mask, image_mask, scale, dropout_p):

@@ -17,7 +17,6 @@ visible keys propagate into the rows that see them; nothing is replaced.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
@@ -25,7 +24,9 @@ import torch
 from vlkernels import _backend
 from vlkernels._backend import Implementation
 from vlkernels.ops._checks import check_value, reads_on_host
+from vlkernels.ops import _attention_configs as configs
 from vlkernels.ops import _attention_sdpa as sdpa
+from vlkernels.ops._attention_configs import AttentionConfig
 from vlkernels.ops._variants import KernelVariant
 
 try:
@@ -39,27 +40,14 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 128
 
 
-@dataclass(frozen=True)
-class AttentionConfig:
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-
-
-def _config(dtype: torch.dtype, block_d: int, backward: bool) -> AttentionConfig:
-    # Forward: 128 queries x 64 keys per step; backward: 64 x 64 tiles holding two [64, Dh] fp32
-    # accumulators. fp32 operands are twice as large: 64 x 32 tiles (64 rows is the least a
-    # warpgroup MMA takes) keep registers and shared memory within bounds.
-    if dtype == torch.float32:
-        return AttentionConfig(64, 32, 4, 2)
-    warps = 4 if block_d <= 64 else 8
-    return AttentionConfig(64, 64, warps, 2) if backward else AttentionConfig(128, 64, warps, 3)
+def _config(dtype: torch.dtype, block_d: int, backward: bool, length: int, extras: bool = False) -> AttentionConfig:
+    """The launch configuration from the table (vlkernels.ops._attention_configs); length: the
+    queries the forward tiles (the longer stream of co-attention); extras: bias or dropout on."""
+    return configs.config(dtype, block_d, backward, length, extras)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 follows torch's matmul flag (IEEE by default, tf32 when allowed); 16-bit ignores it.
-    return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+    return "ieee" if configs.precision(dtype) == "ieee" else "tf32"
 
 
 def _block_d(head_dim: int) -> int:
@@ -135,18 +123,19 @@ def _grid(op: str, programs_per_head: int, batch_heads: int, directions: int = 1
     return programs, 1, directions
 
 
-def _fwd_grid(op: str, seq_q: int, batch_heads: int, dtype: torch.dtype, head_dim: int, directions: int = 1):
+def _fwd_grid(op: str, seq_q: int, batch_heads: int, dtype: torch.dtype, head_dim: int, directions: int = 1,
+              extras: bool = False):
     """(grid, programs_per_head) of a forward launch over query blocks."""
-    cfg = _config(dtype, _block_d(head_dim), backward=False)
+    cfg = _config(dtype, _block_d(head_dim), False, seq_q, extras)
     per_head = triton.cdiv(seq_q, cfg.block_m)
     return _grid(op, per_head, batch_heads, directions), per_head
 
 
 def _bwd_grid(op: str, seq_q: int, seq_k: int, batch_heads: int, dtype: torch.dtype, head_dim: int,
-              directions: int = 1, dq: bool = False):
+              directions: int = 1, dq: bool = False, extras: bool = False):
     """(grid, programs_per_head) of a backward launch: over the key blocks (the dK/dV kernel)
     or, with dq, over the query blocks (the dQ kernel)."""
-    cfg = _config(dtype, _block_d(head_dim), backward=True)
+    cfg = _config(dtype, _block_d(head_dim), True, seq_q, extras)
     per_head = triton.cdiv(seq_q, cfg.block_m) if dq else triton.cdiv(seq_k, cfg.block_n)
     return _grid(op, per_head, batch_heads, directions), per_head
 
@@ -227,11 +216,12 @@ def _launch_fwd(q, k, v, key_mask, prefix_len, cu_q, cu_k, max_q, max_k, causal,
     lse_strides = (heads * seq_q, seq_q) if cu_q is None else (0, q.shape[0])
     mask, limit = _key_limits(key_mask, batch, q.device)
     placeholder = limit
-    cfg = _config(q.dtype, _block_d(head_dim), backward=False)
-    grid, per_head = _fwd_grid("attention", seq_q, batch * heads, q.dtype, head_dim)
+    dropout = rng is not None and dropout_p > 0
+    extras = dropout or bias is not None
+    cfg = _config(q.dtype, _block_d(head_dim), False, seq_q, extras)
+    grid, per_head = _fwd_grid("attention", seq_q, batch * heads, q.dtype, head_dim, extras=extras)
     if grid[0] == 0:  # no query rows or no (batch, head): nothing to compute
         return out, lse
-    dropout = rng is not None and dropout_p > 0
     kernels._attention_fwd_kernel[grid](
         q, k, v, out, lse, mask, limit,
         prefix_len if prefix_len is not None else placeholder,
@@ -262,9 +252,12 @@ def _launch_bwd(grad_out, q, k, v, out, lse, key_mask, prefix_len, cu_q, cu_k, m
     delta_strides = (heads * seq_q, seq_q, 1) if cu_q is None else (0, 1, heads)
     mask, limit = _key_limits(key_mask, batch, q.device)
     placeholder = limit
-    cfg = _config(q.dtype, _block_d(head_dim), backward=True)
-    grid, per_head = _bwd_grid("attention", seq_q, seq_k, batch * heads, q.dtype, head_dim)
-    grid_dq, per_head_dq = _bwd_grid("attention", seq_q, seq_k, batch * heads, q.dtype, head_dim, dq=True)
+    dropout = rng is not None and dropout_p > 0
+    extras = dropout or bias is not None
+    cfg = _config(q.dtype, _block_d(head_dim), True, seq_q, extras)
+    grid, per_head = _bwd_grid("attention", seq_q, seq_k, batch * heads, q.dtype, head_dim, extras=extras)
+    grid_dq, per_head_dq = _bwd_grid("attention", seq_q, seq_k, batch * heads, q.dtype, head_dim, dq=True,
+                                     extras=extras)
     bias_grad = bias_grad and bias is not None
     # dS of every (query, key) pair for the bias gradient: zeros where the kernel skips a tile
     # (hidden by the masks), written once per element by the key-block programs otherwise.
@@ -274,7 +267,6 @@ def _launch_bwd(grad_out, q, k, v, out, lse, key_mask, prefix_len, cu_q, cu_k, m
     if grid[0] == 0 or grid_dq[0] == 0 or q.numel() == 0:  # nothing to differentiate (or no key side)
         return [g.zero_() for g in grads] + [_reduce_bias_grad(full_grad_bias, bias) if bias_grad else grad_bias]
     delta = _delta(out, grad_out)
-    dropout = rng is not None and dropout_p > 0
     # Two launches (FA2's form): dK/dV over key blocks (and dS for the bias), then dQ over query
     # blocks; each writes only its own outputs and reads what earlier launches wrote.
     for dq, launch_grid, programs in ((False, grid, per_head), (True, grid_dq, per_head_dq)):
@@ -323,12 +315,13 @@ def _launch_co_fwd(q_t, k_t, v_t, q_i, k_i, v_i, text_mask, image_mask, scale, r
     lses = [torch.empty(batch, heads, q.shape[2], device=q.device, dtype=torch.float32) for q in (q_t, q_i)]
     # text queries attend image keys
     text, image, has_mask = _co_limits(text_mask, image_mask, batch, k_t.shape[2], k_i.shape[2], q_t.device)
-    cfg = _config(q_t.dtype, _block_d(head_dim), backward=False)
-    grid, per_head = _fwd_grid("co_attention", max(q_t.shape[2], q_i.shape[2]), batch * heads, q_t.dtype,
-                               head_dim, directions=2)
+    dropout = rng is not None and dropout_p > 0
+    longer = max(q_t.shape[2], q_i.shape[2])  # both directions run one configuration
+    cfg = _config(q_t.dtype, _block_d(head_dim), False, longer, dropout)
+    grid, per_head = _fwd_grid("co_attention", longer, batch * heads, q_t.dtype, head_dim, directions=2,
+                               extras=dropout)
     if grid[0] == 0:
         return outs[0], lses[0], outs[1], lses[1]
-    dropout = rng is not None and dropout_p > 0
     kernels._co_attention_fwd_kernel[grid](
         *_direction_args(q_t, k_i, v_i, outs[0], lses[0], *image),
         *_direction_args(q_i, k_t, v_t, outs[1], lses[1], *text),
@@ -349,9 +342,12 @@ def _launch_co_bwd(grad_t, grad_i, q_t, k_t, v_t, q_i, k_i, v_i, out_t, lse_t, o
     grads = {name: _grad_buffer(t) for name, t in dict(q_t=q_t, k_t=k_t, v_t=v_t, q_i=q_i, k_i=k_i, v_i=v_i).items()}
     names = ("q_t", "k_t", "v_t", "q_i", "k_i", "v_i")
     text, image, has_mask = _co_limits(text_mask, image_mask, batch, k_t.shape[2], k_i.shape[2], q_t.device)
-    cfg = _config(q_t.dtype, _block_d(head_dim), backward=True)
+    dropout = rng is not None and dropout_p > 0
+    # (the backward's rows do not depend on the length: both directions get one configuration)
+    cfg = _config(q_t.dtype, _block_d(head_dim), True, q_t.shape[2], dropout)
     grids = [max(_bwd_grid("co_attention", q.shape[2], k.shape[2], batch * heads, q_t.dtype, head_dim,
-                           directions=2, dq=dq) for q, k in ((q_t, k_i), (q_i, k_t))) for dq in (False, True)]
+                           directions=2, dq=dq, extras=dropout) for q, k in ((q_t, k_i), (q_i, k_t)))
+             for dq in (False, True)]
     if grids[0][0][0] == 0 or grids[1][0][0] == 0 or q_t.numel() + q_i.numel() == 0:
         return [grads[name].zero_() for name in names]
     # The kernel takes (q, k, v, grad_out, lse, delta, grad_q, grad_k, grad_v, mask, limit, ...).
@@ -359,7 +355,6 @@ def _launch_co_bwd(grad_t, grad_i, q_t, k_t, v_t, q_i, k_i, v_i, out_t, lse_t, o
     image_args = _direction_args(q_i, k_t, v_t, grad_i, lse_i, *text)
     text_args[5:5] = [_delta(out_t, grad_t), grads["q_t"], grads["k_i"], grads["v_i"]]
     image_args[5:5] = [_delta(out_i, grad_i), grads["q_i"], grads["k_t"], grads["v_t"]]
-    dropout = rng is not None and dropout_p > 0
     for dq, (grid, per_head) in zip((False, True), grids):  # dK/dV, then dQ (see _launch_bwd)
         kernels._co_attention_bwd_kernel[grid](
             *text_args, *image_args, rng if dropout else image[1], heads, scale * math.log2(math.e), scale,
@@ -810,7 +805,16 @@ def pad_input(packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: i
 
 def aot_variants():
     """Every kernel configuration the launchers above can pick (each supported head dim, each
-    dtype), all masks on, with ViLT-B/32's sizes (B=32, H=12, S=185), for the sm_90a report."""
+    dtype, every row of the configuration table), all masks on, with ViLT-B/32's sizes (B=32,
+    H=12, S=185), for the sm_90a report."""
+    rows, others = table_variants()
+    return others[:-1] + [variant for _, variant in rows] + others[-1:]
+
+
+def table_variants():
+    """([(configuration-table row, variant)] of the attention kernels, [the other variants: the
+    delta pre-pass, the keep-mask writer]): every row of _attention_configs.CONFIGS is compiled
+    by at least one variant."""
     sizes = dict(heads=12, seq_q=185, seq_k=185, seq_q_a=40, seq_k_a=145, seq_q_b=145, seq_k_b=40,
                  scale_log2=0.18, scale=0.125, programs_per_head=5, rows=32 * 12 * 185,
                  delta_sb=12 * 185, delta_sh=185, delta_ss=1)
@@ -821,7 +825,7 @@ def aot_variants():
     sizes.update(lse_sb=12 * 185, lse_sh=185, mask_sb=185, mask_sb_a=185, mask_sb_b=185)
     # a VLMo-style relative position bias [1, H, S, S]; dropout 0.1 where a variant has it on
     sizes.update(sb_b=0, sb_h=185 * 185, sb_m=185, sb_n=1, dropout_p=0.1, keep_scale=1 / 0.9)
-    variants = []
+    variants, rows = [], []
     cases = [(torch.bfloat16, d) for d in (32, 64, 80, 96, 128)] + [(t, d) for t in (torch.float16, torch.float32) for d in (64, 128)]
     for dtype, head_dim in cases:
         block_d = max(16, 1 << (head_dim - 1).bit_length())
@@ -840,35 +844,48 @@ def aot_variants():
                                       pointers, sizes, dict(num_warps=4)))
         for backward, single, pair in ((False, kernels._attention_fwd_kernel, kernels._co_attention_fwd_kernel),
                                        (True, kernels._attention_bwd_kernel, kernels._co_attention_bwd_kernel)):
-            cfg = _config(dtype, block_d, backward)
-            options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             # fp32 runs IEEE dots by default (torch.backends.cuda.matmul.allow_tf32 is False) and tf32 when allowed.
             for precision in ("tf32", "ieee") if dtype == torch.float32 else ("tf32",):
-                common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                              DOT_PRECISION=precision)
-                # the backward is two kernels' worth of launches: dK/dV and dQ (the DQ constexpr)
-                for roles in ((dict(DQ=False), "-dkdv"), (dict(DQ=True), "-dq")) if backward else ((dict(), ""),):
-                    role, suffix = roles
-                    name = label + ("-ieee" if precision == "ieee" else "") + suffix
-                    extra = dict(HAS_BIAS=False, DROPOUT=False, **role) | (dict(BIAS_GRAD=False) if backward else {})
-                    variants.append(KernelVariant(single, name, dict(common, CAUSAL=True, HAS_KEY_MASK=True,
-                                                                     VARLEN=False, **extra),
-                                                  pointers, sizes, options, gemm_shaped=True))
-                    if head_dim == 64:
-                        variants.append(KernelVariant(pair, name, dict(common, HAS_KEY_MASK=True, DROPOUT=False,
-                                                                       **role),
-                                                      pointers, sizes, options, gemm_shaped=True))
-                    if head_dim == 64 and precision == "tf32":  # the faithful-pretraining call: bias and dropout on
+                # the ViLT length (medium) everywhere; the other length classes at bf16 Dh 64 and 128
+                lengths = [185] + ([40, 577] if dtype == torch.bfloat16 and head_dim in (64, 128) else [])
+                for length in lengths:
+                    key = configs.key_for(dtype, block_d, backward, length, False, allow_tf32=precision == "tf32")
+                    length_label = "" if length == 185 else f"-{key.length}"
+                    if length != 185 and key.length == "any":
+                        continue  # the row does not depend on the length: compiled once
+                    cfg = configs.CONFIGS[key]
+                    options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                                  DOT_PRECISION=precision)
+                    # the backward is two kernels' worth of launches: dK/dV and dQ (the DQ constexpr)
+                    for role, suffix in ((dict(DQ=False), "-dkdv"), (dict(DQ=True), "-dq")) if backward else ((dict(), ""),):
+                        name = label + ("-ieee" if precision == "ieee" else "") + length_label + suffix
+                        extra = dict(HAS_BIAS=False, DROPOUT=False, **role) | (dict(BIAS_GRAD=False) if backward else {})
+                        rows.append((key, KernelVariant(single, name, dict(common, CAUSAL=True, HAS_KEY_MASK=True,
+                                                                           VARLEN=False, **extra),
+                                                        pointers, sizes, options, gemm_shaped=True)))
+                        if head_dim == 64 and length == 185:
+                            rows.append((key, KernelVariant(pair, name, dict(common, HAS_KEY_MASK=True, DROPOUT=False,
+                                                                             **role),
+                                                            pointers, sizes, options, gemm_shaped=True)))
+                # the faithful-pretraining call, bias and dropout on: their rows (or the plain one)
+                if precision == "tf32" and (head_dim == 64 or (head_dim == 128 and dtype == torch.bfloat16)):
+                    key = configs.key_for(dtype, block_d, backward, 185, True, allow_tf32=True)
+                    cfg = configs.CONFIGS[key]
+                    options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                                  DOT_PRECISION=precision)
+                    for role, suffix in ((dict(DQ=False), "-dkdv"), (dict(DQ=True), "-dq")) if backward else ((dict(), ""),):
                         extra = dict(HAS_BIAS=True, DROPOUT=True, **role) | (
                             dict(BIAS_GRAD=not role["DQ"]) if backward else {})
-                        variants.append(KernelVariant(single, label + "-bias-dropout" + suffix,
-                                                      dict(common, CAUSAL=False, HAS_KEY_MASK=True, VARLEN=False,
-                                                           **extra),
-                                                      pointers, sizes, options, gemm_shaped=True))
+                        rows.append((key, KernelVariant(single, label + "-bias-dropout" + suffix,
+                                                        dict(common, CAUSAL=False, HAS_KEY_MASK=True, VARLEN=False,
+                                                             **extra),
+                                                        pointers, sizes, options, gemm_shaped=True)))
     # the debug / test path's keep-mask writer, as _dropout_keep_mask launches it
     variants.append(KernelVariant(kernels._dropout_keep_kernel, "debug",
                                   dict(BLOCK_M=_KEEP_BLOCK_M, BLOCK_N=_KEEP_BLOCK_N),
                                   dict(rng=torch.int64, keep=torch.uint8),
                                   dict(seq_q=185, seq_k=185, dropout_p=0.1, stream=0, programs_per_head=6),
                                   dict(num_warps=4)))
-    return variants
+    return rows, variants
