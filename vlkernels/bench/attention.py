@@ -1,13 +1,19 @@
 """Benchmark presets of the attention ops, at the seed models' real shapes (12 heads, Dh 64):
 
 attention (self-attention with the models' masks):
-  ViLT-B/32 (40 text + 145 patch tokens, padded keys), VLMo-B (40 + 197, padded keys),
-  SimVLM PrefixLM at 512 tokens (a different prefix per sample).
+  UNITER single stream (60 text + 36 regions, padded keys), ViLT-B/32 (40 text + 145 patch
+  tokens, padded keys) and at its pretraining length (40 text + 200 patches + cls), VLMo-B
+  (40 + 197, padded keys), SimVLM PrefixLM at 512 tokens (a different prefix per sample);
+  UNITER and ViLT's pretraining length also with attention dropout 0.1, as they train.
 co_attention (both directions):
   LXMERT cross layer (20 text x 36 regions, batch 256), METER (50 text x 577 patches, batch 32).
 
-Providers: vlkernels, eager (the torch reference), torch.compile(reference), and SDPA with a
-boolean mask (on CUDA its efficient and math backends separately; co-attention: two calls).
+Providers: vlkernels, eager (the torch reference), torch.compile(reference) (also in mode
+"max-autotune-no-cudagraphs", full runs only), SDPA with a boolean mask through each of its
+backends (flash, efficient, cuDNN, math; on CPU flash and math; a backend that refuses a case
+is a recorded skip), FlexAttention compiled with a block mask of the padding / PrefixLM mask
+(built once per preset; where torch has it); co-attention: two SDPA calls. Dropout calls draw
+random masks, so their outputs are not compared with eager's.
 FLOPs count the visible (query, key) pairs only (4*H*Dh per pair forward, 2.5x that backward):
 padded keys, the causal part of PrefixLM and hidden pairs are work a kernel may skip, so
 counting them would inflate TFLOP/s and the roofline. Masks and prefix lengths are drawn from a
@@ -20,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vlkernels.bench.harness import Case, Inputs, standard_providers
+from vlkernels.bench.harness import Case, Compiled, Inputs, expensive, standard_providers
 
 HEADS, HEAD_DIM = 12, 64
 
@@ -31,6 +37,7 @@ class SelfPreset:
     seq: int
     text: int = 0  # leading tokens kept in every sample; the rest is padded at random lengths
     prefix: bool = False
+    dropout: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -40,10 +47,13 @@ class CoPreset:
     image: int
 
 
-SELF_PRESETS = [SelfPreset("vilt-b32", 185, text=40), SelfPreset("vlmo-b", 237, text=40),
+SELF_PRESETS = [SelfPreset("vilt-b32", 185, text=40), SelfPreset("uniter", 96, text=60),
+                SelfPreset("uniter-dropout", 96, text=60, dropout=0.1), SelfPreset("vilt-pretrain", 241, text=41),
+                SelfPreset("vilt-pretrain-dropout", 241, text=41, dropout=0.1), SelfPreset("vlmo-b", 237, text=40),
                 SelfPreset("simvlm-prefixlm", 512, prefix=True)]
 CO_PRESETS = [CoPreset("lxmert", 20, 36), CoPreset("meter", 50, 577)]
-GPU_BATCH = {"vilt-b32": 64, "vlmo-b": 64, "simvlm-prefixlm": 16, "lxmert": 256, "meter": 32}
+GPU_BATCH = {"vilt-b32": 64, "uniter": 128, "uniter-dropout": 128, "vilt-pretrain": 64, "vilt-pretrain-dropout": 64,
+             "vlmo-b": 64, "simvlm-prefixlm": 16, "lxmert": 256, "meter": 32}
 
 
 def _padding_mask(batch: int, seq: int, keep: int, seed: int) -> torch.Tensor:
@@ -78,22 +88,57 @@ def _sdpa_mask(key_mask=None, prefix_len=None, seq=None, device=None):
     return (causal[None] | (positions[None, None, :] < prefix_len[:, None, None]))[:, None]
 
 
-def _sdpa_peers(device: torch.device) -> dict:
-    def sdpa(q, k, v, key_mask=None, prefix_len=None):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=_sdpa_mask(key_mask, prefix_len, q.shape[2], q.device))
+def _sdpa(q, k, v, key_mask=None, prefix_len=None, dropout_p=0.0):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_sdpa_mask(key_mask, prefix_len, q.shape[2], q.device),
+                                          dropout_p=dropout_p)
 
-    if device.type != "cuda":
-        return {"sdpa": sdpa}
+
+def _sdpa_peers(device: torch.device) -> dict:
+    """SDPA through each backend it has on the device (a backend that refuses a call is a skip)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    names = {"flash": "FLASH_ATTENTION", "math": "MATH"} if device.type != "cuda" else {
+        "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
+
     def with_backend(backend):
-        def run(q, k, v, key_mask=None, prefix_len=None):
+        def run(q, k, v, key_mask=None, prefix_len=None, dropout_p=0.0):
             with sdpa_kernel(backend):
-                return sdpa(q, k, v, key_mask=key_mask, prefix_len=prefix_len)
+                return _sdpa(q, k, v, key_mask=key_mask, prefix_len=prefix_len, dropout_p=dropout_p)
 
         return run
 
-    return {"sdpa-efficient": with_backend(SDPBackend.EFFICIENT_ATTENTION), "sdpa-math": with_backend(SDPBackend.MATH)}
+    return {f"sdpa-{name}": with_backend(getattr(SDPBackend, member)) for name, member in names.items()
+            if hasattr(SDPBackend, member)}
+
+
+def _flex_peer() -> dict:
+    """FlexAttention (compiled) with a block mask of the padding / PrefixLM mask, built once per
+    mask (the mask tensors of a preset are made once); {} where torch has no FlexAttention."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return {}
+    compiled = torch.compile(flex_attention, dynamic=False)
+    block_masks = {}
+
+    def block_mask(key_mask, prefix_len, batch, seq, device):
+        key = (id(key_mask), id(prefix_len), seq)
+        if key not in block_masks:
+            if prefix_len is None:
+                def visible(b, h, q_idx, kv_idx):
+                    return key_mask[b, kv_idx]
+            else:
+                def visible(b, h, q_idx, kv_idx):
+                    return (kv_idx <= q_idx) | (kv_idx < prefix_len[b])
+            block_masks[key] = create_block_mask(visible, batch, None, seq, seq, device=device)
+        return block_masks[key]
+
+    def flex(q, k, v, key_mask=None, prefix_len=None, dropout_p=0.0):
+        if dropout_p:
+            raise NotImplementedError("FlexAttention has no attention dropout")
+        return compiled(q, k, v, block_mask=block_mask(key_mask, prefix_len, q.shape[0], q.shape[2], q.device))
+
+    return {"flex-attention": expensive(flex)}
 
 
 def _attention_flops(pairs: int):
@@ -114,13 +159,15 @@ def attention_cases(device: torch.device, quick: bool = False) -> list[Case]:
     from vlkernels.ops import attention
     from vlkernels.reference.attention import attention as reference
 
-    def vlkernels_fn(q, k, v, key_mask=None, prefix_len=None):
-        return attention(q, k, v, key_mask=key_mask, prefix_len=prefix_len)
+    def vlkernels_fn(q, k, v, key_mask=None, prefix_len=None, dropout_p=0.0):
+        return attention(q, k, v, key_mask=key_mask, prefix_len=prefix_len, dropout_p=dropout_p)
 
-    def eager(q, k, v, key_mask=None, prefix_len=None):
-        return reference(q, k, v, key_mask=key_mask, prefix_len=prefix_len)
+    def eager(q, k, v, key_mask=None, prefix_len=None, dropout_p=0.0):
+        return reference(q, k, v, key_mask=key_mask, prefix_len=prefix_len, dropout_p=dropout_p)
 
-    providers = standard_providers(vlkernels_fn, eager, _sdpa_peers(device))
+    peers = {"torch.compile-max-autotune": Compiled(eager, mode="max-autotune-no-cudagraphs"),
+             **_sdpa_peers(device), **_flex_peer()}
+    providers = standard_providers(vlkernels_fn, eager, peers)
     presets = SELF_PRESETS[:1] if quick else SELF_PRESETS
     cases = []
     for seed, preset in enumerate(presets):
@@ -132,11 +179,13 @@ def attention_cases(device: torch.device, quick: bool = False) -> list[Case]:
 
         def make(device, dtype, preset=preset, batch=batch, masks=masks):
             q, k, v = _qkv(batch, (preset.seq,) * 3, device, dtype)
-            return Inputs((q, k, v), {name: mask.to(device) for name, mask in masks.items()})
+            return Inputs((q, k, v), {**{name: mask.to(device) for name, mask in masks.items()},
+                                      "dropout_p": preset.dropout})
 
+        random_outputs = (lambda dtype: float("inf")) if preset.dropout else None  # dropout: nothing to compare
         cases.append(Case("attention", f"{preset.name}-S{preset.seq}-B{batch}", make, providers,
                           flops=_attention_flops(_visible_pairs(preset.seq, **masks)),
-                          bytes=_attention_bytes(batch, preset.seq, preset.seq)))
+                          bytes=_attention_bytes(batch, preset.seq, preset.seq), tolerance=random_outputs))
     return cases
 
 
