@@ -774,3 +774,47 @@ def test_soho_dictionary_above_one_feature_block_follows_the_reference(backend):
     kernels, references = (m.dictionary for m in models)
     for name in ("embed", "cluster_size", "embed_avg"):
         assert rel_error(getattr(kernels, name), getattr(references, name)) < 1e-5, name
+
+
+# (i) the codebook norms' cache ---------------------------------------------------------------------
+def assert_nearest(x, codebook):
+    index, sqdist = vd_nearest(x, codebook)
+    exact = brute_force_sqdist(x.cpu(), codebook.cpu())
+    chosen = exact.gather(1, index.cpu()[:, None])[:, 0]
+    # the nearest up to fp32 rounding (a stale |e|^2 would be off by units)
+    assert torch.all(chosen <= exact.min(1).values + 1e-4 * exact.abs().max(1).values)
+    assert rel_error(sqdist, chosen) < 1e-4
+
+
+def test_codebook_norms_are_cached_until_the_codebook_changes():
+    vd_ops.clear_codebook_norms()
+    codebook = torch.randn(140, 40, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    first = vd_ops.codebook_sqnorms(codebook)
+    assert vd_ops.codebook_sqnorms(codebook) is first
+    assert vd_ops.codebook_sqnorms(codebook.detach()) is first  # an alias shares the version counter
+    codebook.mul_(0.5)  # in place: the version moves on
+    again = vd_ops.codebook_sqnorms(codebook)
+    assert again is not first
+    torch.testing.assert_close(again, codebook.double().square().sum(1).float(), rtol=1e-6, atol=0)
+    vd_ops.clear_codebook_norms(codebook)
+    assert vd_ops.codebook_sqnorms(codebook) is not again
+
+
+@pytest.mark.parametrize("backend", ["triton"])
+def test_nearest_follows_in_place_and_ema_updates_and_new_codebooks(backend):
+    """Each change of the codebook between vd_nearest calls reaches the distances: an in-place
+    torch op, vd_ema_update_ (whose kernels write without a version bump) and a new tensor (the
+    cache holds its entry's codebook, so a new one never reuses a cached address)."""
+    generator = torch.Generator().manual_seed(11)
+    n, k, d = 150, 140, 40  # above the row block, two entry tiles
+    x, codebook = clear_winners(generator, n, k, d, torch.float32)
+    state = random_state(generator, k, d, device=codebook.device)
+    state = (codebook,) + tuple(state[1:])
+    with vlkernels.use_backend(backend):
+        assert_nearest(x, codebook)
+        codebook.copy_(codebook.flip(0))  # in place: the version moves on, every entry moves
+        assert_nearest(x, codebook)
+        index, _ = vd_nearest(x, codebook)
+        vd_ema_update_(*state, x, index, decay=0.2)
+        assert_nearest(x, codebook)
+        assert_nearest(x, torch.randn(k, d, generator=generator).to(codebook.device))

@@ -2,7 +2,8 @@
 N = 64 x 24 x 24 grid cells (SOHO's batch at 384 px) and N = 256 x 576 on a GPU; 4 x 576 on CPU.
 
 vd_nearest providers: vlkernels, eager (the torch reference: the distance matrix, a block of
-rows at a time), torch.compile(reference), and torch.cdist + argmin (one N x K matrix).
+rows at a time), torch.compile(reference), torch.cdist + argmin (one fp32 N x K matrix) and
+addmm + argmin (|e|^2 - 2 x e^T as one GEMM in the inputs' dtype: bf16 on a GPU run).
 vd_ema_update providers: vlkernels, eager (the reference: index_add of counts and sums, then
 the moving average), torch.compile(reference). Each provider updates its own copy of the
 dictionary state, so every provider's first call starts from the same state.
@@ -29,7 +30,15 @@ def nearest_cases(device: torch.device, quick: bool = False) -> list[Case]:
         sqdist, index = torch.cdist(x.float(), codebook.float()).square().min(1)
         return index, sqdist
 
-    providers = standard_providers(vd_nearest, reference, {"cdist+argmin": cdist_argmin})
+    def addmm_argmin(x, codebook):
+        # |e|^2 - 2 x.e as one GEMM in the inputs' dtype (bf16 / fp16 at the tensor cores' full
+        # rate, the N x K scores in that dtype), argmin over it, then |x|^2 added to the minima
+        norms = codebook.float().square().sum(1).to(x.dtype)
+        best, index = torch.addmm(norms[None, :], x, codebook.t(), alpha=-2).min(1)
+        return index, best.float() + x.float().square().sum(1)
+
+    providers = standard_providers(vd_nearest, reference, {"cdist+argmin": cdist_argmin,
+                                                           "addmm+argmin": addmm_argmin})
     cases = []
     for rows in _rows(device, quick):
         def make(device, dtype, rows=rows):

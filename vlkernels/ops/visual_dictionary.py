@@ -9,6 +9,7 @@ that only reads them.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
 
@@ -199,12 +200,55 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
 
 
+# The codebook's squared norms |e|^2 (fp32, [K]) of recent calls, so that a step's vd_nearest
+# calls between two updates compute them once. Keyed by the codebook's memory (address, dtype,
+# shape, strides, device); an entry is used only while the codebook's version counter
+# (tensor._version, shared by its views and detached aliases, bumped by every in-place torch op)
+# is the one it was computed at. An entry holds the codebook alias it was computed from, so that
+# its memory cannot be freed and reused by another tensor while the entry exists. vd_ema_update_
+# drops the entry of the codebook it writes (its kernels write memory without a version bump).
+# Writes that bypass torch (a user's own kernel on the raw pointer) are not seen: such code must
+# call clear_codebook_norms(). A few entries at most, the oldest dropped first.
+_NORMS_CACHE: "OrderedDict[tuple, tuple[torch.Tensor, int, torch.Tensor]]" = OrderedDict()
+_NORMS_CACHE_ENTRIES = 4
+
+
+def _norms_key(codebook: torch.Tensor) -> tuple:
+    return (codebook.data_ptr(), codebook.dtype, tuple(codebook.shape), codebook.stride(), codebook.device)
+
+
+def codebook_sqnorms(codebook: torch.Tensor) -> torch.Tensor:
+    """|e|^2 of every entry in fp32, from the cache while the codebook is unchanged. Never cached
+    while a CUDA graph is being captured (a replay must recompute them)."""
+    capturing = codebook.is_cuda and torch.cuda.is_current_stream_capturing()
+    key = _norms_key(codebook)
+    cached = None if capturing else _NORMS_CACHE.get(key)
+    if cached is not None and cached[1] == codebook._version:
+        _NORMS_CACHE.move_to_end(key)
+        return cached[2]
+    norms = codebook.float().square().sum(1)
+    if not capturing:
+        _NORMS_CACHE[key] = (codebook.detach(), codebook._version, norms)
+        _NORMS_CACHE.move_to_end(key)
+        while len(_NORMS_CACHE) > _NORMS_CACHE_ENTRIES:
+            _NORMS_CACHE.popitem(last=False)
+    return norms
+
+
+def clear_codebook_norms(codebook: Optional[torch.Tensor] = None) -> None:
+    """Forget the cached squared norms of ``codebook`` (of every codebook when None)."""
+    if codebook is None:
+        _NORMS_CACHE.clear()
+    else:
+        _NORMS_CACHE.pop(_norms_key(codebook), None)
+
+
 def _launch_nearest(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rows, dim = x.shape
     entries = codebook.shape[0]
     x = x if x.stride(1) == 1 else x.contiguous()
     codebook = codebook if codebook.stride(1) == 1 else codebook.contiguous()
-    code_sqnorm = codebook.float().square().sum(1)
+    code_sqnorm = codebook_sqnorms(codebook)
     index = torch.empty(rows, device=x.device, dtype=torch.int64)
     sqdist = torch.empty(rows, device=x.device, dtype=torch.float32)
     precision = _dot_precision(x.dtype)
@@ -494,6 +538,7 @@ def vd_ema_update_(
             raise IndexError(f"{message}, got [{low}, {high}]")
     else:
         check_value(ok, message, IndexError)
+    clear_codebook_norms(codebook)  # the kernels below rewrite it without a version bump
     with torch.no_grad():
         # The kernels write contiguous state: a strided one is updated through a contiguous copy.
         state = tuple(t if t.is_contiguous() else t.contiguous() for t in (codebook, cluster_size, embed_avg))
