@@ -105,3 +105,19 @@ def test_attention_dq_kernel_fits_two_ctas_per_sm_at_head_dim_64(report_rows):
     assert len(rows) >= 4, [row["variant"] for row in rows]
     for row in rows:
         assert row["ctas_per_sm"] >= 2, f"{row['kernel']}[{row['variant']}]: {row['ctas_per_sm']} CTA/SM"
+
+
+def test_the_report_compiles_every_row_of_the_attention_configuration_table(report_rows):
+    """Issue 14 item 5: each row of the launch-configuration table is compiled (and so clean or
+    excepted, by the tests above), with the row's tiles, warps and stages."""
+    import importlib
+
+    from vlkernels.ops import _attention_configs as configs
+
+    rows = {(row["kernel"], row["variant"]): row for row in report_rows}
+    table, _ = importlib.import_module("vlkernels.ops.attention").table_variants()
+    assert {key for key, _ in table} == set(configs.CONFIGS)
+    for key, variant in table:
+        row = rows[(variant.name, variant.label)]
+        cfg = configs.CONFIGS[key]
+        assert (row["num_warps"], row["num_stages"]) == (cfg.num_warps, cfg.num_stages), variant.label

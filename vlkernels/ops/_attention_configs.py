@@ -64,7 +64,6 @@ CONFIGS: dict[ConfigKey, AttentionConfig] = {
     ConfigKey(_F, "tf32", "d128"): AttentionConfig(64, 32, 4, 2),
     ConfigKey(_B, "tf32", "d64"): AttentionConfig(64, 32, 4, 2),
     ConfigKey(_B, "tf32", "d128"): AttentionConfig(64, 32, 8, 2),
-    ConfigKey(_B, "tf32", "d64", extras=True): AttentionConfig(64, 16, 8, 2),  # 64 x 32 spilled 296 B
     # IEEE fp32 (torch's default matmul precision): no MMA, each product an FMA loop over
     # register-held operands, so 16 keys per step in 8 warps (64 x 32 in 4 spilled 0.4-0.8 KB)
     ConfigKey(_F, "ieee", "d64"): AttentionConfig(64, 16, 8, 2),
