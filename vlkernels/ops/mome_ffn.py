@@ -39,6 +39,7 @@ GEMM main loops, D/BLOCK_N times per element; the epilogue-only design keeps mai
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -68,10 +69,11 @@ _LN_BWD_WARPS = 4
 _COLUMN_SUM_ROWS, _COLUMN_SUM_COLUMNS, _COLUMN_SUM_WARPS = 32, 128, 4
 _SLOT_SUM_BLOCK, _SLOT_SUM_WARPS = 1024, 4  # fp32 partial slots added per expert, 8 values a thread
 _GROUP_M = 8  # row tiles per group of the rows kernel's L2-friendly program order
-# fp32 row GEMMs with 64-column tiles where 128 spill at 255 registers: dz's epilogue (the erf
-# GELU derivative over the fp32 pre-activation beside the fp32 operand tiles), and IEEE dots
-# (no tensor cores: the operand tiles live in registers). 128-160 registers, no spill.
-_FP32_NARROW_CONFIG = GemmConfig(128, 64, 32, 8, 3)
+# Row GEMMs on 64-column tiles where 128 columns reach 255 registers: dz's epilogue (the erf
+# GELU derivative over the loaded pre-activation; fp32 spills there, 16-bit sits at 1 CTA/SM)
+# and fp32 IEEE dots (no tensor cores: the operand tiles live in registers, 1 CTA/SM or
+# spilled). 128-160 registers, no spill, 2 CTAs/SM for dz.
+_NARROW_BLOCK_N = 64
 _MAX_TOKENS = 2**31 - 1  # offsets, order and sorted positions are int32
 _MAX_PROGRAMS = 2**31 - 1  # CUDA's grid axis 0
 
@@ -96,8 +98,8 @@ def _row_tiles(tokens: int, experts: int, block_m: int) -> int:
 
 
 def _rows_config(dtype: torch.dtype, precision: str, epilogue: int) -> GemmConfig:
-    if dtype == torch.float32 and (epilogue == kernels.EPILOGUE_ACT_GRAD or precision == "ieee"):
-        return _FP32_NARROW_CONFIG
+    if epilogue == kernels.EPILOGUE_ACT_GRAD or (dtype == torch.float32 and precision == "ieee"):
+        return dataclasses.replace(GEMM_CONFIGS[dtype], block_n=_NARROW_BLOCK_N)
     return GEMM_CONFIGS[dtype]
 
 
@@ -491,8 +493,8 @@ def _triton_refusal(x, expert_index, w1, *args) -> Optional[str]:
     if why is None and tokens > _MAX_TOKENS:
         why = f"more than {_MAX_TOKENS} tokens (the routing tables are int32)"
     # The widest GEMM's 1-D grid (N tiles x row tiles); only a many-terabyte x comes near it.
-    narrowest = _FP32_NARROW_CONFIG if x.dtype == torch.float32 else GEMM_CONFIGS.get(x.dtype)
-    if why is None and _rows_grid(tokens, max(w1.shape[1:]), w1.shape[0], narrowest)[0] > _MAX_PROGRAMS:
+    if why is None and _rows_grid(tokens, max(w1.shape[1:]), w1.shape[0],
+                                  dataclasses.replace(GEMM_CONFIGS[x.dtype], block_n=_NARROW_BLOCK_N))[0] > _MAX_PROGRAMS:
         why = f"{tokens} tokens x {max(w1.shape[1:])} features need more than {_MAX_PROGRAMS} programs"
     return why
 
