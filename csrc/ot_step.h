@@ -121,5 +121,39 @@ VLK_OT_HD void lse_merge(float& m, float& s, float other_m, float other_s) {
 }
 VLK_OT_HD float lse_value(float m, float s) { return s > 0.0f ? m + logf(s) : -INFINITY; }
 
+// ---- Base 2 (the CUDA kernels) ---------------------------------------------------------------
+// exp2f / log2f are the GPU's native units (one MUFU instruction each, where expf / logf add a
+// multiply and range handling): the CUDA kernels hold their log-domain values times log2(e)
+// (costs scaled by log2(e) / beta or log2(e) / reg once) and use these forms of the functions
+// above. The plans are the same to fp32 rounding.
+constexpr float kLog2e = 1.44269504088896341f;
+
+VLK_OT_HD float ipot_affinity2(float cost, float log2_scale) { return exp2f(-cost * log2_scale); }
+VLK_OT_HD float ipot_initial_sigma2(float row_shift, float log2_scale, float x_len) {
+  return exp2f(-row_shift * log2_scale) / x_len;
+}
+VLK_OT_HD float ipot_initial_log2_sigma(float row_shift, float log2_scale, float x_len) {
+  return -row_shift * log2_scale - log2f(x_len);
+}
+VLK_OT_HD float shifted_lse2(float sum, float shift) { return log2f(sum) - shift; }
+VLK_OT_HD float line_marginal2(float potential, float lse) { return exp2f(potential + lse); }
+VLK_OT_HD void lse2_push(float& m, float& s, float value) {
+  if (value > m) {
+    s = s * exp2f(m - value) + 1.0f;
+    m = value;
+  } else if (value > -INFINITY) {
+    s += exp2f(value - m);
+  }
+}
+VLK_OT_HD void lse2_merge(float& m, float& s, float other_m, float other_s) {
+  if (other_m > m) {
+    s = s * exp2f(m - other_m) + other_s;
+    m = other_m;
+  } else if (other_m > -INFINITY) {
+    s += other_s * exp2f(other_m - m);
+  }
+}
+VLK_OT_HD float lse2_value(float m, float s) { return s > 0.0f ? m + log2f(s) : -INFINITY; }
+
 }  // namespace ot
 }  // namespace vlkernels

@@ -863,3 +863,29 @@ def test_reference_sinkhorn_frozen_problems_match_the_early_exit():
         early = reference.sinkhorn(cost, reg=0.5, iters=200, tol=1e-9, log_domain=log_domain)
         frozen = reference.sinkhorn(cost, reg=0.5, iters=200, tol=1e-9, log_domain=log_domain, stop_early=False)
         assert torch.equal(early, frozen), log_domain
+
+
+def test_warps_follow_the_tile_and_the_batch_and_never_reach_16():
+    from vlkernels.ops import optimal_transport as ot_ops
+
+    for cfg in ot_ops.all_tile_configs():
+        assert 1 <= cfg.num_warps <= 8, cfg
+    few, many = ot_ops.tile_config(60, 64, batch=8), ot_ops.tile_config(60, 64, batch=512)
+    assert (few.block_m, few.block_n, few.num_warps) == (64, 64, 8)
+    assert (many.block_m, many.block_n, many.num_warps) == (64, 64, 4)  # more problems resident per SM
+    assert ot_ops.tile_config(40, 200, batch=8).num_warps == 8  # a 16384-element tile: 8 warps, not 16
+    assert ot_ops.tile_config(60, 64, batch=512, sm_count=1024).num_warps == 8  # a batch below 2 per SM
+
+
+def test_auto_runs_the_cuda_kernel_only_at_the_measured_tiles(monkeypatch):
+    from vlkernels.ops import optimal_transport as ot_ops
+
+    cuda = torch.device("cuda")
+    refusal = ot_ops._cuda_refusal("ipot", cuda, torch.float32, 20, 36, ot_ops._CUDA_MAX_TILE["ipot"])
+    assert refusal is not None and "AUTO_CUDA_TILES" in refusal
+    monkeypatch.setitem(ot_ops.AUTO_CUDA_TILES, "ipot", frozenset({(32, 64)}))
+    assert ot_ops.auto_runs_cuda("ipot", 20, 36) and not ot_ops.auto_runs_cuda("ipot", 60, 100)
+    refusal = ot_ops._cuda_refusal("ipot", cuda, torch.float32, 20, 36, ot_ops._CUDA_MAX_TILE["ipot"])
+    assert refusal is None or "AUTO_CUDA_TILES" not in refusal  # past auto's table: the build's own checks
+    assert "AUTO_CUDA_TILES" in ot_ops._cuda_refusal("sinkhorn", cuda, torch.float32, 20, 36,
+                                                     ot_ops._CUDA_MAX_TILE["sinkhorn"])

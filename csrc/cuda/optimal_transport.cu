@@ -29,14 +29,14 @@ __device__ __forceinline__ float warp_min(float v) {
   return v;
 }
 
-// Warp-wide online log-sum-exp: merge the lanes' (max, sum) pairs.
-__device__ __forceinline__ float warp_lse(float m, float s) {
+// Warp-wide online log-sum-exp (base 2): merge the lanes' (max, sum) pairs.
+__device__ __forceinline__ float warp_lse2(float m, float s) {
   for (int offset = 16; offset > 0; offset >>= 1) {
     const float other_m = __shfl_xor_sync(kFullMask, m, offset);
     const float other_s = __shfl_xor_sync(kFullMask, s, offset);
-    ot::lse_merge(m, s, other_m, other_s);
+    ot::lse2_merge(m, s, other_m, other_s);
   }
-  return ot::lse_value(m, s);
+  return ot::lse2_value(m, s);
 }
 
 // Sum over the block of one value per thread, returned to every thread. scratch: kWarps floats.
@@ -61,6 +61,41 @@ __device__ float block_max(float v, float* scratch) {
   return largest;
 }
 
+// The indices i < n with keep(i), in increasing order, into index[] (shared); returns their
+// count to every thread. All threads take part: each chunk of kThreads indices is ranked by
+// warp ballots and the warps' counts (warp_counts: kWarps shared ints), not by one thread.
+template <typename Keep>
+__device__ int compact_indices(int n, Keep keep, int* index, int* warp_counts) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int base = 0;
+  for (int start = 0; start < n; start += kThreads) {
+    const int i = start + static_cast<int>(threadIdx.x);
+    const bool on = i < n && keep(i);
+    const unsigned ballot = __ballot_sync(kFullMask, on);
+    if (lane == 0) warp_counts[warp] = __popc(ballot);
+    __syncthreads();
+    int offset = base, total = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      offset += w < warp ? warp_counts[w] : 0;
+      total += warp_counts[w];
+    }
+    if (on) index[offset + __popc(ballot & ((1u << lane) - 1u))] = i;
+    __syncthreads();  // warp_counts is read before the next chunk writes it; index is complete
+    base += total;
+  }
+  return base;
+}
+
+// Zeros the plan rows i with !kept(i) ([rows, cols], each element once): with the rows the
+// kernels write themselves, every plan element is written exactly once.
+template <typename Kept>
+__device__ void zero_other_rows(float* plan, int rows, int cols, Kept kept) {
+  for (int i = threadIdx.x >> 5; i < rows; i += kWarps) {
+    if (kept(i)) continue;
+    for (int j = threadIdx.x & 31; j < cols; j += 32) plan[static_cast<int64_t>(i) * cols + j] = 0.0f;
+  }
+}
+
 struct IpotArgs {
   const float* cost;  // [batch, rows, cols], or nullptr for WRA
   const float* sim;   // WRA: [batch, rows, cols] similarities
@@ -69,7 +104,7 @@ struct IpotArgs {
   const uint8_t* x_mask;
   const uint8_t* y_mask;
   int rows, cols, ld;  // ld: cols rounded up to 32, the shared-memory row stride
-  float inv_beta;
+  float inv_beta;  // 1 / beta; the kernels scale by log2(e) / beta (base-2 units, ot_step.h)
   int iters, k;
   float* plan;
   float* distance;  // WRA: [batch], else nullptr
@@ -86,8 +121,8 @@ __device__ __forceinline__ float cost_at(const IpotArgs& args, int64_t problem, 
 // valid rows' indices [rows] (ints).
 int64_t ipot_shared_floats(int64_t rows, int64_t ld) { return 2 * rows * ld + (kWarps + 2) * ld + 2 * rows + kWarps; }
 
-// IPOT in the log domain (ot_step.h) for a block whose shifted cost spans more than
-// kIpotLogDomainAbove * beta: A holds log A, Q log T, sigma / delta their logs. Columns: a
+// IPOT in the log domain (ot_step.h, base 2) for a block whose shifted cost spans more than
+// kIpotLogDomainAbove * beta: A holds log2 A, Q log2 T, sigma / delta their log2s. Columns: a
 // thread per column, its log-sum-exp in two passes (max, then sum); rows: a warp per row.
 // Writes the plan and (WRA) the distance.
 __device__ void ipot_log_sweeps(const IpotArgs& args, int64_t problem, const float* A, float* Q, float* delta,
@@ -96,7 +131,7 @@ __device__ void ipot_log_sweeps(const IpotArgs& args, int64_t problem, const flo
   const int cols = args.cols, ld = args.ld;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const uint8_t* y_mask = args.y_mask + problem * cols;
-  const float log_x_len = logf(x_len), log_y_len = logf(y_len);
+  const float log_x_len = log2f(x_len), log_y_len = log2f(y_len);
   for (int t = 0; t < args.iters; ++t) {
     for (int e = tid; e < count * ld; e += kThreads) Q[e] += A[e];  // log Q = log A + log T
     __syncthreads();
@@ -106,8 +141,8 @@ __device__ void ipot_log_sweeps(const IpotArgs& args, int64_t problem, const flo
         for (int r = 0; r < count; ++r) m = fmaxf(m, Q[r * ld + j] + sigma[r]);
         m = m > -INFINITY ? m : 0.0f;
         float sum = 0.0f;
-        for (int r = 0; r < count; ++r) sum += expf(Q[r * ld + j] + sigma[r] - m);
-        delta[j] = j < cols && y_mask[j] ? ot::ipot_log_scaling(log_y_len, m + logf(sum)) : -INFINITY;
+        for (int r = 0; r < count; ++r) sum += exp2f(Q[r * ld + j] + sigma[r] - m);
+        delta[j] = j < cols && y_mask[j] ? ot::ipot_log_scaling(log_y_len, m + log2f(sum)) : -INFINITY;
       }
       __syncthreads();
       for (int r = warp; r < count; r += kWarps) {
@@ -116,9 +151,9 @@ __device__ void ipot_log_sweeps(const IpotArgs& args, int64_t problem, const flo
         for (int j = lane; j < ld; j += 32) m = fmaxf(m, q_row[j] + delta[j]);
         m = warp_max(m);  // finite: the row has a valid column
         float sum = 0.0f;
-        for (int j = lane; j < ld; j += 32) sum += expf(q_row[j] + delta[j] - m);
+        for (int j = lane; j < ld; j += 32) sum += exp2f(q_row[j] + delta[j] - m);
         sum = warp_sum(sum);
-        if (lane == 0) sigma[r] = ot::ipot_log_scaling(log_x_len, m + logf(sum));
+        if (lane == 0) sigma[r] = ot::ipot_log_scaling(log_x_len, m + log2f(sum));
       }
       __syncthreads();
     }
@@ -129,10 +164,9 @@ __device__ void ipot_log_sweeps(const IpotArgs& args, int64_t problem, const flo
   for (int r = warp; r < count; r += kWarps) {
     const int i = row_index[r];
     for (int j = lane; j < cols; j += 32) {
-      if (!y_mask[j]) continue;
-      const float entry = expf(Q[r * ld + j]);
+      const float entry = y_mask[j] ? exp2f(Q[r * ld + j]) : 0.0f;  // UNITER re-masks T at the end
       plan[static_cast<int64_t>(i) * cols + j] = entry;
-      if (args.distance) distance += static_cast<double>(cost_at(args, problem, i, j)) * entry;
+      if (args.distance && y_mask[j]) distance += static_cast<double>(cost_at(args, problem, i, j)) * entry;
     }
   }
   if (args.distance) {
@@ -159,28 +193,23 @@ __global__ void __launch_bounds__(kThreads) ipot_kernel(IpotArgs args) {
   float* sigma = y_pen + ld;
   float* scratch = sigma + rows;
   int* row_index = reinterpret_cast<int*>(scratch + kWarps);
-  __shared__ int valid_rows, valid_cols;
+  __shared__ int warp_counts[kWarps];
 
   const uint8_t* x_mask = args.x_mask + problem * rows;
   const uint8_t* y_mask = args.y_mask + problem * cols;
   float* plan = args.plan + problem * rows * cols;
-  for (int64_t e = tid; e < static_cast<int64_t>(rows) * cols; e += kThreads) plan[e] = 0.0f;
-  if (tid == 0) {
-    int count = 0, y_count = 0;
-    for (int i = 0; i < rows; ++i) {
-      if (x_mask[i]) row_index[count++] = i;
-    }
-    for (int j = 0; j < cols; ++j) y_count += y_mask[j] != 0;
-    valid_rows = count;
-    valid_cols = y_count;
-  }
-  __syncthreads();
-  const int count = valid_rows;
-  if (count == 0 || valid_cols == 0) {  // an empty problem: zero plan and distance
+  const int count = compact_indices(rows, [&](int i) { return x_mask[i] != 0; }, row_index, warp_counts);
+  float y_valid = 0.0f;
+  for (int j = tid; j < cols; j += kThreads) y_valid += y_mask[j] != 0 ? 1.0f : 0.0f;
+  const float y_len = block_sum(y_valid, scratch);  // exact: a count below 2^24
+  if (count == 0 || y_len == 0.0f) {  // an empty problem: zero plan and distance
+    zero_other_rows(plan, rows, cols, [](int) { return false; });
     if (args.distance && tid == 0) args.distance[problem] = 0.0f;
     return;
   }
-  const float x_len = static_cast<float>(count), y_len = static_cast<float>(valid_cols);
+  zero_other_rows(plan, rows, cols, [&](int i) { return x_mask[i] != 0; });  // the padded rows' zeros
+  const float x_len = static_cast<float>(count);
+  const float log2_scale = args.inv_beta * ot::kLog2e;
   const float x_pen = ot::pad_penalty(true);  // every stored row is valid
 
   for (int j = tid; j < ld; j += kThreads) y_pen[j] = ot::pad_penalty(j < cols && y_mask[j]);
@@ -212,19 +241,19 @@ __global__ void __launch_bounds__(kThreads) ipot_kernel(IpotArgs args) {
     const int r = e / ld, j = e % ld;
     const bool valid = j < cols && y_mask[j];
     const float shifted = valid ? cost_at(args, problem, row_index[r], j) - col_min[j] - sigma[r] : 0.0f;
-    if (log_domain) {  // A holds log A, Q log T
-      A[e] = valid ? -shifted * args.inv_beta : -INFINITY;
+    if (log_domain) {  // A holds log2 A, Q log2 T
+      A[e] = valid ? -shifted * log2_scale : -INFINITY;
       Q[e] = valid ? 0.0f : -INFINITY;
     } else {
-      const float a = valid ? ot::ipot_affinity(shifted, args.inv_beta) : 0.0f;
+      const float a = valid ? ot::ipot_affinity2(shifted, log2_scale) : 0.0f;
       A[e] = a;
       Q[e] = a;  // Q = A * T with T = 1 on valid entries
     }
   }
   __syncthreads();
   for (int r = tid; r < count; r += kThreads) {
-    sigma[r] = log_domain ? ot::ipot_initial_log_sigma(sigma[r], args.inv_beta, x_len)
-                          : ot::ipot_initial_sigma(sigma[r], args.inv_beta, x_len);
+    sigma[r] = log_domain ? ot::ipot_initial_log2_sigma(sigma[r], log2_scale, x_len)
+                          : ot::ipot_initial_sigma2(sigma[r], log2_scale, x_len);
   }
   __syncthreads();
   if (log_domain) {
@@ -274,11 +303,10 @@ __global__ void __launch_bounds__(kThreads) ipot_kernel(IpotArgs args) {
         continue;
       }
       const int i = row_index[r];
-      for (int j = lane; j < cols; j += 32) {
-        if (!y_mask[j]) continue;  // UNITER re-masks T at the end
-        const float entry = ot::ipot_plan_entry(delta[j], q_row[j], sig);
+      for (int j = lane; j < cols; j += 32) {  // UNITER re-masks T at the end
+        const float entry = y_mask[j] ? ot::ipot_plan_entry(delta[j], q_row[j], sig) : 0.0f;
         plan[static_cast<int64_t>(i) * cols + j] = entry;
-        if (args.distance) distance += static_cast<double>(cost_at(args, problem, i, j)) * entry;
+        if (args.distance && y_mask[j]) distance += static_cast<double>(cost_at(args, problem, i, j)) * entry;
       }
     }
     if (!last) {
@@ -302,7 +330,7 @@ struct SinkhornArgs {
   const float* a;
   const float* b;
   int rows, cols, ld;
-  float inv_reg;
+  float inv_reg;  // 1 / reg; the kernel scales by log2(e) / reg (base-2 units, ot_step.h)
   int iters;
   float tol;
   bool log_domain;
@@ -331,43 +359,38 @@ __global__ void __launch_bounds__(kThreads) sinkhorn_kernel(SinkhornArgs args) {
   float* row_target = f + rows;
   float* scratch = row_target + rows;
   int* row_index = reinterpret_cast<int*>(scratch + kWarps);
-  __shared__ int support_rows, support_end;
+  __shared__ int warp_counts[kWarps];
 
   const float* a = args.a + problem * rows;
   const float* b = args.b + problem * cols;
   const float* cost = args.cost + problem * rows * cols;
   float* plan = args.plan + problem * rows * cols;
-  for (int64_t e = tid; e < static_cast<int64_t>(rows) * cols; e += kThreads) plan[e] = 0.0f;
-  if (tid == 0) {
-    int count = 0, end = 0;
-    for (int i = 0; i < rows; ++i) {
-      if (a[i] > 0.0f) row_index[count++] = i;
-    }
-    for (int j = 0; j < cols; ++j) {
-      if (b[j] > 0.0f) end = j + 1;
-    }
-    support_rows = count;
-    support_end = end;
+  const int count = compact_indices(rows, [&](int i) { return a[i] > 0.0f; }, row_index, warp_counts);
+  float last = 0.0f;  // one past the last support column (exact as a float: below 2^24)
+  for (int j = tid; j < cols; j += kThreads) last = b[j] > 0.0f ? static_cast<float>(j + 1) : last;
+  const int col_end = static_cast<int>(block_max(last, scratch));
+  if (count == 0 || col_end == 0) {  // nothing to transport: zero plan
+    zero_other_rows(plan, rows, cols, [](int) { return false; });
+    return;
   }
-  __syncthreads();
-  const int count = support_rows, col_end = support_end;
-  if (count == 0 || col_end == 0) return;  // nothing to transport: zero plan
+  zero_other_rows(plan, rows, cols, [&](int i) { return a[i] > 0.0f; });  // the rows off the support
+  const float log2_scale = args.inv_reg * ot::kLog2e;
 
   for (int j = tid; j < ld; j += kThreads) {
     const bool on = j < cols && b[j] > 0.0f;
-    target[j] = on ? (log_domain ? logf(b[j]) : b[j]) : 0.0f;
+    target[j] = on ? (log_domain ? log2f(b[j]) : b[j]) : 0.0f;
     g[j] = on && !log_domain ? 1.0f : 0.0f;
   }
   for (int r = tid; r < count; r += kThreads) {
     const float mass = a[row_index[r]];
-    row_target[r] = log_domain ? logf(mass) : mass;
+    row_target[r] = log_domain ? log2f(mass) : mass;
     f[r] = log_domain ? 0.0f : 1.0f;
   }
   for (int e = tid; e < count * ld; e += kThreads) {
     const int r = e / ld, j = e % ld;
     const bool on = j < cols && b[j] > 0.0f;
-    const float scaled = -cost[static_cast<int64_t>(row_index[r]) * cols + (on ? j : 0)] * args.inv_reg;
-    K[e] = log_domain ? (on ? scaled : -INFINITY) : (on ? expf(scaled) : 0.0f);
+    const float scaled = -cost[static_cast<int64_t>(row_index[r]) * cols + (on ? j : 0)] * log2_scale;
+    K[e] = log_domain ? (on ? scaled : -INFINITY) : (on ? exp2f(scaled) : 0.0f);
   }
   __syncthreads();
 
@@ -379,15 +402,15 @@ __global__ void __launch_bounds__(kThreads) sinkhorn_kernel(SinkhornArgs args) {
       if (log_domain) {
         const float gj = g[j];
         float sum = 0.0f;
-        for (int r = 0; r < count; ++r) sum += expf(K[r * ld + j] + f[r] + gj);
+        for (int r = 0; r < count; ++r) sum += exp2f(K[r * ld + j] + f[r] + gj);
         if (ot::shifted_sum_usable(sum)) {
           marginal = sum;
-          update = ot::log_potential(target[j], ot::shifted_lse(sum, gj));
+          update = ot::log_potential(target[j], ot::shifted_lse2(sum, gj));
         } else {
           float m = -INFINITY, s = 0.0f;
-          for (int r = 0; r < count; ++r) ot::lse_push(m, s, K[r * ld + j] + f[r]);
-          const float lse = ot::lse_value(m, s);
-          marginal = ot::line_marginal(gj, lse);
+          for (int r = 0; r < count; ++r) ot::lse2_push(m, s, K[r * ld + j] + f[r]);
+          const float lse = ot::lse2_value(m, s);
+          marginal = ot::line_marginal2(gj, lse);
           update = ot::log_potential(target[j], lse);
         }
       } else {
@@ -400,8 +423,14 @@ __global__ void __launch_bounds__(kThreads) sinkhorn_kernel(SinkhornArgs args) {
       err2 += diff * diff;
       pending[j] = update;
     }
-    const float err = sqrtf(block_sum(err2, scratch));  // also orders the pending writes before the reads below
-    if (it > 0 && args.tol >= 0.0f && err <= args.tol) break;
+    // The marginal error only where a tolerance asks for it (tol < 0: every iteration runs);
+    // either way a block barrier orders the pending writes before the reads below.
+    if (args.tol >= 0.0f) {
+      const float err = sqrtf(block_sum(err2, scratch));
+      if (it > 0 && err <= args.tol) break;
+    } else {
+      __syncthreads();
+    }
     for (int j = tid; j < col_end; j += kThreads) {
       if (b[j] > 0.0f) g[j] = pending[j];
     }
@@ -412,14 +441,14 @@ __global__ void __launch_bounds__(kThreads) sinkhorn_kernel(SinkhornArgs args) {
       float lse_or_sum;
       if (log_domain) {
         float sum = 0.0f;
-        for (int j = lane; j < ld; j += 32) sum += expf(k_row[j] + fr + g[j]);
+        for (int j = lane; j < ld; j += 32) sum += exp2f(k_row[j] + fr + g[j]);
         sum = warp_sum(sum);
         if (ot::shifted_sum_usable(sum)) {
-          lse_or_sum = ot::shifted_lse(sum, fr);
+          lse_or_sum = ot::shifted_lse2(sum, fr);
         } else {
           float m = -INFINITY, s = 0.0f;
-          for (int j = lane; j < ld; j += 32) ot::lse_push(m, s, k_row[j] + g[j]);
-          lse_or_sum = warp_lse(m, s);
+          for (int j = lane; j < ld; j += 32) ot::lse2_push(m, s, k_row[j] + g[j]);
+          lse_or_sum = warp_lse2(m, s);
         }
       } else {
         float sum = 0.0f;
@@ -434,11 +463,14 @@ __global__ void __launch_bounds__(kThreads) sinkhorn_kernel(SinkhornArgs args) {
     __syncthreads();
   }
 
-  for (int e = tid; e < count * col_end; e += kThreads) {
-    const int r = e / col_end, j = e % col_end;
-    if (!(b[j] > 0.0f)) continue;
-    const float k = K[r * ld + j];
-    plan[static_cast<int64_t>(row_index[r]) * cols + j] = log_domain ? expf(k + f[r] + g[j]) : f[r] * k * g[j];
+  for (int e = tid; e < count * cols; e += kThreads) {  // the support rows, each entry once
+    const int r = e / cols, j = e % cols;
+    float entry = 0.0f;
+    if (j < col_end && b[j] > 0.0f) {
+      const float k = K[r * ld + j];
+      entry = log_domain ? exp2f(k + f[r] + g[j]) : f[r] * k * g[j];
+    }
+    plan[static_cast<int64_t>(row_index[r]) * cols + j] = entry;
   }
 }
 

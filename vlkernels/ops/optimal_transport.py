@@ -11,7 +11,8 @@ tokens), so the cost matrix never exists in memory.
 
 Backends: ``triton`` (CUDA, or CPU tensors in the interpreter), ``cuda`` and ``cpp`` (the
 compiled extension vlkernels._C), ``torch`` (the reference). ``auto`` runs Triton on CUDA
-tensors (the CUDA kernel is opt-in until a GPU benchmark shows it faster) and the C++ kernel on
+tensors (the CUDA kernel only at the tiles of AUTO_CUDA_TILES, where a GPU benchmark measured it faster;
+none yet) and the C++ kernel on
 CPU tensors. Every backend computes in fp32 (16-bit inputs are cast in); fp64 inputs run on the
 torch backend in fp64.
 """
@@ -52,6 +53,13 @@ _MIN_BLOCK = 16  # tl.dot's least tile side (the WRA kernel); the other kernels 
 _MAX_BLOCK = 256  # longest side a tile takes (256 regions / tokens)
 _MAX_TILE = 16384  # elements of a [BLOCK_M, BLOCK_N] tile: three fp32 tiles of it stay in registers at 16 warps
 _WRA_MAX_BLOCK_M = 64  # the WRA kernel's text side (UNITER <= 60, ViLT <= 40 tokens)
+# The fused WRA kernel's largest tile. Beyond it (ViLT's 40 x 200 word-patch alignment: 64 x 256)
+# the dot's accumulator beside the iterations' tiles spills in 8 warps, so the cost comes from a
+# batched GEMM and the plan from the IPOT kernel.
+_WRA_MAX_FUSED_TILE = 8192
+# Up to this many elements a tile holds the WRA cost through the iterations (KEEP_COST); larger
+# ones form it again after them (the cost tile beside the iterations' would spill).
+_WRA_MAX_KEPT_COST = 1024
 _WRA_BLOCK_D = 64  # D chunk of the cost's tl.dot
 _WRA_BLOCK_D_FP32 = 32  # fp32 operands take twice the registers / shared memory per chunk
 
@@ -60,12 +68,37 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def tile_config(rows: int, cols: int) -> TileConfig:
-    """The tile (next powers of two, at least 16) and warps of a rows x cols problem: warps grow
-    with the tile so that each thread keeps 16 elements of each tile (32 in the 16384 tiles),
-    the programs' iterations being latency-bound reductions over the tile."""
+# Warps per problem. A batch that leaves SMs idle runs each problem on a thread per 16 tile
+# elements (its iterations are latency-bound reductions). A batch of several problems per SM
+# runs the 4096-element tiles on half as many warps (32 elements a thread), so that twice as many
+# problems are resident and each pays fewer block barriers; smaller tiles have 4 warps or fewer
+# already, and the 8192- and 16384-element ones need their 8 warps for registers. At most 8 warps:
+# every tile up to 16384 elements keeps its iteration tiles in registers there without spilling
+# (vlkernels.report), where 16 warps cap a thread at 128 registers and spilled.
+_LATENCY_ELEMENTS_PER_THREAD = 16
+_THROUGHPUT_ELEMENTS_PER_THREAD = 32
+_THROUGHPUT_MIN_WARPS = 4
+_THROUGHPUT_PROBLEMS_PER_SM = 2  # from this many problems per SM on, the throughput regime
+_MAX_WARPS = 8
+_H100_SMS = 132  # the SM count assumed where the device has none (CPU tensors in the interpreter)
+
+
+def tile_config(rows: int, cols: int, batch: int = 1, sm_count: int = _H100_SMS) -> TileConfig:
+    """The tile (next powers of two, at least 16) and warps of a batch of rows x cols problems."""
     block_m, block_n = max(_MIN_BLOCK, _next_pow2(rows)), max(_MIN_BLOCK, _next_pow2(cols))
-    return TileConfig(block_m, block_n, max(1, min(16, block_m * block_n // 512)))
+    tile = block_m * block_n
+    warps = max(1, min(_MAX_WARPS, tile // (32 * _LATENCY_ELEMENTS_PER_THREAD)))
+    if batch >= _THROUGHPUT_PROBLEMS_PER_SM * sm_count:
+        warps = min(warps, max(_THROUGHPUT_MIN_WARPS, tile // (32 * _THROUGHPUT_ELEMENTS_PER_THREAD)))
+    return TileConfig(block_m, block_n, warps)
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else _H100_SMS
+
+
+def _launch_config(rows: int, cols: int, batch: int, device: torch.device) -> TileConfig:
+    return tile_config(rows, cols, batch, _sm_count(device))
 
 
 def _tile_refusal(rows: int, cols: int, max_block_m: int = _MAX_BLOCK) -> Optional[str]:
@@ -77,8 +110,19 @@ def _tile_refusal(rows: int, cols: int, max_block_m: int = _MAX_BLOCK) -> Option
 
 
 def all_tile_configs(max_block_m: int = _MAX_BLOCK) -> list[TileConfig]:
+    """Every (tile, warps) a launcher can pick: each tile in both regimes (once where they agree)."""
     sides = [_MIN_BLOCK << i for i in range(5)]  # 16 .. 256
-    return [tile_config(m, n) for m in sides for n in sides if m <= max_block_m and m * n <= _MAX_TILE]
+    configs = {}
+    for m in sides:
+        for n in sides:
+            if m <= max_block_m and m * n <= _MAX_TILE:
+                for batch in (1, _THROUGHPUT_PROBLEMS_PER_SM * _H100_SMS):
+                    configs[tile_config(m, n, batch)] = None
+    return list(configs)
+
+
+def variant_label(cfg: TileConfig) -> str:
+    return f"{cfg.block_m}x{cfg.block_n}-w{cfg.num_warps}"
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -86,8 +130,37 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
 
 
-def _wra_block_d(dtype: torch.dtype) -> int:
-    return _WRA_BLOCK_D_FP32 if dtype == torch.float32 else _WRA_BLOCK_D
+def tile_lanes(block_n: int) -> int:
+    """The last axis of the kernels' [BLOCK_M, BLOCK_N // LANES, LANES] tile (one warp's width)."""
+    return min(32, block_n)
+
+
+def _wra_block_d(dtype: torch.dtype, precision: str) -> int:
+    if dtype != torch.float32:
+        return _WRA_BLOCK_D
+    # IEEE fp32 dots are FMA loops over operand chunks held in registers: 16-deep ones
+    return _WRA_BLOCK_D_FP32 // 2 if precision == "ieee" else _WRA_BLOCK_D_FP32
+
+
+def _wra_config(cfg: TileConfig, precision: str) -> TileConfig:
+    # IEEE fp32 dots on one warp keep too many operands per thread (ptxas spills): two warps
+    return TileConfig(cfg.block_m, cfg.block_n, 2) if precision == "ieee" and cfg.num_warps == 1 else cfg
+
+
+# ptxas aims the 8-warp 4096-element tiles of the cost kernels at 80 registers (3 CTAs / SM) and
+# spills there; a cap of 128 (2 CTAs / SM of 8 warps) leaves it room.
+def _cost_kernel_max_registers(cfg: TileConfig) -> Optional[int]:
+    return 128 if cfg.num_warps == _MAX_WARPS and cfg.block_m * cfg.block_n <= 4096 else None
+
+
+# Likewise the WRA kernel's IEEE fp32 dots (FMA loops over operands held in registers): ptxas aims
+# these tiles at an occupancy where they spill (sm_90a report); these caps (BLOCK_M, BLOCK_N,
+# warps) -> registers leave them room.
+_WRA_IEEE_MAX_REGISTERS = {(32, 128, 8): 168, (64, 64, 8): 168, (64, 16, 2): 200}
+
+
+def _wra_max_registers(cfg: TileConfig, precision: str) -> Optional[int]:
+    return _WRA_IEEE_MAX_REGISTERS.get((cfg.block_m, cfg.block_n, cfg.num_warps)) if precision == "ieee" else None
 
 
 def launch_grid(batch: int) -> tuple[int]:
@@ -107,12 +180,13 @@ def _launch_ipot(cost, x_mask, y_mask, beta, iters, k) -> torch.Tensor:
     batch, rows, cols = cost.shape
     cost = cost.float()  # 16-bit costs are cast in; fp32 passes through with its strides
     plan = torch.empty(batch, rows, cols, device=cost.device, dtype=torch.float32)
-    cfg = tile_config(rows, cols)
+    cfg = _launch_config(rows, cols, batch, cost.device)
     if plan.numel() == 0:  # nothing to solve (and Triton takes no empty grid)
         return plan
     _ipot_kernel[launch_grid(batch)](cost, _as_bytes(x_mask), _as_bytes(y_mask), plan, rows, cols, *cost.stride(),
                            float(beta), int(iters), int(k), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                           num_warps=cfg.num_warps)
+                           LANES=tile_lanes(cfg.block_n), num_warps=cfg.num_warps,
+                           maxnreg=_cost_kernel_max_registers(cfg))
     return plan
 
 
@@ -123,13 +197,20 @@ def _launch_wra(txt, img, txt_mask, img_mask, beta, iters, k) -> tuple[torch.Ten
     img = img if img.stride(-1) == 1 else img.contiguous()
     plan = torch.empty(batch, rows, cols, device=txt.device, dtype=torch.float32)
     distance = torch.empty(batch, device=txt.device, dtype=torch.float32)
-    cfg = tile_config(rows, cols)
+    precision = _dot_precision(txt.dtype)
+    cfg = _wra_config(_launch_config(rows, cols, batch, txt.device), precision)
     if plan.numel() == 0:
         return distance.zero_(), plan
-    _wra_kernel[launch_grid(batch)](txt, img, _as_bytes(txt_mask), _as_bytes(img_mask), plan, distance, rows, cols, dim,
-                          txt.stride(0), txt.stride(1), img.stride(0), img.stride(1), float(beta), int(iters), int(k),
-                          BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_wra_block_d(txt.dtype),
-                          DOT_PRECISION=_dot_precision(txt.dtype), num_warps=cfg.num_warps)
+    if cfg.block_m * cfg.block_n > _WRA_MAX_FUSED_TILE:
+        cost = reference.masked_cosine_cost(txt.float(), img.float(), txt_mask, img_mask)
+        plan = _launch_ipot(cost, txt_mask, img_mask, beta, iters, k)
+        return (cost * plan).sum((1, 2)), plan
+    _wra_kernel[launch_grid(batch)](
+        txt, img, _as_bytes(txt_mask), _as_bytes(img_mask), plan, distance, rows, cols, dim, txt.stride(0),
+        txt.stride(1), img.stride(0), img.stride(1), float(beta), int(iters), int(k), BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, BLOCK_D=_wra_block_d(txt.dtype, precision), LANES=tile_lanes(cfg.block_n),
+        DOT_PRECISION=precision, KEEP_COST=cfg.block_m * cfg.block_n <= _WRA_MAX_KEPT_COST, num_warps=cfg.num_warps,
+        maxnreg=_wra_max_registers(cfg, precision))
     return distance, plan
 
 
@@ -137,12 +218,13 @@ def _launch_sinkhorn(cost, a, b, reg, iters, tol, log_domain) -> torch.Tensor:
     batch, rows, cols = cost.shape
     cost = cost.float()
     plan = torch.empty(batch, rows, cols, device=cost.device, dtype=torch.float32)
-    cfg = tile_config(rows, cols)
+    cfg = _launch_config(rows, cols, batch, cost.device)
     if plan.numel() == 0:
         return plan
     _sinkhorn_kernel[launch_grid(batch)](cost, a.contiguous(), b.contiguous(), plan, rows, cols, *cost.stride(), float(reg),
                                int(iters), float(tol), int(bool(log_domain)), BLOCK_M=cfg.block_m,
-                               BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
+                               BLOCK_N=cfg.block_n, LANES=tile_lanes(cfg.block_n), num_warps=cfg.num_warps,
+                               maxnreg=_cost_kernel_max_registers(cfg))
     return plan
 
 
@@ -229,19 +311,31 @@ def _dtype_refusal(dtype: torch.dtype) -> Optional[str]:
     return None if dtype in _KERNEL_DTYPES else f"the kernels compute in fp32; {dtype} runs on the torch backend"
 
 
-# The CUDA kernel is opt-in (VLKERNELS_BACKEND=cuda): `auto` runs Triton on CUDA tensors until a
-# GPU benchmark shows the CUDA kernel faster.
-_AUTO_USES_CUDA_KERNEL = False
+# Where `auto` runs the CUDA kernel on CUDA tensors instead of Triton: per op, the tiles
+# (BLOCK_M, BLOCK_N of tile_config) at which the GPU check's benchmark (bench/gpu_check.sh runs
+# vlkernels/bench/optimal_transport.py, providers vlkernels[cuda] and vlkernels[triton]) measured
+# the CUDA kernel faster. Empty until a GPU run has measured them: the CUDA kernel stays opt-in
+# (VLKERNELS_BACKEND=cuda) and `auto` runs Triton.
+AUTO_CUDA_TILES: dict[str, frozenset] = {"ipot": frozenset(), "sinkhorn": frozenset(), "wra_distance": frozenset()}
+
+
+def auto_runs_cuda(op: str, rows: int, cols: int) -> bool:
+    """Whether `auto` picks the CUDA kernel over Triton for a rows x cols problem of ``op``."""
+    cfg = tile_config(rows, cols)
+    return (cfg.block_m, cfg.block_n) in AUTO_CUDA_TILES[op]
+
 # Floats of one problem's matrix a CUDA block holds (csrc/cuda/optimal_transport.h kMax*Tile).
 _CUDA_MAX_TILE = {"ipot": 24576, "sinkhorn": 49152}
 
 
-def _cuda_refusal(device: torch.device, dtype: torch.dtype, rows: int, cols: int, max_tile: int) -> Optional[str]:
+def _cuda_refusal(op: str, device: torch.device, dtype: torch.dtype, rows: int, cols: int,
+                  max_tile: int) -> Optional[str]:
     # The cheap tests first: under auto (and torch.compile) the extension is never touched.
     if device.type != "cuda":
         return "not a CUDA tensor"
-    if not _AUTO_USES_CUDA_KERNEL and _backend.requested_backend() == "auto":
-        return "auto runs the Triton kernel on CUDA tensors; request backend 'cuda' for the CUDA kernel"
+    if _backend.requested_backend() == "auto" and not auto_runs_cuda(op, rows, cols):
+        return (f"auto runs the Triton kernel at this tile (AUTO_CUDA_TILES[{op!r}] names where the CUDA kernel "
+                "measured faster); request backend 'cuda' for the CUDA kernel")
     if rows * (-(-cols // 32) * 32) > max_tile:
         return (f"a {rows} x {cols} problem needs more shared memory than a block has "
                 f"(rows x cols rounded up to 32 must be <= {max_tile})")
@@ -266,7 +360,7 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 def _cost_implementations(op: str, native, triton_op, torch_run) -> list[Implementation]:
     """The backends of an op whose first argument is the cost [B, M, N]."""
     return [
-        Implementation("cuda", lambda cost, *_: _cuda_refusal(cost.device, cost.dtype, *cost.shape[1:],
+        Implementation("cuda", lambda cost, *_: _cuda_refusal(op, cost.device, cost.dtype, *cost.shape[1:],
                                                               _CUDA_MAX_TILE[op]), native),
         Implementation("triton", lambda cost, *_: _triton_refusal(cost.device, cost.dtype, *cost.shape[1:]), triton_op),
         Implementation("cpp", lambda cost, *_: _cpp_refusal(cost.device, cost.dtype), native),
@@ -547,7 +641,8 @@ def _wra_refusal_args(txt, img, *args):
 
 
 _WRA = [
-    Implementation("cuda", lambda *args: _cuda_refusal(*_wra_refusal_args(*args), _CUDA_MAX_TILE["ipot"]),
+    Implementation("cuda", lambda *args: _cuda_refusal("wra_distance", *_wra_refusal_args(*args),
+                                                       _CUDA_MAX_TILE["ipot"]),
                    _wra_native_op),
     Implementation("triton", lambda *args: _triton_refusal(*_wra_refusal_args(*args), max_block_m=_WRA_MAX_BLOCK_M),
                    _wra_triton_op),
@@ -631,9 +726,9 @@ def aot_variants():
     cost_sizes = dict(M=60, N=100, stride_cb=6000, stride_cm=100, stride_cn=1, beta=0.5, iters=50, k=1)
     variants = []
     for cfg in all_tile_configs():
-        label = f"{cfg.block_m}x{cfg.block_n}"
-        tile = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
-        options = dict(num_warps=cfg.num_warps)
+        label = variant_label(cfg)
+        tile = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, LANES=tile_lanes(cfg.block_n))
+        options = dict(num_warps=cfg.num_warps, maxnreg=_cost_kernel_max_registers(cfg))
         variants.append(KernelVariant(
             _ipot_kernel, label, tile, {"cost": torch.float32, "x_mask": torch.uint8, "y_mask": torch.uint8,
                                         "plan": torch.float32}, cost_sizes, options))
@@ -643,14 +738,19 @@ def aot_variants():
             dict(cost_sizes, reg=0.05, tol=1e-6, log_domain=1), options))
     wra_sizes = dict(M=60, N=100, D=768, stride_tb=60 * 768, stride_tm=768, stride_ib=100 * 768, stride_in=768,
                      beta=0.5, iters=50, k=1)
-    for cfg in all_tile_configs(_WRA_MAX_BLOCK_M):
+    fused = [cfg for cfg in all_tile_configs(_WRA_MAX_BLOCK_M) if cfg.block_m * cfg.block_n <= _WRA_MAX_FUSED_TILE]
+    for tile in fused:
         for dtype, precision in ((torch.bfloat16, "tf32"), (torch.float16, "tf32"), (torch.float32, "tf32"),
                                  (torch.float32, "ieee")):
+            cfg = _wra_config(tile, precision)
             variants.append(KernelVariant(
-                _wra_kernel, f"{cfg.block_m}x{cfg.block_n}-{str(dtype)[6:]}-{precision}",
-                dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_wra_block_d(dtype), DOT_PRECISION=precision),
+                _wra_kernel, f"{variant_label(cfg)}-{str(dtype)[6:]}-{precision}",
+                dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_wra_block_d(dtype, precision),
+                     LANES=tile_lanes(cfg.block_n), DOT_PRECISION=precision,
+                     KEEP_COST=cfg.block_m * cfg.block_n <= _WRA_MAX_KEPT_COST),
                 {"txt": dtype, "img": dtype, "x_mask": torch.uint8, "y_mask": torch.uint8, "plan": torch.float32,
-                 "distance": torch.float32}, wra_sizes, dict(num_warps=cfg.num_warps),
+                 "distance": torch.float32}, wra_sizes,
+                dict(num_warps=cfg.num_warps, maxnreg=_wra_max_registers(cfg, precision)),
                 # a warpgroup MMA needs 64 rows and 4 warps; smaller tiles use mma.sync
                 gemm_shaped=cfg.block_m >= 64 and cfg.num_warps >= 4))
     return variants
