@@ -55,8 +55,6 @@ _PHILOX_FIX = "the Philox keep mask generated for half a tile at a time (attenti
 _IEEE_ATTENTION = ("spills: IEEE fp32 dots (the fp32 default) keep the operand tiles of the 64 x 32 backward in "
                    "registers (32 x 16 is clean but for co-attention's dQ and quadruples the interpreter's CI time)")
 _IEEE_ATTENTION_FIX = "IEEE fp32 backward tiles picked on a GPU (attention configuration table)"
-_OT_FIX = ("warps per problem chosen from the tile and the batch, no 16-warp tile "
-           "(GEMM / optimal-transport issue)")
 EXCEPTIONS: dict[tuple[str, str], KnownProblem] = {
     **_known("_attention_bwd_kernel", "float32-D128-dkdv",
              "spills at 255 registers (128 B in 8 warps, 168 B in 4): tf32 dK/dV with two [64, 128] fp32 "
@@ -75,11 +73,6 @@ EXCEPTIONS: dict[tuple[str, str], KnownProblem] = {
              "and the bias tile beside two accumulators (32 keys per step drop the dK/dV form's warpgroup MMA; fp32's "
              "64 x 16 in 8 warps is clean but leaves its dQ launch 1 CTA/SM)",
              _PHILOX_FIX),
-    **_known("_ipot_kernel", "64x256 128x128 256x64", "spills: a 16384-element tile in 16 warps, the log-domain "
-             "branch included", _OT_FIX),
-    **_known("_sinkhorn_kernel", "64x256 128x128 256x64", "spills: a 16384-element tile in 16 warps", _OT_FIX),
-    **_known("_wra_kernel", "64x256-bfloat16-tf32 64x256-float16-tf32 64x256-float32-tf32 64x256-float32-ieee",
-             "spills: a 64 x 256 tile (ViLT's 40 x 200 word-patch alignment) in 16 warps", _OT_FIX),
 }
 
 
