@@ -465,7 +465,9 @@ _MIN_SCALE = 1e-30
 
 
 def _check_positive(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
+    # value - value == 0 is math.isfinite (NaN and +-inf give NaN) without a math.* call, which
+    # torch.compile(dynamic=True) cannot trace on a module's beta made a symbolic float.
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value - value == 0 and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     if value < _MIN_SCALE:
         raise ValueError(f"{name} must be >= {_MIN_SCALE:g} (the kernels divide the cost by it in fp32), got {value!r}")

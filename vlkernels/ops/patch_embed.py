@@ -509,7 +509,9 @@ def _validate(images, weight, bias, pos_embed, cls_token) -> None:
         "pos_embed": (pos_embed, [(1, tokens, embed_dim), (batch, tokens, embed_dim)]),
     }
     for name, (tensor, shapes) in expected.items():
-        if tensor is not None and tuple(tensor.shape) not in shapes:
+        # dim by dim (not tuple(shape) in shapes, which dynamo misjudges for symbolic image sizes)
+        if tensor is not None and not any(
+                tensor.dim() == len(shape) and all(a == b for a, b in zip(tensor.shape, shape)) for shape in shapes):
             allowed = " or ".join(str(list(s)) for s in shapes)
             raise ValueError(f"patch_embed: {name} must have shape {allowed}, got {list(tensor.shape)}")
     for name, tensor in (("weight", weight), ("bias", bias), ("pos_embed", pos_embed), ("cls_token", cls_token)):
