@@ -330,21 +330,13 @@ SIZED = {
     "WPALoss": _pair,
 }
 SIZES = ((2, 4), (3, 5), (4, 6), (5, 8))  # TextEmbeddings has 8 positions
-# Known to recompile or break under dynamic=True, fullgraph=True (strict: a fix turns these green;
-# the two that recompile 4 times are not run, to spare CI ~45 s).
-DYNAMIC_KNOWN = {
-    "MoMEFFN": "the text_len split specialises the sequence length (a graph per length)",
-    "MoMEBlock": "its MoMEFFN's text_len split specialises the sequence length",
-}
 
 
 def test_every_module_has_sized_inputs():
     assert SIZED.keys() == {name for name in NAMES if not _is_model(name)}  # adding a module: one line each
 
 
-@pytest.mark.parametrize("name, training", [
-    pytest.param(name, False, id=name, marks=[pytest.mark.xfail(strict=True, reason=DYNAMIC_KNOWN[name], run=not name.startswith("MoME"))]
-                 if name in DYNAMIC_KNOWN else []) for name in SIZED] + [
+@pytest.mark.parametrize("name, training", [pytest.param(name, False, id=name) for name in SIZED] + [
     pytest.param("VisualDictionary", True, id="VisualDictionary-train")])
 def test_dynamic_compile_one_graph_over_sizes(name, training):
     """dynamic=True, fullgraph=True: one graph over 4 batch sizes and sequence lengths, equal to

@@ -470,8 +470,11 @@ def _validate(x, expert_index, w1, b1, w2, b2, activation, ln_weight, ln_bias, e
 def _validate_segments(values, x, experts: int) -> None:
     # Integers only (segment_values raised TypeError otherwise); a tensor entry is checked in
     # place by default and read on the host only in the strict mode (plain ints need neither).
+    # While compiling, the sequence length is named, not formatted: formatting a symbolic length
+    # (torch.compile(dynamic=True)) would specialise the graph on it.
     seq_len = x.shape[1]
-    ranges = (("text_len", 0, seq_len, f"[0, {seq_len}]"), ("expert id", 0, experts - 1, f"[0, {experts})"),
+    length = "S = x.shape[1]" if torch.compiler.is_compiling() else seq_len
+    ranges = (("text_len", 0, seq_len, f"[0, {length}]"), ("expert id", 0, experts - 1, f"[0, {experts})"),
               ("expert id", 0, experts - 1, f"[0, {experts})"))
     for value, (what, low, high, shown) in zip(values, ranges):
         if isinstance(value, torch.Tensor):
