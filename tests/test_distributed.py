@@ -346,6 +346,34 @@ def _dictionary_settings(rank: int) -> dict:
             if backend != "triton" or _backend.triton_refusal(torch.device("cpu")) is None}
 
 
+def _every_model_wraps(rank: int) -> dict:
+    """{(model, mode): (loss, parameters after one SGD step)} for every reference model (tiny),
+    wrapped by DDP or FSDP2 (fully_shard on its MoME / cross layers, then the root), one step on
+    a synthetic batch of this rank's own (a batch's indices, ITM's say, refer to its own rows)."""
+    from vlkernels.models import MODELS, build_model
+
+    results = {}
+    for name in MODELS:
+        for mode in MODES:
+            torch.manual_seed(0)
+            module = build_model(name, "tiny")
+            if mode == "ddp":
+                model = DistributedDataParallel(module, forward_sync_buffers=False, find_unused_parameters=True)
+            else:
+                mesh = init_device_mesh("cpu", (WORLD,))
+                for unit in [m for m in module.modules() if isinstance(m, FSDP_UNITS)]:
+                    fully_shard(unit, mesh=mesh)
+                model = fully_shard(module, mesh=mesh)
+            optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+            batch = module.synthetic_batch(GLOBAL_BATCH // WORLD, generator=_generator(rank))  # this rank's own
+            torch.manual_seed(1)  # the models' own draws (ITM negatives, masks) alike on both ranks
+            loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            results[(name, mode)] = (loss.detach(), _full_state(module))
+    return results
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)  # two processes on a small machine
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
@@ -355,6 +383,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                    if _unavailable(case) is None}
         results["inner-unit-errors"] = _inner_unit_errors()
         results["dictionary-settings"] = _dictionary_settings(rank)
+        results["every-model"] = _every_model_wraps(rank)
     finally:
         dist.destroy_process_group()
     path = os.path.join(out_dir, f"rank{rank}.pt")
@@ -458,3 +487,17 @@ def test_worker_failure_fails_fast():
 def test_stuck_workers_fail_at_the_timeout():
     with pytest.raises(pytest.fail.Exception, match="still running after 5 s"):
         _run_workers(_stuck_or_failing_worker, (False,), timeout_s=5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", sorted(__import__("vlkernels.models", fromlist=["MODELS"]).MODELS))
+def test_every_reference_model_wraps_and_trains(distributed_results, name: str, mode: str):
+    """Every reference model wraps under DDP and FSDP2 (no scalar parameter) and takes a step:
+    finite losses that differ between the ranks' halves, and the same parameters on both ranks
+    afterwards (the gradients were synchronised)."""
+    (loss0, state0), (loss1, state1) = (results["every-model"][(name, mode)] for results in distributed_results)
+    assert bool(loss0.isfinite()) and bool(loss1.isfinite()) and not torch.equal(loss0, loss1)
+    assert state0.keys() == state1.keys()
+    for key in state0:
+        assert bool(state0[key].isfinite().all()) if state0[key].is_floating_point() else True, key
+        torch.testing.assert_close(state0[key], state1[key], msg=lambda m: f"{name} {mode} {key}: {m}")
