@@ -104,10 +104,10 @@ def _mome_bwd():
     samples = []
     for args in _mome_fwd_args():
         x, order, offsets, w1, b1, w2, b2, lnw, lnb, eps, activation, _ = args
-        out, h, pre, mean, rstd = torch.ops.vlkernels.mome_ffn_fwd(*args[:-1], True)
+        out, h, pre, mean, rstd, normed = torch.ops.vlkernels.mome_ffn_fwd(*args[:-1], True)
         for need_x, need_weights in ((True, True), (True, False), (False, True)):
-            samples.append((torch.randn_like(out), x, order, offsets, w1, w2, h, pre, mean, rstd, lnw, lnb, activation,
-                            need_x, need_weights))
+            samples.append((torch.randn_like(out), x, order, offsets, w1, w2, h, pre, mean, rstd, normed, lnw,
+                            activation, need_x, need_weights))
     return samples
 
 
