@@ -14,9 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from vlkernels import use_backend
-from vlkernels.models import vlmo
-from vlkernels.nn import MoMEBlock, MoMEFFN, VLMoAttention, mome
+from vlkernels import kernel_coverage, use_backend
+from vlkernels.nn import MoMEBlock, MoMEFFN, PatchEmbed, VLMoAttention
 
 peft = pytest.importorskip("peft")
 
@@ -34,12 +33,11 @@ def _lora_layers(model: nn.Module) -> dict:
 
 @contextlib.contextmanager
 def _fallbacks():
-    """Collects the (op, reason) of every fallback in the block."""
+    """Collects the (op, reason) of every fallback in the block (filled when it closes)."""
     seen = []
-    with pytest.MonkeyPatch.context() as patch:
-        for module in (mome, vlmo):
-            patch.setattr(module, "record_fallback", lambda op, reason: seen.append((op, reason)))
+    with kernel_coverage() as coverage:
         yield seen
+    seen.extend((entry.op, entry.reason) for entry in coverage.fallbacks)
 
 
 def _check_against_merged(adapted: nn.Module, run, *, expect_fallback: bool) -> None:
@@ -142,3 +140,27 @@ def test_lora_vlmo_model_matches_merged():
         return m(pixel_values=pixels, **batch).loss, [pixels]
     # the patch projection falls back (a LoRA Conv2d); qkv and the experts keep their kernels
     _check_against_merged(adapted, run, expect_fallback=True)
+
+
+def test_lora_patch_embed_matches_merged():
+    """timm-style PatchEmbed with a LoRA Conv2d projection: the module calls it (a counted
+    fallback), so the adapters reach the output."""
+    torch.manual_seed(0)
+    adapted = _lora(PatchEmbed(img_size=16, patch_size=8, in_chans=3, embed_dim=16), ["proj"]).eval()
+    images = _input(2, 3, 16, 16)
+    _check_against_merged(adapted, lambda m: (m(images), [images]), expect_fallback=True)
+
+
+def test_lora_vilt_model_matches_merged():
+    from vlkernels.models import build_model
+    torch.manual_seed(0)
+    model = build_model("vilt", "tiny")
+    # ViLT's attention projections (VLMultiheadAttention's out_proj) and MLPs (called as modules)
+    adapted = _lora(model, ["out_proj", "fc1", "fc2"]).eval()
+    batch = model.synthetic_batch(2, generator=torch.Generator().manual_seed(1))  # ITM's pairing is in the batch
+    pixels = batch.pop("pixel_values").requires_grad_(True)
+
+    def run(m):
+        torch.manual_seed(2)  # the patch sampling alike in every run
+        return m(pixel_values=pixels, **batch).loss, [pixels]
+    _check_against_merged(adapted, run, expect_fallback=False)
