@@ -93,15 +93,17 @@ _WARNED: set = set()
 _WARNED_LOCK = threading.Lock()
 
 
+def _entries_of_open_blocks(field: str) -> list:
+    """The ``field`` lists (calls or fallbacks) of every block open in this context."""
+    return [getattr(block, field) for block in _active.get()]
+
+
 def record_call(op: str, backend: str) -> None:
     """Count a call of ``op`` on ``backend`` in every open block (called by ``dispatch``)."""
     if torch.compiler.is_compiling():
         return
-    blocks = _active.get()
-    if blocks:
-        entry = OpCall(op, backend)
-        for block in blocks:
-            block.calls.append(entry)
+    for entries in _entries_of_open_blocks("calls"):
+        entries.append(OpCall(op, backend))
 
 
 def record_fallback(op: str, reason: str, *, stacklevel: int = 5) -> None:
@@ -110,11 +112,8 @@ def record_fallback(op: str, reason: str, *, stacklevel: int = 5) -> None:
     per process (stacklevel 5 names the caller of a module's ``__call__``; a function passes 3)."""
     if torch.compiler.is_compiling():
         return
-    blocks = _active.get()
-    if blocks:
-        entry = Fallback(op, reason)
-        for block in blocks:
-            block.fallbacks.append(entry)
+    for entries in _entries_of_open_blocks("fallbacks"):
+        entries.append(Fallback(op, reason))
     with _WARNED_LOCK:
         if (op, reason) in _WARNED:
             return
