@@ -400,6 +400,29 @@ def test_nearest_above_every_block(backend, dtype, dim):
     assert_same_values("sqdist", sqdist, exact.min(1).values, SQDIST_TOL, sqdist_scale(x, codebook, index))
 
 
+
+@pytest.mark.parametrize("dtype", kernel_dtypes(), ids=dtype_id)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nearest_winners_at_the_codebook_tile_edges(backend, dtype):
+    """The kernel's one loop over (codebook tile, feature chunk): K a whole number of 128-entry
+    tiles, D two 64-feature chunks (four of 32 in fp32) plus one; winners at the last and first
+    entries of neighbouring tiles, and entries 127 and 128 identical, so rows nearest to them tie
+    across the tile edge (the lower index wins). Integer features keep every distance exact."""
+    generator = torch.Generator().manual_seed(15)
+    k, d = 256, 129
+    codebook = torch.randint(-3, 4, (k, d), generator=generator).float()
+    codebook[128] = codebook[127]
+    edges = torch.tensor([0, 63, 64, 127, 128, 191, 255])
+    chosen = edges[torch.randint(0, len(edges), (130,), generator=generator)]
+    x = codebook[chosen] + torch.randint(-1, 2, (130, d), generator=generator) * (torch.rand(130, d, generator=generator) < 0.05)
+    with vlkernels.use_backend(backend), poisoned_allocations():
+        index, sqdist = vd_nearest(x.to(DEVICE, dtype), codebook.to(DEVICE, dtype))
+    exact = brute_force_sqdist(x, codebook)
+    first_minimum = (exact == exact.min(1, keepdim=True).values).float().argmax(1)
+    assert (first_minimum != 128).all() and (first_minimum == 127).any()  # the tie is exercised
+    assert torch.equal(index.cpu(), first_minimum)
+    assert torch.equal(sqdist.cpu().double(), exact.min(1).values)
+
 # (d) empty and degenerate inputs -----------------------------------------------------------------
 NOTHING_COUNTED = {
     "no-rows": lambda x, index: (x[:0], index[:0], None, 0.4),

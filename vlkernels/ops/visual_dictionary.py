@@ -40,6 +40,12 @@ if triton is not None:
     ):
         """Nearest entry of BLOCK_N rows of x, streaming the codebook BLOCK_K entries at a time.
 
+        One loop runs over (codebook tile, feature chunk) pairs, so the software pipeliner keeps
+        its loads in flight across codebook tiles: the next tile's first chunks arrive while a
+        tile's running minimum is updated (a loop nest would drain and refill the pipeline once
+        per codebook tile). The x chunk of each step comes from L2 again: a [BLOCK_N, D] x tile
+        held on chip does not fit beside a pipelined codebook stream (see DESIGN_NOTES).
+
         Distance: |x|^2 + (|e|^2 - 2 x.e), the reference's expression, so NaN and inf arise in the
         same places; a NaN distance wins (the first NaN entry, distance NaN), else the lowest
         index of the minimum (torch.min's rule).
@@ -64,29 +70,34 @@ if triton is not None:
         best = tl.full((BLOCK_N,), float("inf"), dtype=tl.float32)
         best_index = tl.zeros((BLOCK_N,), dtype=tl.int32)
         first_nan = tl.zeros((BLOCK_N,), dtype=tl.int32) + entries  # entries = no NaN distance seen
-        for k0 in range(0, entries, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
+        # At least one chunk per tile: with D = 0 every distance is |e|^2 = 0 (a tile of zero dots).
+        chunks = tl.maximum(tl.cdiv(dim, BLOCK_D), 1)
+        dots = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for step in range(0, tl.cdiv(entries, BLOCK_K) * chunks):
+            chunk = step % chunks
+            k = (step // chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
             k_ok = k < entries
-            codes = codebook + k.to(tl.int64)[None, :] * stride_code  # int64: K * D may pass 2**31
-            dots = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-            for d0 in range(0, dim, BLOCK_D):
-                d = d0 + tl.arange(0, BLOCK_D)
-                d_ok = d < dim
-                a = tl.load(x_rows + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                e = tl.load(codes + d[:, None], mask=d_ok[:, None] & k_ok[None, :], other=0.0)
-                dots = tl.dot(a, e, dots, input_precision=DOT_PRECISION)
-            norms = tl.load(code_sqnorm + k, mask=k_ok, other=0.0)
-            sqdist = x_sqnorm[:, None] + (norms[None, :] - 2.0 * dots)
-            # NaN handled apart: tl.min and tl.argmin do not agree on it.
-            is_nan = (sqdist != sqdist) & k_ok[None, :]
-            first_nan = tl.minimum(first_nan, tl.min(tl.where(is_nan, k[None, :], entries), axis=1))
-            clean = tl.where(is_nan | ~k_ok[None, :], float("inf"), sqdist)
-            tile_best = tl.min(clean, axis=1)
-            # The first column at the tile's minimum (column k0, a real entry, when all are inf).
-            tile_index = tl.min(tl.where(clean == tile_best[:, None], k[None, :], entries), axis=1)
-            better = tile_best < best  # strict: an equal distance in a later tile keeps the lower index
-            best = tl.where(better, tile_best, best)
-            best_index = tl.where(better, tile_index, best_index)
+            d = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
+            d_ok = d < dim
+            a = tl.load(x_rows + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            # int64 entry offsets: K * D may pass 2**31
+            e = tl.load(codebook + k.to(tl.int64)[None, :] * stride_code + d[:, None],
+                        mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+            dots = tl.dot(a, e, dots, input_precision=DOT_PRECISION)
+            if chunk == chunks - 1:  # the tile's dots are complete: fold them into the running minimum
+                norms = tl.load(code_sqnorm + k, mask=k_ok, other=0.0)
+                sqdist = x_sqnorm[:, None] + (norms[None, :] - 2.0 * dots)
+                # NaN handled apart: tl.min and tl.argmin do not agree on it.
+                is_nan = (sqdist != sqdist) & k_ok[None, :]
+                first_nan = tl.minimum(first_nan, tl.min(tl.where(is_nan, k[None, :], entries), axis=1))
+                clean = tl.where(is_nan | ~k_ok[None, :], float("inf"), sqdist)
+                tile_best = tl.min(clean, axis=1)
+                # The first column at the tile's minimum (column k0, a real entry, when all are inf).
+                tile_index = tl.min(tl.where(clean == tile_best[:, None], k[None, :], entries), axis=1)
+                better = tile_best < best  # strict: an equal distance in a later tile keeps the lower index
+                best = tl.where(better, tile_best, best)
+                best_index = tl.where(better, tile_index, best_index)
+                dots = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         has_nan = first_nan < entries
         tl.store(index_out + row, tl.where(has_nan, first_nan, best_index).to(tl.int64), mask=row_ok)
         tl.store(sqdist_out + row, tl.where(has_nan, float("nan"), best), mask=row_ok)
@@ -165,8 +176,8 @@ _NEAREST_CONFIGS = {
     torch.bfloat16: NearestConfig(128, 128, 64, 8, 3),
     torch.float32: NearestConfig(128, 128, 32, 8, 3),
 }
-# IEEE fp32 dots run on the FMA units with the operands in registers: a 128 x 128 tile spills
-# (16 B in the sm_90a report), 128 x 64 does not (208 registers).
+# IEEE fp32 dots run on the FMA units with the operands in registers: a 128 x 128 tile sits at
+# 255 registers in the sm_90a report, 128 x 64 at 170.
 _NEAREST_IEEE_FP32 = NearestConfig(128, 64, 32, 8, 3)
 
 
