@@ -8,9 +8,10 @@ autograd of the custom ops) so that a test takes seconds on two cores; one test 
 default inductor backend over a small module. ``check_compiles`` takes any module (or function)
 and inputs: the full models of vlkernels.models can be checked with it once they exist.
 
-Not covered: unpad_input and the ViLT patch helpers (vlkernels.ops.vilt_patches) have outputs
-whose shapes depend on the data (nonzero, sampled patch counts); torch.compile cannot trace
-those without a graph break, by their nature.
+Not covered: unpad_input (its packed length is the number of real tokens, data by nature) and
+the ViLT helpers' sampling="vilt" (ViLT's data-dependent patch count and HF's exact draws, for
+eager parity); no model path uses either. The ViLT helpers' default static sampling compiles
+in one graph (tests/test_vilt_patches.py, dynamic shapes), and so does the ViLT model below.
 """
 import copy
 
@@ -301,10 +302,10 @@ class _PretrainingLoss(nn.Module):
         return self.model(**dict(zip(self.keys, values))).loss
 
 
-# ViLT is left out: its patch sampling keeps a data-dependent number of patches (as the
-# vilt_patches helpers above), which torch.compile compiles only with a graph break there.
+# Every model, ViLT with its default static patch sampling (patch_sampling="vilt", HF's exact
+# draws, is eager only).
 MODEL_PARAMS = [(name, "torch") for name in ("lxmert", "meter", "oscar", "simvlm", "soho", "uniter", "vilbert",
-                                             "visualbert", "vlmo")] + [("lxmert", "triton")]
+                                             "vilt", "visualbert", "vlmo")] + [("lxmert", "triton")]
 
 
 @pytest.mark.parametrize("name, backend", MODEL_PARAMS)

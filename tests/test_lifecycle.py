@@ -357,9 +357,9 @@ def test_dynamic_compile_one_graph_over_sizes(name, training):
 
 
 # Models under dynamic=True, fullgraph=True over 4 batch sizes (a model's trace takes 10-30 s on
-# CI's CPU, so two run here: SOHO and VLMo, which covers patch_embed's shape check). Measured by
-# the same loop: LXMERT, ViLBERT, Oscar, VisualBERT, SOHO, UNITER, VLMo, METER and SimVLM give
-# one graph; ViLT breaks in its data-dependent patch sampling (as HF's ViLT does).
+# CI's CPU, so three run here: SOHO, VLMo, which covers patch_embed's shape check, and ViLT below,
+# over pixel grids too). Measured by the same loop: LXMERT, ViLBERT, Oscar, VisualBERT, SOHO,
+# UNITER, VLMo, METER, SimVLM and ViLT (its default static patch sampling) give one graph.
 @pytest.mark.parametrize("name", ["soho", "vlmo"])
 def test_dynamic_compile_one_graph_over_batch_sizes(name):
     import torch._dynamo.testing
@@ -375,6 +375,27 @@ def test_dynamic_compile_one_graph_over_batch_sizes(name):
         torch.manual_seed(1)
         torch.testing.assert_close(actual, model(**inputs).loss, msg=lambda m: f"{name} at batch {batch}: {m}")
     assert counter.frame_count == 1, f"{name}: {counter.frame_count} graphs over 4 batch sizes"
+
+
+def test_vilt_dynamic_compile_one_graph_over_batch_and_image_sizes():
+    """ViLT's batches differ in batch size and in padded pixel size (its collate pads each batch
+    to its largest image): one graph over 4 of each, losses equal to eager under one seed. The
+    first grid is not square (dynamo's duck sizing would tie H to W). ~10 s on CI's CPU."""
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    model = _build("model:vilt")
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(model, backend=counter, dynamic=True, fullgraph=True)
+    for batch, (rows, cols) in ((2, (8, 0)), (3, (0, 16)), (4, (16, 8)), (5, (8, 8))):  # extra pixels
+        inputs = model.synthetic_batch(batch, generator=torch.Generator().manual_seed(batch))
+        for key in ("pixel_values", "pixel_mask"):  # zero pixels, masked out
+            inputs[key] = F.pad(inputs[key], (0, cols, 0, rows))
+        torch.manual_seed(1)  # the patch sampling's draws
+        actual = compiled(**inputs).loss
+        torch.manual_seed(1)
+        torch.testing.assert_close(actual, model(**inputs).loss, msg=lambda m: f"vilt at batch {batch}: {m}")
+    assert counter.frame_count == 1, f"vilt: {counter.frame_count} graphs over 4 batch and image sizes"
 
 
 def test_masked_lm_loss_without_labels_compiled():

@@ -329,6 +329,39 @@ def test_matches_hf_vilt_model_variants(variant):
         torch.testing.assert_close(actual.pooler_output, expected.pooler_output)
 
 
+def _real_tokens_by_patch(out, grid_cols):
+    """{(image, patch position): hidden state} over the real patch tokens."""
+    image, real = out.image_hidden_state[:, 1:], out.image_mask[:, 1:]
+    flat = out.patch_index[..., 0] * grid_cols + out.patch_index[..., 1]
+    return {(b, int(flat[b, t])): image[b, t] for b, t in real.nonzero().tolist()}
+
+
+@pytest.mark.parametrize("full_image", [True, False], ids=["an-image-fills-the-grid", "tall-and-wide"])
+def test_static_sampling_computes_what_hf_computes(full_image):
+    """patch_sampling="static" (one graph under torch.compile) on HF's weights: with every valid
+    patch kept (max_image_length -1), text tokens and pooled output equal HF's, and every real
+    patch token equals HF's for that patch (the order of the tokens is the sampling's own).
+    Without an image filling the grid the static length is larger: the extra tokens are pads."""
+    hf = _randomized(transformers.ViltModel(_hf_config()))
+    inputs = _hf_inputs()
+    if not full_image:  # image 0 real in its left 4 columns (5x4), image 1 in its top 3 rows (3x6)
+        inputs["pixel_mask"][0, :, 32:] = 0
+    ours = ViLT.from_hf(hf)  # "vilt": HF's draws, proven equal to HF above
+    static = ViLT.from_hf(hf)
+    static.config.patch_sampling = "static"
+    actual, expected = _both(hf, static, **inputs)
+    vilt, _ = _both(hf, ours, **inputs)
+    text = inputs["input_ids"].shape[1]
+    torch.testing.assert_close(actual.last_hidden_state[:, :text], expected.last_hidden_state[:, :text])
+    torch.testing.assert_close(actual.pooler_output, expected.pooler_output)
+    # a 5x6 patch grid: static keeps 30 tokens; ViLT the largest count (30, or 5x4 = 20)
+    assert actual.image_mask.shape[1] == 1 + 30 and vilt.image_mask.shape[1] == 1 + (30 if full_image else 20)
+    static_tokens, vilt_tokens = _real_tokens_by_patch(actual, 6), _real_tokens_by_patch(vilt, 6)
+    assert static_tokens.keys() == vilt_tokens.keys()
+    for key, value in vilt_tokens.items():
+        torch.testing.assert_close(static_tokens[key], value, msg=lambda m: f"patch {key}: {m}")
+
+
 def test_matches_hf_with_embeddings_given_and_hidden_states():
     hf = _randomized(transformers.ViltModel(_hf_config()))
     ours = ViLT.from_hf(hf)

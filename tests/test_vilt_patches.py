@@ -1,13 +1,15 @@
-"""vilt_patches: pos-embed interpolation against an independent per-image loop in float64, the
-valid patch grid against the nearest-neighbour formula, the sampling invariants on random
-masks, and parity with HuggingFace's ViltEmbeddings.visual_embed under the same seed."""
+"""vilt_patches: pos-embed interpolation against an independent per-image loop in float64 (and
+F.interpolate at every size in fp32), the valid patch grid against the nearest-neighbour
+formula, both samplings' invariants on random masks, the static sampling's law and its single
+graph under torch.compile(dynamic=True), and parity of the "vilt" sampling with HuggingFace's
+ViltEmbeddings.visual_embed under the same seed (its draws are pinned there)."""
 import zlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from vlkernels.ops import vilt_patches
+from vlkernels import value_checks
 from vlkernels.ops.vilt_patches import (
     interpolate_pos_embed,
     select_patches,
@@ -99,22 +101,26 @@ def test_full_size_image_gets_the_unchanged_grid():
     assert not larger[1].view(6, 9, 8)[2:].any() and not larger[1].view(6, 9, 8)[:, 3:].any()
 
 
-def test_interpolate_once_per_distinct_size(monkeypatch):
+def test_interpolate_every_size_matches_f_interpolate():
+    """fp32 at every (h, w) of a 12x12 grid resized into a 12x20 batch grid (ViLT-B/32's): the
+    interpolation weights round as F.interpolate's do (its scale is one fp32 division)."""
     generator = torch.Generator().manual_seed(5)
-    pos_grid = torch.randn(1, 4, 6, 6, generator=generator).to(DEVICE)
-    valid_hw = torch.tensor([[3, 4], [6, 6], [3, 4], [2, 2], [6, 6], [3, 4]], device=DEVICE)
-    expected = loop_pos_embed(pos_grid, valid_hw, (6, 6))
-    calls = []
-    real_interpolate = F.interpolate
+    pos_grid = torch.randn(1, 16, 12, 12, generator=generator).to(DEVICE)
+    valid_hw = torch.tensor([(h, w) for h in range(1, 13) for w in range(1, 21)], device=DEVICE)
+    actual = interpolate_pos_embed(pos_grid, valid_hw, (12, 20))
+    torch.testing.assert_close(actual, loop_pos_embed(pos_grid, valid_hw, (12, 20)), rtol=1e-6, atol=1e-6)
 
-    def counting_interpolate(*args, **kwargs):
-        calls.append(kwargs.get("size"))
-        return real_interpolate(*args, **kwargs)
 
-    monkeypatch.setattr(vilt_patches.F, "interpolate", counting_interpolate)
-    actual = interpolate_pos_embed(pos_grid, valid_hw, (6, 6))
-    assert sorted(calls) == [(2, 2), (3, 4), (6, 6)]
-    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_interpolate_half_grid_rounds_once(dtype):
+    """A 16-bit grid is interpolated in fp32 and rounded once, as F.interpolate does."""
+    generator = torch.Generator().manual_seed(6)
+    pos_grid = torch.randn(1, 8, 6, 6, generator=generator).to(DEVICE)
+    valid_hw = random_valid_hw(5, (7, 9), generator).to(DEVICE)
+    actual = interpolate_pos_embed(pos_grid.to(dtype), valid_hw, (7, 9))
+    assert actual.dtype == dtype
+    expected = loop_pos_embed(pos_grid.to(dtype).float(), valid_hw, (7, 9)).to(dtype)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=torch.finfo(dtype).eps * 4)
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -130,8 +136,11 @@ def test_interpolate_once_per_distinct_size(monkeypatch):
 def test_interpolate_rejects_bad_input(bad, match):
     args = dict(pos_grid=torch.randn(1, 4, 3, 3), valid_hw=torch.tensor([[2, 3], [4, 4]]), grid_hw=(5, 4))
     args.update(bad)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match):  # the tests' value checks read on the host (conftest)
         interpolate_pos_embed(**args)
+    if match in ("exceeds the patch grid", "negative"):  # checked in place in the default device mode
+        with value_checks("device"), pytest.raises(RuntimeError, match=match):
+            interpolate_pos_embed(**args)
 
 
 # ------------------------------------------------------------------------------------------
@@ -209,38 +218,79 @@ def check_selection(selection, mask, expected_length):
             assert bool(keep_mask[b, :count].all()) and not bool(keep_mask[b, count:].any())
 
 
+def expected_length(sampling, mask, cap):
+    """static: min(N, cap); vilt: min(largest valid count, cap) (no cap for None or <= 0)."""
+    longest = mask.shape[1] if sampling == "static" else int(mask.sum(1).max())
+    return longest if cap is None or cap <= 0 else min(longest, cap)
+
+
+def _generator():
+    return torch.Generator(device=DEVICE)  # the static draws are on the mask's device
+
+
+@pytest.mark.parametrize("sampling", ["static", "vilt"])
 @pytest.mark.parametrize("cap", [None, -1, 0, 1, 6, 17, 1000], ids=lambda c: f"cap{c}")
 @pytest.mark.parametrize("batch, num_patches", [(7, 35), (1, 12), (12, 97)], ids=lambda v: str(v))
-def test_selection_invariants(batch, num_patches, cap):
+def test_selection_invariants(batch, num_patches, cap, sampling):
     generator = torch.Generator().manual_seed(batch * 1000 + num_patches)
     mask = random_patch_mask(batch, num_patches, generator)
-    longest = int(mask.sum(1).max())
-    expected_length = longest if cap is None or cap <= 0 else min(longest, cap)
-    selection = select_patches(mask.to(DEVICE), cap, generator=generator)
+    draws = generator if sampling == "vilt" else _generator().manual_seed(batch)
+    selection = select_patches(mask.to(DEVICE), cap, generator=draws, sampling=sampling)
     assert selection.index.device.type == DEVICE.type
-    check_selection((selection.index.cpu(), selection.keep_mask.cpu()), mask, expected_length)
+    check_selection((selection.index.cpu(), selection.keep_mask.cpu()), mask, expected_length(sampling, mask, cap))
 
 
-def test_selection_samples_all_valid_patches_over_draws():
+@pytest.mark.parametrize("sampling", ["static", "vilt"])
+def test_selection_samples_all_valid_patches_over_draws(sampling):
     mask = torch.zeros(2, 20, dtype=torch.bool)
     mask[0, ::2] = True  # 10 valid, capped to 3
     mask[1, :2] = True  # 2 valid, padded to 3 from 18 invalid
-    generator = torch.Generator().manual_seed(7)
+    generator = (torch.Generator() if sampling == "vilt" else _generator()).manual_seed(7)
     seen_valid, seen_pad = set(), set()
     for _ in range(300):
-        index, _ = select_patches(mask, 3, generator=generator)
+        index, _ = select_patches(mask.to(DEVICE), 3, generator=generator, sampling=sampling)
         seen_valid.update(index[0].tolist())
         seen_pad.update(index[1, 2:].tolist())
     assert seen_valid == set(range(0, 20, 2))
     assert seen_pad == set(range(2, 20))
 
 
-def test_selection_generator_reproducible_and_leaves_global_rng():
-    mask = random_patch_mask(5, 40, torch.Generator().manual_seed(8))
+def test_static_sampling_law():
+    """The static draws' law is ViLT's: 4000 copies of two images in one call. Image 0 (10
+    valid patches, L = 4): each valid patch kept with probability 4/10, in every slot alike
+    (a uniformly random order); image 1 (2 valid): both kept in grid order, each pad uniform
+    over the 18 invalid patches. Frequencies within 5 standard deviations."""
+    copies, num_patches, length = 4000, 20, 4
+    mask = torch.zeros(2, num_patches, dtype=torch.bool)
+    mask[0, 1::2] = True
+    mask[1, [3, 11]] = True
+    masks = mask.repeat(copies, 1).to(DEVICE)
+    index, keep = select_patches(masks, length, generator=_generator().manual_seed(3))
+    index, keep = index.cpu().view(copies, 2, length), keep.cpu().view(copies, 2, length)
+
+    def near(count, trials, p):
+        return abs(count - trials * p) <= 5 * (trials * p * (1 - p)) ** 0.5
+
+    for slot in range(length):  # image 0: every slot uniform over the 10 valid patches
+        counts = torch.bincount(index[:, 0, slot], minlength=num_patches)
+        assert counts[0::2].sum() == 0 and all(near(int(c), copies, 1 / 10) for c in counts[1::2])
+    kept = torch.zeros(copies, num_patches).scatter_(1, index[:, 0], 1.0).sum(0)
+    assert all(near(int(c), copies, 4 / 10) for c in kept[1::2]) and bool(keep[:, 0].all())
+    assert bool((index[:, 1, :2] == torch.tensor([3, 11])).all()) and bool(keep[:, 1, :2].all())
+    pads = torch.bincount(index[:, 1, 2:].flatten(), minlength=num_patches)
+    assert pads[3] == 0 and pads[11] == 0 and not bool(keep[:, 1, 2:].any())
+    others = [c for position, c in enumerate(pads.tolist()) if position not in (3, 11)]
+    assert all(near(c, 2 * copies, 1 / 18) for c in others)
+
+
+@pytest.mark.parametrize("sampling", ["static", "vilt"])
+def test_selection_generator_reproducible_and_leaves_global_rng(sampling):
+    mask = random_patch_mask(5, 40, torch.Generator().manual_seed(8)).to(DEVICE)
+    make = (lambda: torch.Generator()) if sampling == "vilt" else _generator
     state = torch.get_rng_state()
-    first = select_patches(mask, 9, generator=torch.Generator().manual_seed(11))
-    second = select_patches(mask, 9, generator=torch.Generator().manual_seed(11))
-    other = select_patches(mask, 9, generator=torch.Generator().manual_seed(12))
+    first = select_patches(mask, 9, generator=make().manual_seed(11), sampling=sampling)
+    second = select_patches(mask, 9, generator=make().manual_seed(11), sampling=sampling)
+    other = select_patches(mask, 9, generator=make().manual_seed(12), sampling=sampling)
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(first.index, second.index) and torch.equal(first.keep_mask, second.keep_mask)
     assert not torch.equal(first.index, other.index)
@@ -252,16 +302,42 @@ def test_selection_valid_hw_sets_length():
     mask[0, [0, 1, 2, 4]] = True  # count 4
     mask[1, [0, 5]] = True  # count 2
     valid_hw = torch.tensor([[2, 3], [1, 1]])  # areas 6 and 1
-    selection = select_patches(mask, None, valid_hw=valid_hw, generator=torch.Generator().manual_seed(0))
+    selection = select_patches(mask, None, valid_hw=valid_hw, generator=torch.Generator().manual_seed(0),
+                               sampling="vilt")
     check_selection(selection, mask, 6)
-    assert select_patches(mask, None).index.shape == (2, 4)
+    assert select_patches(mask, None, sampling="vilt").index.shape == (2, 4)
+    # static: the grid's size, whatever the counts
+    check_selection(select_patches(mask, None, valid_hw=valid_hw), mask, 12)
+
+
+def test_static_length_is_vilts_when_an_image_fills_the_grid():
+    """ViLT's collate pads the batch to its largest image, which then fills the grid: both
+    samplings keep the same number of tokens, and of real patches per image. Without a full
+    image (a tall and a wide one) the static length is larger by pads only."""
+    mask = random_patch_mask(6, 30, torch.Generator().manual_seed(9))  # image 3 fills the grid
+    for cap in (-1, 7, 30):
+        static, vilt = select_patches(mask, cap), select_patches(mask, cap, sampling="vilt")
+        assert static.index.shape == vilt.index.shape
+        assert torch.equal(static.keep_mask.sum(1), vilt.keep_mask.sum(1))
+    tall_and_wide = torch.zeros(2, 4, 5, dtype=torch.bool)
+    tall_and_wide[0, :, :2], tall_and_wide[1, :1, :] = True, True  # 8 and 5 valid of 20
+    static = select_patches(tall_and_wide.flatten(1), -1)
+    vilt = select_patches(tall_and_wide.flatten(1), -1, sampling="vilt")
+    assert static.index.shape == (2, 20) and vilt.index.shape == (2, 8)
+    assert static.keep_mask.sum(1).tolist() == vilt.keep_mask.sum(1).tolist() == [8, 5]
 
 
 def test_selection_rejects_bad_input():
     mask = torch.ones(3, 10, dtype=torch.bool)
     mask[1] = False
     with pytest.raises(ValueError, match=r"images \[1\] have no valid patch"):
+        select_patches(mask, 5, sampling="vilt")
+    with pytest.raises(ValueError, match=r"images \[1\] have no valid patch"):  # host checks (conftest)
         select_patches(mask, 5)
+    with value_checks("device"), pytest.raises(RuntimeError, match="an image has no valid patch"):
+        select_patches(mask, 5)  # static, default mode: checked in place
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        select_patches(torch.ones(3, 10, dtype=torch.bool), 5, sampling="random")
     with pytest.raises(ValueError, match="patch_mask must be"):
         select_patches(torch.ones(3, 2, 5, dtype=torch.bool), 5)
     with pytest.raises(TypeError, match="max_image_len"):
@@ -269,7 +345,7 @@ def test_selection_rejects_bad_input():
     with pytest.raises(ValueError, match="one per image"):
         select_patches(torch.ones(3, 10, dtype=torch.bool), 5, valid_hw=torch.ones(2, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="more than the grid"):
-        select_patches(torch.ones(1, 10, dtype=torch.bool), 5, valid_hw=torch.tensor([[4, 3]]))
+        select_patches(torch.ones(1, 10, dtype=torch.bool), 5, valid_hw=torch.tensor([[4, 3]]), sampling="vilt")
 
 
 # ------------------------------------------------------------------------------------------
@@ -284,8 +360,8 @@ def test_visual_embed_gathers_tokens_and_pos():
     cls_token, cls_pos = torch.randn(2, 1, 1, dim, generator=generator).to(DEVICE)
 
     out = vilt_visual_embed(patches, mask, (rows, cols), cls_token, 11, pos=pos, cls_pos=cls_pos,
-                            generator=torch.Generator().manual_seed(1))
-    selection = select_patches(mask, 11, generator=torch.Generator().manual_seed(1))
+                            generator=_generator().manual_seed(1))
+    selection = select_patches(mask, 11, generator=_generator().manual_seed(1))
     length = selection.index.shape[1]
     assert out.embeddings.shape == (batch, 1 + length, dim)
     assert torch.equal(out.mask[:, 0], torch.ones(batch, dtype=torch.bool, device=DEVICE))
@@ -301,6 +377,40 @@ def test_visual_embed_gathers_tokens_and_pos():
     fused = vilt_visual_embed(patches + pos, mask, (rows, cols), (cls_token + cls_pos).view(dim), 11,
                               generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(fused.embeddings, out.embeddings)
+
+
+def _visual_tokens(pixel_mask, patches, pos_grid, cls_token):
+    """The helpers' chain as a model runs it, at any batch size and pixel grid (8-pixel patches)."""
+    grid_hw = (pixel_mask.shape[1] // 8, pixel_mask.shape[2] // 8)
+    patch_mask, valid_hw = valid_patch_grid(pixel_mask, grid_hw)
+    pos = interpolate_pos_embed(pos_grid, valid_hw, grid_hw)
+    return vilt_visual_embed(patches, patch_mask, grid_hw, cls_token, 12, pos=pos, valid_hw=valid_hw)
+
+
+def test_static_chain_compiles_to_one_graph_over_sizes():
+    """dynamic=True, fullgraph=True: one graph over 4 batch sizes and pixel grids (the first
+    not square: dynamo's duck sizing would tie H to W), equal to eager under one seed."""
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(_visual_tokens, backend=counter, dynamic=True, fullgraph=True)
+    generator = torch.Generator().manual_seed(10)
+    for batch, (height, width) in ((2, (32, 40)), (3, (48, 24)), (5, (40, 40)), (7, (24, 56))):
+        pixel_mask = torch.ones(batch, height, width)
+        pixel_mask[1:, height // 2:] = 0  # smaller images: pads and fewer valid patches
+        pixel_mask[0, :, width - 9:] = 0
+        patches = torch.randn(batch, (height // 8) * (width // 8), 6, generator=generator)
+        pos_grid, cls_token = torch.randn(1, 6, 3, 3, generator=generator), torch.randn(1, 1, 6, generator=generator)
+        inputs = [t.to(DEVICE) for t in (pixel_mask, patches, pos_grid, cls_token)]
+        torch.manual_seed(1)
+        actual = compiled(*inputs)
+        torch.manual_seed(1)
+        expected = _visual_tokens(*inputs)
+        assert torch.equal(actual.patch_index, expected.patch_index) and torch.equal(actual.mask, expected.mask)
+        torch.testing.assert_close(actual.embeddings, expected.embeddings)
+    assert counter.frame_count == 1, f"{counter.frame_count} graphs over 4 sizes"
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -353,7 +463,8 @@ def ours_visual_embed(model, pixel_values, pixel_mask, max_image_len):
     patch_mask, valid_hw = valid_patch_grid(pixel_mask, (rows, cols))
     pos = interpolate_pos_embed(pos_grid, valid_hw, (rows, cols))
     return vilt_visual_embed(patches, patch_mask, (rows, cols), embeddings.cls_token, max_image_len,
-                             pos=pos, cls_pos=embeddings.position_embeddings[:, :1], valid_hw=valid_hw)
+                             pos=pos, cls_pos=embeddings.position_embeddings[:, :1], valid_hw=valid_hw,
+                             sampling="vilt")
 
 
 # (patch size, padded image (Hpx, Wpx), real pixels per image (h, w) or "holes")

@@ -12,10 +12,15 @@ the HuggingFace ``ViltModel`` layout (SPEC "HuggingFace transformers module name
   valid patch grid (h, w) comes from its pixel mask (``valid_patch_grid``); the ViT position
   grid (image_size / patch_size square, 12x12 at 384 / 32) is resized bilinearly
   (align_corners=True) to (h, w) and zero-padded (``interpolate_pos_embed``); then
-  ``vilt_visual_embed`` keeps L = min(largest valid count, max_image_len) patches per image
-  (200 in pretraining, <= 0 = no cap): images with >= L valid patches get L sampled without
-  replacement, the others all of theirs plus pad patches sampled with replacement (masked
-  out); the [CLS] token (+ its position entry) goes first; dropout.
+  ``vilt_visual_embed`` keeps L patches per image (max_image_len 200 in pretraining, <= 0 = no
+  cap): images with >= L valid patches get L sampled without replacement, the others all of
+  theirs plus pad patches sampled with replacement (masked out); the [CLS] token (+ its position
+  entry) goes first; dropout. ``patch_sampling`` (``vlkernels.ops.vilt_patches``): "static"
+  (the default) keeps L = min(patch grid size, max_image_len) by tensor ops, so the model
+  compiles in one graph under ``torch.compile(dynamic=True, fullgraph=True)``; it is ViLT's L
+  whenever an image fills the batch's grid (ViLT's collate pads to the largest image), else the
+  extra tokens are masked pad patches. "vilt" keeps ViLT's data-dependent L = min(largest valid
+  count, max_image_len) with ViLT's / HF's exact draws (eager; ``from_hf`` picks it).
 - Modality (token type) embedding added to every token: 0 text, 1 image
   (``image_token_type_idx``, 2 for NLVR2's second image).
 - Encoder: [text ; image] through ``num_layers`` pre-LN ViT blocks (``vlkernels.nn.PreLNBlock``,
@@ -38,8 +43,8 @@ Objectives (ViLT's pretraining, loss weights mlm 1, itm 1, wpa 0.1):
 
 HuggingFace parity: ``ViLT.from_hf(vilt_model)`` copies a transformers ``ViltModel`` (or a
 ``ViltForMaskedLM``, whose ``mlm_score`` maps to the MLM head); ``forward`` takes ViltModel's
-keyword inputs and returns its ``last_hidden_state`` and ``pooler_output`` (patch sampling
-equal under the same ``torch.manual_seed``).
+keyword inputs and returns its ``last_hidden_state`` and ``pooler_output`` (patch_sampling
+"vilt": the patch draws equal HF's under the same ``torch.manual_seed``).
 
 Not implemented: masked patch prediction (dropped from ViLT's final recipe), ViLT's RandAugment
 and image resizing (the caller gives padded pixel batches and their masks), the downstream
@@ -61,6 +66,7 @@ from vlkernels.models.synthetic import MASK, PAD, SyntheticPairs, mismatched_pai
 from vlkernels.nn import MLMHead, PatchEmbed, Pooler, PreLNBlock, TextEmbeddings, VLMultiheadAttention, WPALoss
 from vlkernels.nn.attention import activation_name
 from vlkernels.ops import interpolate_pos_embed, patch_embed, valid_patch_grid, vilt_visual_embed
+from vlkernels.ops.vilt_patches import SAMPLINGS
 from vlkernels.ops._checks import assert_in_graph
 
 
@@ -84,6 +90,9 @@ class ViLTConfig:
     patch_size: int = 32
     num_channels: int = 3
     max_image_len: int = 200  # patch tokens per image; <= 0 = keep all valid patches
+    # "static": min(grid size, max_image_len) tokens by tensor ops (one graph under torch.compile);
+    # "vilt": ViLT's data-dependent count and HF's exact draws under one seed (eager parity)
+    patch_sampling: str = "static"
     layer_norm_eps: float = 1e-6  # the ViT blocks, the final norm (timm's ViT)
     text_layer_norm_eps: float = 1e-12  # BERT's embeddings and MLM head
     qkv_bias: bool = True
@@ -132,7 +141,7 @@ class ViLTConfig:
             type_vocab_size=hf_config.type_vocab_size, modality_type_vocab_size=hf_config.modality_type_vocab_size,
             pad_token_id=hf_config.pad_token_id, image_size=image_size, patch_size=patch_size,
             num_channels=hf_config.num_channels,
-            max_image_len=max_image_length if isinstance(max_image_length, int) else -1,
+            max_image_len=max_image_length if isinstance(max_image_length, int) else -1, patch_sampling="vilt",
             layer_norm_eps=hf_config.layer_norm_eps, text_layer_norm_eps=hf_config.layer_norm_eps,
             qkv_bias=hf_config.qkv_bias, dropout=hf_config.hidden_dropout_prob,
             attention_dropout=hf_config.attention_probs_dropout_prob, initializer_range=hf_config.initializer_range)
@@ -179,7 +188,8 @@ class ViLT(PretrainingModel):
       mlm: mlm_logits [B, S, V]; itm: itm_logits [B, 2];
       losses {"mlm", "itm", "wpa"} (those whose labels were given; "wpa" unscaled) and loss =
       mlm_weight * mlm + itm_weight * itm + wpa_weight * wpa.
-    Patch sampling draws from torch's global CPU generator, as ViLT and HF do.
+    Patch sampling draws from torch's default generator of the pixels' device ("static"), or
+    from the global CPU generator exactly as ViLT and HF do ("vilt").
     """
 
     def __init__(self, config: ViLTConfig, use_kernels: bool = True) -> None:
@@ -189,6 +199,9 @@ class ViLT(PretrainingModel):
             raise ValueError(f"ViLT: hidden_size {c.hidden_size} is not a multiple of num_heads {c.num_heads}")
         if c.image_size < c.patch_size:
             raise ValueError(f"ViLT: image_size {c.image_size} is smaller than patch_size {c.patch_size}")
+        if c.patch_sampling not in SAMPLINGS:
+            raise ValueError(f"ViLT: patch_sampling must be one of {', '.join(map(repr, SAMPLINGS))}, "
+                             f"got {c.patch_sampling!r}")
         d = c.hidden_size
         self.grid = c.image_size // c.patch_size  # the side of the square ViT position grid
         self.text_embeddings = TextEmbeddings(c.vocab_size, d, c.max_text_len, c.type_vocab_size,
@@ -271,7 +284,9 @@ class ViLT(PretrainingModel):
             raise ValueError(f"ViLT: {name} must be an integer [{batch}] tensor, got "
                              f"{tensor.dtype} {list(tensor.shape)}")
         if torch.compiler.is_compiling():  # a host read would break the graph: assert in it instead
-            assert_in_graph(((tensor >= 0) & (tensor < high)).all(), f"ViLT: {name} must lie in [0, {high})")
+            # The message names no bound: formatting a symbolic batch size would specialise it.
+            bound = "2" if name == "itm_labels" else "the batch size"
+            assert_in_graph(((tensor >= 0) & (tensor < high)).all(), f"ViLT: {name} must lie in [0, {bound})")
             return
         if tensor.numel() and (int(tensor.min()) < 0 or int(tensor.max()) >= high):
             raise ValueError(f"ViLT: {name} must lie in [0, {high}), got [{int(tensor.min())}, {int(tensor.max())}]")
@@ -296,6 +311,10 @@ class ViLT(PretrainingModel):
         bool, valid_hw [B, 2])."""
         rows, cols = pixel_values.shape[2] // self.config.patch_size, pixel_values.shape[3] // self.config.patch_size
         patch_mask, valid_hw = valid_patch_grid(pixel_mask, (rows, cols))
+        if torch.compiler.is_compiling():  # a host read would break the graph: assert in it instead
+            assert_in_graph(patch_mask.any(dim=1).all(), "ViLT: an image has no valid patch (its pixel_mask is "
+                                                         "all padding at the patch grid's resolution)")
+            return (rows, cols), patch_mask, valid_hw
         empty = (~patch_mask.any(dim=1)).nonzero().flatten().tolist()
         if empty:
             raise ValueError(f"ViLT: images {empty} have no valid patch (their pixel_mask is all padding at the "
@@ -312,7 +331,8 @@ class ViLT(PretrainingModel):
         pos = interpolate_pos_embed(pos_grid, valid_hw, (rows, cols))  # [B, rows*cols, D]
         patches = patch_embed(pixels, proj.weight, proj.bias, pos_embed=pos)
         tokens = vilt_visual_embed(patches, patch_mask, (rows, cols), self.cls_token, self.config.max_image_len,
-                                   cls_pos=self.pos_embed[:, :1], valid_hw=valid_hw)
+                                   cls_pos=self.pos_embed[:, :1], valid_hw=valid_hw,
+                                   sampling=self.config.patch_sampling)
         return self.pos_drop(tokens.embeddings), tokens.mask, tokens.patch_index
 
     def _encode(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor, image_mask: torch.Tensor,
@@ -388,11 +408,15 @@ class ViLT(PretrainingModel):
             if tuple(token_type_ids.shape) != text_shape or token_type_ids.is_floating_point():
                 raise ValueError(f"ViLT: token_type_ids must be an integer {list(text_shape)} tensor, got "
                                  f"{token_type_ids.dtype} {list(token_type_ids.shape)}")
-            if token_type_ids.numel() and (int(token_type_ids.min()) < 0
-                                           or int(token_type_ids.max()) >= c.type_vocab_size):
+            if torch.compiler.is_compiling():  # a host read would break the graph: assert in it instead
+                assert_in_graph(((token_type_ids >= 0) & (token_type_ids < c.type_vocab_size)).all(),
+                                f"ViLT: token_type_ids must lie in [0, {c.type_vocab_size})")
+            elif token_type_ids.numel() and (int(token_type_ids.min()) < 0
+                                             or int(token_type_ids.max()) >= c.type_vocab_size):
                 raise ValueError(f"ViLT: token_type_ids must lie in [0, {c.type_vocab_size})")
 
         # Image.
+        embeds_mask = None  # bound before encode() closes over it (dynamo cannot read an unbound cell)
         if pixel_values is not None:
             pixel_mask = self._check_pixels(pixel_values, pixel_mask)
             grid, patch_mask, valid_hw = self._image_grid(pixel_values, pixel_mask)

@@ -15,9 +15,24 @@ produces):
     tokens = vilt_visual_embed(patches, patch_mask, (H, W), cls_token, max_image_len,
                                pos=pos, cls_pos=cls_pos, valid_hw=valid_hw)
 
-Under the same global seed, the sampled patches equal ViLT's / HF's: the random draws are the
-same torch.multinomial calls on the CPU default generator, in the same order. ViLT's dropout
-after the sum is left to the caller.
+Two samplings, one distribution (``sampling=``):
+
+- ``"static"`` (the default): L = min(H*W, max_image_len) tokens per image, a function of the
+  shapes and the config, drawn by tensor ops (random keys sorted under the valid mask, pads by
+  scaled uniforms) on the mask's device: no host read, no Python loop, so
+  ``torch.compile(dynamic=True, fullgraph=True)`` traces it in one graph. Each image's tokens
+  have ViLT's law: at least L valid patches -> L of them without replacement, in random order;
+  fewer -> all of them in grid order, then pads drawn with replacement from its invalid patches
+  (mask False). ViLT's own L is min(largest valid count h*w, max_image_len): the two agree
+  whenever an image fills the batch's grid (ViLT's collate pads the batch to its largest image)
+  or has max_image_len valid patches; otherwise the static L is larger and the extra tokens are
+  pads, masked keys, so every real token sees what it sees in ViLT.
+- ``"vilt"``: ViLT's / HF's exact draws: under the same global seed the sampled patches equal
+  theirs (the same torch.multinomial calls on the CPU default generator, in the same order) and
+  L is ViLT's. Its length and draws depend on the data (host reads, one call per image), so it
+  is for eager runs (parity with HF); under torch.compile it breaks the graph.
+
+ViLT's dropout after the sum is left to the caller.
 """
 from __future__ import annotations
 
@@ -27,7 +42,12 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from vlkernels.ops._checks import check_value, reads_on_host
+
+SAMPLINGS = ("static", "vilt")
+
 __all__ = [
+    "SAMPLINGS",
     "PatchSelection",
     "ViltVisualTokens",
     "interpolate_pos_embed",
@@ -66,9 +86,12 @@ class ViltVisualTokens(NamedTuple):
 # Input checks
 # ----------------------------------------------------------------------------------------------
 def _grid_size(grid_hw: Sequence[int]) -> tuple[int, int]:
-    """(H, W) as two positive Python ints, or a ValueError naming what was given."""
+    """(H, W) as two positive ints, or a ValueError naming what was given. While compiling the
+    sizes are kept as they are: operator.index on a symbolic size would specialise it."""
     try:
-        rows, cols = (operator.index(size) for size in grid_hw)
+        rows, cols = grid_hw
+        if not torch.compiler.is_compiling():
+            rows, cols = operator.index(rows), operator.index(cols)
     except (TypeError, ValueError):
         raise ValueError(f"grid_hw must be two ints (H, W), got {grid_hw!r}") from None
     if rows <= 0 or cols <= 0:
@@ -77,7 +100,8 @@ def _grid_size(grid_hw: Sequence[int]) -> tuple[int, int]:
 
 
 def _check_valid_hw(valid_hw: torch.Tensor, batch: Optional[int], grid: Optional[tuple[int, int]]) -> None:
-    """valid_hw: [B, 2] integer, each (h, w) within 0..H, 0..W when the grid is known."""
+    """valid_hw: [B, 2] integer, each (h, w) within 0..H, 0..W when the grid is known. The
+    values are checked by ``check_value`` (in place by default, no host read)."""
     if not isinstance(valid_hw, torch.Tensor) or valid_hw.dim() != 2 or valid_hw.shape[1] != 2:
         shape = tuple(valid_hw.shape) if isinstance(valid_hw, torch.Tensor) else type(valid_hw).__name__
         raise ValueError(f"valid_hw must be a [B, 2] tensor of (rows, cols), got {shape}")
@@ -85,13 +109,19 @@ def _check_valid_hw(valid_hw: torch.Tensor, batch: Optional[int], grid: Optional
         raise TypeError(f"valid_hw must hold integers, got {valid_hw.dtype}")
     if batch is not None and valid_hw.shape[0] != batch:
         raise ValueError(f"valid_hw has {valid_hw.shape[0]} rows, expected one per image ({batch})")
-    if valid_hw.numel() and bool((valid_hw < 0).any()):
-        raise ValueError("valid_hw must not be negative")
-    if grid is not None and valid_hw.numel():
+    check_value((valid_hw >= 0).all(), "valid_hw must not be negative")
+    if grid is not None:
         rows, cols = grid
-        if bool((valid_hw[:, 0] > rows).any()) or bool((valid_hw[:, 1] > cols).any()):
-            raise ValueError(f"valid_hw exceeds the patch grid ({rows}, {cols}): max "
-                             f"({int(valid_hw[:, 0].max())}, {int(valid_hw[:, 1].max())})")
+        # No symbolic size formatted while compiling: that would specialise it.
+        where = "" if torch.compiler.is_compiling() else f" ({rows}, {cols})"
+        check_value(((valid_hw[:, 0] <= rows) & (valid_hw[:, 1] <= cols)).all(),
+                    f"valid_hw exceeds the patch grid{where}")
+
+
+def _check_sampling(sampling: str) -> str:
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {', '.join(map(repr, SAMPLINGS))}, got {sampling!r}")
+    return sampling
 
 
 def _length_cap(max_image_len: Optional[int]) -> Optional[int]:
@@ -118,7 +148,9 @@ def interpolate_pos_embed(pos_grid: torch.Tensor, valid_hw: torch.Tensor, grid_h
         align_corners=True to (h_b, w_b), placed top-left, zero elsewhere, flattened row-major.
         An image with h or w of 0 gets all zeros (it has no patch to place).
 
-    Images sharing one (h, w) share one interpolation. Differentiable in pos_grid.
+    Static-shaped: each image's resize is a pair of interpolation matrices (rows, cols) built by
+    tensor ops from valid_hw, applied by two batched GEMMs; no host read, so it traces in one
+    graph under torch.compile(dynamic=True). Differentiable in pos_grid (deterministically).
     """
     rows, cols = _grid_size(grid_hw)
     if not isinstance(pos_grid, torch.Tensor) or pos_grid.dim() != 4 or pos_grid.shape[0] != 1:
@@ -127,20 +159,39 @@ def interpolate_pos_embed(pos_grid: torch.Tensor, valid_hw: torch.Tensor, grid_h
     if not pos_grid.is_floating_point():
         raise TypeError(f"pos_grid must be floating point, got {pos_grid.dtype}")
     _check_valid_hw(valid_hw, None, (rows, cols))
-    batch, embed_dim = valid_hw.shape[0], pos_grid.shape[1]
+    # F.interpolate's arithmetic type: fp16 / bf16 grids are interpolated in fp32 and rounded once.
+    opmath = torch.float32 if pos_grid.dtype in (torch.float16, torch.bfloat16) else pos_grid.dtype
+    grid = pos_grid[0].to(opmath).permute(1, 2, 0)  # [gh0, gw0, D]
+    gh0, gw0, embed_dim = grid.shape
+    row_weights = _bilinear_weights(valid_hw[:, 0], rows, gh0, opmath)  # [B, H, gh0]
+    col_weights = _bilinear_weights(valid_hw[:, 1], cols, gw0, opmath)  # [B, W, gw0]
+    # Separable: resize the rows, then the columns; two batched GEMMs (deterministic in both
+    # directions), autocast off so that the grid keeps F.interpolate's precision.
+    with torch.autocast(pos_grid.device.type, enabled=False):
+        by_rows = torch.matmul(row_weights, grid.reshape(gh0, gw0 * embed_dim))  # [B, H, gw0 * D]
+        pos = torch.matmul(col_weights.unsqueeze(1), by_rows.unflatten(-1, (gw0, embed_dim)))  # [B, H, W, D]
+    return pos.flatten(1, 2).to(pos_grid.dtype)
 
-    # Channels last so that the flattened result is [B, H*W, D] without a transposing copy.
-    pos = pos_grid.new_zeros(batch, rows, cols, embed_dim)
-    if batch == 0:
-        return pos.view(batch, rows * cols, embed_dim)
-    sizes, size_of_image = torch.unique(valid_hw, dim=0, return_inverse=True)
-    for size_index, (height, width) in enumerate(sizes.tolist()):
-        if height == 0 or width == 0:
-            continue  # F.interpolate refuses an empty size; such an image keeps a zero pos-embed
-        resized = F.interpolate(pos_grid, size=(height, width), mode="bilinear", align_corners=True)
-        images = (size_of_image == size_index).nonzero().squeeze(1)
-        pos[images, :height, :width] = resized[0].permute(1, 2, 0)  # [h, w, D], broadcast over the images
-    return pos.view(batch, rows * cols, embed_dim)
+
+def _bilinear_weights(sizes: torch.Tensor, out_len: int, in_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, out_len, in_len]: row i < sizes[b] holds the align_corners=True linear interpolation
+    weights of output i of a resize from in_len to sizes[b] (F.interpolate's source index
+    i * (in - 1) / (size - 1), its floor and fraction, in F.interpolate's arithmetic type);
+    rows >= sizes[b] are zero (the zero padding)."""
+    sizes = sizes.to(torch.int64)[:, None]  # [B, 1]
+    out_index = torch.arange(out_len, device=sizes.device)  # [out]
+    # align_corners=True: scale (in - 1) / (size - 1), 0 for a single output.
+    # (a tensor numerator: a Python number over a tensor is a reciprocal and a product, two roundings)
+    steps = (sizes - 1).clamp(min=1).to(dtype)
+    scale = torch.where(sizes > 1, torch.full_like(steps, in_len - 1) / steps, 0.0).to(dtype)
+    source = scale * out_index.to(dtype)  # [B, out]
+    low = source.to(torch.int64).clamp(max=in_len - 1)
+    high = (low + 1).clamp(max=in_len - 1)
+    frac = (source - low.to(dtype)).clamp(0.0, 1.0)
+    taps = torch.arange(in_len, device=sizes.device)
+    weights = ((taps == low[..., None]) * (1 - frac)[..., None]
+               + (taps == high[..., None]) * frac[..., None])  # [B, out, in]
+    return weights * (out_index < sizes)[..., None]
 
 
 def valid_patch_grid(pixel_mask: torch.Tensor, grid_hw: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,35 +224,95 @@ def select_patches(
     *,
     valid_hw: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
+    sampling: str = "static",
 ) -> PatchSelection:
     """ViLT's patch sampling: the same number L of patch tokens for every image.
 
     patch_mask: [B, N] bool (or 0/1), True = valid patch of the N = H*W row-major grid
     max_image_len: cap on L; None or <= 0 = no cap (ViLT: 200 in pretraining, -1 = no cap)
-    valid_hw: [B, 2] optional; when given, L uses ViLT's count h*w per image instead of the
-        number of True entries (the two agree for top-left rectangular masks)
-    generator: torch.Generator for the draws; None = the CPU default generator, which makes
-        the draws (and so the selection) equal ViLT's under the same torch.manual_seed
+    valid_hw: [B, 2] optional (from ``valid_patch_grid``); with ``sampling="vilt"``, L uses
+        ViLT's count h*w per image instead of the number of True entries (the two agree for
+        top-left rectangular masks); checked, else unused, with ``"static"``
+    generator: torch.Generator for the draws; None = torch's default generator of the draws'
+        device (``"vilt"``: the CPU one, which makes the draws equal ViLT's under the same
+        torch.manual_seed; ``"static"``: patch_mask's device, where a generator must live too)
+    sampling: ``"static"`` (L = min(N, cap), tensor ops, no host read: compiles in one graph)
+        or ``"vilt"`` (ViLT's L and exact draws; data-dependent, eager) -- see the module docstring
     returns: PatchSelection(index [B, L] int64 into N, keep_mask [B, L] bool)
 
-    L = min(largest valid count in the batch, cap). An image with at least L valid patches gets
-    L of them sampled without replacement (in sampled order); an image with fewer gets all of
-    its valid patches in grid order, then L - count pad patches sampled with replacement from
-    its invalid ones (keep_mask False). One torch.multinomial call per image, in batch order,
-    exactly as ViLT draws them. An image without any valid patch raises ValueError (ViLT fails
-    on it with a shape error).
+    An image with at least L valid patches gets L of them sampled without replacement (in
+    sampled order); an image with fewer gets all of its valid patches in grid order, then
+    L - count pad patches sampled with replacement from its invalid ones (keep_mask False).
+    An image without any valid patch is refused (ViLT fails on it with a shape error):
+    ``"vilt"`` raises ValueError; ``"static"`` checks it with ``check_value`` (in place by
+    default: RuntimeError; ValueError in the strict host mode).
     """
     if not isinstance(patch_mask, torch.Tensor) or patch_mask.dim() != 2:
         shape = tuple(patch_mask.shape) if isinstance(patch_mask, torch.Tensor) else type(patch_mask).__name__
         raise ValueError(f"patch_mask must be [B, N], got {shape}")
     cap = _length_cap(max_image_len)
+    _check_sampling(sampling)
     valid = patch_mask != 0
+    batch, num_patches = valid.shape
+    if valid_hw is not None:
+        _check_valid_hw(valid_hw, batch, None)
+    if sampling == "vilt":
+        return _vilt_selection(valid, cap, valid_hw, generator)
+    return _static_selection(valid, num_patches if cap is None else torch.sym_min(num_patches, cap), generator)
+
+
+def _valid_first(valid: torch.Tensor) -> torch.Tensor:
+    """[B, N]: the valid positions in grid order, then the invalid ones in grid order (a stable
+    sort on "is invalid"), so that entry k < count is the k-th valid patch and count + k the
+    k-th invalid one."""
+    return torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices
+
+
+def _static_selection(valid: torch.Tensor, length, generator: Optional[torch.Generator]) -> PatchSelection:
+    """The static sampling: L = length tokens for every image, drawn by tensor ops."""
+    batch, num_patches = valid.shape
+    counts = valid.sum(dim=1)  # [B]
+    message = "an image has no valid patch (all-padding pixel mask); ViLT needs at least one real patch per image"
+    if reads_on_host() and not bool(counts.all()):
+        empty = (counts == 0).nonzero().flatten().tolist()
+        raise ValueError(f"images {empty} have no valid patch (all-padding pixel mask); "
+                         "ViLT needs at least one real patch per image")
+    check_value(counts.all(), message)
+    # Draws without a generator argument when none is given: torch's generator overloads take
+    # no symbolic sizes (torch.compile(dynamic=True)).
+    draw = dict(device=valid.device) if generator is None else dict(device=valid.device, generator=generator)
+
+    # Images with at least L valid patches: i.i.d. uniform keys on the valid patches (invalid
+    # ones above every key) sorted give a uniformly random order of the valid patches, whose
+    # first L are a sample without replacement in sampled order (torch.multinomial's own
+    # method for uniform weights, in one batched sort).
+    keys = torch.rand(batch, num_patches, **draw).masked_fill(~valid, 2.0)
+    shuffled = torch.sort(keys, dim=1).indices[:, :length]  # [B, L]
+
+    # Images with fewer: their valid patches in grid order, then pads drawn with replacement,
+    # uniformly among their N - count invalid ones (a scaled uniform, floored).
+    slots = torch.arange(length, device=valid.device)[None]  # [1, L]
+    invalid_counts = (num_patches - counts)[:, None]  # [B, 1]
+    pads = (torch.rand(batch, length, **draw) * invalid_counts).to(torch.int64)
+    pads = torch.minimum(pads, (invalid_counts - 1).clamp(min=0))  # u * n may round up to n
+    positions = torch.where(slots < counts[:, None], slots, counts[:, None] + pads)  # into _valid_first
+    padded = _valid_first(valid).gather(1, positions)
+
+    sampled = counts[:, None] >= length  # [B, 1]
+    index = torch.where(sampled, shuffled, padded)
+    keep_mask = sampled | (slots < counts[:, None])
+    return PatchSelection(index, keep_mask)
+
+
+def _vilt_selection(valid: torch.Tensor, cap: Optional[int], valid_hw: Optional[torch.Tensor],
+                    generator: Optional[torch.Generator]) -> PatchSelection:
+    """ViLT's sampling with its exact draws: L from the data, one torch.multinomial per image in
+    batch order, on the CPU default generator unless one is given (host reads: eager only)."""
     batch, num_patches = valid.shape
     device = valid.device
     if batch == 0:
         return PatchSelection(torch.zeros(0, 0, dtype=torch.long, device=device),
                               torch.zeros(0, 0, dtype=torch.bool, device=device))
-
     valid_counts = valid.sum(dim=1)
     counts = valid_counts.tolist()
     empty = [image for image, count in enumerate(counts) if count == 0]
@@ -211,17 +322,12 @@ def select_patches(
     if valid_hw is None:
         longest = max(counts)
     else:
-        _check_valid_hw(valid_hw, batch, None)
         longest = int((valid_hw[:, 0].long() * valid_hw[:, 1].long()).max())
         if longest > num_patches:
             raise ValueError(f"valid_hw gives {longest} patches for an image, more than the grid's {num_patches}")
     length = longest if cap is None else min(longest, cap)
     if length == 0:
         raise ValueError("valid_hw gives every image 0 valid rows or cols, so ViLT would keep no patch")
-
-    # Valid positions first in grid order, then the invalid ones in grid order: a stable sort on
-    # "is invalid". A draw k < count is then the k-th valid patch, count + k the k-th invalid one.
-    valid_first = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices  # [B, N]
 
     # ViLT draws from torch.ones(...) on the CPU; with a generator, draw on its device instead.
     draw_device = generator.device if generator is not None else torch.device("cpu")
@@ -234,8 +340,8 @@ def select_patches(
             ones = torch.ones(num_patches - count, dtype=torch.float32, device=draw_device)
             pads = torch.multinomial(ones, length - count, replacement=True, generator=generator)
             draws.append(torch.cat([torch.arange(count, device=draw_device), count + pads]))
-    positions = torch.stack(draws).to(device)  # [B, L] into valid_first
-    index = valid_first.gather(1, positions)
+    positions = torch.stack(draws).to(device)  # [B, L] into _valid_first
+    index = _valid_first(valid).gather(1, positions)
     keep_mask = positions < valid_counts[:, None]
     return PatchSelection(index, keep_mask)
 
@@ -251,6 +357,7 @@ def vilt_visual_embed(
     cls_pos: Optional[torch.Tensor] = None,
     valid_hw: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
+    sampling: str = "static",
 ) -> ViltVisualTokens:
     """ViLT's image tokens from full-grid patch embeddings: sample, add pos-embed, prepend cls.
 
@@ -262,8 +369,10 @@ def vilt_visual_embed(
     pos: [B, H*W, D] per-image pos-embed (from ``interpolate_pos_embed``), added to the selected
         patches; None when it is already in ``patches`` (e.g. added by the fused patch_embed)
     cls_pos: [1, 1, D] (or [D]), the pos-embed's cls entry added to cls_token; None = none
-    valid_hw: [B, 2] (from ``valid_patch_grid``); pass it for ViLT's exact token count
-    generator: see ``select_patches``; None reproduces ViLT's draws under the same seed
+    valid_hw: [B, 2] (from ``valid_patch_grid``); pass it for ViLT's exact token count with
+        ``sampling="vilt"``
+    generator, sampling: see ``select_patches`` (``"static"``: L = min(H*W, cap), one graph under
+        torch.compile; ``"vilt"``: ViLT's L and its draws under the same seed)
     returns: ViltVisualTokens(embeddings [B, 1+L, D], mask [B, 1+L] bool, patch_index [B, L, 2])
     """
     rows, cols = _grid_size(grid_hw)
@@ -283,7 +392,7 @@ def vilt_visual_embed(
     if valid_hw is not None:
         _check_valid_hw(valid_hw, batch, (rows, cols))
 
-    selection = select_patches(patch_mask, max_image_len, valid_hw=valid_hw, generator=generator)
+    selection = select_patches(patch_mask, max_image_len, valid_hw=valid_hw, generator=generator, sampling=sampling)
     gather_index = selection.index[:, :, None].expand(-1, -1, embed_dim)
     tokens = patches.gather(1, gather_index)  # [B, L, D]
     if pos is not None:
