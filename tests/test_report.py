@@ -121,3 +121,36 @@ def test_the_report_compiles_every_row_of_the_attention_configuration_table(repo
         row = rows[(variant.name, variant.label)]
         cfg = configs.CONFIGS[key]
         assert (row["num_warps"], row["num_stages"]) == (cfg.num_warps, cfg.num_stages), variant.label
+
+
+SASS_WITH_TWO_LOOPS = """
+        /*0000*/                   S2R R0, SR_CTAID.X ;                          /* 0x0000000000007919 */
+        /*0010*/              @P0 EXIT ;                                         /* 0x000000000000094d */
+        /*0020*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ, !UPT ;  /* 0x00e0000004187df0 */
+        /*0030*/                   FMUL R2, R24, 0.5 ;                           /* 0x3f00000018027820 */
+        /*0040*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24 ;  /* 0x00e0000008187df0 */
+        /*0050*/                   IADD3 R3, R3, 0x40, RZ ;                      /* 0x0000004003037810 */
+        /*0060*/                   ISETP.GE.AND P0, PT, R3, R4, PT ;             /* 0x000000040300720c */
+        /*0070*/              @!P0 BRA 0x20 ;                                    /* 0xfffffffc00688947 */
+        /*0080*/                   MUFU.EX2 R5, R2 ;                             /* 0x0000000200057308 */
+        /*0090*/                   FMNMX R6, R5, R2, !PT ;                       /* 0x0000000205067209 */
+        /*00a0*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR12], R24 ;  /* 0x00e000000c187df0 */
+        /*00b0*/              @P1 BRA 0x90 ;                                     /* 0xfffffffc00f41947 */
+        /*00c0*/                   IADD3 R3, R3, 0x40, RZ ;                      /* 0x0000004003037810 */
+        /*00d0*/              @!P0 BRA 0x80 ;                                    /* 0xfffffffc00688947 */
+        /*00e0*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;                 /* 0x0000000000007b1d */
+        /*00f0*/              @P2 BRA 0xe0 ;                                     /* 0xfffffffc00f42947 */
+        /*0100*/                   EXIT ;                                        /* 0x000000000000794d */
+        /*0110*/                   BRA 0x110;                                    /* 0xfffffffc00fc7947 */
+"""
+
+
+def test_sass_loops_are_closed_by_backward_branches_and_dot_loops_are_the_innermost_with_hgmma():
+    loops = report.sass_loops(SASS_WITH_TWO_LOOPS)
+    # 0x20..0x70 (6 instructions), 0x80..0xd0 (6, two branches back to 0x80 and 0x90), 0x90..0xb0
+    # nested in it, 0xe0..0xf0 (no HGMMA); a forward branch or the branch to itself closes none
+    assert [(loop["start"], loop["end"], loop["instructions"], loop["hgmma"]) for loop in loops] == [
+        (0x20, 0x70, 6, 2), (0x80, 0xd0, 6, 1), (0x90, 0xb0, 3, 1), (0xe0, 0xf0, 2, 0)]
+    assert report.dot_loops(SASS_WITH_TWO_LOOPS) == [6, 3]  # the outer 0x80 loop holds the inner one
+    assert report.dot_loops("") == []
+

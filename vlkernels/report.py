@@ -6,7 +6,8 @@ Compiles each kernel variant that a launcher can pick (``all_variants()``, from 
 ``aot_variants()``) exactly as a launch specializes it, then reads what the compiler says:
 ``ptxas -v`` on the kernel's PTX (registers, stack frame, spill stores and loads, and every
 performance advisory it prints, such as C7515 "wgmma.mma_async instructions are serialized"),
-the cubin through cuobjdump (registers again, the HGMMA count of the SASS), Triton's shared
+the cubin through cuobjdump (registers again, the HGMMA count of the SASS and the instruction
+count of each loop that holds HGMMA), Triton's shared
 memory, and the occupancy all of it implies on an H100 / H200. A variant that spills, carries
 an advisory or misses HGMMA is a problem unless EXCEPTIONS names it with the reason.
 Run it with TRITON_INTERPRET unset: the interpreter replaces kernels with Python functions.
@@ -114,6 +115,39 @@ def parse_ptxas(log: str) -> dict:
                 spill_stores=int(frame.group(2)), spill_loads=int(frame.group(3)), advisories=advisories)
 
 
+_SASS_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
+_SASS_BRANCH = re.compile(r"\bBRA(?:\.\S+)?\s+(?:`\()?0x([0-9a-f]+)")
+
+
+def sass_loops(sass: str) -> list[dict]:
+    """The loops of one kernel's SASS (cuobjdump -sass), in address order: each backward branch
+    closes a loop from its target to itself (several branches back to one target are one loop).
+    Each loop: start and end addresses, its instruction count and its HGMMA count."""
+    instructions = [(int(address, 16), text.strip()) for address, text in _SASS_INSTRUCTION.findall(sass)]
+    ends: dict[int, int] = {}
+    for address, text in instructions:
+        branch = _SASS_BRANCH.search(text)
+        if branch and int(branch.group(1), 16) < address:
+            start = int(branch.group(1), 16)
+            ends[start] = max(ends.get(start, address), address)
+    loops = []
+    for start, end in sorted(ends.items()):
+        body = [text for address, text in instructions if start <= address <= end]
+        loops.append(dict(start=start, end=end, instructions=len(body),
+                          hgmma=sum(1 for text in body if re.search(r"\bHGMMA\b", text))))
+    return loops
+
+
+def dot_loops(sass: str) -> list[int]:
+    """Instruction counts of the kernel's tensor-core loops, in address order: the innermost loops
+    holding HGMMA. The attention kernels run their fully visible tiles in the first of them (the
+    hot loop) and the tiles that evaluate a mask in the second."""
+    loops = [loop for loop in sass_loops(sass) if loop["hgmma"]]
+    innermost = [loop for loop in loops if not any(other is not loop and loop["start"] <= other["start"]
+                                                   and other["end"] <= loop["end"] for other in loops)]
+    return [loop["instructions"] for loop in innermost]
+
+
 def _specialize(variant: KernelVariant, backend):
     """Signature, constexprs, attributes and options exactly as Triton's launcher derives them
     from these arguments (ints equal to 1 become constants; 16-divisible ints and aligned
@@ -163,7 +197,7 @@ def compile_variant(variant: KernelVariant, arch: int = 90) -> dict:
                               check=True).stdout
     row.update(parse_ptxas(log.stderr + log.stdout))
     row.update(registers=int(re.search(r"REG:(\d+)", usage).group(1)), shared_bytes=compiled.metadata.shared,
-               hgmma=len(re.findall(r"\bHGMMA\b", sass)))
+               hgmma=len(re.findall(r"\bHGMMA\b", sass)), dot_loops=dot_loops(sass))
     row["ctas_per_sm"], row["occupancy_limit"] = occupancy(row["registers"], row["num_warps"], row["shared_bytes"])
     row["warps_per_sm"] = row["ctas_per_sm"] * row["num_warps"]
     return row
@@ -196,13 +230,15 @@ LEGEND = """\
 regs: registers per thread (ptxas -v, equal to the cubin's); stack: stack frame bytes; spill: bytes
 spilled (stores/loads); smem: shared memory bytes; warps/stages: launch options; HGMMA: warpgroup
 MMA instructions in the SASS; CTA/SM: resident CTAs per SM on H100/H200 and what limits them
-(registers of the 64K file, shared memory of 228 KB, warps of 64). Status: ok, the problems that
+(registers of the 64K file, shared memory of 228 KB, warps of 64); loops: instructions in each
+HGMMA loop of the SASS, in address order (attention: the hot loop over fully visible tiles, then
+the loop over the tiles that evaluate a mask). Status: ok, the problems that
 fail the gates, or 'excepted' (vlkernels.report.EXCEPTIONS says why and what will fix it)."""
 
 
 def _table(rows: list[dict]) -> str:
     header = (f"{'kernel':<36} {'variant':<22} {'regs':>4} {'stack':>5} {'spill':>9} {'smem':>7} {'warps':>5} "
-              f"{'stages':>6} {'HGMMA':>5} {'CTA/SM':>14}  status")
+              f"{'stages':>6} {'HGMMA':>5} {'CTA/SM':>14} {'loops':>9}  status")
     lines = [header, "-" * len(header)]
     for row in rows:
         if "error" in row:
@@ -214,7 +250,8 @@ def _table(rows: list[dict]) -> str:
         spill = f"{row['spill_stores']}/{row['spill_loads']}"
         lines.append(f"{row['kernel']:<36} {row['variant']:<22} {row['registers']:>4} {row['stack_bytes']:>5} "
                      f"{spill:>9} {row['shared_bytes']:>7} {row['num_warps']:>5} {row['num_stages']:>6} "
-                     f"{row['hgmma']:>5} {row['ctas_per_sm']:>3} ({row['occupancy_limit']:<9})  {status}")
+                     f"{row['hgmma']:>5} {row['ctas_per_sm']:>3} ({row['occupancy_limit']:<9}) "
+                     f"{'/'.join(map(str, row['dot_loops'])) or '-':>9}  {status}")
     return "\n".join(lines)
 
 
