@@ -1263,6 +1263,72 @@ def test_right_padded_and_holed_key_masks(dtype):
     _grads_vs_reference("masks", [out], grads, [out64], grads64, [out_t], grads_t)
 
 
+# Key positions on, one before and one after the tile edges of every kernel configuration here
+# (key tiles of 16, 32 and 64, query tiles of 64): one batch item per position.
+TILE_EDGES = (63, 64, 65, 128, 129)
+
+
+def _edge_key_mask(kind, keys):
+    """[len(TILE_EDGES), keys] bool: item i right-padded at edge i ("right-padded"), with a
+    one-key hole at edge i ("holes"), or with edge i leading padded keys ("leading")."""
+    mask = torch.full((len(TILE_EDGES), keys), kind != "right-padded")
+    for item, edge in enumerate(TILE_EDGES):
+        edge = min(edge, keys - 1)
+        if kind == "right-padded":
+            mask[item, :edge] = True
+        elif kind == "holes":
+            mask[item, edge] = False
+        else:
+            mask[item, :edge] = False
+    return mask
+
+
+# (Sq, Sk, key mask kind or None, causal, PrefixLM prefixes at the tile edges)
+TILE_CLASS_CASES = [
+    (65, 129, "right-padded", False, False),
+    (65, 129, "holes", False, False),
+    (63, 200, "leading", False, False),
+    (129, 129, None, True, False),
+    (129, 129, None, True, True),
+    (200, 200, "right-padded", True, False),
+    (64, 64, "holes", True, True),
+    (129, 129, "leading", True, False),  # rows before an item's first real key see nothing: zeros
+]
+
+
+@pytest.mark.parametrize("dtype", kernel_dtypes(), ids=dtype_id)
+@pytest.mark.parametrize("case", TILE_CLASS_CASES, ids=lambda c: f"Sq{c[0]}-Sk{c[1]}-{c[2]}" + (
+    "-causal" if c[3] else "") + ("-prefix" if c[4] else ""))
+def test_tile_classes_with_mask_edges_at_block_edges(case, dtype):
+    """The forward splits each query block's key tiles into fully visible ones (no mask work),
+    partial ones (the mask evaluated) and empty ones (skipped), from the key limits, causal and
+    prefix_len: masks whose class boundaries fall on, before and after the tile edges give the
+    reference's output (a tile taken as fully visible that is not would let a hidden key
+    through) and, through the backward's own mask handling, every gradient."""
+    sq, sk, mask_kind, causal, with_prefix = case
+    b, h, d = len(TILE_EDGES), 1, 16
+    generator = torch.Generator().manual_seed(sq * 1000 + sk)
+    q = torch.randn(b, h, sq, d, generator=generator).to(DEVICE, dtype).requires_grad_()
+    k, v = (torch.randn(b, h, sk, d, generator=generator).to(DEVICE, dtype).requires_grad_() for _ in range(2))
+    masks = dict(causal=causal)
+    if mask_kind is not None:
+        masks["key_mask"] = _edge_key_mask(mask_kind, sk)
+    if with_prefix:
+        masks["prefix_len"] = torch.tensor(TILE_EDGES)
+    grad_out = torch.randn(b, h, sq, d, generator=generator).to(DEVICE, dtype)
+    on_device = {name: m.to(DEVICE) if isinstance(m, torch.Tensor) else m for name, m in masks.items()}
+    with vlkernels.use_backend("triton"), poisoned_allocations():
+        out = attention(q, k, v, **on_device)
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    out64, grads64 = reference_run(q, k, v, grad_out, torch.float64, "cpu", **masks)
+    out_t, grads_t = reference_run(q, k, v, grad_out, dtype, DEVICE, **on_device)
+    _grads_vs_reference(case, [out], grads, [out64], grads64, [out_t], grads_t)
+    if mask_kind == "leading" and causal:  # item i's rows before its first real key are exactly 0
+        for item, edge in enumerate(TILE_EDGES):
+            first = min(edge, sk - 1)
+            assert torch.equal(out[item, :, :first], torch.zeros_like(out[item, :, :first]))
+
+
 # ----------------------------------------------------------------------------------------------
 # The torch backend runs SDPA's fused kernel, not the reference
 # ----------------------------------------------------------------------------------------------

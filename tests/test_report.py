@@ -154,3 +154,31 @@ def test_sass_loops_are_closed_by_backward_branches_and_dot_loops_are_the_innerm
     assert report.dot_loops(SASS_WITH_TWO_LOOPS) == [6, 3]  # the outer 0x80 loop holds the inner one
     assert report.dot_loops("") == []
 
+
+# The forward's variants at Dh 64 under each mask (vlkernels.ops.attention table_variants): the
+# default label has causal and key mask on, the suffixed ones the other masks.
+_MASKED_FORWARDS = ("keymask", "causal", "")
+
+
+def test_masked_forward_hot_loops_are_within_ten_percent_of_the_unmasked_one(report_rows):
+    """Masks at no cost: at Dh 64, for every dtype the configuration table compiles with HGMMA,
+    the forward's hot loop (the first HGMMA loop, over the key tiles every row sees whole) has
+    within 10% of the unmasked variant's instructions under a key mask, causal, and both; the
+    mask work sits in the second loop, over the partial tiles."""
+    rows = {(row["kernel"], row["variant"]): row for row in report_rows}
+    checked = []
+    for (kernel, label), row in rows.items():
+        if kernel not in ("_attention_fwd_kernel", "_co_attention_fwd_kernel") or not label.endswith("-D64-nomask"):
+            continue
+        base = label[: -len("-nomask")]
+        unmasked = row["dot_loops"]
+        assert len(unmasked) == 2, f"{kernel}[{label}]: HGMMA loops {unmasked} (a hot loop and a partial loop)"
+        for suffix in _MASKED_FORWARDS if kernel == "_attention_fwd_kernel" else ("",):
+            masked_label = f"{base}-{suffix}" if suffix else base
+            masked = rows[(kernel, masked_label)]["dot_loops"]
+            assert len(masked) == 2, f"{kernel}[{masked_label}]: HGMMA loops {masked}"
+            assert masked[0] <= 1.1 * unmasked[0], (
+                f"{kernel}[{masked_label}]: hot loop {masked[0]} instructions, unmasked {unmasked[0]}")
+            checked.append(masked_label)
+    dtypes = {label.split("-")[0] for label in checked}
+    assert dtypes == {"bfloat16", "float16", "float32"}, checked

@@ -19,6 +19,17 @@ Scores are kept in log2 units (scale * log2(e) folded into one multiplier) so th
 uses exp2. The saved logsumexp is in the same units; a row that sees no key stores +inf, so
 its probabilities recompute to exactly 0 in the backward pass and its output is 0.
 
+Masks by tile class: a program's tiles (key tiles of a query block; query tiles of a dK/dV key
+block) are fully visible (inside the sequence, below the key mask's leading run of real keys
+from _key_limits, and under causal / PrefixLM seen by every row of the block: no mask work at
+all, not even key bounds), partial (the mask is evaluated: the causal diagonal, the last tile
+of the keys, key-mask padding and every tile past an arbitrary mask's first hole) or empty
+(past the last real key or causally hidden: skipped). The forward runs a hot loop over a query
+block's fully visible key tiles and a second loop over its partial ones, through one step
+routine whose MASKED constexpr adds the mask work. The backward passes evaluate the mask on
+every tile they visit (the same split cost the dQ and dK/dV kernels registers and spills in the
+sm_90a compile where they are tight: bias / dropout, fp32 at Dh 128).
+
 Masked positions are excluded, not multiplied by zero: a padded key (key_mask, or past its
 sequence's end) is loaded as k = v = 0, so a NaN stored there reaches no query; a key hidden
 by the causal / PrefixLM mask gets probability 0 whatever its score. Whether a row is empty
@@ -144,6 +155,57 @@ def _query_rows(q_base, do_base, lse_base, delta_base, offs_m, offs_d, q_len, d_
 
 
 @triton.jit
+def _visible_key_end(start_m, key_len, dense, prefix, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                     HAS_KEY_MASK: tl.constexpr):
+    # End of the leading key tiles that every query of the block starting at start_m sees whole:
+    # real keys (below key_len and the key mask's leading run) that the causal / PrefixLM mask
+    # shows to the block's first row (keys <= start_m, or in the prefix). A multiple of BLOCK_N.
+    end = key_len
+    if HAS_KEY_MASK:
+        end = tl.minimum(end, dense)
+    if CAUSAL:
+        end = tl.minimum(end, tl.maximum(start_m + 1, prefix))
+    return end // BLOCK_N * BLOCK_N
+
+
+@triton.jit
+def _attention_fwd_step(acc, row_max, row_sum, q_tile, k_base, v_base, mask_row, bias_base, start_n, offs_m, offs_d,
+                        d_ok, m_ok, k_len, dense, prefix, sk_s, sv_s, sb_m, sb_n, scale_log2, seed, offset, pid_bh,
+                        dropout_p, keep_scale, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                        HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        DROPOUT: tl.constexpr, MASKED: tl.constexpr):
+    # One key tile of the forward's online softmax: (acc, row_max, row_sum) updated. MASKED =
+    # False for a tile that every row sees whole (_visible_key_end): its keys are real and
+    # inside the sequence, so the loads need no key bounds and the scores no mask.
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if MASKED:
+        real = _real_keys(offs_n, start_n + BLOCK_N, k_len, mask_row, dense, HAS_KEY_MASK)
+        k_ok = d_ok[:, None] & real[None, :]
+        v_ok = real[:, None] & d_ok[None, :]
+    else:
+        real = offs_n < k_len  # all true here; read by the bias tile's load mask only
+        k_ok = d_ok[:, None]
+        v_ok = d_ok[None, :]
+    # Padded keys load as 0: a NaN stored there must not reach the products.
+    k_tile = tl.load(k_base + offs_n[None, :].to(tl.int64) * sk_s + offs_d[:, None], mask=k_ok, other=0.0)
+    scores = tl.dot(q_tile, k_tile, input_precision=DOT_PRECISION) * scale_log2
+    if HAS_BIAS:
+        scores += _bias_tile(bias_base, offs_m, offs_n, m_ok, real, sb_m, sb_n)
+    if MASKED:
+        scores = tl.where(_visible(offs_m, offs_n, real, prefix, CAUSAL), scores, float("-inf"))
+    new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # no visible key yet: avoid inf - inf
+    p = tl.exp2(scores - shift[:, None])
+    rescale = tl.exp2(row_max - shift)
+    row_sum = row_sum * rescale + tl.sum(p, axis=1)
+    if DROPOUT:  # the normaliser sums the kept and the dropped; only kept ones reach v, scaled
+        p = p * tl.where(_keep(seed, offset, pid_bh, offs_m[:, None], offs_n[None, :], dropout_p), keep_scale, 0.0)
+    v_tile = tl.load(v_base + offs_n[:, None].to(tl.int64) * sv_s + offs_d[None, :], mask=v_ok, other=0.0)
+    acc = acc * rescale[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=DOT_PRECISION)
+    return acc, new_max, row_sum
+
+
+@triton.jit
 def _attention_fwd_tile(
     q, k, v, out, lse, key_mask, key_limit, prefix_len, cu_q, cu_k, bias, rng,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s, lse_sb, lse_sh, mask_sb,
@@ -191,29 +253,25 @@ def _attention_fwd_tile(
         row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        for start_n in range(0, _key_end(start_m, k_len, prefix, BLOCK_M, CAUSAL), BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            real = _real_keys(offs_n, start_n + BLOCK_N, k_len, mask_row, dense, HAS_KEY_MASK)
-            # Padded keys load as 0: a NaN stored there must not reach the products.
-            k_tile = tl.load(k_base + offs_n[None, :].to(tl.int64) * sk_s + offs_d[:, None],
-                             mask=d_ok[:, None] & real[None, :], other=0.0)
-            scores = tl.dot(q_tile, k_tile, input_precision=DOT_PRECISION) * scale_log2
-            if HAS_BIAS:
-                scores += _bias_tile(bias_base, offs_m, offs_n, m_ok, real, sb_m, sb_n)
-            visible = _visible(offs_m, offs_n, real, prefix, CAUSAL)
-            scores = tl.where(visible, scores, float("-inf"))
-            new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-            shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # no visible key yet: avoid inf - inf
-            p = tl.exp2(scores - shift[:, None])
-            rescale = tl.exp2(row_max - shift)
-            row_sum = row_sum * rescale + tl.sum(p, axis=1)
-            if DROPOUT:  # the normaliser sums the kept and the dropped; only kept ones reach v, scaled
-                p = p * tl.where(_keep(seed, offset, pid_bh, offs_m[:, None], offs_n[None, :], dropout_p),
-                                 keep_scale, 0.0)
-            v_tile = tl.load(v_base + offs_n[:, None].to(tl.int64) * sv_s + offs_d[None, :],
-                             mask=real[:, None] & d_ok[None, :], other=0.0)
-            acc = acc * rescale[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=DOT_PRECISION)
-            row_max = new_max
+        # The key tiles every row of the block sees whole, with no mask work, then the tiles that
+        # evaluate the mask (causal diagonal, the key length's last tile, key-mask holes); the
+        # tiles past _key_end are empty and skipped. Both loops run in key order. The partial
+        # loop runs one or two tiles (all past the first hole of a mask with holes) and is not
+        # software-pipelined: pipelined, it cost registers (sm_90a, bf16 Dh 64 with a key mask:
+        # 162 against 124, 3 CTAs/SM against 4).
+        visible_end = _visible_key_end(start_m, k_len, dense, prefix, BLOCK_N, CAUSAL, HAS_KEY_MASK)
+        for start_n in range(0, visible_end, BLOCK_N):
+            acc, row_max, row_sum = _attention_fwd_step(
+                acc, row_max, row_sum, q_tile, k_base, v_base, mask_row, bias_base, start_n, offs_m, offs_d, d_ok,
+                m_ok, k_len, dense, prefix, sk_s, sv_s, sb_m, sb_n, scale_log2, seed, offset, pid_bh, dropout_p,
+                keep_scale, BLOCK_N, CAUSAL, HAS_KEY_MASK, DOT_PRECISION, HAS_BIAS, DROPOUT, False)
+        key_end = _key_end(start_m, k_len, prefix, BLOCK_M, CAUSAL)
+        # pipelined as the hot loop under IEEE fp32 dots (FMA loops; unpipelined, they spill)
+        for start_n in tl.range(visible_end, key_end, BLOCK_N, num_stages=1 if DOT_PRECISION != "ieee" else None):
+            acc, row_max, row_sum = _attention_fwd_step(
+                acc, row_max, row_sum, q_tile, k_base, v_base, mask_row, bias_base, start_n, offs_m, offs_d, d_ok,
+                m_ok, k_len, dense, prefix, sk_s, sv_s, sb_m, sb_n, scale_log2, seed, offset, pid_bh, dropout_p,
+                keep_scale, BLOCK_N, CAUSAL, HAS_KEY_MASK, DOT_PRECISION, HAS_BIAS, DROPOUT, True)
 
         empty = ~seen
         # A row with visible keys divides by its sum even when that is 0 or NaN (Inf / NaN inputs:

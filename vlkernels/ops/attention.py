@@ -805,10 +805,15 @@ def pad_input(packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: i
 
 def aot_variants():
     """Every kernel configuration the launchers above can pick (each supported head dim, each
-    dtype, every row of the configuration table), all masks on, with ViLT-B/32's sizes (B=32,
-    H=12, S=185), for the sm_90a report."""
+    dtype, every row of the configuration table), all masks on (the forward at Dh 64 also under
+    each other mask), with ViLT-B/32's sizes (B=32, H=12, S=185), for the sm_90a report."""
     rows, others = table_variants()
     return others[:-1] + [variant for _, variant in rows] + others[-1:]
+
+
+# (label suffix, CAUSAL, HAS_KEY_MASK) of the forward variants compiled beside the default one
+# (causal and key mask both on) at Dh 64, so the report can compare their hot loops.
+_FORWARD_MASKS = (("nomask", False, False), ("keymask", False, True), ("causal", True, False))
 
 
 def table_variants():
@@ -868,6 +873,14 @@ def table_variants():
                             rows.append((key, KernelVariant(pair, name, dict(common, HAS_KEY_MASK=True, DROPOUT=False,
                                                                              **role),
                                                             pointers, sizes, options, gemm_shaped=True)))
+                        if head_dim == 64 and length == 185 and not backward and precision == "tf32":
+                            # the forward under each other mask, for the report's hot-loop comparison
+                            for mask_label, causal, key_mask in _FORWARD_MASKS:
+                                rows.append((key, KernelVariant(single, f"{name}-{mask_label}", dict(
+                                    common, CAUSAL=causal, HAS_KEY_MASK=key_mask, VARLEN=False, **extra),
+                                    pointers, sizes, options, gemm_shaped=True)))
+                            rows.append((key, KernelVariant(pair, f"{name}-nomask", dict(
+                                common, HAS_KEY_MASK=False, DROPOUT=False), pointers, sizes, options, gemm_shaped=True)))
                 # the faithful-pretraining call, bias and dropout on: their rows (or the plain one)
                 if precision == "tf32" and (head_dim == 64 or (head_dim == 128 and dtype == torch.bfloat16)):
                     key = configs.key_for(dtype, block_d, backward, 185, True, allow_tf32=True)
