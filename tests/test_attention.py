@@ -1,6 +1,7 @@
 """Attention ops: Triton kernels (interpreter or GPU) against the float64 reference, forward
 and every gradient, with key padding, causal, PrefixLM, co-attention and varlen; errors."""
 import importlib
+import math
 
 import pytest
 import torch
@@ -1039,7 +1040,8 @@ def test_dropout_zero_is_the_plain_path_and_draws_nothing(backend):
     assert torch.equal(co[0], co_plain[0]) and torch.equal(co[1], co_plain[1])
 
 
-@pytest.mark.parametrize("p, error", [(1.0, ValueError), (-0.1, ValueError), (float("nan"), ValueError),
+@pytest.mark.parametrize("p, error", [(math.nextafter(1.0, 2.0), ValueError), (-0.1, ValueError),
+                                      (math.nextafter(0.0, -1.0), ValueError), (float("nan"), ValueError),
                                       (1.5, ValueError), (True, TypeError), ("0.1", TypeError),
                                       (torch.tensor(0.1), TypeError)], ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -1052,6 +1054,54 @@ def test_bad_dropout_p_is_refused(backend, p, error):
                                               4, 4, dropout_p=p)):
             with pytest.raises(error, match="dropout_p"):
                 call()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_one_drops_everything_as_sdpa(backend):
+    """dropout_p = 1 (SDPA takes it): every probability is dropped, so the outputs and every
+    gradient (q, k, v, bias) equal SDPA's, exactly: zeros, no NaN from the keep scale 1 / 0,
+    on every op and without a fallback. Sizes above every block (64-row, 64-key tiles)."""
+    import torch.nn.functional as F
+
+    generator = torch.Generator().manual_seed(5)
+    b, h, sq, sk, d = 2, 2, 70, 140, 32
+
+    def leaves(*shapes):
+        return [torch.randn(shape, generator=generator).to(DEVICE).requires_grad_() for shape in shapes]
+
+    def sdpa(q, k, v, mask=None, causal=False):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=1.0)
+
+    key_mask = torch.rand(b, sk, generator=generator) < 0.7
+    key_mask[:, 0] = True  # every query sees a key (SDPA gives NaN to one that sees none)
+    key_mask = key_mask.to(DEVICE)
+    cu = _cu([30, 70])
+    cases = {  # name: (leaves, the op's call, SDPA's call)
+        "mask+bias": (leaves((b, h, sq, d), (b, h, sk, d), (b, h, sk, d), (1, h, sq, sk)),
+                      lambda q, k, v, bias: [attention(q, k, v, key_mask=key_mask, bias=bias, dropout_p=1.0)],
+                      lambda q, k, v, bias: [sdpa(q, k, v, bias.masked_fill(~key_mask[:, None, None], -math.inf))]),
+        "causal": (leaves((b, h, sq, d), (b, h, sq, d), (b, h, sq, d)),
+                   lambda q, k, v: [attention(q, k, v, causal=True, dropout_p=1.0)],
+                   lambda q, k, v: [sdpa(q, k, v, causal=True)]),
+        "co_attention": (leaves(*[(b, h, s, d) for s in (20, 20, 20, sk, sk, sk)]),
+                         lambda *qkv: list(co_attention(*qkv, image_mask=key_mask, dropout_p=1.0)),
+                         lambda q_t, k_t, v_t, q_i, k_i, v_i: [sdpa(q_t, k_i, v_i, key_mask[:, None, None]),
+                                                               sdpa(q_i, k_t, v_t)]),
+        "varlen": (leaves((100, h, d), (100, h, d), (100, h, d)),
+                   lambda q, k, v: [attention_varlen(q, k, v, cu, cu, 70, 70, causal=True, dropout_p=1.0)],
+                   lambda q, k, v: [torch.cat([sdpa(*(t[a:e].transpose(0, 1) for t in (q, k, v)), causal=True)
+                                               .transpose(0, 1) for a, e in ((0, 30), (30, 100))])]),
+    }
+    for name, (inputs, run, run_sdpa) in cases.items():
+        expected = run_sdpa(*inputs)
+        expected_grads = torch.autograd.grad(expected, inputs, [torch.ones_like(t) for t in expected])
+        with vlkernels.use_backend(backend), vlkernels.kernel_coverage() as coverage, poisoned_allocations():
+            outs = run(*inputs)
+            grads = torch.autograd.grad(outs, inputs, [torch.ones_like(t) for t in outs])
+        assert not coverage.fallbacks and {call.backend for call in coverage.calls} == {backend}, name
+        for index, (actual, want) in enumerate(zip([*outs, *grads], [*expected, *expected_grads])):
+            assert want.abs().max() == 0, f"{name} {index}: SDPA's dropout 1 is not all zeros"
+            torch.testing.assert_close(actual, want, rtol=0, atol=0, msg=f"{name} {index}")
 
 
 def test_co_attention_dropout_matches_the_reference_with_both_masks():

@@ -182,7 +182,9 @@ def _rng(device) -> torch.Tensor:
 
 
 def _keep_scale(dropout_p: float) -> float:
-    return 1.0 / (1.0 - dropout_p)
+    """The factor of a kept probability, 1 / (1 - p); 0 at p = 1, where every probability is
+    dropped (SDPA's zeros): 1 / 0 would put inf beside the zeros of the dropped ones."""
+    return 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
 
 
 def _bias_view(bias: torch.Tensor, shape) -> torch.Tensor:
@@ -530,9 +532,10 @@ def _triton_refusal(q: torch.Tensor) -> Optional[str]:
 
 def _check_dropout(op: str, dropout_p) -> float:
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise TypeError(f"{op}: dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
-    if not 0.0 <= dropout_p < 1.0:  # NaN fails too; p = 1 would scale the kept weights by 1 / 0
-        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p!r}")
+        raise TypeError(f"{op}: dropout_p must be a float in [0, 1], got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p <= 1.0:  # NaN fails too
+        raise ValueError(f"{op}: dropout_p must be in [0, 1] (as in F.scaled_dot_product_attention), "
+                         f"got {dropout_p!r}")
     return float(dropout_p)
 
 
@@ -616,7 +619,8 @@ def attention(
     scale: defaults to Dh ** -0.5
     dropout_p: attention dropout as in F.scaled_dot_product_attention: each probability (after
         the softmax) is dropped with probability dropout_p and the kept ones are scaled by
-        1 / (1 - dropout_p); applied whenever dropout_p > 0, so pass 0.0 in eval. In [0, 1).
+        1 / (1 - dropout_p); applied whenever dropout_p > 0, so pass 0.0 in eval. In [0, 1]:
+        1 drops every probability (zeros out, zero gradients, as SDPA).
         The Triton kernels draw the mask from a counter-based RNG (Philox) seeded by two int64
         drawn from the default torch generator of q's device (torch.manual_seed reproduces a
         run) and regenerate it in the backward; it is never stored.
