@@ -1376,7 +1376,8 @@ def test_the_report_compiles_every_row_of_the_configuration_table_and_nothing_el
         dtype = variant.pointers["q"]
         extras = variant.constexprs.get("DROPOUT", False)
         length = {"short": 40, "long": 577}.get(key.length, 185)
-        assert configs.key_for(dtype, variant.constexprs["BLOCK_D"], key.pass_ == "bwd", length, extras,
+        pass_ = "fwd" if "DQ" not in variant.constexprs else ("dq" if variant.constexprs["DQ"] else "dkdv")
+        assert configs.key_for(dtype, variant.constexprs["BLOCK_D"], pass_, length, extras,
                                allow_tf32=variant.constexprs["DOT_PRECISION"] == "tf32") == key, variant.label
     fwd_kernels = {kernel.__name__ for kernel in (module.kernels._attention_fwd_kernel, module.kernels._attention_bwd_kernel,
                                                   module.kernels._co_attention_fwd_kernel,
@@ -1392,9 +1393,15 @@ def test_launch_configurations_follow_the_length_classes():
     the backward's rows do not depend on the length (co-attention's directions share one)."""
     from vlkernels.ops import _attention_configs as configs
 
-    forward = {length: configs.config(torch.bfloat16, 64, False, length).block_m for length in (36, 60, 185, 240, 512, 577)}
+    forward = {length: configs.config(torch.bfloat16, 64, "fwd", length).block_m for length in (36, 60, 185, 240, 512, 577)}
     assert forward == {36: 64, 60: 64, 185: 64, 240: 64, 512: 128, 577: 128}
-    assert all(key.length == "any" for key in configs.CONFIGS if key.pass_ == "bwd")
-    assert configs.key_for(torch.float16, 64, False, 185, True).extras  # bias / dropout get their row
-    assert configs.key_for(torch.float32, 128, False, 185, True, allow_tf32=True) == configs.ConfigKey("fwd", "tf32",
-                                                                                                        "d128")
+    assert all(key.length == "any" for key in configs.CONFIGS if key.pass_ != "fwd")
+    assert configs.key_for(torch.float16, 64, "fwd", 185, True).extras  # bias / dropout get their row
+    assert configs.key_for(torch.float32, 128, "fwd", 185, True, allow_tf32=True) == configs.ConfigKey("fwd", "tf32",
+                                                                                                         "d128")
+    # a backward launch takes its own row where it has one, else the row both launches share
+    assert configs.key_for(torch.float16, 64, "dkdv", 185, True) == configs.ConfigKey("dkdv", "16bit", "d64",
+                                                                                       extras=True)
+    assert configs.key_for(torch.float16, 64, "dq", 185, True) == configs.ConfigKey("bwd", "16bit", "d64")
+    with pytest.raises(ValueError, match="pass_ must be one of"):
+        configs.key_for(torch.float16, 64, "bwd", 185, False)
