@@ -1393,7 +1393,8 @@ def test_launch_configurations_follow_the_length_classes():
     the backward's rows do not depend on the length (co-attention's directions share one)."""
     from vlkernels.ops import _attention_configs as configs
 
-    forward = {length: configs.config(torch.bfloat16, 64, "fwd", length).block_m for length in (36, 60, 185, 240, 512, 577)}
+    forward = {length: configs.config(torch.bfloat16, 64, "fwd", length).block_m
+               for length in (36, 60, 185, 240, 512, 577)}
     assert forward == {36: 64, 60: 64, 185: 64, 240: 64, 512: 128, 577: 128}
     assert all(key.length == "any" for key in configs.CONFIGS if key.pass_ != "fwd")
     assert configs.key_for(torch.float16, 64, "fwd", 185, True).extras  # bias / dropout get their row

@@ -54,7 +54,9 @@ CONFIGS: dict[ConfigKey, AttentionConfig] = {
     ConfigKey(_F, "16bit", "d128", "long"): AttentionConfig(128, 64, 8, 3),
     # bias / dropout: 64-row blocks in two stages (at 128 rows the Philox state and the bias
     # tile spilled: 255 registers, 1 KB); at Dh 128 32 keys per step in 8 warps, unpipelined
-    # (254 registers; 64 keys spilled 208 B, and two stages serialized the wgmma: ptxas C7515)
+    # (254 registers; 64 keys spilled 208 B, and two stages serialized the wgmma: ptxas C7515,
+    # also with one Philox call per two keys split / joined in the accumulator's layout, which
+    # took 242 registers to the plain draw's 209)
     ConfigKey(_F, "16bit", "d64", extras=True): AttentionConfig(64, 64, 4, 2),
     ConfigKey(_F, "16bit", "d128", extras=True): AttentionConfig(64, 32, 8, 1),
     # the backward: 64 x 64 tiles (the dK/dV form's MMA takes 64 keys: 32 would leave it
