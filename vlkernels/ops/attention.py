@@ -888,6 +888,10 @@ def table_variants():
                                                     dict(common, CAUSAL=False, HAS_KEY_MASK=True, VARLEN=False,
                                                          **extra),
                                                     pointers, sizes, options, gemm_shaped=True)))
+                    if head_dim == 64:  # co-attention trains with dropout too (LXMERT, ViLBERT: 0.1); no bias
+                        rows.append((key, KernelVariant(pair, label + "-dropout" + suffix,
+                                                        dict(common, HAS_KEY_MASK=True, DROPOUT=True, **role),
+                                                        pointers, sizes, options, gemm_shaped=True)))
     # the debug / test path's keep-mask writer, as _dropout_keep_mask launches it
     variants.append(KernelVariant(kernels._dropout_keep_kernel, "debug",
                                   dict(BLOCK_M=_KEEP_BLOCK_M, BLOCK_N=_KEEP_BLOCK_N),
