@@ -629,10 +629,13 @@ def test_nan_and_inf_propagate_and_padding_is_excluded(backend, causal):
             _same_nonfinite("out", out, out64)
             # The torch backend's SDPA backward recomputes probabilities from its logsumexp, so a row
             # with an Inf score spreads NaN to other keys' dk / dv than the float64 softmax does:
-            # there the (batch, head) slabs reached by non-finite values are compared.
-            same = _same_nonfinite if backend == "triton" else _same_nonfinite_slabs
+            # there the (batch, head) slabs reached by non-finite values are compared. Under causal,
+            # the reference's dense dS^T q also takes 0 * NaN from a NaN query row into the dk of
+            # keys hidden from it; the kernels reach those keys only where a dK/dV program's query
+            # tiles cover the row (it depends on the tiles): dk is compared by slabs there too.
             for name, grad, grad64 in zip("qkv", grads, grads64):
-                (_same_nonfinite if name == "q" else same)(f"grad {name}", grad, grad64)
+                exact = name == "q" or (backend == "triton" and not (causal and name == "k"))
+                (_same_nonfinite if exact else _same_nonfinite_slabs)(f"grad {name}", grad, grad64)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (the interpreter) on NaN / Inf
