@@ -457,8 +457,9 @@ def test_multihead_attention_dropout_in_training(backend):
         with vlkernels.kernel_coverage() as dropping_all:
             dropped = module(x)  # every attention probability dropped: only out_proj's bias is left
         torch.testing.assert_close(dropped, module.out_proj.bias.expand_as(dropped), rtol=0, atol=0)
-        # Dropout 1 is the one torch path (the op takes dropout_p < 1), and it is counted.
-        assert dropping_all.fallback_ops() == {"VLMultiheadAttention"} and not dropping_all.backends("attention")
+        # Dropout 1 runs in the op like any other rate (SDPA's zeros): no fallback.
+        assert not dropping_all.fallbacks and dropping_all.backends("attention") == {backend: 1}
+        assert torch.equal(torch.autograd.grad(dropped.sum(), x)[0], torch.zeros_like(x))
         module.dropout = 0.3
         with vlkernels.kernel_coverage() as dropping:
             first, second = module(x), module(x)
@@ -513,11 +514,11 @@ def test_co_attention_layer_dropout_in_training(kind):
     masks = dict(lang_mask=text_mask.to(DEVICE), visn_mask=image_mask.to(DEVICE)) if kind == "lxmert" else \
         dict(text_mask=text_mask.to(DEVICE), image_mask=image_mask.to(DEVICE))
     with vlkernels.use_backend("triton"), torch.no_grad():
-        # Attention dropout with p = 1 removes every attention term, cross and self alike (the
-        # torch path: the op takes dropout_p < 1; counted as fallbacks).
+        # Attention dropout with p = 1 removes every attention term, cross and self alike, in
+        # the kernels (no fallback).
         with vlkernels.kernel_coverage() as coverage:
             actual = module(*args, **masks)
-        assert type(module).__name__ in coverage.fallback_ops() and not coverage.backends("co_attention")
+        assert not coverage.fallbacks and coverage.backends("co_attention") == {"triton": 1}
         expected = restated(source, text.double(), image.double(), text_mask, image_mask, drop_attention=True)
         check_all(["text out", "image out"], actual, expected, actual)
         for block in module.modules():  # hidden dropout on, attention dropout off: the kernel path

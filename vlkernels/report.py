@@ -51,30 +51,7 @@ def _known(kernel: str, labels: str, reason: str, fix: str) -> dict:
     return {(kernel, label): KnownProblem(reason, fix) for label in labels.split()}
 
 
-_SERIALIZED = "ptxas C7515: wgmma serialized (non-wgmma instructions define the accumulator inside a pipeline stage)"
-_PHILOX_FIX = "the Philox keep mask generated for half a tile at a time (attention issue; to be measured on a GPU)"
-_IEEE_ATTENTION = ("spills: IEEE fp32 dots (the fp32 default) keep the operand tiles of the 64 x 32 backward in "
-                   "registers (32 x 16 is clean but for co-attention's dQ and quadruples the interpreter's CI time)")
-_IEEE_ATTENTION_FIX = "IEEE fp32 backward tiles picked on a GPU (attention configuration table)"
-EXCEPTIONS: dict[tuple[str, str], KnownProblem] = {
-    **_known("_attention_bwd_kernel", "float32-D128-dkdv",
-             "spills at 255 registers (128 B in 8 warps, 168 B in 4): tf32 dK/dV with two [64, 128] fp32 "
-             "accumulators (32-query steps drop the warpgroup MMA)", "a dK/dV kernel holding dK and dV in two "
-             "passes or in shared memory (attention issue)"),
-    **_known("_attention_bwd_kernel", "float32-D64-ieee-dkdv float32-D64-ieee-dq", _IEEE_ATTENTION,
-             _IEEE_ATTENTION_FIX),
-    **_known("_co_attention_bwd_kernel", "float32-D64-ieee-dkdv float32-D64-ieee-dq", _IEEE_ATTENTION,
-             _IEEE_ATTENTION_FIX),
-    **_known("_attention_fwd_kernel", "bfloat16-D128-bias-dropout",
-             _SERIALIZED + ": the Philox keep mask and the bias tile beside a [64, 128] accumulator (64 keys per "
-             "step spill 208 B)", _PHILOX_FIX),
-    **_known("_attention_bwd_kernel", "bfloat16-D64-bias-dropout-dkdv float16-D64-bias-dropout-dkdv "
-             "bfloat16-D128-bias-dropout-dkdv bfloat16-D128-bias-dropout-dq float32-D64-bias-dropout-dkdv",
-             "spills at 255 registers (and " + _SERIALIZED + " at Dh 128 dK/dV): the regenerated Philox keep mask "
-             "and the bias tile beside two accumulators (32 keys per step drop the dK/dV form's warpgroup MMA; fp32's "
-             "64 x 16 in 8 warps is clean but leaves its dQ launch 1 CTA/SM)",
-             _PHILOX_FIX),
-}
+EXCEPTIONS: dict[tuple[str, str], KnownProblem] = {}
 
 
 def all_variants() -> list[KernelVariant]:

@@ -20,9 +20,8 @@ zero attention output, never NaN.
 Attention-probability dropout (``attention_dropout``; ``dropout`` for
 :class:`VLMultiheadAttention`, as in torch) runs in the attention op in training mode, as SDPA's
 ``dropout_p`` (the kernels draw the mask with Philox from torch's generator, so
-``torch.manual_seed`` reproduces a run); eval passes 0. Only dropout 1 in training (every
-probability dropped, which the op's ``dropout_p < 1`` excludes) runs a torch path
-(:func:`attention_with_dropout`), counted as a fallback by ``vlkernels.kernel_coverage()``.
+``torch.manual_seed`` reproduces a run), dropout 1 included (every probability dropped, as
+SDPA); eval passes 0.
 """
 from __future__ import annotations
 
@@ -33,10 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlkernels._coverage import record_fallback
 from vlkernels.ops import attention, co_attention
 from vlkernels.ops._checks import check_value
-from vlkernels.reference.attention import attention as reference_attention
 
 ACTIVATIONS = {
     "gelu": F.gelu,  # BERT / LXMERT / ViLBERT / METER "gelu": the exact erf form
@@ -56,36 +53,18 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).flatten(2)
 
 
-_DROP_ALL = "attention dropout 1 in training (every probability dropped; the op takes dropout_p < 1)"
-
-
 def attention_dropout_p(dropout: float, training: bool) -> float:
     """The op's ``dropout_p`` of a module with attention dropout ``dropout``: 0 in eval."""
     return float(dropout) if training else 0.0
 
 
-def attention_with_dropout(q, k, v, *, dropout: float, key_mask=None, causal=False, prefix_len=None,
-                           scale=None) -> torch.Tensor:
-    """The torch path of attention dropout 1 in training (the op takes dropout_p < 1): the
-    reference attention with dropout on the probabilities. q: [B, H, Sq, Dh], k and v:
-    [B, H, Sk, Dh] -> [B, H, Sq, Dh]."""
-    return reference_attention(q, k, v, key_mask=key_mask, causal=causal, prefix_len=prefix_len, scale=scale,
-                               dropout_p=dropout)
-
-
 def co_attend(q_t, k_t, v_t, q_i, k_i, v_i, *, text_mask=None, image_mask=None, dropout: float = 0.0,
-              training: bool = False, module: str = "co_attention") -> tuple[torch.Tensor, torch.Tensor]:
+              training: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Both co-attention directions ([B, H, S, Dh] heads): (text queries over image keys masked
     by image_mask, image queries over text keys masked by text_mask), in one ``co_attention``
-    launch with the attention dropout of ``module`` in training (the torch path, a counted
-    fallback, only for dropout 1)."""
-    dropout_p = attention_dropout_p(dropout, training)
-    if dropout_p >= 1:
-        record_fallback(module, _DROP_ALL, stacklevel=6)  # names the caller of the layer
-        return (attention_with_dropout(q_t, k_i, v_i, dropout=dropout_p, key_mask=image_mask),
-                attention_with_dropout(q_i, k_t, v_t, dropout=dropout_p, key_mask=text_mask))
+    launch with attention dropout ``dropout`` in training."""
     return co_attention(q_t, k_t, v_t, q_i, k_i, v_i, text_mask=text_mask, image_mask=image_mask,
-                        dropout_p=dropout_p)
+                        dropout_p=attention_dropout_p(dropout, training))
 
 
 def check_stream(module: str, name: str, x: torch.Tensor, dim: int, batch: Optional[int] = None) -> None:
@@ -244,14 +223,9 @@ class VLMultiheadAttention(nn.Module):
 
     def attend(self, q, k, v, *, key_padding_mask=None, causal=False, prefix_len=None) -> torch.Tensor:
         """The attention core on [B, H, S, Dh] heads, with this module's dropout in training (in
-        the op; the torch path, a counted fallback, only for dropout 1)."""
-        dropout_p = attention_dropout_p(self.dropout, self.training)
-        if dropout_p >= 1:
-            record_fallback(type(self).__name__, _DROP_ALL, stacklevel=7)  # the caller of the module
-            return attention_with_dropout(q, k, v, dropout=dropout_p, key_mask=key_padding_mask, causal=causal,
-                                          prefix_len=prefix_len)
+        the op)."""
         return attention(q, k, v, key_mask=key_padding_mask, causal=causal, prefix_len=prefix_len,
-                         dropout_p=dropout_p)
+                         dropout_p=attention_dropout_p(self.dropout, self.training))
 
     def forward(self, query: torch.Tensor, key: Optional[torch.Tensor] = None, value: Optional[torch.Tensor] = None,
                 *, key_padding_mask: Optional[torch.Tensor] = None, causal: bool = False,

@@ -80,8 +80,7 @@ class LXMERTCrossLayer(nn.Module):
         q_l, k_l, v_l = cross.attention.project_qkv(lang)
         q_v, k_v, v_v = cross.attention.project_qkv(visn)
         out_l, out_v = co_attend(q_l, k_l, v_l, q_v, k_v, v_v, text_mask=lang_mask, image_mask=visn_mask,
-                                 dropout=cross.attention.dropout, training=self.training,
-                                 module="LXMERTCrossLayer")
+                                 dropout=cross.attention.dropout, training=self.training)
         lang, visn = cross.residual_output(lang, out_l), cross.residual_output(visn, out_v)
         lang = self.lang_self_attention(lang, key_padding_mask=lang_mask)
         visn = self.visn_self_attention(visn, key_padding_mask=visn_mask)
@@ -175,8 +174,7 @@ class ViLBERTCoLayer(nn.Module):
         q_t, k_t, v_t = self._heads(self.text_qkv(text))
         q_i, k_i, v_i = self._heads(self.image_qkv(image))
         ctx_t, ctx_i = co_attend(q_t, k_t, v_t, q_i, k_i, v_i, text_mask=text_mask, image_mask=image_mask,
-                                 dropout=self.attention_dropout, training=self.training,
-                                 module="ViLBERTCoLayer")
+                                 dropout=self.attention_dropout, training=self.training)
         text = self.text_norm(text + self.dropout(self.text_output(ctx_t.transpose(1, 2).flatten(2))))
         image = self.image_norm(image + self.dropout(self.image_output(ctx_i.transpose(1, 2).flatten(2))))
         return self.text_feed_forward(text), self.image_feed_forward(image)
@@ -259,8 +257,7 @@ class METERCrossLayer(nn.Module):
         k_i, v_i = text_cross.attention.project_key_value(image)
         k_t, v_t = image_cross.attention.project_key_value(text)
         out_t, out_i = co_attend(q_t, k_t, v_t, q_i, k_i, v_i, text_mask=text_mask, image_mask=image_mask,
-                                 dropout=text_cross.attention.dropout, training=self.training,
-                                 module="METERCrossLayer")
+                                 dropout=text_cross.attention.dropout, training=self.training)
         text_out = self.text_feed_forward(text_cross.residual_output(text_attended, out_t))
         image_out = self.image_feed_forward(image_cross.residual_output(image_attended, out_i))
         return text_out, image_out

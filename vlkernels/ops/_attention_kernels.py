@@ -70,7 +70,8 @@ def _keep(seed, offset, pid_bh, rows, cols, dropout_p):
     """bool, the shape of rows / cols broadcast: is the attention probability of (query row,
     key col) of (batch * heads) pair pid_bh kept by dropout. Philox on the counter (col, row,
     pid_bh, offset) under the 64-bit key seed: every element has its own counter, so no mask
-    is stored and the backward regenerates the forward's."""
+    is stored and the backward regenerates the forward's. The uniform is in [0, 1), so
+    dropout_p = 1 keeps nothing."""
     zero = (rows + cols) * 0
     c0 = (cols + zero).to(tl.uint32)
     c1 = (rows + zero).to(tl.uint32)

@@ -40,10 +40,11 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 128
 
 
-def _config(dtype: torch.dtype, block_d: int, backward: bool, length: int, extras: bool = False) -> AttentionConfig:
-    """The launch configuration from the table (vlkernels.ops._attention_configs); length: the
-    queries the forward tiles (the longer stream of co-attention); extras: bias or dropout on."""
-    return configs.config(dtype, block_d, backward, length, extras)
+def _config(dtype: torch.dtype, block_d: int, pass_: str, length: int, extras: bool = False) -> AttentionConfig:
+    """The launch configuration from the table (vlkernels.ops._attention_configs); pass_: "fwd",
+    "dkdv" or "dq"; length: the queries the forward tiles (the longer stream of co-attention);
+    extras: bias or dropout on."""
+    return configs.config(dtype, block_d, pass_, length, extras)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -126,7 +127,7 @@ def _grid(op: str, programs_per_head: int, batch_heads: int, directions: int = 1
 def _fwd_grid(op: str, seq_q: int, batch_heads: int, dtype: torch.dtype, head_dim: int, directions: int = 1,
               extras: bool = False):
     """(grid, programs_per_head) of a forward launch over query blocks."""
-    cfg = _config(dtype, _block_d(head_dim), False, seq_q, extras)
+    cfg = _config(dtype, _block_d(head_dim), "fwd", seq_q, extras)
     per_head = triton.cdiv(seq_q, cfg.block_m)
     return _grid(op, per_head, batch_heads, directions), per_head
 
@@ -135,7 +136,7 @@ def _bwd_grid(op: str, seq_q: int, seq_k: int, batch_heads: int, dtype: torch.dt
               directions: int = 1, dq: bool = False, extras: bool = False):
     """(grid, programs_per_head) of a backward launch: over the key blocks (the dK/dV kernel)
     or, with dq, over the query blocks (the dQ kernel)."""
-    cfg = _config(dtype, _block_d(head_dim), True, seq_q, extras)
+    cfg = _config(dtype, _block_d(head_dim), "dq" if dq else "dkdv", seq_q, extras)
     per_head = triton.cdiv(seq_q, cfg.block_m) if dq else triton.cdiv(seq_k, cfg.block_n)
     return _grid(op, per_head, batch_heads, directions), per_head
 
@@ -182,7 +183,9 @@ def _rng(device) -> torch.Tensor:
 
 
 def _keep_scale(dropout_p: float) -> float:
-    return 1.0 / (1.0 - dropout_p)
+    """The factor of a kept probability, 1 / (1 - p); 0 at p = 1, where every probability is
+    dropped (SDPA's zeros): 1 / 0 would put inf beside the zeros of the dropped ones."""
+    return 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
 
 
 def _bias_view(bias: torch.Tensor, shape) -> torch.Tensor:
@@ -218,7 +221,7 @@ def _launch_fwd(q, k, v, key_mask, prefix_len, cu_q, cu_k, max_q, max_k, causal,
     placeholder = limit
     dropout = rng is not None and dropout_p > 0
     extras = dropout or bias is not None
-    cfg = _config(q.dtype, _block_d(head_dim), False, seq_q, extras)
+    cfg = _config(q.dtype, _block_d(head_dim), "fwd", seq_q, extras)
     grid, per_head = _fwd_grid("attention", seq_q, batch * heads, q.dtype, head_dim, extras=extras)
     if grid[0] == 0:  # no query rows or no (batch, head): nothing to compute
         return out, lse
@@ -254,7 +257,6 @@ def _launch_bwd(grad_out, q, k, v, out, lse, key_mask, prefix_len, cu_q, cu_k, m
     placeholder = limit
     dropout = rng is not None and dropout_p > 0
     extras = dropout or bias is not None
-    cfg = _config(q.dtype, _block_d(head_dim), True, seq_q, extras)
     grid, per_head = _bwd_grid("attention", seq_q, seq_k, batch * heads, q.dtype, head_dim, extras=extras)
     grid_dq, per_head_dq = _bwd_grid("attention", seq_q, seq_k, batch * heads, q.dtype, head_dim, dq=True,
                                      extras=extras)
@@ -270,6 +272,7 @@ def _launch_bwd(grad_out, q, k, v, out, lse, key_mask, prefix_len, cu_q, cu_k, m
     # Two launches (FA2's form): dK/dV over key blocks (and dS for the bias), then dQ over query
     # blocks; each writes only its own outputs and reads what earlier launches wrote.
     for dq, launch_grid, programs in ((False, grid, per_head), (True, grid_dq, per_head_dq)):
+        cfg = _config(q.dtype, _block_d(head_dim), "dq" if dq else "dkdv", seq_q, extras)
         kernels._attention_bwd_kernel[launch_grid](
             q, k, v, grad_out, lse, delta, *grads, mask, limit,
             prefix_len if prefix_len is not None else placeholder,
@@ -317,7 +320,7 @@ def _launch_co_fwd(q_t, k_t, v_t, q_i, k_i, v_i, text_mask, image_mask, scale, r
     text, image, has_mask = _co_limits(text_mask, image_mask, batch, k_t.shape[2], k_i.shape[2], q_t.device)
     dropout = rng is not None and dropout_p > 0
     longer = max(q_t.shape[2], q_i.shape[2])  # both directions run one configuration
-    cfg = _config(q_t.dtype, _block_d(head_dim), False, longer, dropout)
+    cfg = _config(q_t.dtype, _block_d(head_dim), "fwd", longer, dropout)
     grid, per_head = _fwd_grid("co_attention", longer, batch * heads, q_t.dtype, head_dim, directions=2,
                                extras=dropout)
     if grid[0] == 0:
@@ -343,8 +346,6 @@ def _launch_co_bwd(grad_t, grad_i, q_t, k_t, v_t, q_i, k_i, v_i, out_t, lse_t, o
     names = ("q_t", "k_t", "v_t", "q_i", "k_i", "v_i")
     text, image, has_mask = _co_limits(text_mask, image_mask, batch, k_t.shape[2], k_i.shape[2], q_t.device)
     dropout = rng is not None and dropout_p > 0
-    # (the backward's rows do not depend on the length: both directions get one configuration)
-    cfg = _config(q_t.dtype, _block_d(head_dim), True, q_t.shape[2], dropout)
     grids = [max(_bwd_grid("co_attention", q.shape[2], k.shape[2], batch * heads, q_t.dtype, head_dim,
                            directions=2, dq=dq, extras=dropout) for q, k in ((q_t, k_i), (q_i, k_t)))
              for dq in (False, True)]
@@ -356,6 +357,8 @@ def _launch_co_bwd(grad_t, grad_i, q_t, k_t, v_t, q_i, k_i, v_i, out_t, lse_t, o
     text_args[5:5] = [_delta(out_t, grad_t), grads["q_t"], grads["k_i"], grads["v_i"]]
     image_args[5:5] = [_delta(out_i, grad_i), grads["q_i"], grads["k_t"], grads["v_t"]]
     for dq, (grid, per_head) in zip((False, True), grids):  # dK/dV, then dQ (see _launch_bwd)
+        # (the backward's rows do not depend on the length: both directions get one configuration)
+        cfg = _config(q_t.dtype, _block_d(head_dim), "dq" if dq else "dkdv", q_t.shape[2], dropout)
         kernels._co_attention_bwd_kernel[grid](
             *text_args, *image_args, rng if dropout else image[1], heads, scale * math.log2(math.e), scale,
             float(dropout_p), _keep_scale(dropout_p), per_head,
@@ -530,9 +533,10 @@ def _triton_refusal(q: torch.Tensor) -> Optional[str]:
 
 def _check_dropout(op: str, dropout_p) -> float:
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise TypeError(f"{op}: dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
-    if not 0.0 <= dropout_p < 1.0:  # NaN fails too; p = 1 would scale the kept weights by 1 / 0
-        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p!r}")
+        raise TypeError(f"{op}: dropout_p must be a float in [0, 1], got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p <= 1.0:  # NaN fails too
+        raise ValueError(f"{op}: dropout_p must be in [0, 1] (as in F.scaled_dot_product_attention), "
+                         f"got {dropout_p!r}")
     return float(dropout_p)
 
 
@@ -616,7 +620,8 @@ def attention(
     scale: defaults to Dh ** -0.5
     dropout_p: attention dropout as in F.scaled_dot_product_attention: each probability (after
         the softmax) is dropped with probability dropout_p and the kept ones are scaled by
-        1 / (1 - dropout_p); applied whenever dropout_p > 0, so pass 0.0 in eval. In [0, 1).
+        1 / (1 - dropout_p); applied whenever dropout_p > 0, so pass 0.0 in eval. In [0, 1]:
+        1 drops every probability (zeros out, zero gradients, as SDPA).
         The Triton kernels draw the mask from a counter-based RNG (Philox) seeded by two int64
         drawn from the default torch generator of q's device (torch.manual_seed reproduces a
         run) and regenerate it in the backward; it is never stored.
@@ -847,14 +852,18 @@ def table_variants():
         variants.append(KernelVariant(kernels._attention_bwd_delta_kernel, label,
                                       dict(HEAD_DIM=head_dim, BLOCK_R=_DELTA_BLOCK_ROWS, BLOCK_D=block_d),
                                       pointers, sizes, dict(num_warps=4)))
-        for backward, single, pair in ((False, kernels._attention_fwd_kernel, kernels._co_attention_fwd_kernel),
-                                       (True, kernels._attention_bwd_kernel, kernels._co_attention_bwd_kernel)):
+        # the backward is two kernels' worth of launches: dK/dV and dQ (the DQ constexpr), each with its row
+        for pass_, single, pair in (("fwd", kernels._attention_fwd_kernel, kernels._co_attention_fwd_kernel),
+                                    ("dkdv", kernels._attention_bwd_kernel, kernels._co_attention_bwd_kernel),
+                                    ("dq", kernels._attention_bwd_kernel, kernels._co_attention_bwd_kernel)):
+            backward = pass_ != "fwd"
+            role, suffix = (dict(DQ=pass_ == "dq"), f"-{pass_}") if backward else (dict(), "")
             # fp32 runs IEEE dots by default (torch.backends.cuda.matmul.allow_tf32 is False) and tf32 when allowed.
             for precision in ("tf32", "ieee") if dtype == torch.float32 else ("tf32",):
                 # the ViLT length (medium) everywhere; the other length classes at bf16 Dh 64 and 128
                 lengths = [185] + ([40, 577] if dtype == torch.bfloat16 and head_dim in (64, 128) else [])
                 for length in lengths:
-                    key = configs.key_for(dtype, block_d, backward, length, False, allow_tf32=precision == "tf32")
+                    key = configs.key_for(dtype, block_d, pass_, length, False, allow_tf32=precision == "tf32")
                     length_label = "" if length == 185 else f"-{key.length}"
                     if length != 185 and key.length == "any":
                         continue  # the row does not depend on the length: compiled once
@@ -862,18 +871,16 @@ def table_variants():
                     options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
                     common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                                   DOT_PRECISION=precision)
-                    # the backward is two kernels' worth of launches: dK/dV and dQ (the DQ constexpr)
-                    for role, suffix in ((dict(DQ=False), "-dkdv"), (dict(DQ=True), "-dq")) if backward else ((dict(), ""),):
-                        name = label + ("-ieee" if precision == "ieee" else "") + length_label + suffix
-                        extra = dict(HAS_BIAS=False, DROPOUT=False, **role) | (dict(BIAS_GRAD=False) if backward else {})
-                        rows.append((key, KernelVariant(single, name, dict(common, CAUSAL=True, HAS_KEY_MASK=True,
-                                                                           VARLEN=False, **extra),
+                    name = label + ("-ieee" if precision == "ieee" else "") + length_label + suffix
+                    extra = dict(HAS_BIAS=False, DROPOUT=False, **role) | (dict(BIAS_GRAD=False) if backward else {})
+                    rows.append((key, KernelVariant(single, name, dict(common, CAUSAL=True, HAS_KEY_MASK=True,
+                                                                       VARLEN=False, **extra),
+                                                    pointers, sizes, options, gemm_shaped=True)))
+                    if head_dim == 64 and length == 185:
+                        rows.append((key, KernelVariant(pair, name, dict(common, HAS_KEY_MASK=True, DROPOUT=False,
+                                                                         **role),
                                                         pointers, sizes, options, gemm_shaped=True)))
-                        if head_dim == 64 and length == 185:
-                            rows.append((key, KernelVariant(pair, name, dict(common, HAS_KEY_MASK=True, DROPOUT=False,
-                                                                             **role),
-                                                            pointers, sizes, options, gemm_shaped=True)))
-                        if head_dim == 64 and length == 185 and not backward and precision == "tf32":
+                        if not backward and precision == "tf32":
                             # the forward under each other mask, for the report's hot-loop comparison
                             for mask_label, causal, key_mask in _FORWARD_MASKS:
                                 rows.append((key, KernelVariant(single, f"{name}-{mask_label}", dict(
@@ -883,17 +890,20 @@ def table_variants():
                                 common, HAS_KEY_MASK=False, DROPOUT=False), pointers, sizes, options, gemm_shaped=True)))
                 # the faithful-pretraining call, bias and dropout on: their rows (or the plain one)
                 if precision == "tf32" and (head_dim == 64 or (head_dim == 128 and dtype == torch.bfloat16)):
-                    key = configs.key_for(dtype, block_d, backward, 185, True, allow_tf32=True)
+                    key = configs.key_for(dtype, block_d, pass_, 185, True, allow_tf32=True)
                     cfg = configs.CONFIGS[key]
                     options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
                     common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                                   DOT_PRECISION=precision)
-                    for role, suffix in ((dict(DQ=False), "-dkdv"), (dict(DQ=True), "-dq")) if backward else ((dict(), ""),):
-                        extra = dict(HAS_BIAS=True, DROPOUT=True, **role) | (
-                            dict(BIAS_GRAD=not role["DQ"]) if backward else {})
-                        rows.append((key, KernelVariant(single, label + "-bias-dropout" + suffix,
-                                                        dict(common, CAUSAL=False, HAS_KEY_MASK=True, VARLEN=False,
-                                                             **extra),
+                    extra = dict(HAS_BIAS=True, DROPOUT=True, **role) | (
+                        dict(BIAS_GRAD=pass_ == "dkdv") if backward else {})
+                    rows.append((key, KernelVariant(single, label + "-bias-dropout" + suffix,
+                                                    dict(common, CAUSAL=False, HAS_KEY_MASK=True, VARLEN=False,
+                                                         **extra),
+                                                    pointers, sizes, options, gemm_shaped=True)))
+                    if head_dim == 64:  # co-attention trains with dropout too (LXMERT, ViLBERT: 0.1); no bias
+                        rows.append((key, KernelVariant(pair, label + "-dropout" + suffix,
+                                                        dict(common, HAS_KEY_MASK=True, DROPOUT=True, **role),
                                                         pointers, sizes, options, gemm_shaped=True)))
     # the debug / test path's keep-mask writer, as _dropout_keep_mask launches it
     variants.append(KernelVariant(kernels._dropout_keep_kernel, "debug",

@@ -64,7 +64,8 @@ def _dropout(weights: torch.Tensor, dropout_p: float, keep_mask: Optional[torch.
         return weights
     if keep_mask is None:
         return F.dropout(weights, p=dropout_p)
-    return weights * (keep_mask.to(weights.device, weights.dtype) * (1.0 / (1.0 - dropout_p)))
+    keep_scale = 0.0 if dropout_p >= 1 else 1.0 / (1.0 - dropout_p)  # p = 1 drops every weight, as F.dropout
+    return weights * (keep_mask.to(weights.device, weights.dtype) * keep_scale)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: Optional[torch.Tensor] = None,
