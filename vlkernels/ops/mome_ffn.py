@@ -682,7 +682,8 @@ def aot_variants():
                 kernels._mome_layernorm_kernel, f"{str(dtype)[6:]}-D{dim}",
                 dict(NUM_EXPERTS=experts, BLOCK_R=block_r, BLOCK_D=block_d),
                 {"x": dtype, "order": i32, "offsets": i32, "ln_weight": dtype, "ln_bias": dtype, "mean": fp32,
-                 "rstd": fp32, "normed": dtype}, dict(tokens=tokens, D=dim, eps=1e-6), dict(num_warps=_LAYERNORM_WARPS)))
+                 "rstd": fp32, "normed": dtype}, dict(tokens=tokens, D=dim, eps=1e-6),
+                dict(num_warps=_LAYERNORM_WARPS)))
             for one_slot in (False, True):
                 chunk_rows = 0 if one_slot else _ln_bwd_launch(tokens, dim, experts, _H100_SMS)[2]
                 sums = dtype if one_slot else fp32
