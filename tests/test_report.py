@@ -121,3 +121,12 @@ def test_the_report_compiles_every_row_of_the_attention_configuration_table(repo
         row = rows[(variant.name, variant.label)]
         cfg = configs.CONFIGS[key]
         assert (row["num_warps"], row["num_stages"]) == (cfg.num_warps, cfg.num_stages), variant.label
+
+
+def test_mome_layernorm_backward_keeps_16_warps_per_sm(report_rows):
+    """The MoME LayerNorm backward's programs (about two per SM at the chunked schedule) run 8
+    warps each with 2 CTAs resident per SM, in both schedules (one slot per expert, chunks)."""
+    rows = [row for row in report_rows if row["kernel"] == "_mome_ln_bwd_kernel"]
+    assert any("one-slot" in row["variant"] for row in rows) and any("one-slot" not in row["variant"] for row in rows)
+    for row in rows:
+        assert row["warps_per_sm"] >= 16, f"{row['variant']}: {row['ctas_per_sm']} CTA/SM of {row['num_warps']} warps"
