@@ -141,6 +141,36 @@ def test_skewed_routing_with_an_empty_expert(dtype):
     check_against_reference(inputs, index.to(DEVICE), dtype, generator)
 
 
+@pytest.mark.parametrize("multiprocessors", [2, 16], ids=["one-slot", "chunked"])
+@pytest.mark.parametrize("dtype", kernel_dtypes(), ids=dtype_id)
+def test_every_reduction_is_balanced_by_tokens(dtype, multiprocessors, monkeypatch):
+    """1 / 0 / 30 / 569 of 600 tokens (a tiny, an empty, a small and a big expert), D = 160 and
+    F = 200 above every block: the weight gradients, the bias column sums and the LayerNorm
+    backward all take the token-balanced schedule. With the interpreter's 2 multiprocessors each
+    reduces an expert in one slot, stored in the gradient's dtype; as on a 16-SM device, each
+    expert's rows in fixed-size chunks (the big expert over several, fp32 partials added per
+    expert in order). Every gradient against the float64 reference."""
+    monkeypatch.setattr(mome_module, "_multiprocessors", lambda device: multiprocessors)
+    generator = torch.Generator().manual_seed(22)
+    t, d, f, e = 600, 160, 200, 4
+    index = torch.full((t,), 3, dtype=torch.long)
+    picked = torch.randperm(t, generator=generator)
+    index[picked[:1]] = 0
+    index[picked[1:31]] = 2
+    schedules = [mome_module._column_sum_launch(t, n_size, e, multiprocessors)[:2] for n_size in (d, f)]
+    schedules.append(mome_module._ln_bwd_launch(t, d, e, multiprocessors)[2:4])
+    for m_size, n_size in ((d, f), (f, d)):
+        cfg = mome_module.WEIGHT_GRAD_CONFIGS[dtype, "tf32"]
+        schedules.append(mome_module._weight_grad_launch(t, m_size, n_size, e, cfg, multiprocessors)[:2])
+    for chunk_rows, slots in schedules:
+        if multiprocessors == 2:
+            assert (chunk_rows, slots) == (0, e)
+        else:
+            assert 0 < chunk_rows < 569 and slots == -(-t // chunk_rows) + e - 1, (chunk_rows, slots)
+    inputs = make_inputs(t, d, f, e, True, dtype, DEVICE, generator)
+    check_against_reference(inputs, index.to(DEVICE), dtype, generator)
+
+
 def test_triton_large_row_mean_and_relu():
     """Rows with a large mean (LayerNorm statistics must not cancel) and the relu activation."""
     generator = torch.Generator().manual_seed(4)
@@ -525,20 +555,22 @@ def test_hidden_sizes_above_every_block(backend, ln):
 
 
 def test_split_reductions_match_torch():
-    """The weight-gradient and bias column-sum kernels with their rows split over programs
-    (splits > 1, the path large batches take), an empty expert included."""
+    """The weight-gradient and bias column-sum kernels with each expert's rows in chunks (the path
+    large batches take), an empty expert included, stored in the gradient's dtype."""
     generator = torch.Generator().manual_seed(36)
     cfg = mome_module.GEMM_CONFIGS[torch.float32]
     index = torch.randint(0, 2, (400,), generator=generator) * 2  # expert 1 gets no token
     order, offsets = expert_order(index.to(DEVICE), 3)
     counts = torch.bincount(index, minlength=3).tolist()
-    b = torch.randn(400, 40, generator=generator).to(DEVICE)
-    assert mome_module._column_sum_launch(400, 40, 3, mome_module._multiprocessors(b.device))[0] > 1
-    rows = b.double().cpu()[order.long().cpu()].split(counts)
-    expected = torch.stack([r.sum(0) for r in rows])
-    with poisoned_allocations():
-        sums = mome_module._launch_column_sum(b, order, offsets, gather=True)
-    assert_matches_reference("column sums", sums, expected, sums)
+    assert mome_module._column_sum_launch(400, 40, 3, mome_module._multiprocessors(DEVICE))[0] > 0
+    b = torch.randn(400, 40, generator=generator)
+    for dtype, gather in ((torch.float32, True), (torch.float16, True), (torch.float32, False)):
+        rows = b.to(dtype)[order.long().cpu() if gather else torch.arange(400)]
+        expected = torch.stack([r.double().sum(0) for r in rows.split(counts)])
+        same_dtype = torch.stack([r.sum(0) for r in rows.split(counts)])
+        with poisoned_allocations():
+            sums = mome_module._launch_column_sum(b.to(DEVICE, dtype), order, offsets, gather=gather)
+        assert_matches_reference("column sums", sums, expected, same_dtype)  # in B's dtype
 
     a = torch.randn(260, 8, generator=generator).to(DEVICE)
     b = torch.randn(260, 12, generator=generator).to(DEVICE)
@@ -759,8 +791,8 @@ def test_launch_grids_stay_within_cuda_limits(tokens, experts):
         for n_size, m_size, sms in ((768, 3072, 132), (3072, 768, 132), (100_000, 300, 1000)):
             grids = [mome_module._rows_grid(tokens, n_size, experts, cfg),
                      mome_module._weight_grad_launch(tokens, m_size, n_size, experts, cfg, sms)[2],
-                     mome_module._column_sum_launch(tokens, n_size, experts, sms)[1],
-                     mome_module._ln_bwd_launch(tokens, m_size, experts, sms)[3]]
+                     mome_module._column_sum_launch(tokens, n_size, experts, sms)[2],
+                     mome_module._ln_bwd_launch(tokens, m_size, experts, sms)[4]]
             if grids[0][0] >= 2**31:
                 x = torch.empty(1, 1, dtype=dtype).expand(tokens, m_size)  # sizes only, no memory
                 w1 = torch.empty(1, 1, 1, dtype=dtype).expand(experts, m_size, n_size)

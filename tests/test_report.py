@@ -182,3 +182,12 @@ def test_masked_forward_hot_loops_are_within_ten_percent_of_the_unmasked_one(rep
             checked.append(masked_label)
     dtypes = {label.split("-")[0] for label in checked}
     assert dtypes == {"bfloat16", "float16", "float32"}, checked
+
+
+def test_mome_layernorm_backward_keeps_16_warps_per_sm(report_rows):
+    """The MoME LayerNorm backward's programs (about two per SM at the chunked schedule) run 8
+    warps each with 2 CTAs resident per SM, in both schedules (one slot per expert, chunks)."""
+    rows = [row for row in report_rows if row["kernel"] == "_mome_ln_bwd_kernel"]
+    assert any("one-slot" in row["variant"] for row in rows) and any("one-slot" not in row["variant"] for row in rows)
+    for row in rows:
+        assert row["warps_per_sm"] >= 16, f"{row['variant']}: {row['ctas_per_sm']} CTA/SM of {row['num_warps']} warps"

@@ -9,9 +9,10 @@ their stores. Intermediate [T, F] tensors (h, pre-activation, dz) live in sorted
 Row tiles never straddle two experts: the row tiles of expert e are the cdiv(count_e, BLOCK_M)
 tiles starting at offsets[e]. Each program finds its (expert, first row) by scanning the E+1
 offsets on device (no host sync); the launch grid is an upper bound on the tile count and
-programs past the last real tile exit at once. The weight gradients' row chunks are scheduled
-the same way (fixed-size chunks of each expert's rows), so the work follows the tokens of each
-expert however skewed the routing is.
+programs past the last real tile exit at once. Every reduction over each expert's rows (the
+weight and bias gradients, the LayerNorm's weight sums) is scheduled the same way (_slot_rows:
+fixed-size chunks of each expert's rows), so the work follows the tokens of each expert however
+skewed the routing is.
 
 Concurrency rules, kept by every kernel below (the interpreter runs programs one after another
 and cannot show a violation; each kernel's docstring says how it keeps them):
@@ -23,8 +24,8 @@ and cannot show a violation; each kernel's docstring says how it keeps them):
 - no tile loaded in a pipelined dot loop has a second, non-dot consumer (triton-lang/triton#6691:
   the pipeliner may under-allocate its buffers and overwrite a tile the tensor core still
   reads): bias gradients are column sums in their own kernel, not summed from a dot operand;
-- every launch grid is 1-D (axis 0 allows 2**31 - 1 programs), or its axis 1 is bounded by the
-  device size: nothing that grows with the tokens is on axis 1 or 2 (CUDA stops those at 65535).
+- every launch grid is 1-D (axis 0 allows 2**31 - 1 programs): nothing is on axes 1 or 2
+  (CUDA stops those at 65535).
 """
 from __future__ import annotations
 
@@ -61,6 +62,18 @@ def _expert_tile(offsets, tile, NUM_EXPERTS: tl.constexpr, rows_per_tile):
         seen += tiles
         begin = end
     return expert, row_begin, row_end
+
+
+@triton.jit
+def _slot_rows(offsets, slot, chunk_rows, NUM_EXPERTS: tl.constexpr, ONE_SLOT_PER_EXPERT: tl.constexpr):
+    # The schedule of every reduction over each expert's rows (weight and bias gradients, the
+    # LayerNorm's): slot s is expert s with all its rows (ONE_SLOT_PER_EXPERT, possibly none),
+    # else chunk s of the token-balanced cut of each expert's rows into chunk_rows (expert -1
+    # past the last chunk). Returns (expert, row_begin, row_end).
+    if ONE_SLOT_PER_EXPERT:
+        return slot, tl.load(offsets + slot), tl.load(offsets + slot + 1)
+    else:
+        return _expert_tile(offsets, slot, NUM_EXPERTS, chunk_rows)
 
 
 @triton.jit
@@ -217,12 +230,9 @@ def _mome_weight_grad_kernel(
     pid_n = pid % n_tiles
     pid_m = (pid // n_tiles) % m_tiles
     slot = pid // (n_tiles * m_tiles)
-    if ONE_SLOT_PER_EXPERT:
-        row_begin = tl.load(offsets + slot)
-        row_end = tl.load(offsets + slot + 1)
-    else:
-        expert, row_begin, row_end = _expert_tile(offsets, slot, NUM_EXPERTS, chunk_rows)
-        if expert < 0:
+    expert, row_begin, row_end = _slot_rows(offsets, slot, chunk_rows, NUM_EXPERTS, ONE_SLOT_PER_EXPERT)
+    if not ONE_SLOT_PER_EXPERT:
+        if expert < 0:  # past the last chunk
             return
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -255,8 +265,8 @@ def _mome_slot_sum_kernel(
     NUM_EXPERTS: tl.constexpr,  # constexpr: the chunk count scan unrolls over the experts
     BLOCK: tl.constexpr,
 ):
-    """out[e] = sum of the fp32 partial slots of expert e's chunks (cut as in
-    _mome_weight_grad_kernel), in out's dtype; zeros for an expert without rows.
+    """out[e] = sum of the fp32 partial slots of expert e's chunks (cut as in _slot_rows), in
+    out's dtype; zeros for an expert without rows.
 
     Grid (experts * cdiv(numel, BLOCK),), 1-D. Rules: program (e, block) alone writes its block
     of out[e] and reads only parts (written by an earlier launch). The slots are added in order:
@@ -286,32 +296,34 @@ def _mome_slot_sum_kernel(
 
 @triton.jit
 def _mome_column_sum_kernel(
-    b, order, offsets, grad_bias_parts,
-    N, experts, splits,
+    b, order, offsets, grad_bias,
+    N, chunk_rows,
+    NUM_EXPERTS: tl.constexpr,  # constexpr: the chunk scan unrolls over the experts
+    ONE_SLOT_PER_EXPERT: tl.constexpr,  # slot = expert, all its rows, stored in grad_bias's dtype
     GATHER: tl.constexpr,  # rows of B are token rows order[p] (grad_out), else sorted rows p (dz)
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Split s of grad_bias[e][N] = column sums of B over expert e's rows, as fp32 partials
-    grad_bias_parts[s, e] that torch sums afterwards (deterministic, no atomics).
+    """Slot s of grad_bias[e][N] = column sums of B over expert e's rows, in the slots of
+    _slot_rows: straight into grad_bias[e] (ONE_SLOT_PER_EXPERT, the gradient's dtype; zeros for
+    an expert without rows), else fp32 partial sums grad_bias[s] of each chunk that
+    _mome_slot_sum_kernel adds per expert in a fixed order (deterministic, no atomics): the work
+    per program follows the tokens, however skewed the routing.
 
-    Grid (experts * splits * n_tiles,), 1-D: pid -> (expert, split) slot pid // n_tiles, N tile
-    pid % n_tiles. Rules: each program stores only its own N tile of its own slot and reads only
-    inputs; there is no dot, so nothing here is a pipelined dot operand. The [BLOCK_R, BLOCK_N]
-    accumulator is summed over rows once at the end (a fixed order: the same bits every run).
+    Grid (slots * n_tiles,), 1-D: pid -> slot pid // n_tiles, N tile pid % n_tiles. Rules: each
+    program stores only its own N tile of its own slot and reads only inputs; there is no dot,
+    so nothing here is a pipelined dot operand. The [BLOCK_R, BLOCK_N] accumulator is summed
+    over rows once at the end (a fixed order: the same bits every run).
     """
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(N, BLOCK_N)
     pid_n = pid % n_tiles
     slot = pid // n_tiles
-    expert = slot // splits
-    split = slot % splits
+    expert, row_begin, row_end = _slot_rows(offsets, slot, chunk_rows, NUM_EXPERTS, ONE_SLOT_PER_EXPERT)
+    if not ONE_SLOT_PER_EXPERT:
+        if expert < 0:  # past the last chunk
+            return
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
-    begin = tl.load(offsets + expert)
-    end = tl.load(offsets + expert + 1)
-    per_split = tl.cdiv(tl.cdiv(end - begin, splits), BLOCK_R) * BLOCK_R
-    row_begin = begin + split * per_split
-    row_end = tl.minimum(row_begin + per_split, end)
     acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
     for r0 in range(row_begin, row_end, BLOCK_R):
         p = r0 + tl.arange(0, BLOCK_R)
@@ -321,32 +333,31 @@ def _mome_column_sum_kernel(
         else:
             row = p.to(tl.int64)
         acc += tl.load(b + row[:, None] * N + n[None, :], mask=p_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-    part = (split * experts + expert).to(tl.int64)  # slot [split, expert]
-    tl.store(grad_bias_parts + part * N + n, tl.sum(acc, axis=0), mask=n_ok)
+    tl.store(grad_bias + slot.to(tl.int64) * N + n, tl.sum(acc, axis=0).to(grad_bias.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
 def _mome_ln_bwd_kernel(
-    x, order, offsets, mean, rstd, grad_normed, ln_weight, grad_x, grad_ln_weight_parts, grad_ln_bias_parts,
-    D, chunks,
+    x, order, offsets, mean, rstd, grad_normed, ln_weight, grad_x, grad_ln_weight, grad_ln_bias,
+    D, chunk_rows,
+    NUM_EXPERTS: tl.constexpr,  # constexpr: the chunk scan unrolls over the experts
+    ONE_SLOT_PER_EXPERT: tl.constexpr,  # slot = expert, all its rows, stored in the gradients' dtype
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,  # BLOCK_D >= D: a row's reductions stay in registers
 ):
-    """LayerNorm backward of chunk c of expert e's rows: grad_x (scattered to the token rows) and
-    fp32 partial sums of grad ln_weight / ln_bias for slot [c, e], summed by torch afterwards.
+    """LayerNorm backward of slot s (_slot_rows: an expert, or a chunk of an expert's rows):
+    grad_x (scattered to the token rows) and the sums of grad ln_weight / ln_bias over its rows,
+    straight into grad_ln_weight[e] / grad_ln_bias[e] (ONE_SLOT_PER_EXPERT, their dtype), else
+    as fp32 partials [s] that _mome_slot_sum_kernel adds per expert in a fixed order.
 
-    Grid (experts, chunks): chunks <= cdiv(2 * multiprocessors, experts) (see the launcher), so
-    axis 1 stays far below 65535 whatever the token count. Rules: expert e's chunks own disjoint
-    sorted positions, and order is a permutation, so each grad_x row has one writer; each program
-    stores its own partial slot and reads only inputs. No dot: no pipelined dot operand here.
+    Grid (slots,), 1-D. Rules: slots own disjoint sorted positions and order is a permutation,
+    so each grad_x row has one writer; each program stores its own slot of the weight sums and
+    reads only inputs. No dot: no pipelined dot operand here.
     """
-    expert = tl.program_id(0)
-    chunk = tl.program_id(1)
-    experts = tl.num_programs(0)
-    begin = tl.load(offsets + expert)
-    end = tl.load(offsets + expert + 1)
-    per_chunk = tl.cdiv(tl.cdiv(end - begin, chunks), BLOCK_R) * BLOCK_R
-    row_begin = begin + chunk * per_chunk
-    row_end = tl.minimum(row_begin + per_chunk, end)
+    slot = tl.program_id(0)
+    expert, row_begin, row_end = _slot_rows(offsets, slot, chunk_rows, NUM_EXPERTS, ONE_SLOT_PER_EXPERT)
+    if not ONE_SLOT_PER_EXPERT:
+        if expert < 0:  # past the last chunk
+            return
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     gamma = tl.load(ln_weight + expert * D + d, mask=d_ok, other=0.0).to(tl.float32)
@@ -369,6 +380,6 @@ def _mome_ln_bwd_kernel(
         tl.store(grad_x + row[:, None] * D + d[None, :], dx.to(grad_x.dtype.element_ty), mask=ok)
         acc_weight += tl.sum(g * xhat, axis=0)
         acc_bias += tl.sum(g, axis=0)
-    part = (chunk * experts + expert).to(tl.int64) * D
-    tl.store(grad_ln_weight_parts + part + d, acc_weight, mask=d_ok)
-    tl.store(grad_ln_bias_parts + part + d, acc_bias, mask=d_ok)
+    part = slot.to(tl.int64) * D
+    tl.store(grad_ln_weight + part + d, acc_weight.to(grad_ln_weight.dtype.element_ty), mask=d_ok)
+    tl.store(grad_ln_bias + part + d, acc_bias.to(grad_ln_bias.dtype.element_ty), mask=d_ok)

@@ -76,21 +76,23 @@ def _col_min(X):
     return tl.min(X, axis=0, keep_dims=True)
 
 
-@triton.jit
-def _lse_down_cols(Z):
-    # log2-sum-exp2 down each column of Z (-inf for a column of -inf)
-    m = _col_max(Z)
-    shift = tl.where(m == float("-inf"), 0.0, m)
-    total = _col_sum(tl.exp2(Z - shift))
-    return tl.where(total > 0.0, shift + tl.log2(tl.where(total > 0.0, total, 1.0)), float("-inf"))
+COLUMNS = tl.constexpr(0)  # _lse's axis: down each column, giving a column vector
+ROWS = tl.constexpr(1)  # along each row, giving a row vector
 
 
 @triton.jit
-def _lse_along_rows(Z):
-    # log2-sum-exp2 along each row of Z (-inf for a row of -inf)
-    m = _row_max(Z)
+def _lse(Z, AXIS: tl.constexpr):
+    # log2-sum-exp2 of Z down its columns (AXIS == COLUMNS) or along its rows (AXIS == ROWS);
+    # -inf for a line of -inf
+    if AXIS == COLUMNS:
+        m = _col_max(Z)
+    else:
+        m = _row_max(Z)
     shift = tl.where(m == float("-inf"), 0.0, m)
-    total = _row_sum(tl.exp2(Z - shift))
+    if AXIS == COLUMNS:
+        total = _col_sum(tl.exp2(Z - shift))
+    else:
+        total = _row_sum(tl.exp2(Z - shift))
     return tl.where(total > 0.0, shift + tl.log2(tl.where(total > 0.0, total, 1.0)), float("-inf"))
 
 
@@ -133,9 +135,9 @@ def _ipot_log_iterations(log_a, log_sigma, log_delta, x_len, y_len, steps, k):
     for _ in range(steps):
         log_q = log_a + log_q
         for _ in range(k):
-            col = _lse_down_cols(log_q + log_sigma)
+            col = _lse(log_q + log_sigma, COLUMNS)
             log_delta = tl.where(col > float("-inf"), -log_y_len - col, float("-inf"))
-            row = _lse_along_rows(log_q + log_delta)
+            row = _lse(log_q + log_delta, ROWS)
             log_sigma = tl.where(row > float("-inf"), -log_x_len - row, float("-inf"))
         log_q = log_delta + log_q + log_sigma  # log T of this step
     return tl.exp2(log_q)  # 0 off the joint-valid entries (log Q = -inf there)
@@ -296,7 +298,7 @@ def _sinkhorn_kernel(
         row_mass = tl.log2(mass_a)  # -inf off the support (log2(0))
         col_mass = tl.log2(mass_b)
         f = tl.where(row_mass > float("-inf"), 0.0, float("-inf"))
-        col = _lse_down_cols(K + f)  # LSE_i(K_ij + f_i)
+        col = _lse(K + f, COLUMNS)  # LSE_i(K_ij + f_i)
     else:
         K = tl.where(joint, tl.exp2(scaled), 0.0)
         row_mass = mass_a
@@ -311,8 +313,8 @@ def _sinkhorn_kernel(
                 # -inf - (-inf) off the support: the maxima turn an LSE of -inf into the most
                 # negative float, so the potential stays -inf there
                 g = col_mass - tl.maximum(col, -3.0e38)
-                f = row_mass - tl.maximum(_lse_along_rows(K + g), -3.0e38)
-                col = _lse_down_cols(K + f)
+                f = row_mass - tl.maximum(_lse(K + g, ROWS), -3.0e38)
+                col = _lse(K + f, COLUMNS)
             else:
                 g = col_mass / tl.where(col_mass > 0.0, col, 1.0)
                 row = _row_sum(K * g)

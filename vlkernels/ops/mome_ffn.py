@@ -20,16 +20,16 @@ db2, db1 = per-expert column sums of dY[order] and dz in a kernel of their own
 (summing them from the dW GEMMs' operand tiles would give those tiles a second, non-dot
 consumer in a pipelined dot loop: triton-lang/triton#6691); d(normalised x) = dz @ W1[e]^T;
 LayerNorm backward with d ln weight/bias, grad_x scattered to token rows (without a LayerNorm,
-the previous GEMM stores grad_x itself, scattered). The weight gradients reduce each expert's
-rows in one program per tile, stored in the gradient's dtype, when the batch is small enough for
-that to fill the device; otherwise in fixed-size chunks of each expert's rows (balanced by
-tokens however skewed the routing) whose fp32 partials one kernel adds per expert in the
-gradient's dtype. Bias and LayerNorm reductions are split into fp32 partials that torch sums.
-All deterministic, no atomics.
+the previous GEMM stores grad_x itself, scattered). Every reduction over each expert's rows
+(the weight and bias gradients, the LayerNorm's weight sums) follows one schedule
+(_chunk_schedule): all of an expert's rows in one program per tile, stored in the gradient's
+dtype, when the batch is small enough for that to fill the device; otherwise fixed-size chunks
+of each expert's rows (balanced by tokens however skewed the routing; the grid sized from the
+token total, the chunks found on the device) whose fp32 partials one kernel adds per expert in
+a fixed order, in the gradient's dtype. All deterministic, no atomics.
 
-Launch grids are 1-D (row tiles and splits flattened into axis 0), except the LayerNorm
-backward's (experts, chunks) whose axis 1 is bounded by the device size: CUDA's grid axes 1
-and 2 stop at 65535 (see the grid functions and tests/test_mome_ffn.py).
+Launch grids are 1-D (row tiles and slots flattened into axis 0): CUDA's grid axes 1 and 2
+stop at 65535 (see the grid functions and tests/test_mome_ffn.py).
 
 Why z is stored rather than recomputed: act'(z) needs z, and h cannot give it back; recomputing
 z costs a whole FC1 GEMM (1/3 of the forward FLOPs) in the backward, whereas storing it costs
@@ -63,7 +63,10 @@ _ACTIVATION_CODES = {"gelu": 0, "relu": 1}
 
 
 _LN_BWD_ELEMENTS = 4096  # rows per LayerNorm-backward block: BLOCK_R * BLOCK_D fp32 values in registers
-_LN_BWD_WARPS = 4
+_LAYERNORM_WARPS = 4
+# 8 warps for the backward: 110-128 registers, 2 CTAs (16 warps) per SM without a spill, where 4
+# warps took 163-214 (8-12 warps per SM) and spilled storing fp16 / bf16 sums at D <= 256.
+_LN_BWD_WARPS = 8
 # Bias-gradient column sums: 32 rows x 128 columns per step (16 fp32 accumulators per thread at
 # 4 warps, 16-byte loads along the contiguous columns).
 _COLUMN_SUM_ROWS, _COLUMN_SUM_COLUMNS, _COLUMN_SUM_WARPS = 32, 128, 4
@@ -76,6 +79,7 @@ _GROUP_M = 8  # row tiles per group of the rows kernel's L2-friendly program ord
 _NARROW_BLOCK_N = 64
 _MAX_TOKENS = 2**31 - 1  # offsets, order and sorted positions are int32
 _MAX_PROGRAMS = 2**31 - 1  # CUDA's grid axis 0
+_H100_SMS = 132  # the device the report's chunked variants are cut for
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -109,18 +113,27 @@ def _rows_grid(tokens: int, n_size: int, experts: int, cfg) -> tuple[int]:
     return (triton.cdiv(n_size, cfg.block_n) * _row_tiles(tokens, experts, cfg.block_m),)
 
 
-def _weight_grad_launch(tokens: int, m_size: int, n_size: int, experts: int, cfg, multiprocessors: int):
-    """(chunk_rows, slots, grid) of a weight gradient. The rows of each expert are cut into chunks
-    of chunk_rows (a multiple of BLOCK_K, at least four row blocks) until the grid covers the
-    device about twice; slots bounds the chunk count of any routing (cdiv(T, chunk) + E - 1).
+def _chunk_schedule(tokens: int, experts: int, tiles: int, row_block: int, min_blocks: int,
+                    multiprocessors: int) -> tuple[int, int]:
+    """(chunk_rows, slots) of a reduction over each expert's rows with `tiles` output tiles per
+    slot: the schedule of every such reduction (weight and bias gradients, the LayerNorm's
+    weight sums), read on the device by _slot_rows. The rows of each expert are cut into chunks
+    of chunk_rows (a multiple of row_block, at least min_blocks of them) until the grid covers
+    the device about twice; whatever the routing, the chunks number at most cdiv(T, chunk) + E - 1
+    (slots), so the grid is sized from the token total alone (no host read of the counts).
     chunk_rows 0: one slot per expert, each reducing all its rows (the batch is too small to
     split), stored in the gradient's dtype without partials."""
-    tiles = triton.cdiv(m_size, cfg.block_m) * triton.cdiv(n_size, cfg.block_n)
     chunks = triton.cdiv(2 * multiprocessors, tiles)
-    chunk_rows = max(4 * cfg.block_k, triton.cdiv(triton.cdiv(tokens, chunks), cfg.block_k) * cfg.block_k)
+    chunk_rows = max(min_blocks * row_block, triton.cdiv(triton.cdiv(tokens, chunks), row_block) * row_block)
     if chunks <= experts or chunk_rows >= tokens:
-        return 0, experts, (experts * tiles,)
-    slots = triton.cdiv(tokens, chunk_rows) + experts - 1
+        return 0, experts
+    return chunk_rows, triton.cdiv(tokens, chunk_rows) + experts - 1
+
+
+def _weight_grad_launch(tokens: int, m_size: int, n_size: int, experts: int, cfg, multiprocessors: int):
+    """(chunk_rows, slots, grid) of a weight gradient: chunks of BLOCK_K row blocks, at least four."""
+    tiles = triton.cdiv(m_size, cfg.block_m) * triton.cdiv(n_size, cfg.block_n)
+    chunk_rows, slots = _chunk_schedule(tokens, experts, tiles, cfg.block_k, 4, multiprocessors)
     return chunk_rows, slots, (slots * tiles,)
 
 
@@ -129,19 +142,32 @@ def _slot_sum_grid(numel: int, experts: int) -> tuple[int]:
 
 
 def _column_sum_launch(tokens: int, n_size: int, experts: int, multiprocessors: int):
-    """(splits, grid) of the bias-gradient column sums: each expert's rows split until the grid
-    covers the device about twice, with at least two row blocks per split."""
-    tiles = triton.cdiv(n_size, _COLUMN_SUM_COLUMNS) * experts
-    splits = max(1, min(triton.cdiv(2 * multiprocessors, tiles), tokens // (2 * _COLUMN_SUM_ROWS * experts)))
-    return splits, (tiles * splits,)
+    """(chunk_rows, slots, grid) of the bias-gradient column sums: chunks of at least two row blocks."""
+    tiles = triton.cdiv(n_size, _COLUMN_SUM_COLUMNS)
+    chunk_rows, slots = _chunk_schedule(tokens, experts, tiles, _COLUMN_SUM_ROWS, 2, multiprocessors)
+    return chunk_rows, slots, (slots * tiles,)
 
 
 def _ln_bwd_launch(tokens: int, dim: int, experts: int, multiprocessors: int):
-    """(block_r, block_d, chunks, grid (experts, chunks)): chunks <= cdiv(2 * multiprocessors,
-    experts), so axis 1 is bounded by the device size, not by the tokens."""
+    """(block_r, block_d, chunk_rows, slots, grid) of the LayerNorm backward: one program per
+    slot, chunks of at least four row blocks."""
     block_r, block_d = _ln_blocks(dim)
-    chunks = max(1, min(triton.cdiv(2 * multiprocessors, experts), tokens // (4 * block_r * experts)))
-    return block_r, block_d, chunks, (experts, chunks)
+    chunk_rows, slots = _chunk_schedule(tokens, experts, 1, block_r, 4, multiprocessors)
+    return block_r, block_d, chunk_rows, slots, (slots,)
+
+
+def _reduce_slots(parts: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor, chunk_rows: int) -> None:
+    """out[e] = the sum of expert e's fp32 partial slots parts[s] (added in order), in out's dtype."""
+    numel = out[0].numel()
+    kernels._mome_slot_sum_kernel[_slot_sum_grid(numel, out.shape[0])](
+        parts, offsets, out, numel, chunk_rows, NUM_EXPERTS=out.shape[0], BLOCK=_SLOT_SUM_BLOCK,
+        num_warps=_SLOT_SUM_WARPS,
+    )
+
+
+def _slot_targets(out: torch.Tensor, chunk_rows: int, slots: int) -> torch.Tensor:
+    # One slot per expert: the kernel stores into the gradient itself; else fp32 partials per slot.
+    return out if not chunk_rows else torch.empty(slots, *out.shape[1:], device=out.device, dtype=torch.float32)
 
 
 def _launch_layernorm(x, order, offsets, ln_weight, ln_bias, eps):
@@ -153,7 +179,7 @@ def _launch_layernorm(x, order, offsets, ln_weight, ln_bias, eps):
     rstd = torch.empty_like(mean)
     kernels._mome_layernorm_kernel[(triton.cdiv(tokens, block_r),)](
         x, order, offsets, ln_weight, ln_bias, mean, rstd, normed, tokens, dim, eps,
-        NUM_EXPERTS=offsets.shape[0] - 1, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_LN_BWD_WARPS,
+        NUM_EXPERTS=offsets.shape[0] - 1, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_LAYERNORM_WARPS,
     )
     return normed, mean, rstd
 
@@ -190,9 +216,7 @@ def _launch_weight_grad(a, b, order, offsets, *, gather_a, gather_b) -> torch.Te
     cfg = WEIGHT_GRAD_CONFIGS[b.dtype, precision]
     chunk_rows, slots, grid = _weight_grad_launch(tokens, m_size, n_size, experts, cfg, _multiprocessors(a.device))
     grad_weight = torch.empty(experts, m_size, n_size, device=a.device, dtype=b.dtype)
-    # One slot per expert: straight into the gradient; else fp32 partials per chunk.
-    target = grad_weight if not chunk_rows else torch.empty(slots, m_size, n_size, device=a.device,
-                                                             dtype=torch.float32)
+    target = _slot_targets(grad_weight, chunk_rows, slots)
     kernels._mome_weight_grad_kernel[grid](
         a, b, order, offsets, target, m_size, n_size, chunk_rows,
         NUM_EXPERTS=experts, GATHER_A=gather_a, GATHER_B=gather_b, ONE_SLOT_PER_EXPERT=not chunk_rows,
@@ -200,24 +224,24 @@ def _launch_weight_grad(a, b, order, offsets, *, gather_a, gather_b) -> torch.Te
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if chunk_rows:
-        kernels._mome_slot_sum_kernel[_slot_sum_grid(m_size * n_size, experts)](
-            target, offsets, grad_weight, m_size * n_size, chunk_rows, NUM_EXPERTS=experts,
-            BLOCK=_SLOT_SUM_BLOCK, num_warps=_SLOT_SUM_WARPS,
-        )
+        _reduce_slots(target, offsets, grad_weight, chunk_rows)
     return grad_weight
 
 
 def _launch_column_sum(b, order, offsets, *, gather) -> torch.Tensor:
-    """Per expert e: column sums of B[rows_e] (rows order[p] when ``gather``), [E, N] fp32."""
+    """Per expert e: column sums of B[rows_e] (rows order[p] when ``gather``), [E, N] in B's dtype."""
     tokens, n_size = b.shape
     experts = offsets.shape[0] - 1
-    splits, grid = _column_sum_launch(tokens, n_size, experts, _multiprocessors(b.device))
-    parts = torch.empty(splits, experts, n_size, device=b.device, dtype=torch.float32)
+    chunk_rows, slots, grid = _column_sum_launch(tokens, n_size, experts, _multiprocessors(b.device))
+    grad_bias = torch.empty(experts, n_size, device=b.device, dtype=b.dtype)
+    target = _slot_targets(grad_bias, chunk_rows, slots)
     kernels._mome_column_sum_kernel[grid](
-        b, order, offsets, parts, n_size, experts, splits, GATHER=gather,
-        BLOCK_R=_COLUMN_SUM_ROWS, BLOCK_N=_COLUMN_SUM_COLUMNS, num_warps=_COLUMN_SUM_WARPS,
+        b, order, offsets, target, n_size, chunk_rows, NUM_EXPERTS=experts, ONE_SLOT_PER_EXPERT=not chunk_rows,
+        GATHER=gather, BLOCK_R=_COLUMN_SUM_ROWS, BLOCK_N=_COLUMN_SUM_COLUMNS, num_warps=_COLUMN_SUM_WARPS,
     )
-    return parts.sum(0)
+    if chunk_rows:
+        _reduce_slots(target, offsets, grad_bias, chunk_rows)
+    return grad_bias
 
 
 def _ln_blocks(dim: int) -> tuple[int, int]:
@@ -227,17 +251,23 @@ def _ln_blocks(dim: int) -> tuple[int, int]:
 
 
 def _launch_ln_bwd(x, order, offsets, mean, rstd, grad_normed, ln_weight):
+    """(grad_x [T, D], grad ln_weight [E, D], grad ln_bias [E, D]), all in x's dtype."""
     tokens, dim = x.shape
     experts = offsets.shape[0] - 1
-    block_r, block_d, chunks, grid = _ln_bwd_launch(tokens, dim, experts, _multiprocessors(x.device))
+    block_r, block_d, chunk_rows, slots, grid = _ln_bwd_launch(tokens, dim, experts, _multiprocessors(x.device))
     grad_x = torch.empty_like(x)
-    weight_parts = torch.empty(chunks, experts, dim, device=x.device, dtype=torch.float32)
-    bias_parts = torch.empty(chunks, experts, dim, device=x.device, dtype=torch.float32)
+    # two tensors: each gradient owns its storage
+    grad_weight, grad_bias = (torch.empty(experts, dim, device=x.device, dtype=x.dtype) for _ in range(2))
+    weight_target, bias_target = (_slot_targets(t, chunk_rows, slots) for t in (grad_weight, grad_bias))
     kernels._mome_ln_bwd_kernel[grid](
-        x, order, offsets, mean, rstd, grad_normed, ln_weight, grad_x, weight_parts, bias_parts, dim, chunks,
-        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_LN_BWD_WARPS,
+        x, order, offsets, mean, rstd, grad_normed, ln_weight, grad_x, weight_target, bias_target, dim, chunk_rows,
+        NUM_EXPERTS=experts, ONE_SLOT_PER_EXPERT=not chunk_rows, BLOCK_R=block_r, BLOCK_D=block_d,
+        num_warps=_LN_BWD_WARPS,
     )
-    return grad_x, weight_parts.sum(0), bias_parts.sum(0)
+    if chunk_rows:
+        _reduce_slots(weight_target, offsets, grad_weight, chunk_rows)
+        _reduce_slots(bias_target, offsets, grad_bias, chunk_rows)
+    return grad_x, grad_weight, grad_bias
 
 
 def _launch_fwd(x, order, offsets, w1, b1, w2, b2, ln_weight, ln_bias, eps, activation, need_backward):
@@ -276,13 +306,12 @@ def _launch_bwd(grad_out, x, order, offsets, w1, w2, h, pre, mean, rstd, normed,
                  epilogue=kernels.EPILOGUE_ACT_GRAD, activation=_ACTIVATION_CODES[activation],
                  weight_kn_strides=(w2.stride(2), w2.stride(1)))
     if need_weights:
-        # Each gradient is a tensor of its own (none is a view of another; .to keeps that).
+        # Each gradient is a tensor of its own (none is a view of another).
         grad_w2 = _launch_weight_grad(h, grad_out, order, offsets, gather_a=False, gather_b=True)
         grad_b2 = _launch_column_sum(grad_out, order, offsets, gather=True)
         grad_w1 = _launch_weight_grad(normed if ln else x, grad_pre, order, offsets, gather_a=not ln,
                                       gather_b=False)
         grad_b1 = _launch_column_sum(grad_pre, order, offsets, gather=False)
-        grad_b1, grad_b2 = grad_b1.to(x.dtype), grad_b2.to(x.dtype)
     if need_x or (need_weights and ln):
         # d(LN output) = dz @ W1[e]^T (W1[e] [D, F] read as [F, D]); without a LayerNorm it is grad_x.
         grad_normed = torch.empty(tokens, dim, device=x.device, dtype=torch.float32 if ln else x.dtype)
@@ -292,7 +321,7 @@ def _launch_bwd(grad_out, x, order, offsets, w1, w2, h, pre, mean, rstd, normed,
             grad_x, ln_weight_grad, ln_bias_grad = _launch_ln_bwd(x, order, offsets, mean, rstd, grad_normed,
                                                                   ln_weight)
             if need_weights:  # the LayerNorm's weight gradients come with the others (the fake's contract)
-                grad_lnw, grad_lnb = ln_weight_grad.to(x.dtype), ln_bias_grad.to(x.dtype)
+                grad_lnw, grad_lnb = ln_weight_grad, ln_bias_grad
         else:
             grad_x = grad_normed
     return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_lnw, grad_lnb
@@ -635,13 +664,17 @@ def aot_variants():
             kernels._mome_slot_sum_kernel, str(dtype)[6:], dict(NUM_EXPERTS=experts, BLOCK=_SLOT_SUM_BLOCK),
             {"parts": fp32, "offsets": i32, "out": dtype}, dict(numel=dim * hidden, chunk_rows=512),
             dict(num_warps=_SLOT_SUM_WARPS)))
-        # db2 (grad_out rows gathered, N = D) and db1 (dz rows in sorted order, N = F)
+        # db2 (grad_out rows gathered, N = D) and db1 (dz rows in sorted order, N = F); one slot
+        # per expert (the gradient's dtype) or the chunks of an H100 at this batch (fp32 partials)
         for what, n_size, gather in (("db2", dim, True), ("db1", hidden, False)):
-            variants.append(KernelVariant(
-                kernels._mome_column_sum_kernel, f"{str(dtype)[6:]}-{what}",
-                dict(GATHER=gather, BLOCK_R=_COLUMN_SUM_ROWS, BLOCK_N=_COLUMN_SUM_COLUMNS),
-                {"b": dtype, "order": i32, "offsets": i32, "grad_bias_parts": fp32},
-                dict(N=n_size, experts=experts, splits=2), dict(num_warps=_COLUMN_SUM_WARPS)))
+            for one_slot in (False, True):
+                chunk_rows = 0 if one_slot else _column_sum_launch(tokens, n_size, experts, _H100_SMS)[0]
+                variants.append(KernelVariant(
+                    kernels._mome_column_sum_kernel, f"{str(dtype)[6:]}-{what}" + ("-one-slot" if one_slot else ""),
+                    dict(NUM_EXPERTS=experts, ONE_SLOT_PER_EXPERT=one_slot, GATHER=gather, BLOCK_R=_COLUMN_SUM_ROWS,
+                         BLOCK_N=_COLUMN_SUM_COLUMNS),
+                    {"b": dtype, "order": i32, "offsets": i32, "grad_bias": dtype if one_slot else fp32},
+                    dict(N=n_size, chunk_rows=chunk_rows), dict(num_warps=_COLUMN_SUM_WARPS)))
     for dtype in _SUPPORTED_DTYPES:
         for dim in (256, 544, 768, 1024):  # 256: the tiny configs' row block; the others VLMo's
             block_r, block_d = _ln_blocks(dim)
@@ -649,10 +682,15 @@ def aot_variants():
                 kernels._mome_layernorm_kernel, f"{str(dtype)[6:]}-D{dim}",
                 dict(NUM_EXPERTS=experts, BLOCK_R=block_r, BLOCK_D=block_d),
                 {"x": dtype, "order": i32, "offsets": i32, "ln_weight": dtype, "ln_bias": dtype, "mean": fp32,
-                 "rstd": fp32, "normed": dtype}, dict(tokens=tokens, D=dim, eps=1e-6), dict(num_warps=_LN_BWD_WARPS)))
-            variants.append(KernelVariant(
-                kernels._mome_ln_bwd_kernel, f"{str(dtype)[6:]}-D{dim}", dict(BLOCK_R=block_r, BLOCK_D=block_d),
-                {"x": dtype, "order": i32, "offsets": i32, "mean": fp32, "rstd": fp32, "grad_normed": fp32,
-                 "ln_weight": dtype, "grad_x": dtype, "grad_ln_weight_parts": fp32, "grad_ln_bias_parts": fp32},
-                dict(D=dim, chunks=44), dict(num_warps=_LN_BWD_WARPS)))
+                 "rstd": fp32, "normed": dtype}, dict(tokens=tokens, D=dim, eps=1e-6),
+                dict(num_warps=_LAYERNORM_WARPS)))
+            for one_slot in (False, True):
+                chunk_rows = 0 if one_slot else _ln_bwd_launch(tokens, dim, experts, _H100_SMS)[2]
+                sums = dtype if one_slot else fp32
+                variants.append(KernelVariant(
+                    kernels._mome_ln_bwd_kernel, f"{str(dtype)[6:]}-D{dim}" + ("-one-slot" if one_slot else ""),
+                    dict(NUM_EXPERTS=experts, ONE_SLOT_PER_EXPERT=one_slot, BLOCK_R=block_r, BLOCK_D=block_d),
+                    {"x": dtype, "order": i32, "offsets": i32, "mean": fp32, "rstd": fp32, "grad_normed": fp32,
+                     "ln_weight": dtype, "grad_x": dtype, "grad_ln_weight": sums, "grad_ln_bias": sums},
+                    dict(D=dim, chunk_rows=chunk_rows), dict(num_warps=_LN_BWD_WARPS)))
     return variants
