@@ -48,13 +48,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlkernels._coverage import record_fallback
 from vlkernels.models.common import (
     ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_fixed_size_pixels, check_text, contrastive_loss,
     hard_negative_indices, mask_tokens, masked_lm_loss,
 )
 from vlkernels.models.synthetic import MASK, PAD, SyntheticPairs, to_device
 from vlkernels.nn import MLMHead, MoMEBlock, Pooler, TextEmbeddings
-from vlkernels.nn.mome import is_plain, record_fallback
+from vlkernels.nn._submodules import is_plain
 from vlkernels.ops import patch_embed
 
 

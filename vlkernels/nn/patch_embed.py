@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlkernels._coverage import record_fallback as _record_fallback
+from vlkernels.nn._submodules import is_plain
 from vlkernels.ops import patch_embed
 
 
@@ -120,7 +121,7 @@ class PatchEmbed(nn.Module):
 
     def _fused_refusal(self) -> Optional[str]:
         proj = self.proj
-        if type(proj) is not nn.Conv2d or proj._forward_hooks or proj._forward_pre_hooks:
+        if not is_plain(proj, nn.Conv2d):
             return "proj is not a plain nn.Conv2d without hooks"
         if proj.kernel_size[0] != proj.kernel_size[1] or proj.stride != proj.kernel_size or \
                 proj.padding != (0, 0) or proj.dilation != (1, 1) or proj.groups != 1:
