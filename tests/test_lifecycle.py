@@ -454,3 +454,110 @@ def test_triton_path_copies_and_meta_recipe(name):
         expected = _call(module, name)
         for copy_ in (pickle.loads(pickle.dumps(module)), rebuilt):
             torch.testing.assert_close(_call(copy_.eval(), name), expected, rtol=0, atol=0)
+
+
+# -- bounded caches ---------------------------------------------------------------------------------
+# The library's caches: the extension's and the integrations' loaders (functools caches of no
+# argument), the once-per-reason fallback warnings (vlkernels._coverage, integrations._kernels),
+# vd_nearest's codebook norms (a few entries, the codebook held weakly) and Triton's own compiled
+# kernels, whose keys come from the launch tables that test_op_contract checks against the report.
+def _library_modules():
+    import importlib
+    import pkgutil
+
+    import vlkernels
+    for info in pkgutil.walk_packages(vlkernels.__path__, "vlkernels."):
+        if not info.name.startswith(("vlkernels.bench", "vlkernels._C")):
+            yield importlib.import_module(info.name)
+
+
+def test_functools_caches_take_no_arguments_or_are_bounded():
+    import functools
+    import inspect
+
+    caches = {f"{module.__name__}.{name}": value for module in _library_modules()
+              for name, value in vars(module).items() if isinstance(value, functools._lru_cache_wrapper)}
+    assert "vlkernels._extension._load" in caches  # the scan sees them
+    unbounded = [name for name, cache in caches.items() if cache.cache_parameters()["maxsize"] is None
+                 and inspect.signature(cache.__wrapped__).parameters]
+    assert not unbounded, f"caches that grow with their arguments: {unbounded}"
+
+
+def test_fallback_warning_records_stay_bounded_over_shapes():
+    """Each fallback is warned about once per (op, reason), and the pairs are kept for the whole
+    process: reasons must name no sizes, or a run over many shapes would grow the record."""
+    import warnings
+
+    from vlkernels import _coverage
+    from vlkernels.integrations import _kernels
+
+    mha = vnn.MultiheadAttention(D, H)
+    hooked = vnn.PatchEmbed(None, 4, 3, D)
+    hooked.proj.register_forward_hook(lambda m, args, out: out)
+    experts = vnn.MoMEFFN(D, 32, ("text", "image"))
+    experts.mlp_text.fc1.register_forward_hook(lambda m, args, out: out)
+
+    def run(length):
+        x = _rand(length, 2, D)
+        mha(x, x, x)  # need_weights=True
+        mha(x, x, x, need_weights=False, attn_mask=_rand(length, length))
+        mha(x, x, x, need_weights=False, key_padding_mask=torch.zeros(2, length))  # float padding mask
+        hooked(_rand(2, 3, 4, 4 * length))
+        experts(_rand(2, length, D), text_len=1)
+        _bias, reason = _kernels.hf_attention_bias(torch.zeros(2, 1, length + 1, length), 2, H, length, length,
+                                                   torch.float32)
+        _kernels.fallback(mha, reason)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run(3)
+        sizes = len(_coverage._WARNED), len(_kernels._WARNED)
+        for length in range(4, 12):
+            run(length)
+    assert (len(_coverage._WARNED), len(_kernels._WARNED)) == sizes
+
+
+def _storages(module) -> list:
+    from torch.multiprocessing.reductions import StorageWeakRef
+    return [StorageWeakRef(t.untyped_storage()) for t in _state(module).values()]
+
+
+@pytest.mark.parametrize("name", LIGHT)
+def test_dropped_module_is_freed(name):
+    """After a forward and backward, nothing in the library keeps a dropped module or its tensors."""
+    import gc
+    import weakref
+
+    module = _build(name).train()
+    inputs, _ = _float_inputs(name)
+    out = _call(module, name, inputs)
+    if out.requires_grad:
+        out.float().sum().backward()
+    alive, storages = weakref.ref(module), _storages(module)
+    del module, out, inputs
+    gc.collect()
+    assert alive() is None, f"{name}: {gc.get_referrers(alive())}"
+    assert all(storage.expired() for storage in storages), f"{name}: a parameter's or buffer's memory is kept"
+
+
+def test_codebook_norms_cache_is_bounded_and_keeps_no_codebook():
+    """vd_nearest's codebook-norms cache (the Triton path) over many codebooks created and dropped:
+    a few entries at most, and a dropped codebook's memory is freed."""
+    import gc
+
+    from vlkernels import _backend, use_backend
+    from vlkernels.ops import visual_dictionary as vd_ops
+    why = _backend.triton_refusal(torch.device("cpu"))
+    if why:
+        pytest.skip(why)
+    x = _rand(5, D)
+    storages = []
+    with use_backend("triton"):
+        for entries in range(3, 13):
+            dictionary = vnn.VisualDictionary(entries, D).eval()
+            index = vd_ops.vd_nearest(x, dictionary.embed)[0]
+            torch.testing.assert_close(index, torch.cdist(x, dictionary.embed).argmin(1), rtol=0, atol=0)
+            storages += _storages(dictionary)
+            assert len(vd_ops._NORMS_CACHE) <= vd_ops._NORMS_CACHE_ENTRIES
+            del dictionary
+    gc.collect()
+    assert all(storage.expired() for storage in storages)

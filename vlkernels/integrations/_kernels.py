@@ -29,7 +29,7 @@ from vlkernels.ops._checks import compiling
 # kernel_coverage() counts the fallbacks, and warns once per reason with the library's FallbackWarning
 from vlkernels._coverage import FallbackWarning, record_fallback as _record_fallback
 
-# (module class name, reason) pairs already warned about.
+# (module class name, reason) pairs already warned about (reasons name no sizes, so this stays small).
 _WARNED: set = set()
 
 
@@ -74,8 +74,8 @@ def hf_attention_bias(mask: Optional[torch.Tensor], batch: int, heads: int, seq_
     target = (batch, heads, seq_q, seq_k)
     if (not isinstance(mask, torch.Tensor) or mask.dim() != 4
             or any(size not in (1, want) for size, want in zip(mask.shape, target))):
-        shape = list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        return None, f"the attention mask does not broadcast to [B, H, Sq, Sk] = {list(target)}, got {shape}"
+        # no sizes in a reason: the warn-once records stay as small as the set of reasons
+        return None, "the attention mask is not a 4-D tensor broadcastable to [B, H, Sq, Sk]"
     if mask.dtype == torch.bool:
         floor = torch.finfo(dtype).min / 4
         return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, floor), None
