@@ -561,3 +561,23 @@ def test_codebook_norms_cache_is_bounded_and_keeps_no_codebook():
             del dictionary
     gc.collect()
     assert all(storage.expired() for storage in storages)
+
+
+def test_dropped_patched_hf_model_is_freed():
+    """A patched HF model (its modules hold their bound kernel forwards) is freed once dropped."""
+    import gc
+    import weakref
+
+    transformers = pytest.importorskip("transformers")
+    from vlkernels.integrations import apply_vlkernels_to_vilt
+    from vlkernels.integrations._patching import is_patched
+    config = transformers.ViltConfig(hidden_size=D, num_attention_heads=H, intermediate_size=32, vocab_size=30,
+                                     num_hidden_layers=1, image_size=16, patch_size=8, max_position_embeddings=8)
+    model = apply_vlkernels_to_vilt(transformers.ViltModel(config).eval())
+    assert any(is_patched(m) for m in model.modules())
+    out = model(input_ids=torch.arange(10).view(2, 5) % 30, pixel_values=_rand(2, 3, 16, 16))
+    out.last_hidden_state.sum().backward()
+    alive, storages = weakref.ref(model), _storages(model)
+    del model, out
+    gc.collect()
+    assert alive() is None and all(storage.expired() for storage in storages)
