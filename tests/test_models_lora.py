@@ -158,15 +158,31 @@ def test_lora_vilt_model_matches_merged():
     from vlkernels.models import build_model
     torch.manual_seed(0)
     model = build_model("vilt", "tiny")
-    # ViLT's attention projections (VLMultiheadAttention's out_proj) and MLPs (called as modules)
-    adapted = _lora(model, ["out_proj", "fc1", "fc2"]).eval()
+    # ViLT's attention projections (VLMultiheadAttention's out_proj) and MLPs (called as modules),
+    # and its patch projection (a LoRA Conv2d the patch op would skip: a counted fallback)
+    adapted = _lora(model, ["out_proj", "fc1", "fc2", "patch_embed.proj"]).eval()
     batch = model.synthetic_batch(2, generator=torch.Generator().manual_seed(1))  # ITM's pairing is in the batch
     pixels = batch.pop("pixel_values").requires_grad_(True)
 
     def run(m):
         torch.manual_seed(2)  # the patch sampling alike in every run
         return m(pixel_values=pixels, **batch).loss, [pixels]
-    _check_against_merged(adapted, run, expect_fallback=False)
+    _check_against_merged(adapted, run, expect_fallback=True)
+
+
+@pytest.mark.parametrize("name", ["meter", "simvlm"])
+def test_lora_on_a_models_patch_projection_matches_merged(name):
+    """METER's and SimVLM's patch projections with a LoRA Conv2d: the model calls it."""
+    from vlkernels.models import build_model
+    torch.manual_seed(0)
+    adapted = _lora(build_model(name, "tiny"), ["patch_embed.proj"]).eval()
+    batch = adapted.synthetic_batch(2, generator=torch.Generator().manual_seed(1))
+    pixels = batch.pop("pixel_values").requires_grad_(True)
+
+    def run(m):
+        torch.manual_seed(2)  # any draw (ITM negatives) alike in every run
+        return m(pixel_values=pixels, **batch).loss, [pixels]
+    _check_against_merged(adapted, run, expect_fallback=True)
 
 
 class _Holder(nn.Module):

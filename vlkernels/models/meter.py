@@ -45,7 +45,7 @@ from vlkernels.models.common import (
 )
 from vlkernels.models.synthetic import MASK, PAD, SyntheticPairs, mismatched_pairs, to_device
 from vlkernels.nn import BertLayer, METERCrossLayer, MLMHead, PatchEmbed, Pooler, PreLNBlock, TextEmbeddings
-from vlkernels.ops import patch_embed
+from vlkernels.nn.patch_embed import project_patches
 
 
 @dataclass
@@ -209,8 +209,8 @@ class METER(PretrainingModel):
 
     def _encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, 1 + N, D] fusion-width image tokens (CLIP ViT, transform, + token type 1)."""
-        x = patch_embed(pixel_values, self.patch_embed.proj.weight, self.patch_embed.proj.bias,
-                        pos_embed=self.image_position_embedding, cls_token=self.class_embedding)
+        x = project_patches("METER.patch_embed", self.patch_embed.proj, pixel_values,
+                            pos_embed=self.image_position_embedding, cls_token=self.class_embedding)
         x = self.image_pre_norm(x)
         for block in self.image_blocks:
             x = block(x)

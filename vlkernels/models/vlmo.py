@@ -48,15 +48,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlkernels._coverage import record_fallback
 from vlkernels.models.common import (
     ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_fixed_size_pixels, check_text, contrastive_loss,
     hard_negative_indices, mask_tokens, masked_lm_loss,
 )
 from vlkernels.models.synthetic import MASK, PAD, SyntheticPairs, to_device
 from vlkernels.nn import MLMHead, MoMEBlock, Pooler, TextEmbeddings
-from vlkernels.nn._submodules import is_plain
-from vlkernels.ops import patch_embed
+from vlkernels.nn.patch_embed import project_patches
 
 
 @dataclass
@@ -239,16 +237,8 @@ class VLMo(PretrainingModel):
     def _embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, 1 + N, D]: patches, [CLS], position embedding (one op), dropout,
         + the image token type (1)."""
-        proj = self.patch_embed.proj
-        if is_plain(proj, nn.Conv2d):
-            tokens = patch_embed(pixel_values, proj.weight, proj.bias, pos_embed=self.pos_embed,
+        tokens = project_patches("VLMo.patch_embed", self.patch_embed.proj, pixel_values, pos_embed=self.pos_embed,
                                  cls_token=self.cls_token)
-        else:  # a wrapped projection (LoRA, say) is called, so its update is not skipped
-            record_fallback("VLMo.patch_embed", "patch_embed.proj is wrapped (LoRA, a parametrization) or hooked")
-            patches = proj(pixel_values).flatten(2).transpose(1, 2)
-            tokens = torch.cat([self.cls_token.expand(len(patches), -1, -1).to(patches.dtype), patches], 1)
-            if self.pos_embed is not None:
-                tokens = tokens + self.pos_embed
         return self.pos_drop(tokens) + self.token_type_embeddings.weight[1]
 
     def _pad_text(self, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
