@@ -413,6 +413,28 @@ def test_masked_lm_loss_without_labels_compiled():
         assert eager.requires_grad
 
 
+def test_compiled_losses_equal_eager_without_labels_and_with_one_sample():
+    """The losses' data-dependent branches are tensor ops: under fullgraph compile a batch with
+    no masked token labelled and a batch of one sample give eager's losses (SOHO: MLM, ITM and
+    masked visual modeling; ~17 s on CI's CPU, so one model)."""
+    torch._dynamo.reset()
+    name = "soho"
+    model = _build(f"model:{name}")
+    batch = model.synthetic_batch(2, generator=torch.Generator().manual_seed(0))
+    unlabelled = {**batch, "mlm_labels": torch.full_like(batch["mlm_labels"], -100)}
+    one = {key: value[:1] if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    for inputs in (unlabelled, one):
+        torch.manual_seed(1)
+        actual = compiled(**inputs)
+        torch.manual_seed(1)
+        expected = model(**inputs)
+        torch.testing.assert_close(actual["loss"], expected["loss"])
+        assert actual["losses"].keys() == expected["losses"].keys()
+        for key, value in expected["losses"].items():
+            torch.testing.assert_close(actual["losses"][key], value, msg=lambda m: f"{name} {key}: {m}")
+
+
 def test_vlmo_loads_a_scalar_logit_scale():
     """logit_scale is [1] (FSDP2 shards no scalar); a checkpoint with the old 0-dim one still loads."""
     model = build_model("vlmo", "tiny")
