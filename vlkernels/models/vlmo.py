@@ -237,8 +237,8 @@ class VLMo(PretrainingModel):
     def _embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, 1 + N, D]: patches, [CLS], position embedding (one op), dropout,
         + the image token type (1)."""
-        tokens = project_patches("VLMo.patch_embed", self.patch_embed.proj, pixel_values, pos_embed=self.pos_embed,
-                                 cls_token=self.cls_token)
+        tokens = project_patches("VLMo.patch_embed", self.patch_embed.proj, pixel_values,
+                                 pos_embed=self.pos_embed, cls_token=self.cls_token)
         return self.pos_drop(tokens) + self.token_type_embeddings.weight[1]
 
     def _pad_text(self, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
