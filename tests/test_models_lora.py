@@ -254,3 +254,27 @@ def test_global_hook_makes_patch_embed_call_its_conv():
         handle.remove()
     assert nn.Conv2d in seen
     assert fallbacks == [("PatchEmbed", "proj is not a plain nn.Conv2d without hooks")]
+
+
+@pytest.mark.parametrize("name", ["vilt", "soho"])
+def test_lora_on_a_models_embedding_rows_matches_merged(name):
+    """A LoRA nn.Embedding on the token-type (ViLT) or mask (SOHO) embedding that the models add
+    by row: the model calls it, so the output and the gradients are the merged model's."""
+    from vlkernels.models import build_model
+    torch.manual_seed(0)
+    target = {"vilt": "token_type_embeddings", "soho": "mask_embedding"}[name]
+    adapted = peft.get_peft_model(build_model(name, "tiny"), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=[target], init_lora_weights=False)).eval()
+    merged = copy.deepcopy(adapted).merge_and_unload()
+    batch = adapted.synthetic_batch(2, generator=torch.Generator().manual_seed(1))
+    key = "pixel_values" if name == "vilt" else "grid_features"
+    features = batch.pop(key).requires_grad_(True)
+
+    def run(m):
+        torch.manual_seed(2)  # the model's draws (patch sampling, masked visual modeling) alike
+        return m(**{key: features}, **batch).loss
+    out = run(adapted)
+    torch.testing.assert_close(out, run(merged))
+    assert not torch.equal(out, run(copy.deepcopy(adapted).unload())), "the adapters changed nothing"
+    torch.testing.assert_close(torch.autograd.grad(out, features)[0],
+                               torch.autograd.grad(run(merged), features)[0])

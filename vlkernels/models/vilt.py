@@ -64,6 +64,7 @@ from vlkernels.models.common import (
 )
 from vlkernels.models.synthetic import MASK, PAD, SyntheticPairs, mismatched_pairs, to_device
 from vlkernels.nn import MLMHead, PatchEmbed, Pooler, PreLNBlock, TextEmbeddings, VLMultiheadAttention, WPALoss
+from vlkernels.nn._submodules import embedding_row
 from vlkernels.nn.attention import activation_name
 from vlkernels.nn.patch_embed import project_patches
 from vlkernels.ops import interpolate_pos_embed, valid_patch_grid, vilt_visual_embed
@@ -339,8 +340,8 @@ class ViLT(PretrainingModel):
     def _encode(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor, image_mask: torch.Tensor,
                 image_token_type: int = 1, keep_hidden_states: bool = False) -> ModelOutput:
         """The single stream over [text + modality 0 ; image + modality image_token_type]."""
-        types = self.token_type_embeddings.weight
-        x = torch.cat([text + types[0], image + types[image_token_type]], dim=1)
+        types = self.token_type_embeddings
+        x = torch.cat([text + embedding_row(types, 0), image + embedding_row(types, image_token_type)], dim=1)
         mask = torch.cat([text_mask, image_mask], dim=1)
         hidden_states = [x]
         for block in self.blocks:
