@@ -413,6 +413,28 @@ def test_masked_lm_loss_without_labels_compiled():
         assert eager.requires_grad
 
 
+def test_compiled_losses_equal_eager_without_labels_and_with_one_sample():
+    """The losses' data-dependent branches are tensor ops: under fullgraph compile a batch with
+    no masked token labelled and a batch of one sample give eager's losses (SOHO: MLM, ITM and
+    masked visual modeling; ~17 s on CI's CPU, so one model)."""
+    torch._dynamo.reset()
+    name = "soho"
+    model = _build(f"model:{name}")
+    batch = model.synthetic_batch(2, generator=torch.Generator().manual_seed(0))
+    unlabelled = {**batch, "mlm_labels": torch.full_like(batch["mlm_labels"], -100)}
+    one = {key: value[:1] if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    for inputs in (unlabelled, one):
+        torch.manual_seed(1)
+        actual = compiled(**inputs)
+        torch.manual_seed(1)
+        expected = model(**inputs)
+        torch.testing.assert_close(actual["loss"], expected["loss"])
+        assert actual["losses"].keys() == expected["losses"].keys()
+        for key, value in expected["losses"].items():
+            torch.testing.assert_close(actual["losses"][key], value, msg=lambda m: f"{name} {key}: {m}")
+
+
 def test_vlmo_loads_a_scalar_logit_scale():
     """logit_scale is [1] (FSDP2 shards no scalar); a checkpoint with the old 0-dim one still loads."""
     model = build_model("vlmo", "tiny")
@@ -454,3 +476,130 @@ def test_triton_path_copies_and_meta_recipe(name):
         expected = _call(module, name)
         for copy_ in (pickle.loads(pickle.dumps(module)), rebuilt):
             torch.testing.assert_close(_call(copy_.eval(), name), expected, rtol=0, atol=0)
+
+
+# -- bounded caches ---------------------------------------------------------------------------------
+# The library's caches: the extension's and the integrations' loaders (functools caches of no
+# argument), the once-per-reason fallback warnings (vlkernels._coverage, integrations._kernels),
+# vd_nearest's codebook norms (a few entries, the codebook held weakly) and Triton's own compiled
+# kernels, whose keys come from the launch tables that test_op_contract checks against the report.
+def _library_modules():
+    import importlib
+    import pkgutil
+
+    import vlkernels
+    for info in pkgutil.walk_packages(vlkernels.__path__, "vlkernels."):
+        if not info.name.startswith(("vlkernels.bench", "vlkernels._C")):
+            yield importlib.import_module(info.name)
+
+
+def test_functools_caches_take_no_arguments_or_are_bounded():
+    import functools
+    import inspect
+
+    caches = {f"{module.__name__}.{name}": value for module in _library_modules()
+              for name, value in vars(module).items() if isinstance(value, functools._lru_cache_wrapper)}
+    assert "vlkernels._extension._load" in caches  # the scan sees them
+    unbounded = [name for name, cache in caches.items() if cache.cache_parameters()["maxsize"] is None
+                 and inspect.signature(cache.__wrapped__).parameters]
+    assert not unbounded, f"caches that grow with their arguments: {unbounded}"
+
+
+def test_fallback_warning_records_stay_bounded_over_shapes():
+    """Each fallback is warned about once per (op, reason), and the pairs are kept for the whole
+    process: reasons must name no sizes, or a run over many shapes would grow the record."""
+    import warnings
+
+    from vlkernels import _coverage
+    from vlkernels.integrations import _kernels
+
+    mha = vnn.MultiheadAttention(D, H)
+    hooked = vnn.PatchEmbed(None, 4, 3, D)
+    hooked.proj.register_forward_hook(lambda m, args, out: out)
+    experts = vnn.MoMEFFN(D, 32, ("text", "image"))
+    experts.mlp_text.fc1.register_forward_hook(lambda m, args, out: out)
+
+    def run(length):
+        x = _rand(length, 2, D)
+        mha(x, x, x)  # need_weights=True
+        mha(x, x, x, need_weights=False, attn_mask=_rand(length, length))
+        mha(x, x, x, need_weights=False, key_padding_mask=torch.zeros(2, length))  # float padding mask
+        hooked(_rand(2, 3, 4, 4 * length))
+        experts(_rand(2, length, D), text_len=1)
+        _bias, reason = _kernels.hf_attention_bias(torch.zeros(2, 1, length + 1, length), 2, H, length, length,
+                                                   torch.float32)
+        _kernels.fallback(mha, reason)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run(3)
+        sizes = len(_coverage._WARNED), len(_kernels._WARNED)
+        for length in range(4, 12):
+            run(length)
+    assert (len(_coverage._WARNED), len(_kernels._WARNED)) == sizes
+
+
+def _storages(module) -> list:
+    from torch.multiprocessing.reductions import StorageWeakRef
+    return [StorageWeakRef(t.untyped_storage()) for t in _state(module).values()]
+
+
+@pytest.mark.parametrize("name", LIGHT)
+def test_dropped_module_is_freed(name):
+    """After a forward and backward, nothing in the library keeps a dropped module or its tensors."""
+    import gc
+    import weakref
+
+    module = _build(name).train()
+    inputs, _ = _float_inputs(name)
+    out = _call(module, name, inputs)
+    if out.requires_grad:
+        out.float().sum().backward()
+    alive, storages = weakref.ref(module), _storages(module)
+    del module, out, inputs
+    gc.collect()
+    assert alive() is None, f"{name}: {gc.get_referrers(alive())}"
+    assert all(storage.expired() for storage in storages), f"{name}: a parameter's or buffer's memory is kept"
+
+
+def test_codebook_norms_cache_is_bounded_and_keeps_no_codebook():
+    """vd_nearest's codebook-norms cache (the Triton path) over many codebooks created and dropped:
+    a few entries at most, and a dropped codebook's memory is freed."""
+    import gc
+
+    from vlkernels import _backend, use_backend
+    from vlkernels.ops import visual_dictionary as vd_ops
+    why = _backend.triton_refusal(torch.device("cpu"))
+    if why:
+        pytest.skip(why)
+    x = _rand(5, D)
+    storages = []
+    with use_backend("triton"):
+        for entries in range(3, 13):
+            dictionary = vnn.VisualDictionary(entries, D).eval()
+            index = vd_ops.vd_nearest(x, dictionary.embed)[0]
+            torch.testing.assert_close(index, torch.cdist(x, dictionary.embed).argmin(1), rtol=0, atol=0)
+            storages += _storages(dictionary)
+            assert len(vd_ops._NORMS_CACHE) <= vd_ops._NORMS_CACHE_ENTRIES
+            del dictionary
+    gc.collect()
+    assert all(storage.expired() for storage in storages)
+
+
+def test_dropped_patched_hf_model_is_freed():
+    """A patched HF model (its modules hold their bound kernel forwards) is freed once dropped."""
+    import gc
+    import weakref
+
+    transformers = pytest.importorskip("transformers")
+    from vlkernels.integrations import apply_vlkernels_to_vilt
+    from vlkernels.integrations._patching import is_patched
+    config = transformers.ViltConfig(hidden_size=D, num_attention_heads=H, intermediate_size=32, vocab_size=30,
+                                     num_hidden_layers=1, image_size=16, patch_size=8, max_position_embeddings=8)
+    model = apply_vlkernels_to_vilt(transformers.ViltModel(config).eval())
+    assert any(is_patched(m) for m in model.modules())
+    out = model(input_ids=torch.arange(10).view(2, 5) % 30, pixel_values=_rand(2, 3, 16, 16))
+    out.last_hidden_state.sum().backward()
+    alive, storages = weakref.ref(model), _storages(model)
+    del model, out
+    gc.collect()
+    assert alive() is None and all(storage.expired() for storage in storages)

@@ -15,15 +15,15 @@ import torch
 from torch import nn
 
 from vlkernels import kernel_coverage, use_backend
-from vlkernels.nn import MoMEBlock, MoMEFFN, PatchEmbed, VLMoAttention
+from vlkernels.nn import MoMEBlock, MoMEFFN, MultiheadAttention, PatchEmbed, VLMoAttention
 
 peft = pytest.importorskip("peft")
 
 
-def _lora(module: nn.Module, targets, dropout: float = 0.0) -> nn.Module:
+def _lora(module: nn.Module, targets, dropout: float = 0.0, parameters=None) -> nn.Module:
     # init_lora_weights=False: B is random too, so the adapters change the output.
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), lora_dropout=dropout,
-                             init_lora_weights=False)
+                             init_lora_weights=False, target_parameters=parameters)
     return peft.get_peft_model(copy.deepcopy(module), config)
 
 
@@ -47,7 +47,10 @@ def _check_against_merged(adapted: nn.Module, run, *, expect_fallback: bool) -> 
     merged = copy.deepcopy(adapted).merge_and_unload()
     layers = _lora_layers(adapted)
     merged_modules = dict(merged.named_modules())
-    merged_weights = [merged_modules[name.removeprefix("base_model.model.")].weight for name in layers]
+    # A target_parameters adapter (peft's ParamWrapper) wraps the module owning the parameter, so
+    # the adapted names gain ".base_layer" segments that merging removes.
+    merged_weights = [getattr(merged_modules[name.removeprefix("base_model.model.").replace(".base_layer", "")],
+                              getattr(layer, "parameter_name", "weight")) for name, layer in layers.items()]
     for weight in merged_weights:
         weight.requires_grad_(True)
     adapters = [p for layer in layers.values() for p in (layer.lora_A["default"].weight,
@@ -155,12 +158,123 @@ def test_lora_vilt_model_matches_merged():
     from vlkernels.models import build_model
     torch.manual_seed(0)
     model = build_model("vilt", "tiny")
-    # ViLT's attention projections (VLMultiheadAttention's out_proj) and MLPs (called as modules)
-    adapted = _lora(model, ["out_proj", "fc1", "fc2"]).eval()
+    # ViLT's attention projections (VLMultiheadAttention's out_proj) and MLPs (called as modules),
+    # and its patch projection (a LoRA Conv2d the patch op would skip: a counted fallback)
+    adapted = _lora(model, ["out_proj", "fc1", "fc2", "patch_embed.proj"]).eval()
     batch = model.synthetic_batch(2, generator=torch.Generator().manual_seed(1))  # ITM's pairing is in the batch
     pixels = batch.pop("pixel_values").requires_grad_(True)
 
     def run(m):
         torch.manual_seed(2)  # the patch sampling alike in every run
         return m(pixel_values=pixels, **batch).loss, [pixels]
-    _check_against_merged(adapted, run, expect_fallback=False)
+    _check_against_merged(adapted, run, expect_fallback=True)
+
+
+@pytest.mark.parametrize("name", ["meter", "simvlm"])
+def test_lora_on_a_models_patch_projection_matches_merged(name):
+    """METER's and SimVLM's patch projections with a LoRA Conv2d: the model calls it."""
+    from vlkernels.models import build_model
+    torch.manual_seed(0)
+    adapted = _lora(build_model(name, "tiny"), ["patch_embed.proj"]).eval()
+    batch = adapted.synthetic_batch(2, generator=torch.Generator().manual_seed(1))
+    pixels = batch.pop("pixel_values").requires_grad_(True)
+
+    def run(m):
+        torch.manual_seed(2)  # any draw (ITM negatives) alike in every run
+        return m(pixel_values=pixels, **batch).loss, [pixels]
+    _check_against_merged(adapted, run, expect_fallback=True)
+
+
+class _Holder(nn.Module):
+    """peft adapts parameters of submodules only: MultiheadAttention as a model's child."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x, **kwargs):
+        return self.attn(x, x, x, **kwargs)[0]
+
+
+# out_proj through target_modules (a LoRA Linear that must be called), the in-projection through
+# target_parameters (a parametrization read through self.in_proj_weight), and both.
+MHA_ADAPTERS = {"out_proj": (["out_proj"], None), "in_proj": ([], ["in_proj_weight"]),
+                "both": (["out_proj"], ["in_proj_weight"])}
+MHA_CALLS = ["kernel-path", "need-weights", "float-mask"]
+
+
+@pytest.mark.parametrize("call", MHA_CALLS)
+@pytest.mark.parametrize("adapters", MHA_ADAPTERS)
+def test_lora_multihead_attention_matches_merged(adapters, call):
+    torch.manual_seed(0)
+    targets, parameters = MHA_ADAPTERS[adapters]
+    adapted = _lora(_Holder(), targets, parameters=parameters).eval()
+    x = _input(2, 37, 16)
+    float_mask = torch.randn(37, 37, requires_grad=True)
+    kwargs = {"kernel-path": dict(need_weights=False), "need-weights": {},
+              "float-mask": dict(need_weights=False, attn_mask=float_mask)}[call]
+    inputs = [x, float_mask] if call == "float-mask" else [x]
+    # need_weights / a float mask run torch's math: a counted fallback that still calls out_proj
+    _check_against_merged(adapted, lambda m: (m(x, **kwargs), inputs), expect_fallback=call != "kernel-path")
+
+
+def test_lora_multihead_attention_triton_kernel_path():
+    """Both adapters on the Triton attention kernel (the interpreter on CPU)."""
+    from vlkernels import _backend
+    why = _backend.triton_refusal(torch.device("cpu"))
+    if why:
+        pytest.skip(why)
+    torch.manual_seed(0)
+    adapted = _lora(_Holder(), ["out_proj"], parameters=["in_proj_weight"]).eval()
+    x = _input(2, 37, 16)
+    with use_backend("triton"):
+        _check_against_merged(adapted, lambda m: (m(x, need_weights=False), [x]), expect_fallback=False)
+
+
+@pytest.mark.parametrize("need_weights", [False, True], ids=["kernel-path", "need-weights"])
+def test_hooked_out_proj_is_called(need_weights):
+    """A forward hook on MultiheadAttention's out_proj takes effect on both paths."""
+    torch.manual_seed(0)
+    module = MultiheadAttention(16, 2)
+    x = torch.randn(7, 2, 16)
+    module.out_proj.register_forward_hook(lambda m, args, out: out * 0.0)
+    out, _ = module(x, x, x, need_weights=need_weights)
+    torch.testing.assert_close(out, torch.zeros_like(out))
+
+
+def test_global_hook_makes_patch_embed_call_its_conv():
+    """A global module forward hook sees PatchEmbed's proj called (the fused op would skip it)."""
+    module = PatchEmbed(img_size=16, patch_size=8, in_chans=3, embed_dim=16)
+    seen = []
+    handle = nn.modules.module.register_module_forward_hook(lambda m, args, out: seen.append(type(m)))
+    try:
+        with _fallbacks() as fallbacks:
+            module(torch.randn(2, 3, 16, 16))
+    finally:
+        handle.remove()
+    assert nn.Conv2d in seen
+    assert fallbacks == [("PatchEmbed", "proj is not a plain nn.Conv2d without hooks")]
+
+
+@pytest.mark.parametrize("name", ["vilt", "soho"])
+def test_lora_on_a_models_embedding_rows_matches_merged(name):
+    """A LoRA nn.Embedding on the token-type (ViLT) or mask (SOHO) embedding that the models add
+    by row: the model calls it, so the output and the gradients are the merged model's."""
+    from vlkernels.models import build_model
+    torch.manual_seed(0)
+    target = {"vilt": "token_type_embeddings", "soho": "mask_embedding"}[name]
+    adapted = peft.get_peft_model(build_model(name, "tiny"), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=[target], init_lora_weights=False)).eval()
+    merged = copy.deepcopy(adapted).merge_and_unload()
+    batch = adapted.synthetic_batch(2, generator=torch.Generator().manual_seed(1))
+    key = "pixel_values" if name == "vilt" else "grid_features"
+    features = batch.pop(key).requires_grad_(True)
+
+    def run(m):
+        torch.manual_seed(2)  # the model's draws (patch sampling, masked visual modeling) alike
+        return m(**{key: features}, **batch).loss
+    out = run(adapted)
+    torch.testing.assert_close(out, run(merged))
+    assert not torch.equal(out, run(copy.deepcopy(adapted).unload())), "the adapters changed nothing"
+    torch.testing.assert_close(torch.autograd.grad(out, features)[0],
+                               torch.autograd.grad(run(merged), features)[0])

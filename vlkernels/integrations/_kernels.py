@@ -23,12 +23,13 @@ from torch import nn
 
 from vlkernels import ops
 from vlkernels.integrations._patching import Patch, kernel_forward, original_forward, output_capture_active
+from vlkernels.nn._submodules import is_plain
 from vlkernels.ops._checks import compiling
 
 # kernel_coverage() counts the fallbacks, and warns once per reason with the library's FallbackWarning
 from vlkernels._coverage import FallbackWarning, record_fallback as _record_fallback
 
-# (module class name, reason) pairs already warned about.
+# (module class name, reason) pairs already warned about (reasons name no sizes, so this stays small).
 _WARNED: set = set()
 
 
@@ -73,8 +74,8 @@ def hf_attention_bias(mask: Optional[torch.Tensor], batch: int, heads: int, seq_
     target = (batch, heads, seq_q, seq_k)
     if (not isinstance(mask, torch.Tensor) or mask.dim() != 4
             or any(size not in (1, want) for size, want in zip(mask.shape, target))):
-        shape = list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        return None, f"the attention mask does not broadcast to [B, H, Sq, Sk] = {list(target)}, got {shape}"
+        # no sizes in a reason: the warn-once records stay as small as the set of reasons
+        return None, "the attention mask is not a 4-D tensor broadcastable to [B, H, Sq, Sk]"
     if mask.dtype == torch.bool:
         floor = torch.finfo(dtype).min / 4
         return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, floor), None
@@ -175,12 +176,11 @@ def is_patch_conv(conv: nn.Module, pixel_values: torch.Tensor) -> bool:
     computes exactly on ``pixel_values`` [B, C, H, W]: square kernel P = stride, no padding,
     dilation or groups, H and W multiples of P, one dtype, and no hooks on the conv (a hook
     would be skipped by calling the op directly)."""
-    if type(conv) is not nn.Conv2d:  # a subclass (LoRA, quantised, ...) may compute something else
+    if not is_plain(conv, nn.Conv2d):  # a subclass (LoRA, quantised, ...) or a hook computes something else
         return False
     patch = conv.kernel_size[0]
     return (conv.kernel_size[1] == patch and tuple(conv.stride) == tuple(conv.kernel_size)
             and conv.padding in ((0, 0), "valid") and tuple(conv.dilation) == (1, 1) and conv.groups == 1
-            and not (conv._forward_hooks or conv._forward_pre_hooks)
             and pixel_values.dim() == 4 and pixel_values.shape[0] > 0 and pixel_values.shape[1] == conv.in_channels
             and pixel_values.shape[2] > 0 and pixel_values.shape[2] % patch == 0
             and pixel_values.shape[3] > 0 and pixel_values.shape[3] % patch == 0

@@ -45,7 +45,8 @@ from vlkernels.models.common import (
 )
 from vlkernels.models.synthetic import MASK, PAD, SyntheticPairs, mismatched_pairs, to_device
 from vlkernels.nn import BertLayer, METERCrossLayer, MLMHead, PatchEmbed, Pooler, PreLNBlock, TextEmbeddings
-from vlkernels.ops import patch_embed
+from vlkernels.nn._submodules import embedding_row
+from vlkernels.nn.patch_embed import project_patches
 
 
 @dataclass
@@ -205,16 +206,16 @@ class METER(PretrainingModel):
         x = self.text_embeddings(input_ids)
         for layer in self.text_layers:
             x = layer(x, mask)
-        return self.text_transform(x) + self.token_type_embeddings.weight[0]
+        return self.text_transform(x) + embedding_row(self.token_type_embeddings, 0)
 
     def _encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, 1 + N, D] fusion-width image tokens (CLIP ViT, transform, + token type 1)."""
-        x = patch_embed(pixel_values, self.patch_embed.proj.weight, self.patch_embed.proj.bias,
-                        pos_embed=self.image_position_embedding, cls_token=self.class_embedding)
+        x = project_patches("METER.patch_embed", self.patch_embed.proj, pixel_values,
+                            pos_embed=self.image_position_embedding, cls_token=self.class_embedding)
         x = self.image_pre_norm(x)
         for block in self.image_blocks:
             x = block(x)
-        return self.image_transform(self.image_post_norm(x)) + self.token_type_embeddings.weight[1]
+        return self.image_transform(self.image_post_norm(x)) + embedding_row(self.token_type_embeddings, 1)
 
     def _fuse(self, text: torch.Tensor, text_mask: Optional[torch.Tensor], image: torch.Tensor) -> ModelOutput:
         """The co-attention stack and poolers over text [B, S, D] (+ mask) and image [B, 1 + N, D]."""

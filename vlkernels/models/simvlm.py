@@ -35,7 +35,7 @@ from vlkernels.models.common import (
 )
 from vlkernels.models.synthetic import PAD, SyntheticPairs, to_device
 from vlkernels.nn import PreLNBlock
-from vlkernels.ops import patch_embed
+from vlkernels.nn.patch_embed import project_patches
 
 
 @dataclass
@@ -169,8 +169,8 @@ class SimVLM(PretrainingModel):
             text = self.word_embeddings(input_ids) + self.text_pos_embed[:, :length]
             x, mask, image_len = text, text_mask, 0
             if pixel_values is not None:
-                proj = self.patch_embed.proj
-                image = patch_embed(pixel_values, proj.weight, proj.bias, pos_embed=self.image_pos_embed)
+                image = project_patches("SimVLM.patch_embed", self.patch_embed.proj, pixel_values,
+                                        pos_embed=self.image_pos_embed)
                 image_len = image.shape[1]
                 x = torch.cat([image, text], 1)
                 if mask is not None:

@@ -54,6 +54,7 @@ from vlkernels.models.common import (
 )
 from vlkernels.models.synthetic import MASK, PAD, SyntheticPairs, mismatched_pairs, to_device
 from vlkernels.nn import BertLayer, TextEmbeddings, VisualDictionary, mvm_mask
+from vlkernels.nn._submodules import embedding_row
 
 
 @dataclass
@@ -242,7 +243,7 @@ class SOHO(PretrainingModel):
         mixed = mixed.flatten(1, 2)  # [B, L, D]
         if mvm:
             out.mvm_mask, out.mvm_labels = mvm_mask(index, real, self.config.mvm_probability, generator)
-            mixed = torch.where(out.mvm_mask[..., None], self.mask_embedding.weight[0].to(mixed.dtype), mixed)
+            mixed = torch.where(out.mvm_mask[..., None], embedding_row(self.mask_embedding, 0).to(mixed.dtype), mixed)
         position = sine_position_embedding(real.view(batch, rows, cols), self.config.hidden_size).flatten(1, 2)
         out.tokens = self.visual_norm(mixed + position.to(mixed.dtype))
         return out

@@ -60,6 +60,7 @@ from vlkernels.models.common import (
 )
 from vlkernels.models.synthetic import MASK, PAD, SyntheticPairs, mismatched_pairs, seeded_generator, to_device
 from vlkernels.nn import MLMHead, TextEmbeddings, WRALoss
+from vlkernels.nn._submodules import embedding_row
 from vlkernels.nn.attention import ACTIVATIONS
 
 NAME = "UNITER"
@@ -296,7 +297,7 @@ class UNITER(PretrainingModel):
                masked_regions=None) -> tuple[torch.Tensor, torch.Tensor]:
         """One pass on checked inputs: (hidden [B, S + N, D], pooled [B, D])."""
         text = self.embeddings(input_ids, token_type_ids)
-        region_type = self.embeddings.token_type_embeddings.weight[1]  # UNITER's image type id 1
+        region_type = embedding_row(self.embeddings.token_type_embeddings, 1)  # UNITER's image type id 1
         regions = self.img_embeddings(region_features, location, region_type, masked_regions)
         return self.encoder(text, regions, text_mask, region_mask)
 

@@ -64,8 +64,10 @@ from vlkernels.models.common import (
 )
 from vlkernels.models.synthetic import MASK, PAD, SyntheticPairs, mismatched_pairs, to_device
 from vlkernels.nn import MLMHead, PatchEmbed, Pooler, PreLNBlock, TextEmbeddings, VLMultiheadAttention, WPALoss
+from vlkernels.nn._submodules import embedding_row
 from vlkernels.nn.attention import activation_name
-from vlkernels.ops import interpolate_pos_embed, patch_embed, valid_patch_grid, vilt_visual_embed
+from vlkernels.nn.patch_embed import project_patches
+from vlkernels.ops import interpolate_pos_embed, valid_patch_grid, vilt_visual_embed
 from vlkernels.ops.vilt_patches import SAMPLINGS
 from vlkernels.ops._checks import assert_in_graph
 
@@ -329,7 +331,7 @@ class ViLT(PretrainingModel):
         pixels = pixel_values[:, :, :rows * p, :cols * p].to(proj.weight.dtype)
         pos_grid = self.pos_embed[:, 1:].transpose(1, 2).reshape(1, d, self.grid, self.grid)
         pos = interpolate_pos_embed(pos_grid, valid_hw, (rows, cols))  # [B, rows*cols, D]
-        patches = patch_embed(pixels, proj.weight, proj.bias, pos_embed=pos)
+        patches = project_patches("ViLT.patch_embed", proj, pixels, pos_embed=pos)
         tokens = vilt_visual_embed(patches, patch_mask, (rows, cols), self.cls_token, self.config.max_image_len,
                                    cls_pos=self.pos_embed[:, :1], valid_hw=valid_hw,
                                    sampling=self.config.patch_sampling)
@@ -338,8 +340,8 @@ class ViLT(PretrainingModel):
     def _encode(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor, image_mask: torch.Tensor,
                 image_token_type: int = 1, keep_hidden_states: bool = False) -> ModelOutput:
         """The single stream over [text + modality 0 ; image + modality image_token_type]."""
-        types = self.token_type_embeddings.weight
-        x = torch.cat([text + types[0], image + types[image_token_type]], dim=1)
+        types = self.token_type_embeddings
+        x = torch.cat([text + embedding_row(types, 0), image + embedding_row(types, image_token_type)], dim=1)
         mask = torch.cat([text_mask, image_mask], dim=1)
         hidden_states = [x]
         for block in self.blocks:

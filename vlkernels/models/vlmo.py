@@ -54,8 +54,8 @@ from vlkernels.models.common import (
 )
 from vlkernels.models.synthetic import MASK, PAD, SyntheticPairs, to_device
 from vlkernels.nn import MLMHead, MoMEBlock, Pooler, TextEmbeddings
-from vlkernels.nn.mome import is_plain, record_fallback
-from vlkernels.ops import patch_embed
+from vlkernels.nn._submodules import embedding_row
+from vlkernels.nn.patch_embed import project_patches
 
 
 @dataclass
@@ -233,22 +233,14 @@ class VLMo(PretrainingModel):
     # -- embeddings and encoder ------------------------------------------------------------------
     def _embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, S] ids -> [B, S, D]: BERT embeddings + the text token type (0)."""
-        return self.text_embeddings(input_ids) + self.token_type_embeddings.weight[0]
+        return self.text_embeddings(input_ids) + embedding_row(self.token_type_embeddings, 0)
 
     def _embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, 1 + N, D]: patches, [CLS], position embedding (one op), dropout,
         + the image token type (1)."""
-        proj = self.patch_embed.proj
-        if is_plain(proj, nn.Conv2d):
-            tokens = patch_embed(pixel_values, proj.weight, proj.bias, pos_embed=self.pos_embed,
-                                 cls_token=self.cls_token)
-        else:  # a wrapped projection (LoRA, say) is called, so its update is not skipped
-            record_fallback("VLMo.patch_embed", "patch_embed.proj is wrapped (LoRA, a parametrization) or hooked")
-            patches = proj(pixel_values).flatten(2).transpose(1, 2)
-            tokens = torch.cat([self.cls_token.expand(len(patches), -1, -1).to(patches.dtype), patches], 1)
-            if self.pos_embed is not None:
-                tokens = tokens + self.pos_embed
-        return self.pos_drop(tokens) + self.token_type_embeddings.weight[1]
+        tokens = project_patches("VLMo.patch_embed", self.patch_embed.proj, pixel_values,
+                                 pos_embed=self.pos_embed, cls_token=self.cls_token)
+        return self.pos_drop(tokens) + embedding_row(self.token_type_embeddings, 1)
 
     def _pad_text(self, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pad [B, S] text to [B, max_text_len] (PAD ids, mask False) for the joint input."""

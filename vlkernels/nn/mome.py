@@ -27,9 +27,9 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as _module
 
 from vlkernels._coverage import record_fallback
+from vlkernels.nn._submodules import is_plain
 from vlkernels.nn.transformer import Mlp
 from vlkernels.ops._checks import check_value
 from vlkernels.ops.attention import attention
@@ -60,15 +60,6 @@ class _StackOwnGrads(torch.autograd.Function):
 
 def _stack(tensors) -> torch.Tensor:
     return _StackOwnGrads.apply(*tensors)
-
-
-def is_plain(module: nn.Module, cls: type) -> bool:
-    """True while ``module`` is exactly a ``cls`` (no subclass, no wrapper such as a LoRA layer, no
-    parametrization) with no hooks: only then may a fused kernel read its weight instead of calling it."""
-    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks,
-             _module._global_forward_hooks, _module._global_forward_pre_hooks, _module._global_backward_hooks,
-             _module._global_backward_pre_hooks)
-    return type(module) is cls and not any(hooks)
 
 
 def lora_weight(linear: nn.Module) -> Optional[torch.Tensor]:

@@ -30,8 +30,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from vlkernels._coverage import record_fallback as _record_fallback
+from vlkernels.nn._submodules import is_plain
 from vlkernels.nn.attention import VLMultiheadAttention, split_heads
 from vlkernels.ops import attention
 
@@ -201,16 +203,26 @@ class MultiheadAttention(VLMultiheadAttention):
 
     def _torch_forward(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
                        is_causal, batched):
-        """torch's own math: F.multi_head_attention_forward on sequence-first inputs."""
+        """torch's own math: F.multi_head_attention_forward on sequence-first inputs. The
+        in-projection is read through ``self.in_proj_weight`` (a parametrization, such as peft's
+        ``target_parameters`` LoRA, applies); ``out_proj`` is read only while it is a plain Linear
+        without hooks, else torch's out-projection is the identity and ``out_proj`` is called."""
         if self.batch_first and batched:
             query, key, value = _move_once(lambda t: t.transpose(0, 1), query, key, value)
+        read_out_proj = is_plain(self.out_proj, nn.Linear, NonDynamicallyQuantizableLinear)
+        if read_out_proj:
+            out_weight, out_bias = self.out_proj.weight, self.out_proj.bias
+        else:  # x @ I is exact for finite x: the heads reach out_proj unchanged
+            out_weight, out_bias = torch.eye(self.embed_dim, device=query.device, dtype=query.dtype), None
         out, weights = F.multi_head_attention_forward(
             query, key, value, self.embed_dim, self.num_heads, self.in_proj_weight, self.in_proj_bias,
-            self.bias_k, self.bias_v, self.add_zero_attn, self.dropout, self.out_proj.weight, self.out_proj.bias,
+            self.bias_k, self.bias_v, self.add_zero_attn, self.dropout, out_weight, out_bias,
             training=self.training, key_padding_mask=key_padding_mask, need_weights=need_weights,
             attn_mask=attn_mask, use_separate_proj_weight=not self._qkv_same_embed_dim,
             q_proj_weight=self.q_proj_weight, k_proj_weight=self.k_proj_weight, v_proj_weight=self.v_proj_weight,
             average_attn_weights=average_attn_weights, is_causal=is_causal)
+        if not read_out_proj:
+            out = self.out_proj(out)
         return (out.transpose(0, 1) if self.batch_first and batched else out), weights
 
     # -- loading ---------------------------------------------------------------------------------

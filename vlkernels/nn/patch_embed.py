@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlkernels._coverage import record_fallback as _record_fallback
+from vlkernels.nn._submodules import is_plain
 from vlkernels.ops import patch_embed
 
 
@@ -32,6 +33,22 @@ class Format(str, Enum):
 
 def _pair(value: Union[int, tuple[int, int]]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def project_patches(where: str, proj: nn.Module, images: torch.Tensor, *, pos_embed: Optional[torch.Tensor] = None,
+                    cls_token: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A model's patch tokens through its patch projection ``proj`` (an nn.Conv2d, stride =
+    kernel): images [B, C, H, W] -> [B, T, D] as :func:`vlkernels.ops.patch_embed` (cls_token
+    [1, 1, D] first when given, T = 1 + N, else T = N; plus pos_embed [1 or B, T, D]). The fused
+    op reads proj's weights only while proj is a plain nn.Conv2d without hooks; otherwise proj is
+    called (a fallback counted under ``where``), so a LoRA adapter or a hook on it takes effect."""
+    if is_plain(proj, nn.Conv2d):
+        return patch_embed(images, proj.weight, proj.bias, pos_embed=pos_embed, cls_token=cls_token)
+    _record_fallback(where, "the patch projection is wrapped (LoRA, a parametrization) or hooked")
+    tokens = proj(images).flatten(2).transpose(1, 2)
+    if cls_token is not None:
+        tokens = torch.cat([cls_token.expand(len(tokens), -1, -1).to(tokens.dtype), tokens], 1)
+    return tokens if pos_embed is None else tokens + pos_embed
 
 
 class PatchEmbed(nn.Module):
@@ -120,7 +137,7 @@ class PatchEmbed(nn.Module):
 
     def _fused_refusal(self) -> Optional[str]:
         proj = self.proj
-        if type(proj) is not nn.Conv2d or proj._forward_hooks or proj._forward_pre_hooks:
+        if not is_plain(proj, nn.Conv2d):
             return "proj is not a plain nn.Conv2d without hooks"
         if proj.kernel_size[0] != proj.kernel_size[1] or proj.stride != proj.kernel_size or \
                 proj.padding != (0, 0) or proj.dilation != (1, 1) or proj.groups != 1:

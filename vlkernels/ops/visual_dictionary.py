@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from vlkernels import _backend, _extension
 from vlkernels._backend import Implementation
@@ -213,14 +214,14 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 # The codebook's squared norms |e|^2 (fp32, [K]) of recent calls, so that a step's vd_nearest
 # calls between two updates compute them once. Keyed by the codebook's memory (address, dtype,
-# shape, strides, device); an entry is used only while the codebook's version counter
-# (tensor._version, shared by its views and detached aliases, bumped by every in-place torch op)
-# is the one it was computed at. An entry holds the codebook alias it was computed from, so that
-# its memory cannot be freed and reused by another tensor while the entry exists. vd_ema_update_
-# drops the entry of the codebook it writes (its kernels write memory without a version bump).
-# Writes that bypass torch (a user's own kernel on the raw pointer) are not seen: such code must
-# call clear_codebook_norms(). A few entries at most, the oldest dropped first.
-_NORMS_CACHE: "OrderedDict[tuple, tuple[torch.Tensor, int, torch.Tensor]]" = OrderedDict()
+# shape, strides, device); an entry is used only while the codebook's storage is alive (a weak
+# reference: the cache never keeps a dropped codebook's memory, and memory freed and reused by
+# another tensor cannot match a stale entry) and its version counter (tensor._version, shared by
+# its views and detached aliases, bumped by every in-place torch op) is the one it was computed
+# at. vd_ema_update_ drops the entry of the codebook it writes (its kernels write memory without
+# a version bump). Writes that bypass torch (a user's own kernel on the raw pointer) are not seen:
+# such code must call clear_codebook_norms(). A few entries at most, the oldest dropped first.
+_NORMS_CACHE: "OrderedDict[tuple, tuple[StorageWeakRef, int, torch.Tensor]]" = OrderedDict()
 _NORMS_CACHE_ENTRIES = 4
 
 
@@ -234,12 +235,12 @@ def codebook_sqnorms(codebook: torch.Tensor) -> torch.Tensor:
     capturing = codebook.is_cuda and torch.cuda.is_current_stream_capturing()
     key = _norms_key(codebook)
     cached = None if capturing else _NORMS_CACHE.get(key)
-    if cached is not None and cached[1] == codebook._version:
+    if cached is not None and not cached[0].expired() and cached[1] == codebook._version:
         _NORMS_CACHE.move_to_end(key)
         return cached[2]
     norms = codebook.float().square().sum(1)
     if not capturing:
-        _NORMS_CACHE[key] = (codebook.detach(), codebook._version, norms)
+        _NORMS_CACHE[key] = (StorageWeakRef(codebook.untyped_storage()), codebook._version, norms)
         _NORMS_CACHE.move_to_end(key)
         while len(_NORMS_CACHE) > _NORMS_CACHE_ENTRIES:
             _NORMS_CACHE.popitem(last=False)
