@@ -1,5 +1,6 @@
 """Attention ops: Triton kernels (interpreter or GPU) against the float64 reference, forward
 and every gradient, with key padding, causal, PrefixLM, co-attention and varlen; errors."""
+import dataclasses
 import importlib
 import math
 
@@ -1359,20 +1360,39 @@ TILE_CLASS_CASES = [
 ]
 
 
+def _backward_tile_classes(monkeypatch, on: bool):
+    """Every backward row of the configuration table with tile_classes = on (the forward's rows
+    unchanged), so both backward paths run whatever rows the table splits."""
+    from vlkernels.ops import _attention_configs as configs
+
+    monkeypatch.setattr(configs, "CONFIGS", {
+        key: dataclasses.replace(cfg, tile_classes=on) if key.pass_ != "fwd" else cfg
+        for key, cfg in configs.CONFIGS.items()})
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("backward", ["one-loop", "tile-classes"])
 @pytest.mark.parametrize("dtype", kernel_dtypes(), ids=dtype_id)
 @pytest.mark.parametrize("case", TILE_CLASS_CASES, ids=lambda c: f"Sq{c[0]}-Sk{c[1]}-{c[2]}" + (
     "-causal" if c[3] else "") + ("-prefix" if c[4] else ""))
-def test_tile_classes_with_mask_edges_at_block_edges(case, dtype):
+def test_tile_classes_with_mask_edges_at_block_edges(case, dtype, backward, with_bias, monkeypatch):
     """The forward splits each query block's key tiles into fully visible ones (no mask work),
     partial ones (the mask evaluated) and empty ones (skipped), from the key limits, causal and
-    prefix_len: masks whose class boundaries fall on, before and after the tile edges give the
-    reference's output (a tile taken as fully visible that is not would let a hidden key
-    through) and, through the backward's own mask handling, every gradient."""
+    prefix_len; the backward does too where its row has tile_classes (dQ over a query block's
+    key tiles, dK/dV over a key block's query tiles), and evaluates the mask on every tile
+    otherwise: both backward paths are run here, with and without a bias (its gradient is where
+    a dK/dV tile wrongly taken as fully visible shows: dS of a hidden pair must be 0). Masks
+    whose class boundaries fall on, before and after the tile edges give the reference's output
+    and every gradient (a tile taken as fully visible that is not would let a hidden key through)."""
+    _backward_tile_classes(monkeypatch, backward == "tile-classes")
     sq, sk, mask_kind, causal, with_prefix = case
     b, h, d = len(TILE_EDGES), 1, 16
     generator = torch.Generator().manual_seed(sq * 1000 + sk)
     q = torch.randn(b, h, sq, d, generator=generator).to(DEVICE, dtype).requires_grad_()
     k, v = (torch.randn(b, h, sk, d, generator=generator).to(DEVICE, dtype).requires_grad_() for _ in range(2))
+    inputs = [q, k, v]
+    if with_bias:  # one [Sq, Sk] table for the batch (VLMo's relative position bias is [1, H, S, S])
+        inputs.append(torch.randn(1, h, sq, sk, generator=generator).to(DEVICE, dtype).requires_grad_())
     masks = dict(causal=causal)
     if mask_kind is not None:
         masks["key_mask"] = _edge_key_mask(mask_kind, sk)
@@ -1380,16 +1400,52 @@ def test_tile_classes_with_mask_edges_at_block_edges(case, dtype):
         masks["prefix_len"] = torch.tensor(TILE_EDGES)
     grad_out = torch.randn(b, h, sq, d, generator=generator).to(DEVICE, dtype)
     on_device = {name: m.to(DEVICE) if isinstance(m, torch.Tensor) else m for name, m in masks.items()}
+
+    def run(tensors, **kwargs):
+        out = (reference.attention if tensors is not inputs else attention)(
+            *tensors[:3], bias=tensors[3] if with_bias else None, **kwargs)
+        return out, torch.autograd.grad(out, tensors, grad_out.to(out.device, out.dtype))
+
+    def reference_inputs(to_dtype, device):
+        return [t.detach().to(device, to_dtype).requires_grad_() for t in inputs]
+
     with vlkernels.use_backend("triton"), poisoned_allocations():
-        out = attention(q, k, v, **on_device)
-        grads = torch.autograd.grad(out, (q, k, v), grad_out)
-    out64, grads64 = reference_run(q, k, v, grad_out, torch.float64, "cpu", **masks)
-    out_t, grads_t = reference_run(q, k, v, grad_out, dtype, DEVICE, **on_device)
+        out, grads = run(inputs, **on_device)
+    out64, grads64 = run(reference_inputs(torch.float64, "cpu"), **masks)
+    out_t, grads_t = run(reference_inputs(dtype, DEVICE), **on_device)
     _grads_vs_reference(case, [out], grads, [out64], grads64, [out_t], grads_t)
     if mask_kind == "leading" and causal:  # item i's rows before its first real key are exactly 0
         for item, edge in enumerate(TILE_EDGES):
             first = min(edge, sk - 1)
             assert torch.equal(out[item, :, :first], torch.zeros_like(out[item, :, :first]))
+
+
+@pytest.mark.parametrize("backward", ["one-loop", "tile-classes"])
+@pytest.mark.parametrize("dtype", kernel_dtypes(), ids=dtype_id)
+@pytest.mark.parametrize("mask_kind", ["right-padded", "holes"])
+def test_co_attention_tile_classes_with_mask_edges_at_block_edges(mask_kind, dtype, backward, monkeypatch):
+    """co_attention's backward runs the same loops by tile class in both directions: text and
+    image masks with their edges before, on and after the tile edges (129 text, 200 image
+    tokens, above every block) give every gradient of the reference, in both backward paths."""
+    _backward_tile_classes(monkeypatch, backward == "tile-classes")
+    text, image, h, d = 129, 200, 1, 16
+    generator = torch.Generator().manual_seed(text + image)
+    tensors = [torch.randn(len(TILE_EDGES), h, s, d, generator=generator).to(DEVICE, dtype).requires_grad_()
+               for s in (text,) * 3 + (image,) * 3]
+    text_mask, image_mask = _edge_key_mask(mask_kind, text), _edge_key_mask(mask_kind, image)
+    grads_out = [torch.randn(len(TILE_EDGES), h, s, d, generator=generator).to(DEVICE, dtype) for s in (text, image)]
+    with vlkernels.use_backend("triton"), poisoned_allocations():
+        outs = co_attention(*tensors, text_mask=text_mask.to(DEVICE), image_mask=image_mask.to(DEVICE))
+        grads = torch.autograd.grad(outs, tensors, grads_out)
+
+    def run(target_dtype, device):
+        inputs = [t.detach().to(device, target_dtype).requires_grad_() for t in tensors]
+        results = reference.co_attention(*inputs, text_mask=text_mask.to(device), image_mask=image_mask.to(device))
+        return results, torch.autograd.grad(results, inputs, [g.to(device, target_dtype) for g in grads_out])
+
+    outs64, grads64 = run(torch.float64, "cpu")
+    outs_torch, grads_torch = run(dtype, DEVICE)
+    _grads_vs_reference(mask_kind, outs, grads, outs64, grads64, outs_torch, grads_torch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1451,6 +1507,9 @@ def test_the_report_compiles_every_row_of_the_configuration_table_and_nothing_el
         launch = (variant.constexprs["BLOCK_M"], variant.constexprs["BLOCK_N"], variant.options["num_warps"],
                   variant.options["num_stages"])
         assert launch == (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages), (key, variant.label)
+        if "DQ" in variant.constexprs:  # a backward launch: its loops by tile class as the row says
+            assert (variant.constexprs["TILE_CLASSES"], variant.constexprs["PARTIAL_PIPELINED"]) == (
+                cfg.tile_classes, cfg.partial_pipelined), (key, variant.label)
         # the launchers would pick this row for the variant's dtype, head dim and features
         dtype = variant.pointers["q"]
         extras = variant.constexprs.get("DROPOUT", False)
@@ -1482,6 +1541,7 @@ def test_launch_configurations_follow_the_length_classes():
     # a backward launch takes its own row where it has one, else the row both launches share
     assert configs.key_for(torch.float16, 64, "dkdv", 185, True) == configs.ConfigKey("dkdv", "16bit", "d64",
                                                                                        extras=True)
-    assert configs.key_for(torch.float16, 64, "dq", 185, True) == configs.ConfigKey("bwd", "16bit", "d64")
+    assert configs.key_for(torch.float16, 64, "dq", 185, False) == configs.ConfigKey("bwd", "16bit", "d64")
+    assert configs.key_for(torch.float16, 64, "dq", 185, True) == configs.ConfigKey("dq", "16bit", "d64", extras=True)
     with pytest.raises(ValueError, match="pass_ must be one of"):
         configs.key_for(torch.float16, 64, "bwd", 185, False)

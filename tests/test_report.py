@@ -184,6 +184,34 @@ def test_masked_forward_hot_loops_are_within_ten_percent_of_the_unmasked_one(rep
     assert dtypes == {"bfloat16", "float16", "float32"}, checked
 
 
+def test_backward_loops_by_tile_class_where_the_row_splits(report_rows):
+    """A backward launch whose configuration row sets tile_classes compiles two HGMMA loops (the
+    fully visible tiles with no mask work, then the partial ones), the others one. Where it is
+    set it pays: the 16-bit dQ at Dh 64 fits 3 CTAs/SM (2 in one loop, single attention) and a
+    split dQ's hot loop has at most 70% of the instructions of its partial loop."""
+    import importlib
+
+    table, _ = importlib.import_module("vlkernels.ops.attention").table_variants()
+    rows = {(row["kernel"], row["variant"]): row for row in report_rows}
+    split = []
+    for _, variant in table:
+        if "DQ" not in variant.constexprs:
+            continue
+        loops = rows[(variant.name, variant.label)]["dot_loops"]
+        name = f"{variant.name}[{variant.label}]"
+        if variant.constexprs["DOT_PRECISION"] == "ieee":  # FMA loops: no HGMMA to count
+            assert not variant.constexprs["TILE_CLASSES"], name
+            continue
+        assert len(loops) == (2 if variant.constexprs["TILE_CLASSES"] else 1), f"{name}: HGMMA loops {loops}"
+        if variant.constexprs["TILE_CLASSES"] and variant.constexprs["DQ"]:
+            assert loops[0] <= 0.7 * loops[1], f"{name}: hot loop {loops[0]}, partial loop {loops[1]}"
+            split.append(variant.label)
+        if variant.constexprs["DQ"] and variant.label.split("-")[0] in ("bfloat16", "float16") and (
+                variant.label.endswith("-D64-dq")):
+            assert rows[(variant.name, variant.label)]["ctas_per_sm"] >= 3, name
+    assert {"bfloat16-D64-dq", "float16-D64-dq", "float32-D64-dq"} <= set(split), split
+
+
 def test_mome_layernorm_backward_keeps_16_warps_per_sm(report_rows):
     """The MoME LayerNorm backward's programs (about two per SM at the chunked schedule) run 8
     warps each with 2 CTAs resident per SM, in both schedules (one slot per expert, chunks)."""

@@ -20,10 +20,17 @@ import torch
 
 @dataclass(frozen=True)
 class AttentionConfig:
+    """A launch's tiles, warps and pipeline stages. Backward launches only (the forward always
+    splits): tile_classes runs the fully visible tiles in a loop of their own with no mask work,
+    beside the loop over the partial ones (off where the second loop spills or gains nothing);
+    partial_pipelined pipelines that second loop too (where unpipelined it spills)."""
+
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    tile_classes: bool = False
+    partial_pipelined: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,15 +67,24 @@ CONFIGS: dict[ConfigKey, AttentionConfig] = {
     ConfigKey(_F, "16bit", "d64", extras=True): AttentionConfig(64, 64, 4, 2),
     ConfigKey(_F, "16bit", "d128", extras=True): AttentionConfig(64, 32, 8, 1),
     # the backward: 64 x 64 tiles (the dK/dV form's MMA takes 64 keys: 32 would leave it
-    # without warpgroup MMA; dQ's, 64 queries)
-    ConfigKey(_B, "16bit", "d64"): AttentionConfig(64, 64, 4, 2),
-    ConfigKey(_B, "16bit", "d128"): AttentionConfig(64, 64, 8, 2),
+    # without warpgroup MMA; dQ's, 64 queries), by tile class: Dh 64 dQ 197 -> 167 registers,
+    # 2 -> 3 CTAs/SM (co-attention 164 -> 146), its hot loop 734 -> 253 instructions; dK/dV 228
+    # -> 231 registers, 1033 -> 554. Dh 80-128: dQ 216-217 -> 209, 806-811 -> 340-343; dK/dV
+    # with its partial loop pipelined (unpipelined it spilled 48 B at Dh 80 / 96) 233-234 ->
+    # 243-245, 1128-1132 -> 655-661
+    ConfigKey(_B, "16bit", "d64"): AttentionConfig(64, 64, 4, 2, tile_classes=True),
+    ConfigKey(_Q, "16bit", "d128"): AttentionConfig(64, 64, 8, 2, tile_classes=True),
+    ConfigKey(_KV, "16bit", "d128"): AttentionConfig(64, 64, 8, 2, tile_classes=True, partial_pipelined=True),
     # bias / dropout: dK/dV steps over 16 queries (the bias tile, its gradient's addresses and
     # the Philox state beside the two accumulators: 64 queries spilled 308 B at Dh 64, 184 B at
     # 128; Dh 64 237 registers, Dh 128 255 in one stage, two serialized the wgmma); dQ keeps 64
     # query rows (Dh 64: 231 registers, 2 CTAs/SM), at Dh 128 32 keys per step unpipelined
     # (221 registers; 64 keys spilled 20 B, two stages serialized)
-    ConfigKey(_KV, "16bit", "d64", extras=True): AttentionConfig(16, 64, 4, 2),
+    # (by tile class, Dh 64 dK/dV: co-attention's 170 -> 168 registers, 2 -> 3 CTAs/SM; not
+    # dQ: 231 -> 255 registers, up to 52 B spilled at Dh 64, 221 -> 255 at Dh 128; nor dK/dV at
+    # Dh 128: 140 B)
+    ConfigKey(_KV, "16bit", "d64", extras=True): AttentionConfig(16, 64, 4, 2, tile_classes=True),
+    ConfigKey(_Q, "16bit", "d64", extras=True): AttentionConfig(64, 64, 4, 2),
     ConfigKey(_KV, "16bit", "d128", extras=True): AttentionConfig(16, 64, 8, 1),
     ConfigKey(_Q, "16bit", "d128", extras=True): AttentionConfig(64, 32, 8, 1),
     # tf32: fp32 operands are twice as large: 64 x 32 tiles (64 rows is the least a warpgroup
@@ -76,12 +92,18 @@ CONFIGS: dict[ConfigKey, AttentionConfig] = {
     # dK/dV runs three stages (234 registers; two spilled 128 B at 255)
     ConfigKey(_F, "tf32", "d64"): AttentionConfig(64, 32, 4, 2),
     ConfigKey(_F, "tf32", "d128"): AttentionConfig(64, 32, 4, 2),
+    # (by tile class, the Dh 64 dQ: 197 -> 175 registers, its hot loop 568 -> 278 instructions;
+    # not dK/dV, where co-attention went 168 -> 208 registers, 3 -> 2 CTAs/SM, nor Dh 128, where
+    # dQ spilled 28 B and dK/dV 300 B)
     ConfigKey(_B, "tf32", "d64"): AttentionConfig(64, 32, 4, 2),
+    ConfigKey(_Q, "tf32", "d64"): AttentionConfig(64, 32, 4, 2, tile_classes=True),
     ConfigKey(_B, "tf32", "d128"): AttentionConfig(64, 32, 8, 2),
     ConfigKey(_KV, "tf32", "d128"): AttentionConfig(64, 32, 8, 3),
     # tf32 bias / dropout dK/dV: 16 keys per program in 8 warps (220 registers; 64 x 32 in 4
-    # spilled 296 B); dQ keeps the plain row (2 CTAs/SM)
+    # spilled 296 B); dQ keeps the plain row's tiles (2 CTAs/SM) in one loop (by tile class it
+    # spilled 48 B)
     ConfigKey(_KV, "tf32", "d64", extras=True): AttentionConfig(64, 16, 8, 2),
+    ConfigKey(_Q, "tf32", "d64", extras=True): AttentionConfig(64, 32, 4, 2),
     # IEEE fp32 (torch's default matmul precision): no MMA, each product an FMA loop over
     # register-held operands, so 16 keys per step in 8 warps (64 x 32 in 4 spilled 0.4-0.8 KB);
     # the Dh 64 backward in 8 warps: dK/dV 32 x 32 (207 registers; 64 x 32 spilled 13 KB),

@@ -26,9 +26,11 @@ all, not even key bounds), partial (the mask is evaluated: the causal diagonal, 
 of the keys, key-mask padding and every tile past an arbitrary mask's first hole) or empty
 (past the last real key or causally hidden: skipped). The forward runs a hot loop over a query
 block's fully visible key tiles and a second loop over its partial ones, through one step
-routine whose MASKED constexpr adds the mask work. The backward passes evaluate the mask on
-every tile they visit (the same split cost the dQ and dK/dV kernels registers and spills in the
-sm_90a compile where they are tight: bias / dropout, fp32 at Dh 128).
+routine whose MASKED constexpr adds the mask work. The backward passes do the same where the
+launch's configuration row sets TILE_CLASSES (dQ over a query block's key tiles; dK/dV over a
+key block's query tiles, fully visible when every query of the tile sees every key of the
+block: _visible_query_begin), and elsewhere evaluate the mask on every tile they visit (where
+the split spills in the sm_90a compile: bias / dropout in dQ, fp32 at Dh 128; see the table).
 
 Masked positions are excluded, not multiplied by zero: a padded key (key_mask, or past its
 sequence's end) is loaded as k = v = 0, so a NaN stored there reaches no query; a key hidden
@@ -285,6 +287,132 @@ def _attention_fwd_tile(
 
 
 @triton.jit
+def _attention_dkdv_step(grad_k_acc, grad_v_acc, k_tile, v_tile, real, n_ok, offs_n, start_m, q_base, do_base,
+                         lse_base, delta_base, bias_base, dbias_base, offs_d, d_ok, q_len, prefix, sq_s, so_s,
+                         delta_ss, sb_m, sb_n, seq_k, scale_log2, seed, offset, pid_bh, dropout_p, keep_scale,
+                         BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
+                         MASKED: tl.constexpr):
+    # One query tile of a dK/dV program: its contributions to the key block's dk, dv (and its
+    # bias gradient's dS). MASKED = False for a query tile that sees every key of the block
+    # (_visible_query_begin): no mask is evaluated.
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q_tile, do_tile, delta_rows, logsumexp, _ = _query_rows(q_base, do_base, lse_base, delta_base, offs_m,
+                                                            offs_d, q_len, d_ok, sq_s, so_s, delta_ss)
+    m_ok = offs_m < q_len
+    if q_tile.dtype != tl.float32:
+        # [BLOCK_N, BLOCK_M] tiles: key n, query m
+        scores_t = tl.dot(k_tile, tl.trans(q_tile), input_precision=DOT_PRECISION) * scale_log2
+        if HAS_BIAS:
+            scores_t += _bias_tile(bias_base, offs_n, offs_m, real, m_ok, sb_n, sb_m)
+        p_t = tl.exp2(scores_t - logsumexp[None, :])
+        if MASKED:
+            visible_t = real[:, None] & (offs_m >= 0)[None, :]
+            if CAUSAL:
+                visible_t = visible_t & ((offs_n[:, None] <= offs_m[None, :]) | (offs_n[:, None] < prefix))
+            p_t = tl.where(visible_t, p_t, 0.0)
+        p_used = p_t
+        if DROPOUT:  # the forward's keep mask, regenerated; dP of a dropped weight is 0
+            factor = tl.where(_keep(seed, offset, pid_bh, offs_m[None, :], offs_n[:, None], dropout_p),
+                              keep_scale, 0.0)
+            p_used = p_t * factor
+        grad_v_acc += tl.dot(p_used.to(do_tile.dtype), do_tile, input_precision=DOT_PRECISION)
+        grad_p_t = tl.dot(v_tile, tl.trans(do_tile), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            grad_p_t = grad_p_t * factor
+        grad_s_t = p_t * (grad_p_t - delta_rows[None, :])
+        if MASKED:
+            grad_s_t = tl.where(visible_t, grad_s_t, 0.0)  # hidden: exactly 0 (NaN delta)
+        if BIAS_GRAD:
+            tl.store(dbias_base + offs_m[None, :].to(tl.int64) * seq_k + offs_n[:, None], grad_s_t,
+                     mask=m_ok[None, :] & n_ok[:, None])
+        grad_k_acc += tl.dot(grad_s_t.to(q_tile.dtype), q_tile, input_precision=DOT_PRECISION)
+    else:
+        # fp32 (tf32) operands: Hopper's tf32 wgmma takes no transposed shared-memory
+        # operand, so fp32 keeps the [BLOCK_M, BLOCK_N] form S = Q K^T
+        scores = tl.dot(q_tile, tl.trans(k_tile), input_precision=DOT_PRECISION) * scale_log2
+        if HAS_BIAS:
+            scores += _bias_tile(bias_base, offs_m, offs_n, m_ok, real, sb_m, sb_n)
+        p = tl.exp2(scores - logsumexp[:, None])
+        if MASKED:
+            visible = _visible(offs_m, offs_n, real, prefix, CAUSAL)
+            p = tl.where(visible, p, 0.0)
+        p_used = p
+        if DROPOUT:
+            factor = tl.where(_keep(seed, offset, pid_bh, offs_m[:, None], offs_n[None, :], dropout_p),
+                              keep_scale, 0.0)
+            p_used = p * factor
+        grad_v_acc += tl.dot(tl.trans(p_used), do_tile, input_precision=DOT_PRECISION)
+        grad_p = tl.dot(do_tile, tl.trans(v_tile), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            grad_p = grad_p * factor
+        grad_s = p * (grad_p - delta_rows[:, None])
+        if MASKED:
+            grad_s = tl.where(visible, grad_s, 0.0)
+        if BIAS_GRAD:
+            tl.store(dbias_base + offs_m[:, None].to(tl.int64) * seq_k + offs_n[None, :], grad_s,
+                     mask=m_ok[:, None] & n_ok[None, :])
+        grad_k_acc += tl.dot(tl.trans(grad_s), q_tile, input_precision=DOT_PRECISION)
+    return grad_k_acc, grad_v_acc
+
+
+@triton.jit
+def _attention_dq_step(grad_q_acc, q_tile, do_tile, delta_rows, logsumexp, k_base, v_base, mask_row, bias_base,
+                       start_n, offs_m, offs_d, d_ok, q_len, key_len, dense, prefix, sk_s, sv_s, sb_m, sb_n,
+                       scale_log2, seed, offset, pid_bh, dropout_p, keep_scale, BLOCK_N: tl.constexpr,
+                       CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr):
+    # One key tile of a dQ program: its contribution to the query block's dq. MASKED = False
+    # for a tile that every row sees whole (_visible_key_end): no key bounds, no mask.
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if MASKED:
+        real = _real_keys(offs_n, start_n + BLOCK_N, key_len, mask_row, dense, HAS_KEY_MASK)
+        load_mask = d_ok[:, None] & real[None, :]
+    else:
+        real = offs_n < key_len  # all true here; read by the bias tile's load mask only
+        load_mask = d_ok[:, None]
+    k_tile = tl.load(k_base + offs_n[None, :].to(tl.int64) * sk_s + offs_d[:, None], mask=load_mask,
+                     other=0.0)
+    v_tile = tl.load(v_base + offs_n[None, :].to(tl.int64) * sv_s + offs_d[:, None], mask=load_mask,
+                     other=0.0)
+    scores = tl.dot(q_tile, k_tile, input_precision=DOT_PRECISION) * scale_log2
+    if HAS_BIAS:
+        scores += _bias_tile(bias_base, offs_m, offs_n, offs_m < q_len, real, sb_m, sb_n)
+    p = tl.exp2(scores - logsumexp[:, None])
+    if MASKED:
+        visible = _visible(offs_m, offs_n, real, prefix, CAUSAL)
+        p = tl.where(visible, p, 0.0)
+    grad_p = tl.dot(do_tile, v_tile, input_precision=DOT_PRECISION)
+    if DROPOUT:
+        grad_p = grad_p * tl.where(_keep(seed, offset, pid_bh, offs_m[:, None], offs_n[None, :],
+                                         dropout_p), keep_scale, 0.0)
+    grad_s = p * (grad_p - delta_rows[:, None])
+    if MASKED:
+        grad_s = tl.where(visible, grad_s, 0.0)  # hidden: exactly 0 (NaN delta)
+    grad_q_acc += tl.dot(grad_s.to(k_tile.dtype), tl.trans(k_tile), input_precision=DOT_PRECISION)
+    return grad_q_acc
+
+
+@triton.jit
+def _visible_query_begin(start_n, begin_m, q_len, key_len, dense, prefix, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr):
+    # Start of the trailing query tiles (from begin_m, in BLOCK_M steps) that see every key of the
+    # block starting at start_n: its keys are all real (below key_len and the key mask's leading
+    # run) and, under CAUSAL, the block lies in the prefix or each row is at or after its last key.
+    # q_len when there is none.
+    end = key_len
+    if HAS_KEY_MASK:
+        end = tl.minimum(end, dense)
+    begin = begin_m
+    if CAUSAL:
+        if start_n + BLOCK_N > prefix:
+            begin = tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M
+    if start_n + BLOCK_N > end:
+        begin = q_len
+    return tl.minimum(begin, q_len)
+
+
+@triton.jit
 def _attention_bwd_tile(
     q, k, v, grad_out, lse, delta, grad_q, grad_k, grad_v, key_mask, key_limit, prefix_len, cu_q, cu_k,
     bias, grad_bias, rng,
@@ -294,6 +422,7 @@ def _attention_bwd_tile(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr, DQ: tl.constexpr,
+    TILE_CLASSES: tl.constexpr, PARTIAL_PIPELINED: tl.constexpr,
 ):
     # DQ = False (the dK/dV kernel): program role_pid computes dk, dv of key block role_pid, in
     # the transposed form S^T = K Q^T (P^T and dS^T are computed as they feed the dots, no
@@ -334,6 +463,10 @@ def _attention_bwd_tile(
     seed, offset = 0, 0
     if DROPOUT:
         seed, offset = _rng_state(rng, stream)
+    # Stages of the loop over partial tiles: the kernel's (None) in the one-loop form; one beside
+    # the hot loop (it runs a tile or two but for masks with holes, and its own pipeline buffers
+    # cost registers), unless the row pipelines it (PARTIAL_PIPELINED: where unpipelined it spills).
+    partial_stages: tl.constexpr = None if PARTIAL_PIPELINED or not TILE_CLASSES else 1
     if not DQ:
         start_n = role_pid * BLOCK_N
         if start_n < k_len:
@@ -351,57 +484,27 @@ def _attention_bwd_tile(
                     begin_m = (start_n // BLOCK_M) * BLOCK_M
             if start_n >= key_len:
                 begin_m = q_len  # keys in trailing padding: nobody sees them, their gradients are 0
-            for start_m in range(begin_m, q_len, BLOCK_M):
-                offs_m = start_m + tl.arange(0, BLOCK_M)
-                q_tile, do_tile, delta_rows, logsumexp, _ = _query_rows(q_base, do_base, lse_base, delta_base, offs_m,
-                                                                        offs_d, q_len, d_ok, sq_s, so_s, delta_ss)
-                m_ok = offs_m < q_len
-                if q_tile.dtype != tl.float32:
-                    # [BLOCK_N, BLOCK_M] tiles: key n, query m
-                    scores_t = tl.dot(k_tile, tl.trans(q_tile), input_precision=DOT_PRECISION) * scale_log2
-                    if HAS_BIAS:
-                        scores_t += _bias_tile(bias_base, offs_n, offs_m, real, m_ok, sb_n, sb_m)
-                    visible_t = real[:, None] & (offs_m >= 0)[None, :]
-                    if CAUSAL:
-                        visible_t = visible_t & ((offs_n[:, None] <= offs_m[None, :]) | (offs_n[:, None] < prefix))
-                    p_t = tl.where(visible_t, tl.exp2(scores_t - logsumexp[None, :]), 0.0)
-                    p_used = p_t
-                    if DROPOUT:  # the forward's keep mask, regenerated; dP of a dropped weight is 0
-                        factor = tl.where(_keep(seed, offset, pid_bh, offs_m[None, :], offs_n[:, None], dropout_p),
-                                          keep_scale, 0.0)
-                        p_used = p_t * factor
-                    grad_v_acc += tl.dot(p_used.to(do_tile.dtype), do_tile, input_precision=DOT_PRECISION)
-                    grad_p_t = tl.dot(v_tile, tl.trans(do_tile), input_precision=DOT_PRECISION)
-                    if DROPOUT:
-                        grad_p_t = grad_p_t * factor
-                    # hidden: exactly 0 (NaN delta)
-                    grad_s_t = tl.where(visible_t, p_t * (grad_p_t - delta_rows[None, :]), 0.0)
-                    if BIAS_GRAD:
-                        tl.store(dbias_base + offs_m[None, :].to(tl.int64) * seq_k + offs_n[:, None], grad_s_t,
-                                 mask=m_ok[None, :] & n_ok[:, None])
-                    grad_k_acc += tl.dot(grad_s_t.to(q_tile.dtype), q_tile, input_precision=DOT_PRECISION)
-                else:
-                    # fp32 (tf32) operands: Hopper's tf32 wgmma takes no transposed shared-memory
-                    # operand, so fp32 keeps the [BLOCK_M, BLOCK_N] form S = Q K^T
-                    scores = tl.dot(q_tile, tl.trans(k_tile), input_precision=DOT_PRECISION) * scale_log2
-                    if HAS_BIAS:
-                        scores += _bias_tile(bias_base, offs_m, offs_n, m_ok, real, sb_m, sb_n)
-                    visible = _visible(offs_m, offs_n, real, prefix, CAUSAL)
-                    p = tl.where(visible, tl.exp2(scores - logsumexp[:, None]), 0.0)
-                    p_used = p
-                    if DROPOUT:
-                        factor = tl.where(_keep(seed, offset, pid_bh, offs_m[:, None], offs_n[None, :], dropout_p),
-                                          keep_scale, 0.0)
-                        p_used = p * factor
-                    grad_v_acc += tl.dot(tl.trans(p_used), do_tile, input_precision=DOT_PRECISION)
-                    grad_p = tl.dot(do_tile, tl.trans(v_tile), input_precision=DOT_PRECISION)
-                    if DROPOUT:
-                        grad_p = grad_p * factor
-                    grad_s = tl.where(visible, p * (grad_p - delta_rows[:, None]), 0.0)
-                    if BIAS_GRAD:
-                        tl.store(dbias_base + offs_m[:, None].to(tl.int64) * seq_k + offs_n[None, :], grad_s,
-                                 mask=m_ok[:, None] & n_ok[None, :])
-                    grad_k_acc += tl.dot(tl.trans(grad_s), q_tile, input_precision=DOT_PRECISION)
+            # With TILE_CLASSES, the query tiles that see every key of the block whole run first
+            # in a loop with no mask work, then the partial ones (causal diagonal, key-mask padding
+            # or holes in the block); without it (the configuration row's choice: where the split
+            # spills or gains nothing), one loop evaluates the mask on every tile. Tiles before
+            # begin_m are empty.
+            masked_end = q_len
+            if TILE_CLASSES:
+                masked_end = _visible_query_begin(start_n, begin_m, q_len, key_len, dense, prefix, BLOCK_M, BLOCK_N,
+                                                  CAUSAL, HAS_KEY_MASK)
+                for start_m in range(masked_end, q_len, BLOCK_M):
+                    grad_k_acc, grad_v_acc = _attention_dkdv_step(
+                        grad_k_acc, grad_v_acc, k_tile, v_tile, real, n_ok, offs_n, start_m, q_base, do_base,
+                        lse_base, delta_base, bias_base, dbias_base, offs_d, d_ok, q_len, prefix, sq_s, so_s, delta_ss,
+                        sb_m, sb_n, seq_k, scale_log2, seed, offset, pid_bh, dropout_p, keep_scale, BLOCK_M, CAUSAL,
+                        DOT_PRECISION, HAS_BIAS, BIAS_GRAD, DROPOUT, False)
+            for start_m in tl.range(begin_m, masked_end, BLOCK_M, num_stages=partial_stages):
+                grad_k_acc, grad_v_acc = _attention_dkdv_step(
+                    grad_k_acc, grad_v_acc, k_tile, v_tile, real, n_ok, offs_n, start_m, q_base, do_base, lse_base,
+                    delta_base, bias_base, dbias_base, offs_d, d_ok, q_len, prefix, sq_s, so_s, delta_ss, sb_m, sb_n,
+                    seq_k, scale_log2, seed, offset, pid_bh, dropout_p, keep_scale, BLOCK_M, CAUSAL, DOT_PRECISION,
+                    HAS_BIAS, BIAS_GRAD, DROPOUT, True)
             # Every key row of the block is stored; a padded key's gradients are exactly 0 (not
             # 0 * Inf = NaN from a row whose delta is infinite), as the reference's masking gives.
             store_mask = n_ok[:, None] & d_ok[None, :]
@@ -419,25 +522,24 @@ def _attention_bwd_tile(
                                                                            offs_m, offs_d, q_len, d_ok, sq_s, so_s,
                                                                            delta_ss)
             grad_q_acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-            for start_n in range(0, _key_end(start_m, key_len, prefix, BLOCK_M, CAUSAL), BLOCK_N):
-                offs_n = start_n + tl.arange(0, BLOCK_N)
-                real = _real_keys(offs_n, start_n + BLOCK_N, key_len, mask_row, dense, HAS_KEY_MASK)
-                load_mask = d_ok[:, None] & real[None, :]
-                k_tile = tl.load(k_base + offs_n[None, :].to(tl.int64) * sk_s + offs_d[:, None], mask=load_mask,
-                                 other=0.0)
-                v_tile = tl.load(v_base + offs_n[None, :].to(tl.int64) * sv_s + offs_d[:, None], mask=load_mask,
-                                 other=0.0)
-                scores = tl.dot(q_tile, k_tile, input_precision=DOT_PRECISION) * scale_log2
-                if HAS_BIAS:
-                    scores += _bias_tile(bias_base, offs_m, offs_n, offs_m < q_len, real, sb_m, sb_n)
-                visible = _visible(offs_m, offs_n, real, prefix, CAUSAL)
-                p = tl.where(visible, tl.exp2(scores - logsumexp[:, None]), 0.0)
-                grad_p = tl.dot(do_tile, v_tile, input_precision=DOT_PRECISION)
-                if DROPOUT:
-                    grad_p = grad_p * tl.where(_keep(seed, offset, pid_bh, offs_m[:, None], offs_n[None, :],
-                                                     dropout_p), keep_scale, 0.0)
-                grad_s = tl.where(visible, p * (grad_p - delta_rows[:, None]), 0.0)  # hidden: exactly 0 (NaN delta)
-                grad_q_acc += tl.dot(grad_s.to(k_tile.dtype), tl.trans(k_tile), input_precision=DOT_PRECISION)
+            # With TILE_CLASSES, as in the forward: the key tiles every row sees whole, with no mask
+            # work, then those that evaluate the mask; without it, one loop masks every tile.
+            masked_begin = 0
+            if TILE_CLASSES:
+                masked_begin = _visible_key_end(start_m, key_len, dense, prefix, BLOCK_N, CAUSAL, HAS_KEY_MASK)
+                for start_n in range(0, masked_begin, BLOCK_N):
+                    grad_q_acc = _attention_dq_step(
+                        grad_q_acc, q_tile, do_tile, delta_rows, logsumexp, k_base, v_base, mask_row, bias_base,
+                        start_n, offs_m, offs_d, d_ok, q_len, key_len, dense, prefix, sk_s, sv_s, sb_m, sb_n,
+                        scale_log2, seed, offset, pid_bh, dropout_p, keep_scale, BLOCK_N, CAUSAL, HAS_KEY_MASK,
+                        DOT_PRECISION, HAS_BIAS, DROPOUT, False)
+            key_end = _key_end(start_m, key_len, prefix, BLOCK_M, CAUSAL)
+            for start_n in tl.range(masked_begin, key_end, BLOCK_N, num_stages=partial_stages):
+                grad_q_acc = _attention_dq_step(
+                    grad_q_acc, q_tile, do_tile, delta_rows, logsumexp, k_base, v_base, mask_row, bias_base, start_n,
+                    offs_m, offs_d, d_ok, q_len, key_len, dense, prefix, sk_s, sv_s, sb_m, sb_n, scale_log2, seed,
+                    offset, pid_bh, dropout_p, keep_scale, BLOCK_N, CAUSAL, HAS_KEY_MASK, DOT_PRECISION, HAS_BIAS,
+                    DROPOUT, True)
             tl.store(dq_base + offs_m[:, None].to(tl.int64) * sq_s + offs_d[None, :],
                      (grad_q_acc * scale).to(grad_q.dtype.element_ty), mask=row_mask)
 
@@ -491,11 +593,13 @@ def _attention_bwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr, DQ: tl.constexpr,
+    TILE_CLASSES: tl.constexpr, PARTIAL_PIPELINED: tl.constexpr,
 ):
     """Backward of attention / attention_varlen after the delta pre-pass, in two launches (FA2's
     form): DQ = False, grid (B * H * cdiv(Sk, BLOCK_N),): program (bh, n) writes dk, dv (and the
     bias gradient's dS) of key block n; DQ = True, grid (B * H * cdiv(Sq, BLOCK_M),): program
     (bh, m) writes dq of query block m; (batch, head) = divmod(bh, H), bh = pid // programs_per_head.
+    TILE_CLASSES / PARTIAL_PIPELINED: the launch's configuration row (the loops by tile class).
     One writer per element, no atomics; programs read only forward outputs, delta and inputs."""
     pid = tl.program_id(0)
     _attention_bwd_tile(q, k, v, grad_out, lse, delta, grad_q, grad_k, grad_v, key_mask, key_limit, prefix_len,
@@ -504,7 +608,7 @@ def _attention_bwd_kernel(
                         heads, seq_q, seq_k, scale_log2, scale, dropout_p, keep_scale, 0,
                         pid % programs_per_head, pid // programs_per_head,
                         HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_KEY_MASK, VARLEN, DOT_PRECISION,
-                        HAS_BIAS, BIAS_GRAD, DROPOUT, DQ)
+                        HAS_BIAS, BIAS_GRAD, DROPOUT, DQ, TILE_CLASSES, PARTIAL_PIPELINED)
 
 
 @triton.jit
@@ -561,6 +665,7 @@ def _co_attention_bwd_kernel(
     rng, heads, scale_log2, scale, dropout_p, keep_scale, programs_per_head,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr, DQ: tl.constexpr,
+    TILE_CLASSES: tl.constexpr, PARTIAL_PIPELINED: tl.constexpr,
 ):
     """Both directions of co-attention's backward, after the delta pre-pass: one launch per
     role (DQ as in _attention_bwd_kernel), both directions in it through one code path (axis 2
@@ -589,7 +694,7 @@ def _co_attention_bwd_kernel(
                         mask_sb, heads * seq_q, seq_q, 1, 0, 0, 0, 0, heads, seq_q, seq_k, scale_log2, scale,
                         dropout_p, keep_scale, stream, pid % programs_per_head, pid // programs_per_head,
                         HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_KEY_MASK, False, DOT_PRECISION,
-                        False, False, DROPOUT, DQ)
+                        False, False, DROPOUT, DQ, TILE_CLASSES, PARTIAL_PIPELINED)
 
 
 @triton.jit

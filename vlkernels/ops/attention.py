@@ -285,7 +285,8 @@ def _launch_bwd(grad_out, q, k, v, out, lse, key_mask, prefix_len, cu_q, cu_k, m
             HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             CAUSAL=causal, HAS_KEY_MASK=key_mask is not None, VARLEN=cu_q is not None,
             DOT_PRECISION=_dot_precision(q.dtype), HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad and not dq,
-            DROPOUT=dropout, DQ=dq, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            DROPOUT=dropout, DQ=dq, TILE_CLASSES=cfg.tile_classes, PARTIAL_PIPELINED=cfg.partial_pipelined,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     if bias_grad:
         grad_bias = _reduce_bias_grad(full_grad_bias, bias)
@@ -364,6 +365,7 @@ def _launch_co_bwd(grad_t, grad_i, q_t, k_t, v_t, q_i, k_i, v_i, out_t, lse_t, o
             float(dropout_p), _keep_scale(dropout_p), per_head,
             HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             HAS_KEY_MASK=has_mask, DOT_PRECISION=_dot_precision(q_t.dtype), DROPOUT=dropout, DQ=dq,
+            TILE_CLASSES=cfg.tile_classes, PARTIAL_PIPELINED=cfg.partial_pipelined,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return [grads[name] for name in names]
@@ -821,6 +823,13 @@ def aot_variants():
 _FORWARD_MASKS = (("nomask", False, False), ("keymask", False, True), ("causal", True, False))
 
 
+def _role(pass_: str, cfg: AttentionConfig) -> dict:
+    """A backward launch's role constants (DQ, and its row's tile classes); none for the forward."""
+    if pass_ == "fwd":
+        return {}
+    return dict(DQ=pass_ == "dq", TILE_CLASSES=cfg.tile_classes, PARTIAL_PIPELINED=cfg.partial_pipelined)
+
+
 def table_variants():
     """([(configuration-table row, variant)] of the attention kernels, [the other variants: the
     delta pre-pass, the keep-mask writer]): every row of _attention_configs.CONFIGS is compiled
@@ -857,7 +866,7 @@ def table_variants():
                                     ("dkdv", kernels._attention_bwd_kernel, kernels._co_attention_bwd_kernel),
                                     ("dq", kernels._attention_bwd_kernel, kernels._co_attention_bwd_kernel)):
             backward = pass_ != "fwd"
-            role, suffix = (dict(DQ=pass_ == "dq"), f"-{pass_}") if backward else (dict(), "")
+            suffix = f"-{pass_}" if backward else ""
             # fp32 runs IEEE dots by default (torch.backends.cuda.matmul.allow_tf32 is False) and tf32 when allowed.
             for precision in ("tf32", "ieee") if dtype == torch.float32 else ("tf32",):
                 # the ViLT length (medium) everywhere; the other length classes at bf16 Dh 64 and 128
@@ -872,13 +881,14 @@ def table_variants():
                     common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                                   DOT_PRECISION=precision)
                     name = label + ("-ieee" if precision == "ieee" else "") + length_label + suffix
-                    extra = dict(HAS_BIAS=False, DROPOUT=False, **role) | (dict(BIAS_GRAD=False) if backward else {})
+                    extra = dict(HAS_BIAS=False, DROPOUT=False, **_role(pass_, cfg)) | (
+                        dict(BIAS_GRAD=False) if backward else {})
                     rows.append((key, KernelVariant(single, name, dict(common, CAUSAL=True, HAS_KEY_MASK=True,
                                                                        VARLEN=False, **extra),
                                                     pointers, sizes, options, gemm_shaped=True)))
                     if head_dim == 64 and length == 185:
                         rows.append((key, KernelVariant(pair, name, dict(common, HAS_KEY_MASK=True, DROPOUT=False,
-                                                                         **role),
+                                                                         **_role(pass_, cfg)),
                                                         pointers, sizes, options, gemm_shaped=True)))
                         if not backward and precision == "tf32":
                             # the forward under each other mask, for the report's hot-loop comparison
@@ -895,7 +905,7 @@ def table_variants():
                     options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
                     common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                                   DOT_PRECISION=precision)
-                    extra = dict(HAS_BIAS=True, DROPOUT=True, **role) | (
+                    extra = dict(HAS_BIAS=True, DROPOUT=True, **_role(pass_, cfg)) | (
                         dict(BIAS_GRAD=pass_ == "dkdv") if backward else {})
                     rows.append((key, KernelVariant(single, label + "-bias-dropout" + suffix,
                                                     dict(common, CAUSAL=False, HAS_KEY_MASK=True, VARLEN=False,
@@ -903,7 +913,8 @@ def table_variants():
                                                     pointers, sizes, options, gemm_shaped=True)))
                     if head_dim == 64:  # co-attention trains with dropout too (LXMERT, ViLBERT: 0.1); no bias
                         rows.append((key, KernelVariant(pair, label + "-dropout" + suffix,
-                                                        dict(common, HAS_KEY_MASK=True, DROPOUT=True, **role),
+                                                        dict(common, HAS_KEY_MASK=True, DROPOUT=True,
+                                                             **_role(pass_, cfg)),
                                                         pointers, sizes, options, gemm_shaped=True)))
     # the debug / test path's keep-mask writer, as _dropout_keep_mask launches it
     variants.append(KernelVariant(kernels._dropout_keep_kernel, "debug",
