@@ -91,6 +91,21 @@ def test_strided_qkv_from_a_fused_projection():
     assert_matches_reference("grad qkv", grad, expected_grad, grad)
 
 
+def _co_attention_and_reference(tensors, text_mask, image_mask, grads_out):
+    """Triton co_attention's outputs and input gradients beside the reference's, in float64 and
+    in the inputs' dtype: (outs, grads, outs64, grads64, outs_torch, grads_torch)."""
+    with vlkernels.use_backend("triton"), poisoned_allocations():
+        outs = co_attention(*tensors, text_mask=text_mask.to(DEVICE), image_mask=image_mask.to(DEVICE))
+        grads = torch.autograd.grad(outs, tensors, grads_out)
+
+    def run(target_dtype, device):
+        inputs = [t.detach().to(device, target_dtype).requires_grad_() for t in tensors]
+        results = reference.co_attention(*inputs, text_mask=text_mask.to(device), image_mask=image_mask.to(device))
+        return results, torch.autograd.grad(results, inputs, [g.to(device, target_dtype) for g in grads_out])
+
+    return (outs, grads, *run(torch.float64, "cpu"), *run(tensors[0].dtype, DEVICE))
+
+
 @pytest.mark.parametrize("dtype", kernel_dtypes(), ids=dtype_id)
 @pytest.mark.parametrize("lengths", [(20, 37), (97, 3), (36, 36)], ids=lambda s: "St{}-Si{}".format(*s))
 def test_co_attention_matches_both_directions(lengths, dtype):
@@ -103,17 +118,8 @@ def test_co_attention_matches_both_directions(lengths, dtype):
     image_mask = random_key_mask(generator, b, image).to(DEVICE)
     image_mask[0] = True  # text-only padding in item 0: image queries there see nothing
     grads_out = [torch.randn(b, h, s, d, generator=generator).to(DEVICE, dtype) for s in (text, image)]
-    with vlkernels.use_backend("triton"), poisoned_allocations():
-        outs = co_attention(*tensors, text_mask=text_mask, image_mask=image_mask)
-        grads = torch.autograd.grad(outs, tensors, grads_out)
-
-    def run(target_dtype, device):
-        inputs = [t.detach().to(device, target_dtype).requires_grad_() for t in tensors]
-        results = reference.co_attention(*inputs, text_mask=text_mask.to(device), image_mask=image_mask.to(device))
-        return results, torch.autograd.grad(results, inputs, [g.to(device, target_dtype) for g in grads_out])
-
-    outs64, grads64 = run(torch.float64, "cpu")
-    outs_torch, grads_torch = run(dtype, DEVICE)
+    outs, grads, outs64, grads64, outs_torch, grads_torch = _co_attention_and_reference(
+        tensors, text_mask, image_mask, grads_out)
     for name, out, out64, out_torch in zip(("out_t", "out_i"), outs, outs64, outs_torch):
         assert_matches_reference(name, out, out64, out_torch)
     names = ("q_t", "k_t", "v_t", "q_i", "k_i", "v_i")
@@ -1434,18 +1440,7 @@ def test_co_attention_tile_classes_with_mask_edges_at_block_edges(mask_kind, dty
                for s in (text,) * 3 + (image,) * 3]
     text_mask, image_mask = _edge_key_mask(mask_kind, text), _edge_key_mask(mask_kind, image)
     grads_out = [torch.randn(len(TILE_EDGES), h, s, d, generator=generator).to(DEVICE, dtype) for s in (text, image)]
-    with vlkernels.use_backend("triton"), poisoned_allocations():
-        outs = co_attention(*tensors, text_mask=text_mask.to(DEVICE), image_mask=image_mask.to(DEVICE))
-        grads = torch.autograd.grad(outs, tensors, grads_out)
-
-    def run(target_dtype, device):
-        inputs = [t.detach().to(device, target_dtype).requires_grad_() for t in tensors]
-        results = reference.co_attention(*inputs, text_mask=text_mask.to(device), image_mask=image_mask.to(device))
-        return results, torch.autograd.grad(results, inputs, [g.to(device, target_dtype) for g in grads_out])
-
-    outs64, grads64 = run(torch.float64, "cpu")
-    outs_torch, grads_torch = run(dtype, DEVICE)
-    _grads_vs_reference(mask_kind, outs, grads, outs64, grads64, outs_torch, grads_torch)
+    _grads_vs_reference(mask_kind, *_co_attention_and_reference(tensors, text_mask, image_mask, grads_out))
 
 
 # ----------------------------------------------------------------------------------------------
