@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import vlkernels
@@ -197,6 +197,15 @@ def embeddings(generator, batch, rows, cols, dim, dtype):
     txt = torch.randn(batch, rows, dim, generator=generator)
     img = torch.randn(batch, cols, dim, generator=generator) + 0.3 * txt.mean(1, keepdim=True)  # correlated
     return txt.to(dtype), img.to(dtype)
+
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def ulp_move(t, generator):
+    """t with every element moved by one ulp up or down at random."""
+    up = torch.rand(t.shape, generator=generator) < 0.5
+    return torch.nextafter(t, torch.where(up, torch.inf, -torch.inf))
 
 
 def reference_grads(fn, txt, img, grad_out, *args, **kwargs):
@@ -744,6 +753,9 @@ def test_ipot_hypothesis_against_float64(batch, rows, cols, log_beta, log_scale,
         assert rel_error(plan, exact) <= bound, (backend, rel_error(plan, exact), bound)
 
 
+# two draws that a fixed bound failed: an ill-conditioned plan (D = 6) and a cancelling D = 1 gradient
+@example(batch=3, rows=6, cols=18, dim=6, log_beta=-2.3359375, seed=36377)
+@example(batch=3, rows=6, cols=18, dim=1, log_beta=-2.3359375, seed=36377)
 @settings(max_examples=12)
 @given(batch=st.integers(1, 3), rows=st.integers(1, 18), cols=st.integers(1, 34), dim=st.integers(1, 70),
        log_beta=st.floats(-3, 0.5), seed=st.integers(0, 2**16))
@@ -755,10 +767,22 @@ def test_wra_hypothesis_against_float64(batch, rows, cols, dim, log_beta, seed):
     y_mask = torch.rand(batch, cols, generator=generator) < 0.7
     beta = 10 ** log_beta
     grad_out = torch.randn(batch, generator=generator)
-    expected, grad_txt64, grad_img64 = reference_grads(reference.wra_distance, txt, img, grad_out, x_mask, y_mask,
-                                                       beta=beta, iters=20)
-    same = reference_grads(lambda x, y, *a, **kw: reference.wra_distance(x.float(), y.float(), *a, **kw),
-                           txt, img, grad_out, x_mask, y_mask, beta=beta, iters=20)
+    exact = reference_grads(reference.wra_distance, txt, img, grad_out, x_mask, y_mask, beta=beta, iters=20)
+
+    def fp32_torch(x, y):
+        return reference_grads(lambda x, y, *a, **kw: reference.wra_distance(x.float(), y.float(), *a, **kw),
+                               x, y, grad_out, x_mask, y_mask, beta=beta, iters=20)
+    # The same-dtype error: one fp32 run can be lucky where beta is small against the cost (the
+    # plan moves by dC / beta), so it is the worst torch fp32 error on the inputs and on three
+    # one-ulp moves of them (which move the float64 gradients by up to ~60 ulps at beta ~ 5e-3).
+    moved = [(ulp_move(txt, generator), ulp_move(img, generator)) for _ in range(3)]
+    fp32_errors = [max(rel_error(run, e) for run in runs) for runs, e in
+                   zip(zip(*(fp32_torch(x, y) for x, y in [(txt, img), *moved])), exact)]
+    # Where the exact gradient is 0 (nothing valid, or D = 1, where the cosine's derivative is two
+    # terms of size |grad_out| / |x| that cancel), a few ulps of those terms are allowed.
+    zero_bounds = (torch.full((batch,), 1e-6),
+                   1e-6 + 16 * EPS32 * grad_out.abs()[:, None, None] / txt.norm(dim=-1, keepdim=True),
+                   1e-6 + 16 * EPS32 * grad_out.abs()[:, None, None] / img.norm(dim=-1, keepdim=True))
     for backend in BACKENDS:
         if backend == "cpp" and NO_EXTENSION:
             continue
@@ -767,11 +791,11 @@ def test_wra_hypothesis_against_float64(batch, rows, cols, dim, log_beta, seed):
         with vlkernels.use_backend(backend):
             distance = ops.wra_distance(txt_d, img_d, x_mask.to(device), y_mask.to(device), beta=beta, iters=20)
         grads = torch.autograd.grad(distance, (txt_d, img_d), grad_out.to(device))
-        for got, exact, fp32 in zip((distance, *grads), (expected, grad_txt64, grad_img64), same):
-            if exact.norm() < 1e-12:  # e.g. nothing valid, or a 1 x 1 problem in D = 1: no relative error
-                assert got.abs().max() <= 1e-6, backend
+        for got, e, fp32_error, zero_bound in zip((distance, *grads), exact, fp32_errors, zero_bounds):
+            if e.norm() < 1e-12:
+                assert (got.detach().cpu().abs() <= zero_bound).all(), backend
             else:
-                assert rel_error(got, exact) <= same_dtype_bound(fp32, exact), backend
+                assert rel_error(got, e) <= max(TOL, 2 * fp32_error), (backend, rel_error(got, e), fp32_error)
 
 
 def _value_check_cases(device):
