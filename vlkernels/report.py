@@ -15,6 +15,8 @@ Run it with TRITON_INTERPRET unset: the interpreter replaces kernels with Python
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import re
@@ -137,9 +139,24 @@ def _specialize(variant: KernelVariant, backend):
     return kernel._pack_args(backend, dict(variant.options), bound, specialization, options)
 
 
+def _compile_with_ptxas_log(source, target, options):
+    """triton.compile, and the log of the ptxas -v run it makes (empty when the kernel came from
+    Triton's cache): Triton prints that log when its dump_ptxas_log knob is set."""
+    import triton
+    from triton import knobs
+
+    printed, dump = io.StringIO(), knobs.nvidia.dump_ptxas_log
+    knobs.nvidia.dump_ptxas_log = True
+    try:
+        with contextlib.redirect_stdout(printed):
+            compiled = triton.compile(source, target=target, options=options.__dict__)
+    finally:
+        knobs.nvidia.dump_ptxas_log = dump
+    return compiled, printed.getvalue()
+
+
 def compile_variant(variant: KernelVariant, arch: int = 90) -> dict:
     """Compile one variant for sm_<arch> (sm_90a for 90) and read its resources."""
-    import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
 
@@ -150,29 +167,34 @@ def compile_variant(variant: KernelVariant, arch: int = 90) -> dict:
     try:
         backend = make_backend(target)
         options, signature, constexprs, attrs = _specialize(variant, backend)
-        compiled = triton.compile(ASTSource(variant.kernel, signature, constexprs, attrs), target=target,
-                                  options=options.__dict__)
+        compiled, triton_log = _compile_with_ptxas_log(ASTSource(variant.kernel, signature, constexprs, attrs),
+                                                       target, options)
     except Exception as error:  # reported per variant: one broken kernel must not hide the others
         row["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
         return row
     # Scalars the launch turned into constants (ints equal to 1, such as a unit stride).
     row["constants"] = [name for name, kind in signature.items() if kind == "constexpr" and name in variant.scalars]
     arch_name = f"sm_{arch}{'a' if arch == 90 else ''}"
+    # Tensor-core instructions come only from dot ops: a kernel with none in its IR has no HGMMA
+    # and no dot loop, and is not disassembled (cuobjdump -sass takes ~0.4 s a call, whatever the size).
+    has_dot = bool(re.search(r"\b(tt\.dot|tt\.dot_scaled|ttng\.warp_group_dot)\b", compiled.asm["ttgir"]))
     with tempfile.TemporaryDirectory() as folder:
         ptx, cubin = os.path.join(folder, "kernel.ptx"), os.path.join(folder, "kernel.cubin")
         with open(ptx, "w") as file:
             file.write(compiled.asm["ptx"])
         with open(cubin, "wb") as file:
             file.write(compiled.asm["cubin"])
-        # The flags Triton's own ptxas call uses (triton/backends/nvidia/compiler.py make_cubin).
-        fmad = [] if options.enable_fp_fusion else ["--fmad=false"]
-        log = subprocess.run([_nvidia_tool("ptxas"), "-lineinfo", *fmad, "-v", f"--gpu-name={arch_name}", ptx,
-                              "-o", os.path.join(folder, "check.o")], capture_output=True, text=True, check=True)
+        log = triton_log
+        if "Used " not in log:  # the kernel came from Triton's cache: no ptxas ran, so run it as Triton does
+            fmad = [] if options.enable_fp_fusion else ["--fmad=false"]  # (compiler.py make_cubin's flags)
+            run = subprocess.run([_nvidia_tool("ptxas"), "-lineinfo", *fmad, "-v", f"--gpu-name={arch_name}", ptx,
+                                  "-o", os.path.join(folder, "check.o")], capture_output=True, text=True, check=True)
+            log = run.stderr + run.stdout
         usage = subprocess.run([_nvidia_tool("cuobjdump"), "-res-usage", cubin], capture_output=True, text=True,
                                check=True).stdout
         sass = subprocess.run([_nvidia_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True,
-                              check=True).stdout
-    row.update(parse_ptxas(log.stderr + log.stdout))
+                              check=True).stdout if has_dot else ""
+    row.update(parse_ptxas(log))
     row.update(registers=int(re.search(r"REG:(\d+)", usage).group(1)), shared_bytes=compiled.metadata.shared,
                hgmma=len(re.findall(r"\bHGMMA\b", sass)), dot_loops=dot_loops(sass))
     row["ctas_per_sm"], row["occupancy_limit"] = occupancy(row["registers"], row["num_warps"], row["shared_bytes"])
