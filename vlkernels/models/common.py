@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from vlkernels._backend import use_backend
 from vlkernels.nn import VLMultiheadAttention
@@ -35,6 +36,18 @@ class ModelOutput(dict):
         if losses:
             self.losses = losses
             self.loss = sum(weights[name] * value for name, value in losses.items())
+
+
+# A pytree node (as HF's ModelOutput is), so torch.export, torch.func and the compile stack see the
+# tensors inside a model's output and rebuild it as a ModelOutput.
+pytree.register_pytree_node(
+    ModelOutput,
+    lambda output: (list(output.values()), list(output.keys())),
+    lambda values, keys: ModelOutput(zip(keys, values)),
+    serialized_type_name=f"{ModelOutput.__module__}.{ModelOutput.__qualname__}",
+    flatten_with_keys_fn=lambda output: ([(pytree.MappingKey(key), value)
+                                          for key, value in output.items()], list(output.keys())),
+)
 
 
 class PretrainingModel(nn.Module):

@@ -375,7 +375,9 @@ class UNITER(PretrainingModel):
         losses = {"itm": F.cross_entropy(out.itm_logits.float(), itm_labels)}
         if self.config.itm_ot_lambda > 0:
             length = input_ids.shape[1]
-            losses["wra"] = self.wra_loss(hidden[:, :length], hidden[:, length:], text_mask, real_regions, itm_labels)
+            # in fp32, as UNITER runs its optimal transport ("for stability")
+            losses["wra"] = self.wra_loss(hidden[:, :length].float(), hidden[:, length:].float(), text_mask,
+                                          real_regions, itm_labels)
         return losses
 
     # -- synthetic data --------------------------------------------------------------------------

@@ -337,7 +337,9 @@ class VLMo(PretrainingModel):
             text = self._embed_text(padded_ids)
             if itc or itm:
                 _, out.image_features = self._image_features(image)
-                _, out.text_features = self._text_features(text[:, :length], text_mask)
+                # the unpadded text embedded on its own: a slice of the padded one has the padded
+                # row stride, which ties the text length to max_text_len under dynamic shapes
+                _, out.text_features = self._text_features(self._embed_text(input_ids), text_mask)
                 itc_loss, out.itc_logits = contrastive_loss(out.image_features, out.text_features, self.logit_scale)
                 if itc:
                     losses["itc"] = itc_loss

@@ -69,7 +69,8 @@ def _key_mask_column(q, k, v, key_mask, seen):
     q_aug = torch.cat([q.masked_fill(~seen, 0.0), column], -1)
     # Half of finfo.max: the column's product stays finite (0 for a stand-in row's q' = 0).
     low = torch.finfo(q.dtype).max / 2
-    penalty = torch.where(key_mask, 0.0, -low).to(q.dtype)[:, None, :, None].expand(batch, heads, keys, 1)
+    penalty = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~key_mask, -low)
+    penalty = penalty[:, None, :, None].expand(batch, heads, keys, 1)
     k_aug = torch.cat([_zero_padded_keys(k, key_mask), penalty], -1)
     v_aug = F.pad(_zero_padded_keys(v, key_mask), (0, 1))  # SDPA's CPU flash kernel wants v's Dh = q's
     return q_aug, k_aug, v_aug
