@@ -113,7 +113,16 @@ def _state(module) -> dict:
             **dict(module.named_buffers(remove_duplicate=False))}
 
 
+def _ties(module) -> list:
+    """The names sharing one parameter, for each parameter with several (tied weights)."""
+    names: dict = {}
+    for key, parameter in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(key)
+    return sorted(sorted(group) for group in names.values() if len(group) > 1)
+
+
 def _assert_same_state(actual, expected, name) -> None:
+    assert _ties(actual) == _ties(expected), f"{name}: tied parameters {_ties(actual)}, not {_ties(expected)}"
     a, e = _state(actual), _state(expected)
     assert a.keys() == e.keys(), f"{name}: {sorted(a.keys() ^ e.keys())}"
     for key in e:
@@ -457,6 +466,13 @@ def test_compiled_losses_equal_eager_without_labels_or_images_and_with_one_sampl
             torch.testing.assert_close(actual["losses"][key], value, msg=lambda m: f"{name} {key}: {m}")
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_tied_weights_declares_every_tie(name):
+    """`tied_weights` (what reset_parameters and load_state_dict tie again) lists the ties the model builds."""
+    model = build_model(name, "tiny")
+    assert sorted(sorted(pair) for pair in model.tied_weights.items()) == _ties(model)
+
+
 def test_vlmo_loads_a_scalar_logit_scale():
     """logit_scale is [1] (FSDP2 shards no scalar); a checkpoint with the old 0-dim one still loads."""
     model = build_model("vlmo", "tiny")
@@ -482,22 +498,89 @@ def test_check_batch_keeps_the_batch_dynamic():
     assert counter.frame_count == 1
 
 
-@pytest.mark.parametrize("name", ["MoMEFFN", "VLMultiheadAttention"])
+# The entries whose calls dispatch vlkernels ops (the rest are plain torch layers), and the call's
+# keyword arguments on the kernel path: MultiheadAttention returns its weights by default (as
+# torch's does), which only the fallback computes.
+PLAIN = {"Mlp", "Pooler", "PredictionTransform", "MLMHead", "TextEmbeddings", "PostLNFeedForward"}
+KERNEL_CALL = {"MultiheadAttention": {"need_weights": False}}
+
+
+@pytest.mark.parametrize("name", [name for name in NAMES if name not in PLAIN])
 def test_triton_path_copies_and_meta_recipe(name):
-    """The Triton path (the interpreter on CPU) at small sizes: a pickled copy and a module
-    rebuilt by the meta recipe compute what the original does."""
-    from vlkernels import _backend, use_backend
+    """The Triton path (the interpreter on CPU) at small sizes: every op call runs on Triton
+    with no fallback, and modules rebuilt by the meta recipe (to_empty + reset_parameters +
+    load; load_state_dict(assign=True)), a pickled copy and a torch.save'd one compute what the
+    original does, forward and backward (the models: the rebuilt ones, forward only, as their
+    backward under the interpreter takes minutes); the original agrees with the default backend."""
+    import vlkernels
+    from vlkernels import _backend
     why = _backend.triton_refusal(torch.device("cpu"))
     if why:
         pytest.skip(why)
     module = _build(name)
+    state = module.state_dict()
     with torch.device("meta"):
-        rebuilt = _build(name, seed=1)
-    rebuilt.load_state_dict(module.state_dict(), assign=True)
-    with use_backend("triton"):
-        expected = _call(module, name)
-        for copy_ in (pickle.loads(pickle.dumps(module)), rebuilt):
-            torch.testing.assert_close(_call(copy_.eval(), name), expected, rtol=0, atol=0)
+        empty, assigned = _build(name, seed=1), _build(name, seed=1)
+    empty.to_empty(device="cpu")
+    for m in empty.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    empty.load_state_dict(state, strict=True)
+    assigned.load_state_dict(state, strict=True, assign=True)
+    copies = (empty, assigned)
+    if not _is_model(name):  # a model's copies: test_copies_pickle_and_save (4 s a forward here)
+        saved = io.BytesIO()
+        torch.save(module, saved)
+        saved.seek(0)
+        copies += (pickle.loads(pickle.dumps(module)), torch.load(saved, weights_only=False))
+
+    def run(m):
+        (args, kwargs), leaves = _float_inputs(name)
+        out = _call(m, name, (args, {**kwargs, **KERNEL_CALL.get(name, {})}))
+        if _is_model(name):
+            return out.detach(), []
+        params = [p for p in m.parameters() if p.requires_grad]
+        return out.detach(), torch.autograd.grad(out.float().sum(), leaves + params, allow_unused=True)
+    default = run(module)
+    with vlkernels.use_backend("triton"), vlkernels.kernel_coverage() as coverage:
+        expected = run(module)
+        copied = [run(copy_.eval()) for copy_ in copies]
+    assert coverage.calls and coverage.backends() == {"triton": len(coverage.calls)}, coverage.backends()
+    assert not coverage.fallbacks, coverage.fallbacks
+    torch.testing.assert_close(expected, default, rtol=1e-4, atol=1e-5)
+    for actual in copied:
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+# The entries with no nn.Linear or nn.Conv2d for LoRA to adapt.
+NO_LINEAR = {"TextEmbeddings", "VisualDictionary", "WRALoss", "WPALoss"}
+
+
+@pytest.mark.parametrize("name", [name for name in NAMES if name not in NO_LINEAR])
+def test_lora_on_every_linear_equals_merged(name):
+    """peft's LoRA on every nn.Linear and nn.Conv2d of the entry (tied ones aside: merging one
+    would change the table it shares) changes the output, and the adapted module computes what
+    the module with the adapters merged computes, forward and the inputs' gradients (the fused
+    modules' kernel paths and fallbacks in detail: tests/test_models_lora.py)."""
+    peft = pytest.importorskip("peft")
+    module = _build(name)
+    tied = {key for group in _ties(module) for key in group}
+    targets = [key for key, m in module.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+               and f"{key}.weight" not in tied]
+    assert targets, f"{name}: nothing to adapt (list it in NO_LINEAR)"
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False)
+    adapted = peft.get_peft_model(copy.deepcopy(module), config).eval()
+    merged = copy.deepcopy(adapted).merge_and_unload()
+
+    def run(m):
+        inputs, leaves = _float_inputs(name)
+        out = _call(m, name, inputs)
+        return out, torch.autograd.grad(out.float().sum(), leaves, allow_unused=True) if leaves else ()
+    out, grads = run(adapted)
+    expected, expected_grads = run(merged)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(grads, expected_grads)
+    assert not torch.allclose(out, _call(module, name)), f"{name}: the adapters changed nothing"
 
 
 # -- bounded caches ---------------------------------------------------------------------------------

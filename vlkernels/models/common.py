@@ -50,11 +50,20 @@ pytree.register_pytree_node(
 )
 
 
+# BERT's masked-LM decoder shares the word embedding table.
+BERT_MLM_TIE = {"mlm_head.decoder.weight": "embeddings.word_embeddings.weight"}
+
+
 class PretrainingModel(nn.Module):
     """Base of the reference models: ``use_kernels`` True runs the vlkernels ops on the backend
     vlkernels picks (``VLKERNELS_BACKEND`` / ``vlkernels.use_backend``); False runs every op on
     its pure-torch reference. Subclasses wrap their forward in ``with self.kernels():``; the
     backend is chosen when an op runs forward, so the backward follows the same choice."""
+
+    # {dotted name: dotted name of the parameter it shares}: the model's tied weights. `to_empty`
+    # and `load_state_dict(assign=True)` give each name its own Parameter (a tied decoder would then
+    # stop training the word table), so `reset_parameters()` and every `load_state_dict` tie them again.
+    tied_weights: dict = {}
 
     def __init__(self, config, use_kernels: bool = True) -> None:
         super().__init__()
@@ -69,8 +78,11 @@ class PretrainingModel(nn.Module):
         return {}
 
     def reset_parameters(self) -> None:
-        """Rebuild the config-derived buffers on the model's device (the submodules'
-        ``reset_parameters()`` re-initialise their own parameters)."""
+        """Tie the tied weights again and rebuild the config-derived buffers on the model's device
+        (the submodules' ``reset_parameters()`` re-initialise their own parameters)."""
+        for alias, source in self.tied_weights.items():
+            owner, _, attr = alias.rpartition(".")
+            setattr(self.get_submodule(owner), attr, self.get_parameter(source))
         parameter = next((p for p in self.parameters() if p.device.type != "meta"), None)
         for name, value in self.derived_buffers().items():
             owner_name, _, attr = name.rpartition(".")

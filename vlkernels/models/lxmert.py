@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlkernels.models.common import (
-    IGNORE_INDEX, ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_features, check_text,
+    BERT_MLM_TIE, IGNORE_INDEX, ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_features, check_text,
     init_bert_weights, mask_tokens, masked_lm_loss,
 )
 from vlkernels.models.synthetic import (
@@ -180,6 +180,8 @@ class LXMERT(PretrainingModel):
       [B, N, visual_feat_dim] (the regressed features), qa_logits [B, num_qa_labels]; losses
       {"mlm", "itm", "obj", "attr", "feat", "qa"} (those given) and loss, their weighted sum.
     """
+
+    tied_weights = BERT_MLM_TIE
 
     def __init__(self, config: LXMERTConfig, use_kernels: bool = True) -> None:
         super().__init__(config, use_kernels)

@@ -39,8 +39,8 @@ from torch import nn
 
 from vlkernels.models._single_stream import SingleStreamEncoder, box_features, check_regions, check_shape
 from vlkernels.models.common import (
-    IGNORE_INDEX, ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_ids, check_text, init_bert_weights,
-    mask_tokens, masked_lm_loss,
+    BERT_MLM_TIE, IGNORE_INDEX, ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_ids, check_text,
+    init_bert_weights, mask_tokens, masked_lm_loss,
 )
 from vlkernels.models.synthetic import (
     FIRST_WORD_ID, MASK, PAD, SEP, SyntheticPairs, mismatched_pairs, seeded_generator, to_device,
@@ -143,6 +143,8 @@ class Oscar(PretrainingModel):
       [B, D], and with labels mlm_logits [B, S, V], contrastive_logits [B, num_contrast_classes],
       losses {"mlm", "contrastive"} (those given) and loss, their weighted sum.
     """
+
+    tied_weights = BERT_MLM_TIE
 
     def __init__(self, config: OscarConfig, use_kernels: bool = True) -> None:
         super().__init__(config, use_kernels)

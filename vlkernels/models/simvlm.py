@@ -88,6 +88,8 @@ class SimVLM(PretrainingModel):
       with labels: losses {"prefix_lm"} and loss (weight 1).
     """
 
+    tied_weights = {"lm_head.weight": "word_embeddings.weight"}
+
     def __init__(self, config: SimVLMConfig, use_kernels: bool = True) -> None:
         super().__init__(config, use_kernels)
         c = config

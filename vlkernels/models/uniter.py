@@ -55,8 +55,8 @@ from torch import nn
 
 from vlkernels.models._single_stream import SingleStreamEncoder, box_features, check_regions, check_shape
 from vlkernels.models.common import (
-    IGNORE_INDEX, ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_ids, check_text, init_bert_weights,
-    mask_tokens, masked_lm_loss,
+    BERT_MLM_TIE, IGNORE_INDEX, ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_ids, check_text,
+    init_bert_weights, mask_tokens, masked_lm_loss,
 )
 from vlkernels.models.synthetic import MASK, PAD, SyntheticPairs, mismatched_pairs, seeded_generator, to_device
 from vlkernels.nn import MLMHead, TextEmbeddings, WRALoss
@@ -217,6 +217,8 @@ class UNITER(PretrainingModel):
       (the regressed features), mrc_logits [B, N, num_region_classes], itm_logits [B, 2], and
       losses {"mlm", "mrfr", "mrc", "mrc_kl", "itm", "wra"} (those given) with loss, their weighted sum.
     """
+
+    tied_weights = {**BERT_MLM_TIE, "feat_regress.weight": "img_embeddings.img_linear.weight"}
 
     def __init__(self, config: UNITERConfig, use_kernels: bool = True) -> None:
         super().__init__(config, use_kernels)

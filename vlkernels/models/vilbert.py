@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlkernels.models.common import (
-    ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_text, init_bert_weights, mask_tokens,
+    BERT_MLM_TIE, ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_text, init_bert_weights, mask_tokens,
     masked_lm_loss,
 )
 from vlkernels.models.synthetic import (
@@ -176,6 +176,8 @@ class ViLBERT(PretrainingModel):
       mlm_logits [B, S, V], itm_logits [B, 2], mrm_logits [B, N, v_target_size] (the given regions);
       losses {"mlm", "mrm", "itm"} (those given) and loss, their weighted sum.
     """
+
+    tied_weights = BERT_MLM_TIE
 
     def __init__(self, config: ViLBERTConfig, use_kernels: bool = True) -> None:
         super().__init__(config, use_kernels)

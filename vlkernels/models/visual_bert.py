@@ -40,8 +40,8 @@ from torch import nn
 
 from vlkernels.models._single_stream import SingleStreamEncoder, check_regions, check_shape
 from vlkernels.models.common import (
-    IGNORE_INDEX, ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_ids, check_text, init_bert_weights,
-    mask_tokens, masked_lm_loss,
+    BERT_MLM_TIE, IGNORE_INDEX, ModelOutput, PretrainingModel, as_bool_mask, check_batch, check_ids, check_text,
+    init_bert_weights, mask_tokens, masked_lm_loss,
 )
 from vlkernels.models.synthetic import MASK, PAD, SyntheticPairs, mismatched_pairs, seeded_generator, to_device
 from vlkernels.nn import MLMHead, TextEmbeddings
@@ -159,6 +159,8 @@ class VisualBERT(PretrainingModel):
       pooler_output [B, D] (HF's), and with labels mlm_logits [B, S, vocab_size], itm_logits
       [B, 2], losses {"mlm", "itm"} (those given) and loss, their weighted sum.
     """
+
+    tied_weights = BERT_MLM_TIE
 
     def __init__(self, config: VisualBERTConfig, use_kernels: bool = True) -> None:
         super().__init__(config, use_kernels)
