@@ -84,9 +84,10 @@ REGISTRY = {
     "WPALoss": Entry(lambda: vnn.WPALoss(iters=5), lambda: ((_rand(2, 5, D), _rand(2, 4, D), _mask(2, 5),
                                                              _mask(2, 4), torch.tensor([1, 0])), {})),
     **{f"model:{name}": _model(name) for name in MODELS},
-    # config-derived buffers: VLMo's relative_position_index, ViLT's zero q/k/v bias
+    # config-derived state: VLMo's relative_position_index, ViLT's zero q/k/v bias and its tie
     "model:vlmo-relative-position": _model("vlmo", relative_position_bias=True),
     "model:vilt-no-qkv-bias": _model("vilt", qkv_bias=False),
+    "model:vilt-tied-decoder": _model("vilt", tie_mlm_decoder=True),  # as HF's ViltForMaskedLM
 }
 def _is_model(name) -> bool:
     return name.startswith("model:")
@@ -490,11 +491,54 @@ def test_compiled_losses_equal_eager_without_labels_or_images_and_with_one_sampl
             torch.testing.assert_close(actual["losses"][key], value, msg=lambda m: f"{name} {edge} {key}: {m}")
 
 
-@pytest.mark.parametrize("name", MODELS)
+MODEL_ENTRIES = [name for name in NAMES if _is_model(name)]
+
+
+@pytest.mark.parametrize("name", MODEL_ENTRIES)
 def test_tied_weights_declares_every_tie(name):
-    """`tied_weights` (what reset_parameters and load_state_dict tie again) lists the ties the model builds."""
-    model = build_model(name, "tiny")
-    assert sorted(sorted(pair) for pair in model.tied_weights.items()) == _ties(model)
+    """`tied_weights()` (what reset_parameters and load_state_dict tie again) lists the ties the model builds."""
+    model = _build(name)
+    assert sorted(sorted(pair) for pair in model.tied_weights().items()) == _ties(model)
+
+
+@pytest.mark.parametrize("name", [name for name in MODEL_ENTRIES if _ties(_build(name))])
+def test_checkpoint_with_one_name_of_each_tie_loads(name):
+    """A checkpoint holding one name of a tie (HF's leave the tied decoder out; safetensors keeps
+    one name of each shared tensor, whichever sorts first) loads strictly into a built model, into
+    a meta-built one with assign=True and by the meta recipe: the model equals the original."""
+    module = _build(name)
+    full = module.state_dict()
+    for keep in (0, 1):  # the source's name, then the alias's
+        dropped = {pair[1 - keep] for pair in module.tied_weights().items()}
+        state = {key: value for key, value in full.items() if key not in dropped}
+        built = _build(name, seed=1)
+        built.load_state_dict(state, strict=True)
+        with torch.device("meta"):
+            assigned, empty = _build(name, seed=1), _build(name, seed=1)
+        assigned.load_state_dict(state, strict=True, assign=True)
+        empty.to_empty(device="cpu")
+        empty.load_state_dict(state, strict=True)  # no reset_parameters(): the load ties again
+        for rebuilt in (built, assigned, empty):
+            _assert_same_state(rebuilt, module, name)
+
+
+def test_wrapped_tied_weights_still_load():
+    """A tied decoder wrapped by peft's LoRA (target_modules="all-linear") or parametrized: the
+    model's state dict loads back (the re-tie leaves a weight that is not a plain slot alone)."""
+    peft = pytest.importorskip("peft")
+    from torch.nn.utils import parametrize
+
+    model = _build("model:simvlm")
+    adapted = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, target_modules="all-linear"))
+    assert isinstance(adapted.base_model.model.lm_head, peft.tuners.lora.LoraLayer)
+    adapted.load_state_dict(adapted.state_dict(), strict=True)
+
+    class Doubled(nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+    parametrize.register_parametrization(model.lm_head, "weight", Doubled())
+    model.load_state_dict(model.state_dict(), strict=True)
+    torch.testing.assert_close(model.lm_head.weight, 2 * model.word_embeddings.weight)
 
 
 def test_vlmo_loads_a_scalar_logit_scale():

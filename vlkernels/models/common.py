@@ -39,7 +39,8 @@ class ModelOutput(dict):
 
 
 # A pytree node (as HF's ModelOutput is), so torch.export, torch.func and the compile stack see the
-# tensors inside a model's output and rebuild it as a ModelOutput.
+# tensors inside a model's output and rebuild it as a ModelOutput (torch.export.load of a saved
+# program needs vlkernels.models imported, as HF's outputs need transformers).
 pytree.register_pytree_node(
     ModelOutput,
     lambda output: (list(output.values()), list(output.keys())),
@@ -60,11 +61,6 @@ class PretrainingModel(nn.Module):
     its pure-torch reference. Subclasses wrap their forward in ``with self.kernels():``; the
     backend is chosen when an op runs forward, so the backward follows the same choice."""
 
-    # {dotted name: dotted name of the parameter it shares}: the model's tied weights. `to_empty`
-    # and `load_state_dict(assign=True)` give each name its own Parameter (a tied decoder would then
-    # stop training the word table), so `reset_parameters()` and every `load_state_dict` tie them again.
-    tied_weights: dict = {}
-
     def __init__(self, config, use_kernels: bool = True) -> None:
         super().__init__()
         self.config, self.use_kernels = config, use_kernels
@@ -77,12 +73,29 @@ class PretrainingModel(nn.Module):
         of a meta-built model leave no garbage or meta tensor behind."""
         return {}
 
+    def tied_weights(self) -> dict:
+        """The tied weights, {dotted name: dotted name of the parameter it shares} (none here).
+        ``to_empty`` and ``load_state_dict(assign=True)`` give each name its own Parameter (a tied
+        decoder would then stop training the word table), so ``reset_parameters()`` and every
+        ``load_state_dict`` tie them again; a checkpoint holding one name of a tie loads both."""
+        return {}
+
+    def _plain_parameter(self, name: str) -> tuple:
+        """(owner module, attribute, Parameter) when ``name`` is a plain parameter slot, else
+        (..., None): a wrapped owner (peft's LoRA layer) or a parametrized or pruned weight keeps
+        its own parameters under other names."""
+        owner_name, _, attr = name.rpartition(".")
+        owner = self.get_submodule(owner_name)
+        return owner, attr, owner._parameters.get(attr)
+
     def reset_parameters(self) -> None:
         """Tie the tied weights again and rebuild the config-derived buffers on the model's device
         (the submodules' ``reset_parameters()`` re-initialise their own parameters)."""
-        for alias, source in self.tied_weights.items():
-            owner, _, attr = alias.rpartition(".")
-            setattr(self.get_submodule(owner), attr, self.get_parameter(source))
+        for alias, source in self.tied_weights().items():
+            owner, attr, current = self._plain_parameter(alias)
+            shared = self._plain_parameter(source)[2]
+            if current is not None and shared is not None and current is not shared:
+                setattr(owner, attr, shared)
         parameter = next((p for p in self.parameters() if p.device.type != "meta"), None)
         for name, value in self.derived_buffers().items():
             owner_name, _, attr = name.rpartition(".")
@@ -91,6 +104,18 @@ class PretrainingModel(nn.Module):
             device = old.device if old.device.type != "meta" or parameter is None else parameter.device
             dtype = old.dtype if value.is_floating_point() else value.dtype
             owner.register_buffer(attr, value.to(device=device, dtype=dtype), persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A tie saved under one name (HF checkpoints leave the tied decoder out; safetensors keeps
+        # one name of each shared tensor): the other name loads the same tensor (state_dict is
+        # load_state_dict's own copy).
+        for pair in self.tied_weights().items():
+            present = [name for name in pair if prefix + name in state_dict]
+            if len(present) == 1:
+                missing = pair[1 - pair.index(present[0])]
+                if self._plain_parameter(missing)[2] is not None:
+                    state_dict[prefix + missing] = state_dict[prefix + present[0]]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def kernels(self):
         return contextlib.nullcontext() if self.use_kernels else use_backend("torch")

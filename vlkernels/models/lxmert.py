@@ -181,8 +181,6 @@ class LXMERT(PretrainingModel):
       {"mlm", "itm", "obj", "attr", "feat", "qa"} (those given) and loss, their weighted sum.
     """
 
-    tied_weights = BERT_MLM_TIE
-
     def __init__(self, config: LXMERTConfig, use_kernels: bool = True) -> None:
         super().__init__(config, use_kernels)
         c = config
@@ -216,6 +214,9 @@ class LXMERT(PretrainingModel):
                                              activation=c.hidden_act, layer_norm_eps=c.layer_norm_eps)
         self.qa_head = answer_head(d, c.num_qa_labels, c.layer_norm_eps)
         init_bert_weights(self, c.initializer_range)
+
+    def tied_weights(self) -> dict:
+        return BERT_MLM_TIE
 
     # -- inputs ----------------------------------------------------------------------------------
     def _check_inputs(self, input_ids, visual_feats, visual_pos, attention_mask, visual_attention_mask,

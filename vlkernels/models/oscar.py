@@ -144,8 +144,6 @@ class Oscar(PretrainingModel):
       losses {"mlm", "contrastive"} (those given) and loss, their weighted sum.
     """
 
-    tied_weights = BERT_MLM_TIE
-
     def __init__(self, config: OscarConfig, use_kernels: bool = True) -> None:
         super().__init__(config, use_kernels)
         c = config
@@ -173,6 +171,9 @@ class Oscar(PretrainingModel):
                                 word_embeddings=self.embeddings.word_embeddings)
         self.contrastive_head = nn.Linear(d, c.num_contrast_classes)
         init_bert_weights(self, c.initializer_range)
+
+    def tied_weights(self) -> dict:
+        return BERT_MLM_TIE
 
     def _check_inputs(self, input_ids, img_feats, attention_mask, token_type_ids, img_mask, mlm_labels,
                       contrastive_labels):

@@ -88,8 +88,6 @@ class SimVLM(PretrainingModel):
       with labels: losses {"prefix_lm"} and loss (weight 1).
     """
 
-    tied_weights = {"lm_head.weight": "word_embeddings.weight"}
-
     def __init__(self, config: SimVLMConfig, use_kernels: bool = True) -> None:
         super().__init__(config, use_kernels)
         c = config
@@ -114,6 +112,9 @@ class SimVLM(PretrainingModel):
         for parameter in (self.image_pos_embed, self.text_pos_embed):
             nn.init.trunc_normal_(parameter, std=c.initializer_range)
         self.lm_head.weight = self.word_embeddings.weight  # tied after the initialisation
+
+    def tied_weights(self) -> dict:
+        return {"lm_head.weight": "word_embeddings.weight"}
 
     def _init_weights(self, module: nn.Module) -> None:
         # ViT / BERT initialisation: N(0, initializer_range) for Linear and Embedding weights, zero biases.

@@ -218,8 +218,6 @@ class UNITER(PretrainingModel):
       losses {"mlm", "mrfr", "mrc", "mrc_kl", "itm", "wra"} (those given) with loss, their weighted sum.
     """
 
-    tied_weights = {**BERT_MLM_TIE, "feat_regress.weight": "img_embeddings.img_linear.weight"}
-
     def __init__(self, config: UNITERConfig, use_kernels: bool = True) -> None:
         super().__init__(config, use_kernels)
         c = config
@@ -248,6 +246,9 @@ class UNITER(PretrainingModel):
         self.wra_loss = WRALoss(weight=1.0, beta=c.ot_beta, iters=c.ot_iterations, k=c.ot_inner_k)
         init_bert_weights(self, c.initializer_range)
         nn.init.normal_(self.img_embeddings.mask_embedding, std=c.initializer_range)
+
+    def tied_weights(self) -> dict:
+        return {**BERT_MLM_TIE, "feat_regress.weight": "img_embeddings.img_linear.weight"}
 
     # -- inputs ----------------------------------------------------------------------------------
     def _check_inputs(self, input_ids, region_features, boxes, attention_mask, region_mask, token_type_ids,

@@ -177,8 +177,6 @@ class ViLBERT(PretrainingModel):
       losses {"mlm", "mrm", "itm"} (those given) and loss, their weighted sum.
     """
 
-    tied_weights = BERT_MLM_TIE
-
     def __init__(self, config: ViLBERTConfig, use_kernels: bool = True) -> None:
         super().__init__(config, use_kernels)
         c = config
@@ -209,6 +207,9 @@ class ViLBERT(PretrainingModel):
         self.itm_dropout = nn.Dropout(c.dropout)
         self.itm_head = nn.Linear(c.bi_hidden_size, 2)
         init_bert_weights(self, c.initializer_range)
+
+    def tied_weights(self) -> dict:
+        return BERT_MLM_TIE
 
     @staticmethod
     def _check_config(c: ViLBERTConfig) -> None:

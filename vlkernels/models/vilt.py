@@ -244,6 +244,11 @@ class ViLT(PretrainingModel):
         zeros = torch.zeros(3 * self.config.hidden_size)
         return {f"blocks.{i}.attn.in_proj_bias": zeros for i in range(len(self.blocks))}
 
+    def tied_weights(self) -> dict:
+        if not self.config.tie_mlm_decoder:
+            return {}
+        return {"mlm_score.decoder.weight": "text_embeddings.word_embeddings.weight"}
+
     def _init_weights(self, module: nn.Module) -> None:
         # ViLT's initialisation: N(0, initializer_range) weights, zero biases, unit LayerNorms
         # (the patch projection keeps torch's Conv2d default, as in ViLT's timm ViT).

@@ -160,8 +160,6 @@ class VisualBERT(PretrainingModel):
       [B, 2], losses {"mlm", "itm"} (those given) and loss, their weighted sum.
     """
 
-    tied_weights = BERT_MLM_TIE
-
     def __init__(self, config: VisualBERTConfig, use_kernels: bool = True) -> None:
         super().__init__(config, use_kernels)
         c = config
@@ -188,6 +186,9 @@ class VisualBERT(PretrainingModel):
             with torch.no_grad():
                 self.embeddings.visual_token_type_embeddings.weight.copy_(self.embeddings.token_type_embeddings.weight)
                 self.embeddings.visual_position_embeddings.weight.copy_(self.embeddings.position_embeddings.weight)
+
+    def tied_weights(self) -> dict:
+        return BERT_MLM_TIE
 
     # -- inputs ----------------------------------------------------------------------------------
     def _check_inputs(self, input_ids, attention_mask, token_type_ids, position_ids, visual_embeds,
