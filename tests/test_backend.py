@@ -145,3 +145,25 @@ def test_compiled_code_follows_the_block_without_a_graph_break(monkeypatch):
         assert compiled(x).tolist() == [2, 2]
     assert compiled(x).tolist() == [3, 3]
     assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 2
+
+
+def test_blocks_opened_inside_compiled_code_hold_for_their_body(monkeypatch):
+    """use_backend and deterministic() opened inside a compiled function (a use_kernels=False
+    model) trace without a graph break: the body traces with the block's value, the code after
+    it with the value from before, and nothing is left set once the call returns."""
+    from vlkernels import _backend, _deterministic
+    monkeypatch.setenv("VLKERNELS_BACKEND", "auto")
+    torch._dynamo.reset()
+    seen = []
+
+    def body(x):
+        seen.append((vlkernels.requested_backend(), vlkernels.is_deterministic()))
+        return x + 1
+
+    def f(x):
+        with vlkernels.use_backend("cpp"), vlkernels.deterministic():
+            x = body(x)
+        return body(x)
+    assert torch.compile(f, fullgraph=True, backend="eager")(torch.ones(2)).tolist() == [3, 3]
+    assert seen == [("cpp", True), ("auto", False)]
+    assert _backend._requested.process_value is None and _deterministic._block.process_value is None

@@ -407,6 +407,24 @@ def test_dynamic_compile_one_graph_over_batch_sizes_and_text_lengths(name):
     assert counter.frame_count == 1, f"{name}: {counter.frame_count} graphs over 4 batch sizes and text lengths"
 
 
+def test_reference_path_model_compiles_in_one_graph():
+    """A use_kernels=False model (its forward opens a use_backend("torch") block) compiles under
+    fullgraph, dynamic=True, equal to eager."""
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    model = build_model("visualbert", "tiny", use_kernels=False).eval()
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(model, backend=counter, dynamic=True, fullgraph=True)
+    for batch, length in MODEL_SIZES[:2]:
+        inputs = _sized_batch("visualbert", batch, length)
+        torch.manual_seed(1)
+        actual = compiled(**inputs).loss
+        torch.manual_seed(1)
+        torch.testing.assert_close(actual, model(**inputs).loss)
+    assert counter.frame_count == 1
+
+
 def test_vilt_dynamic_compile_one_graph_over_batch_and_image_sizes():
     """ViLT's batches differ in batch size and in padded pixel size (its collate pads each batch
     to its largest image): one graph over 4 of each, losses equal to eager under one seed. The

@@ -7,8 +7,10 @@ cannot trace ``ContextVar.get`` (torch 2.13: "Dynamo does not know how to trace 
 class `ContextVar`", a graph break), so while it traces, the setting is read from
 ``process_value``: the value of the most recently opened block still open in the process (None
 when none is), an attribute dynamo reads and guards on (a compiled function recompiles when it
-changes). Only compiled code running while blocks of different values overlap in several
-threads or tasks can see another's choice; once they are all closed nothing is left over.
+changes). A block opened inside compiled code (a ``use_kernels=False`` model's forward) sets
+``process_value`` for its body while dynamo traces, and restores it after. Only compiled code
+running while blocks of different values overlap in several threads or tasks can see another's
+choice; once they are all closed nothing is left over.
 """
 from __future__ import annotations
 
@@ -37,6 +39,13 @@ class BlockSetting:
 
     @contextlib.contextmanager
     def block(self, value: Any) -> Iterator[None]:
+        if torch.compiler.is_compiling():  # a block inside compiled code: its value while it traces
+            previous, self.process_value = self.process_value, value
+            try:
+                yield
+            finally:
+                self.process_value = previous
+            return
         key = object()
         token = self._var.set(value)
         with self._lock:
