@@ -40,6 +40,7 @@ def _mask(batch, length):
 class Entry:
     build: Callable[[], nn.Module]
     inputs: Callable[[], tuple]  # (args, kwargs) of one call
+    model: tuple = ()  # a model's (name, config overrides)
 
 
 def _model(name, **overrides):
@@ -51,7 +52,7 @@ def _model(name, **overrides):
             _BATCH_MODELS[name] = build_model(name, "tiny")
         model = _BATCH_MODELS[name]
         return (), model.synthetic_batch(2, generator=torch.Generator().manual_seed(0))
-    return Entry(build, inputs)
+    return Entry(build, inputs, (name, overrides))
 
 
 _BATCH_MODELS: dict = {}
@@ -95,6 +96,7 @@ def _is_model(name) -> bool:
 
 NAMES = list(REGISTRY)
 MODULES = [name for name in NAMES if not _is_model(name)]
+MODEL_ENTRIES = [name for name in NAMES if _is_model(name)]
 
 
 def _flat(out) -> torch.Tensor:
@@ -380,22 +382,23 @@ def test_dynamic_compile_one_graph_over_sizes(name, training):
 MODEL_SIZES = ((2, 11), (3, 9), (4, 10), (5, 8))
 
 
-def _sized_batch(name, batch, length):
+def _sized_batch(entry, batch, length):
     """synthetic_batch of a twin whose batches have `length` text tokens (the model's own config
     takes any length up to its position table)."""
+    name, overrides = REGISTRY[entry].model
     field = "max_seq_length" if name == "oscar" else "max_text_len"
-    twin = build_model(name, "tiny", **{field: length + (name == "oscar") * 2})
+    twin = build_model(name, "tiny", **overrides, **{field: length + (name == "oscar") * 2})
     return twin.synthetic_batch(batch, generator=torch.Generator().manual_seed(batch))
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", MODEL_ENTRIES)
 def test_dynamic_compile_one_graph_over_batch_sizes_and_text_lengths(name):
-    """Every model under dynamic=True, fullgraph=True: one graph over 4 batch sizes and 4 text
-    lengths, losses equal to eager under one seed (up to 12 s a model on CI's CPU)."""
+    """Every model and config variant under dynamic=True, fullgraph=True: one graph over 4 batch
+    sizes and 4 text lengths, losses equal to eager under one seed (up to 12 s a model on CI's CPU)."""
     import torch._dynamo.testing
 
     torch._dynamo.reset()
-    model = _build(f"model:{name}")
+    model = _build(name)
     counter = torch._dynamo.testing.CompileCounter()
     compiled = torch.compile(model, backend=counter, dynamic=True, fullgraph=True)
     for batch, length in MODEL_SIZES:
@@ -417,7 +420,7 @@ def test_reference_path_model_compiles_in_one_graph():
     counter = torch._dynamo.testing.CompileCounter()
     compiled = torch.compile(model, backend=counter, dynamic=True, fullgraph=True)
     for batch, length in MODEL_SIZES[:2]:
-        inputs = _sized_batch("visualbert", batch, length)
+        inputs = _sized_batch("model:visualbert", batch, length)
         torch.manual_seed(1)
         actual = compiled(**inputs).loss
         torch.manual_seed(1)
@@ -507,9 +510,6 @@ def test_compiled_losses_equal_eager_without_labels_or_images_and_with_one_sampl
         for key, value in expected["losses"].items():
             assert bool(value.isfinite()), f"{name} {edge} {key}: {value}"
             torch.testing.assert_close(actual["losses"][key], value, msg=lambda m: f"{name} {edge} {key}: {m}")
-
-
-MODEL_ENTRIES = [name for name in NAMES if _is_model(name)]
 
 
 @pytest.mark.parametrize("name", MODEL_ENTRIES)
