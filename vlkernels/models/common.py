@@ -80,12 +80,16 @@ class PretrainingModel(nn.Module):
         ``load_state_dict`` tie them again; a checkpoint holding one name of a tie loads both."""
         return {}
 
+    def _owner(self, name: str) -> tuple[nn.Module, str]:
+        """(the submodule that holds dotted ``name``, the attribute's name in it)."""
+        owner_name, _, attr = name.rpartition(".")
+        return self.get_submodule(owner_name), attr
+
     def _plain_parameter(self, name: str) -> tuple:
         """(owner module, attribute, Parameter) when ``name`` is a plain parameter slot, else
         (..., None): a wrapped owner (peft's LoRA layer) or a parametrized or pruned weight keeps
         its own parameters under other names."""
-        owner_name, _, attr = name.rpartition(".")
-        owner = self.get_submodule(owner_name)
+        owner, attr = self._owner(name)
         return owner, attr, owner._parameters.get(attr)
 
     def reset_parameters(self) -> None:
@@ -98,8 +102,7 @@ class PretrainingModel(nn.Module):
                 setattr(owner, attr, shared)
         parameter = next((p for p in self.parameters() if p.device.type != "meta"), None)
         for name, value in self.derived_buffers().items():
-            owner_name, _, attr = name.rpartition(".")
-            owner = self.get_submodule(owner_name)
+            owner, attr = self._owner(name)
             old = getattr(owner, attr)
             device = old.device if old.device.type != "meta" or parameter is None else parameter.device
             dtype = old.dtype if value.is_floating_point() else value.dtype
