@@ -554,6 +554,51 @@ def test_hidden_sizes_above_every_block(backend, ln):
     check_backend(backend, inputs, make_routing(t, e, "random", generator).to(DEVICE), generator)
 
 
+@pytest.mark.parametrize("ln", [True, False], ids=["ln", "no-ln"])
+@pytest.mark.parametrize("dtype", kernel_dtypes(), ids=dtype_id)
+def test_tma_row_gemms_match_float64_reference(dtype, ln, monkeypatch):
+    """The forward row GEMMs through TMA descriptors (TMA_ROW_GEMMS): 10 / 0 / 290 tokens, so A
+    tiles run past an expert's end into the next expert's rows and past T; D = 136, F = 200 give
+    K remainders in both GEMMs and N remainders. FC1 takes TMA over the normalised rows (with the
+    LayerNorm; without it x is gathered by pointers) and FC2 always; every gradient is right."""
+    monkeypatch.setattr(mome_module, "TMA_ROW_GEMMS", frozenset(kernel_dtypes()))
+    described = []
+    choose = mome_module._tma_descriptors
+    monkeypatch.setattr(mome_module, "_tma_descriptors",
+                        lambda *args, **kwargs: described.append(choose(*args, **kwargs)[0] is not None) or
+                        choose(*args, **kwargs))
+    generator = torch.Generator().manual_seed(37)
+    t, d, f, e = 300, 136, 200, 3
+    index = torch.full((t,), 2, dtype=torch.long)
+    index[torch.randperm(t, generator=generator)[:10]] = 0
+    inputs = make_inputs(t, d, f, e, ln, dtype, DEVICE, generator)
+    check_against_reference(inputs, index.to(DEVICE), dtype, generator)
+    assert described[:2] == [ln, True]  # the forward's FC1 and FC2
+    assert not any(described[2:])  # the backward reads its weights transposed or gathers rows
+
+
+@pytest.mark.parametrize("dtype", kernel_dtypes(), ids=dtype_id)
+def test_tma_descriptors_only_where_the_16_byte_rule_holds(dtype, monkeypatch):
+    monkeypatch.setattr(mome_module, "TMA_ROW_GEMMS", frozenset(kernel_dtypes()))
+    cfg = mome_module.GEMM_CONFIGS[dtype]
+
+    def described(k_size, n_size, offset=0, transposed=False, gather_a=False):
+        a = torch.empty(64 * k_size + offset, dtype=dtype)[offset:].view(64, k_size)
+        weight = torch.empty(3, n_size, k_size, dtype=dtype).transpose(1, 2) if transposed else \
+            torch.empty(3, k_size, n_size, dtype=dtype)
+        strides = (weight.stride(1), weight.stride(2))
+        return mome_module._tma_descriptors(a, weight, k_size, n_size, cfg, gather_a=gather_a,
+                                            weight_kn_strides=strides)[0] is not None
+
+    assert described(136, 200)
+    assert not described(130, 200)  # A's rows and the weight's K rows 260 (fp32: 520) bytes apart
+    assert not described(136, 200, offset=1)  # A's base off 16 bytes
+    assert not described(136, 200, transposed=True)  # a weight read transposed
+    assert not described(136, 200, gather_a=True)  # gathered rows
+    monkeypatch.setattr(mome_module, "TMA_ROW_GEMMS", frozenset())
+    assert not described(136, 200)  # the default: pointer loads until a GPU measures TMA
+
+
 def test_split_reductions_match_torch():
     """The weight-gradient and bias column-sum kernels with each expert's rows in chunks (the path
     large batches take), an empty expert included, stored in the gradient's dtype."""

@@ -155,6 +155,35 @@ def test_sass_loops_are_closed_by_backward_branches_and_dot_loops_are_the_innerm
     assert report.dot_loops("") == []
 
 
+# A TMA pipeline's loop (as Triton 3.6 lays it out for sm_90a): the barrier wait's retry sits out
+# of line past the epilogue, entered by a forward branch from the loop and branching back into it.
+SASS_WITH_A_WAIT_STUB = """
+        /*0000*/                   S2R R0, SR_CTAID.X ;                          /* 0x0000000000007919 */
+        /*0010*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR8+0x18000], R7 ;  /* 0x01800007ff0075a7 */
+        /*0020*/              @!P0 BRA 0xa0 ;                                    /* 0x0000001400f48947 */
+        /*0030*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR16].tnspB, R24 ;  /* 0x41e00000101879f0 */
+        /*0040*/                   UTMALDG.2D [UR20], [UR16] ;                   /* 0x00000014100025b4 */
+        /*0050*/              @!P1 BRA 0x10 ;                                    /* 0xfffffff800b08947 */
+        /*0060*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR16].tnspB, R24 ;  /* 0x41e00000101879f0 */
+        /*0070*/                   STG.E.U16 desc[UR4][R2.64], R24 ;             /* 0x0000000402007986 */
+        /*0080*/                   EXIT ;                                        /* 0x000000000000794d */
+        /*0090*/                   NOP ;                                         /* 0x0000000000007918 */
+        /*00a0*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR8+0x18000], R7 ;  /* 0x01800007ff0075a7 */
+        /*00b0*/              @!P0 BRA 0xa0 ;                                    /* 0xfffffffc00f88947 */
+        /*00c0*/                   BRA 0x30 ;                                    /* 0xffffffe800007947 */
+        /*00d0*/                   BRA 0xd0;                                     /* 0xfffffffc00fc7947 */
+"""
+
+
+def test_a_wait_retry_stub_that_branches_back_into_a_loop_closes_no_loop():
+    loops = report.sass_loops(SASS_WITH_A_WAIT_STUB)
+    # the loop 0x10..0x50 and the stub's own retry 0xa0..0xb0; 0xc0's branch back to 0x30 returns
+    # into the loop (before, it made a 0x30..0xc0 "loop" holding the epilogue's HGMMA)
+    assert [(loop["start"], loop["end"], loop["instructions"], loop["hgmma"]) for loop in loops] == [
+        (0x10, 0x50, 5, 1), (0xa0, 0xb0, 2, 0)]
+    assert report.dot_loops(SASS_WITH_A_WAIT_STUB) == [5]
+
+
 # The forward's variants at Dh 64 under each mask (vlkernels.ops.attention table_variants): the
 # default label has causal and key mask on, the suffixed ones the other masks.
 _MASKED_FORWARDS = ("keymask", "causal", "")

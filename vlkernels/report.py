@@ -100,7 +100,8 @@ _SASS_BRANCH = re.compile(r"\bBRA(?:\.\S+)?\s+(?:`\()?0x([0-9a-f]+)")
 
 def sass_loops(sass: str) -> list[dict]:
     """The loops of one kernel's SASS (cuobjdump -sass), in address order: each backward branch
-    closes a loop from its target to itself (several branches back to one target are one loop).
+    closes a loop from its target to itself (several branches back to one target are one loop;
+    a branch back into the middle of a loop from past its end closes none).
     Each loop: start and end addresses, its instruction count and its HGMMA count."""
     instructions = [(int(address, 16), text.strip()) for address, text in _SASS_INSTRUCTION.findall(sass)]
     ends: dict[int, int] = {}
@@ -109,6 +110,11 @@ def sass_loops(sass: str) -> list[dict]:
         if branch and int(branch.group(1), 16) < address:
             start = int(branch.group(1), 16)
             ends[start] = max(ends.get(start, address), address)
+    # A branch from past a loop's end back into its middle is the return of an out-of-line stub
+    # that the loop jumped to (the retry of a TMA barrier wait, SYNCS.PHASECHK.TRANS64.TRYWAIT),
+    # not a loop of its own.
+    ends = {start: end for start, end in ends.items()
+            if not any(other < start <= other_end < end for other, other_end in ends.items())}
     loops = []
     for start, end in sorted(ends.items()):
         body = [text for address, text in instructions if start <= address <= end]
@@ -172,8 +178,10 @@ def compile_variant(variant: KernelVariant, arch: int = 90) -> dict:
     except Exception as error:  # reported per variant: one broken kernel must not hide the others
         row["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
         return row
-    # Scalars the launch turned into constants (ints equal to 1, such as a unit stride).
-    row["constants"] = [name for name, kind in signature.items() if kind == "constexpr" and name in variant.scalars]
+    # Scalars the launch turned into constants (ints equal to 1, such as a unit stride; an absent
+    # optional argument, None, is a constant by nature and not listed).
+    row["constants"] = [name for name, kind in signature.items()
+                        if kind == "constexpr" and variant.scalars.get(name, None) is not None]
     arch_name = f"sm_{arch}{'a' if arch == 90 else ''}"
     # Tensor-core instructions come only from dot ops: a kernel with none in its IR has no HGMMA
     # and no dot loop, and is not disassembled (cuobjdump -sass takes ~0.4 s a call, whatever the size).

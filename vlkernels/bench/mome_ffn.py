@@ -8,7 +8,8 @@ sample 40 text + 197 image tokens (237), 3 experts with pre-LayerNorm, routed as
   random    every token to a random expert of the three (the general path at its worst).
 GPU: the batches above; CPU and --quick: batch 1-2 of VLMo-B.
 
-Providers: vlkernels; eager (the reference: gather / per-expert LN + MLP / scatter loop);
+Providers: vlkernels; on a GPU vlkernels[tma] (the forward row GEMMs through TMA descriptors,
+opt-in until this benchmark measures it faster); eager (the reference: gather / per-expert LN + MLP / scatter loop);
 torch.compile(reference); looped nn.Linear (per expert: select its tokens, LayerNorm, two
 F.linear, scatter back); dense (one LN + FFN over all the tokens: the speed of light of this op,
 no routing at all); torch._grouped_mm (sort, LN, two grouped GEMMs, scatter) where torch has it
@@ -100,11 +101,31 @@ def grouped_mm_ffn(x, expert_index, w1, b1, w2, b2, *, ln_weight=None, ln_bias=N
     return y.new_zeros(y.shape).index_copy(0, order, y).reshape(x.shape)
 
 
+def _with_tma_row_gemms(fn):
+    """fn with the forward row GEMMs loading through TMA descriptors (vlkernels.ops.mome_ffn
+    TMA_ROW_GEMMS, empty by default, set to every dtype for the call): the measurement that
+    decides whether TMA becomes the default. The backward has no TMA loads, so the switch only
+    needs to hold during the forward."""
+    from vlkernels.ops import mome_ffn as ops
+
+    def run(*args, **kwargs):
+        default = ops.TMA_ROW_GEMMS
+        ops.TMA_ROW_GEMMS = frozenset(ops._SUPPORTED_DTYPES)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            ops.TMA_ROW_GEMMS = default
+
+    return run
+
+
 def _providers(device: torch.device) -> dict:
     from vlkernels.ops.mome_ffn import mome_ffn
     from vlkernels.reference.mome_ffn import mome_ffn as reference
 
     peers = {"looped nn.Linear": looped_linear_ffn, "dense": dense_ffn}
+    if device.type == "cuda":  # the Triton path (TMA needs sm_90; elsewhere it is the pointer path)
+        peers["vlkernels[tma]"] = _with_tma_row_gemms(mome_ffn)
     if device.type == "cuda" and hasattr(torch, "_grouped_mm"):  # a CUDA-only op where torch has it
         peers["torch._grouped_mm"] = grouped_mm_ffn
     if device.type == "cuda":  # inductor's autotuning benchmarks Triton templates: a GPU's

@@ -134,6 +134,7 @@ def _activate_grad(z, ACTIVATION: tl.constexpr):
 @triton.jit
 def _mome_rows_kernel(
     a, order, offsets, weight, bias, pre, out,
+    a_desc, weight_desc,  # TMA descriptors of A [T, K] and weight [E, K, N] (TMA), else None
     K, N, row_tiles,
     stride_we, stride_wk, stride_wn,  # weight[e] read as a [K, N] matrix through these strides (any layout)
     NUM_EXPERTS: tl.constexpr,  # constexpr: the tile scan unrolls over the experts
@@ -143,6 +144,7 @@ def _mome_rows_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,  # row tiles per group of the L2-friendly program order
     DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr,  # the dot operands come through a_desc / weight_desc (sorted A rows only)
 ):
     """out[rows of expert e] = epilogue(A[rows] @ weight[e]), one [BLOCK_M, BLOCK_N] tile.
 
@@ -150,7 +152,10 @@ def _mome_rows_kernel(
     N tiles together (row tile fastest), so the programs running at once share A rows and
     weight columns in L2. Rules: the program owning (row tile, N tile) is the only writer of
     those elements of out (and of pre), and reads only inputs. The main loop's two loaded tiles
-    (A rows, weight) feed the dot only; everything else is read in the epilogue.
+    (A rows, weight) feed the dot only; everything else is read in the epilogue. Through TMA,
+    the A tile holds BLOCK_M rows from row_begin whatever the expert's end: rows past row_end
+    (the next expert's, or zeros past T) make only output rows that the store masks, and the
+    weight descriptor's own K and N bounds give zeros past each expert's matrix.
     """
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(N, BLOCK_N)
@@ -175,11 +180,15 @@ def _mome_rows_kernel(
     weight_base = weight + expert.to(tl.int64) * stride_we
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < K
-        xa = tl.load(a + a_row[:, None] * K + k[None, :], mask=p_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(weight_base + k[:, None] * stride_wk + col[None, :] * stride_wn,
-                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if TMA:
+            xa = a_desc.load([row_begin, k0])
+            w = weight_desc.load([expert, k0, pid_n * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
+        else:
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < K
+            xa = tl.load(a + a_row[:, None] * K + k[None, :], mask=p_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(weight_base + k[:, None] * stride_wk + col[None, :] * stride_wn,
+                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(xa, w, acc, input_precision=DOT_PRECISION)
 
     ok = p_ok[:, None] & col_ok[None, :]

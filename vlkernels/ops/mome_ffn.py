@@ -80,6 +80,11 @@ _NARROW_BLOCK_N = 64
 _MAX_TOKENS = 2**31 - 1  # offsets, order and sorted positions are int32
 _MAX_PROGRAMS = 2**31 - 1  # CUDA's grid axis 0
 _H100_SMS = 132  # the device the report's chunked variants are cut for
+# The dtypes whose forward row GEMMs (FC1 over the normalised rows, FC2) load their operands
+# through TMA descriptors. Empty until a GPU benchmark (bench provider vlkernels[tma]) measures
+# it faster: on sm_90a it shortens the bf16 FC1 / FC2 HGMMA loop from 114 to 84 instructions and
+# saves 5-11 registers, at the same CTAs per SM (vlkernels.report, the "-tma" variants).
+TMA_ROW_GEMMS: frozenset = frozenset()
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -184,6 +189,29 @@ def _launch_layernorm(x, order, offsets, ln_weight, ln_bias, eps):
     return normed, mean, rstd
 
 
+def _tma_descriptors(a, weight, k_size: int, n_size: int, cfg, *, gather_a: bool, weight_kn_strides,
+                     tma_dtypes=None) -> tuple:
+    """(A's, weight's) TMA descriptors for a row GEMM, or (None, None) where it loads by pointers:
+    outside tma_dtypes (TMA_ROW_GEMMS), on a GPU before sm_90, for gathered A rows (TMA on sm_90
+    has no row gather), for a weight read transposed, and where TMA's 16-byte rule fails (base
+    addresses, row strides)."""
+    tma_dtypes = TMA_ROW_GEMMS if tma_dtypes is None else tma_dtypes
+    if weight.dtype not in tma_dtypes or gather_a or weight_kn_strides[1] != 1 or a.stride(1) != 1:
+        return None, None
+    if a.device.type == "cuda" and torch.cuda.get_device_capability(a.device)[0] < 9:
+        return None, None
+    size = a.element_size()
+    addresses = (a.data_ptr(), weight.data_ptr())
+    strides = (a.stride(0), weight.stride(0), weight_kn_strides[0])
+    if any(address % 16 for address in addresses) or any(stride * size % 16 for stride in strides):
+        return None, None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return (TensorDescriptor(a, [a.shape[0], k_size], [a.stride(0), 1], [cfg.block_m, cfg.block_k]),
+            TensorDescriptor(weight, [weight.shape[0], k_size, n_size], [weight.stride(0), weight_kn_strides[0], 1],
+                             [1, cfg.block_k, cfg.block_n]))
+
+
 def _launch_rows(a, order, offsets, weight, out, *, bias=None, pre=None, gather_a, scatter_out, epilogue,
                  activation=0, store_pre=False, weight_kn_strides):
     """out = epilogue(A rows @ weight[e]) over the grouped row tiles; weight[e] is read as
@@ -196,13 +224,16 @@ def _launch_rows(a, order, offsets, weight, out, *, bias=None, pre=None, gather_
     grid = _rows_grid(tokens, n_size, experts, cfg)
     if grid[0] == 0:  # no tokens: nothing to compute (a 0-program launch is not valid on every driver)
         return
+    a_desc, weight_desc = _tma_descriptors(a, weight, k_size, n_size, cfg, gather_a=gather_a,
+                                           weight_kn_strides=weight_kn_strides)
     placeholder = weight  # unread when the term is absent
     kernels._mome_rows_kernel[grid](
         a, order, offsets, weight, placeholder if bias is None else bias, placeholder if pre is None else pre, out,
+        a_desc, weight_desc,
         k_size, n_size, _row_tiles(tokens, experts, cfg.block_m), weight.stride(0), *weight_kn_strides,
         NUM_EXPERTS=experts, GATHER_A=gather_a, SCATTER_OUT=scatter_out, EPILOGUE=epilogue,
         ACTIVATION=activation, STORE_PRE=store_pre, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, GROUP_M=_GROUP_M, DOT_PRECISION=precision,
+        BLOCK_K=cfg.block_k, GROUP_M=_GROUP_M, DOT_PRECISION=precision, TMA=a_desc is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -635,14 +666,23 @@ def aot_variants():
         ]
         for what, k_size, n_size, (se, sk, sn), flags in uses:
             cfg = _rows_config(dtype, precision, flags["EPILOGUE"])
-            constexprs = dict(flags, NUM_EXPERTS=experts, ACTIVATION=0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                              BLOCK_K=cfg.block_k, GROUP_M=_GROUP_M, DOT_PRECISION=precision)
             pointers = dict(rows_pointers, out=fp32 if what == "dxn" else dtype)
             scalars = dict(K=k_size, N=n_size, row_tiles=_row_tiles(tokens, experts, cfg.block_m), stride_we=se,
                            stride_wk=sk, stride_wn=sn)
-            variants.append(KernelVariant(kernels._mome_rows_kernel, f"{label}-{what}", constexprs, pointers,
-                                          scalars, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-                                          gemm_shaped=True))
+            # the TMA loads where TMA_ROW_GEMMS can pick them (sorted A rows, a weight read as [K, N])
+            descriptors = [(None, None)]
+            if not flags["GATHER_A"] and sn == 1:
+                descriptors.append(_tma_descriptors(
+                    torch.empty(tokens, k_size, dtype=dtype), torch.empty(experts, k_size, n_size, dtype=dtype),
+                    k_size, n_size, cfg, gather_a=False, weight_kn_strides=(sk, sn), tma_dtypes=(dtype,)))
+            for a_desc, weight_desc in descriptors:
+                constexprs = dict(flags, NUM_EXPERTS=experts, ACTIVATION=0, BLOCK_M=cfg.block_m,
+                                  BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=_GROUP_M,
+                                  DOT_PRECISION=precision, TMA=a_desc is not None)
+                variants.append(KernelVariant(
+                    kernels._mome_rows_kernel, f"{label}-{what}" + ("-tma" if a_desc is not None else ""), constexprs,
+                    pointers, dict(scalars, a_desc=a_desc, weight_desc=weight_desc),
+                    dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), gemm_shaped=True))
         cfg = WEIGHT_GRAD_CONFIGS[dtype, precision]
         blocks = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_PRECISION=precision,
                       NUM_EXPERTS=experts)
