@@ -582,10 +582,10 @@ def test_tma_descriptors_only_where_the_16_byte_rule_holds(dtype, monkeypatch):
     monkeypatch.setattr(mome_module, "TMA_ROW_GEMMS", frozenset(kernel_dtypes()))
     cfg = mome_module.GEMM_CONFIGS[dtype]
 
-    def described(k_size, n_size, offset=0, transposed=False, gather_a=False):
+    def described(k_size, n_size, offset=0, transposed=False, expanded=False, gather_a=False):
         a = torch.empty(64 * k_size + offset, dtype=dtype)[offset:].view(64, k_size)
         weight = torch.empty(3, n_size, k_size, dtype=dtype).transpose(1, 2) if transposed else \
-            torch.empty(3, k_size, n_size, dtype=dtype)
+            torch.empty(1 if expanded else 3, k_size, n_size, dtype=dtype).expand(3, -1, -1)
         strides = (weight.stride(1), weight.stride(2))
         return mome_module._tma_descriptors(a, weight, k_size, n_size, cfg, gather_a=gather_a,
                                             weight_kn_strides=strides)[0] is not None
@@ -594,6 +594,7 @@ def test_tma_descriptors_only_where_the_16_byte_rule_holds(dtype, monkeypatch):
     assert not described(130, 200)  # A's rows and the weight's K rows 260 (fp32: 520) bytes apart
     assert not described(136, 200, offset=1)  # A's base off 16 bytes
     assert not described(136, 200, transposed=True)  # a weight read transposed
+    assert not described(136, 200, expanded=True)  # one weight for every expert (stride 0)
     assert not described(136, 200, gather_a=True)  # gathered rows
     monkeypatch.setattr(mome_module, "TMA_ROW_GEMMS", frozenset())
     assert not described(136, 200)  # the default: pointer loads until a GPU measures TMA

@@ -193,8 +193,8 @@ def _tma_descriptors(a, weight, k_size: int, n_size: int, cfg, *, gather_a: bool
                      tma_dtypes=None) -> tuple:
     """(A's, weight's) TMA descriptors for a row GEMM, or (None, None) where it loads by pointers:
     outside tma_dtypes (TMA_ROW_GEMMS), on a GPU before sm_90, for gathered A rows (TMA on sm_90
-    has no row gather), for a weight read transposed, and where TMA's 16-byte rule fails (base
-    addresses, row strides)."""
+    has no row gather), for a weight read transposed or expanded (a zero stride), and where TMA's
+    16-byte rule fails (base addresses, row strides)."""
     tma_dtypes = TMA_ROW_GEMMS if tma_dtypes is None else tma_dtypes
     if weight.dtype not in tma_dtypes or gather_a or weight_kn_strides[1] != 1 or a.stride(1) != 1:
         return None, None
@@ -203,7 +203,7 @@ def _tma_descriptors(a, weight, k_size: int, n_size: int, cfg, *, gather_a: bool
     size = a.element_size()
     addresses = (a.data_ptr(), weight.data_ptr())
     strides = (a.stride(0), weight.stride(0), weight_kn_strides[0])
-    if any(address % 16 for address in addresses) or any(stride * size % 16 for stride in strides):
+    if any(address % 16 for address in addresses) or any(stride <= 0 or stride * size % 16 for stride in strides):
         return None, None
     from triton.tools.tensor_descriptor import TensorDescriptor
 
