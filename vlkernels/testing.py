@@ -37,18 +37,25 @@ def fp32_tolerance(uses_tf32_dot: bool) -> float:
     return 1e-3 if uses_tf32_dot and DEVICE.type == "cuda" else 1e-5
 
 
-def assert_matches_reference(name, actual, reference64, same_dtype_torch, *, uses_tf32_dot=True) -> None:
+def assert_matches_reference(name, actual, reference64, same_dtype_torch, *, uses_tf32_dot=True,
+                             fp32_conditioned=False) -> None:
     """Check ``actual`` against the float64 reference.
 
-    fp32: rel. error within ``fp32_tolerance``. fp16/bf16 (flash-attention's rule): the error
-    is at most twice that of the same computation run by torch in the same dtype, plus 1e-6
-    so that an exactly representable result does not demand a bit-exact kernel.
+    fp32: rel. error within ``fp32_tolerance``; with ``fp32_conditioned``, or within twice
+    same_dtype_torch's own error where that is larger (an ill-conditioned result, such as a
+    gradient summed over a broadcast dimension whose terms cancel, which torch's own fp32 misses
+    by more than 1e-5): only for a same_dtype_torch computed independently of ``actual``.
+    fp16/bf16 (flash-attention's rule): the error is at most twice that of the same computation
+    run by torch in the same dtype, plus 1e-6 so that an exactly representable result does not
+    demand a bit-exact kernel.
     """
     error = rel_error(actual, reference64)
     assert actual.dtype == same_dtype_torch.dtype, f"{name}: dtype {actual.dtype}, expected {same_dtype_torch.dtype}"
     assert actual.shape == reference64.shape, f"{name}: shape {tuple(actual.shape)}, expected {tuple(reference64.shape)}"
     if actual.dtype == torch.float32:
         bound = fp32_tolerance(uses_tf32_dot)
+        if fp32_conditioned:
+            bound = max(bound, 2 * rel_error(same_dtype_torch, reference64))
     else:
         bound = 2 * rel_error(same_dtype_torch, reference64) + 1e-6
     assert error <= bound, f"{name}: relative error {error:.3e} exceeds {bound:.3e} ({actual.dtype})"
