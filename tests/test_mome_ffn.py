@@ -266,12 +266,13 @@ def test_unsupported_dtype_names_every_backend_tried():
         call(mome_ffn, inputs, index)
 
 
-def test_custom_op_passes_opcheck():
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+def test_custom_op_passes_opcheck(tma):
     generator = torch.Generator().manual_seed(2)
     inputs = make_inputs(13, 16, 24, 3, True, torch.float32, DEVICE, generator)
     order, offsets = expert_order(make_routing(13, 3, "empty", generator).to(DEVICE), 3)
     args = (inputs["x"], order, offsets, inputs["w1"], inputs["b1"], inputs["w2"], inputs["b2"],
-            inputs["ln_weight"], inputs["ln_bias"], 1e-6, "gelu", True)
+            inputs["ln_weight"], inputs["ln_bias"], 1e-6, "gelu", True, tma)
     torch.library.opcheck(torch.ops.vlkernels.mome_ffn_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
@@ -554,50 +555,84 @@ def test_hidden_sizes_above_every_block(backend, ln):
     check_backend(backend, inputs, make_routing(t, e, "random", generator).to(DEVICE), generator)
 
 
+@pytest.mark.parametrize("layout", ["stacked", "linear"])
 @pytest.mark.parametrize("ln", [True, False], ids=["ln", "no-ln"])
 @pytest.mark.parametrize("dtype", kernel_dtypes(), ids=dtype_id)
-def test_tma_row_gemms_match_float64_reference(dtype, ln, monkeypatch):
-    """The forward row GEMMs through TMA descriptors (TMA_ROW_GEMMS): 10 / 0 / 290 tokens, so A
-    tiles run past an expert's end into the next expert's rows and past T; D = 136, F = 200 give
-    K remainders in both GEMMs and N remainders. FC1 takes TMA over the normalised rows (with the
-    LayerNorm; without it x is gathered by pointers) and FC2 always; every gradient is right."""
+def test_tma_row_gemms_match_float64_reference(dtype, ln, layout, monkeypatch):
+    """The row GEMMs over sorted A rows through TMA descriptors (TMA_ROW_GEMMS), with the op's
+    stacked [E, D, F] / [E, F, D] weights and with MoMEFFN's stacked nn.Linear weights (read
+    transposed): 10 / 0 / 290 tokens, so A tiles run past an expert's end into the next expert's
+    rows and past T; D = 136, F = 200 give K remainders in every GEMM and N remainders. Each
+    launch takes the load the rules give it (FC1 over the normalised rows, FC2 and d(normalised
+    x); gathered rows by pointers; fp32 never from a weight stored [K, N]); every gradient is right."""
+    kernels = mome_module.kernels
     monkeypatch.setattr(mome_module, "TMA_ROW_GEMMS", frozenset(kernel_dtypes()))
-    described = []
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)  # fp32's tensor-core dots (IEEE has no TMA)
+    modes = []
     choose = mome_module._tma_descriptors
     monkeypatch.setattr(mome_module, "_tma_descriptors",
-                        lambda *args, **kwargs: described.append(choose(*args, **kwargs)[0] is not None) or
-                        choose(*args, **kwargs))
+                        lambda *args, **kwargs: modes.append(choose(*args, **kwargs)[0]) or choose(*args, **kwargs))
     generator = torch.Generator().manual_seed(37)
     t, d, f, e = 300, 136, 200, 3
     index = torch.full((t,), 2, dtype=torch.long)
     index[torch.randperm(t, generator=generator)[:10]] = 0
     inputs = make_inputs(t, d, f, e, ln, dtype, DEVICE, generator)
+    if layout == "linear":  # fc1.weight [F, D] and fc2.weight [D, F] of each expert, stacked and transposed
+        for name in ("w1", "w2"):
+            inputs[name] = inputs[name].detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
     check_against_reference(inputs, index.to(DEVICE), dtype, generator)
-    assert described[:2] == [ln, True]  # the forward's FC1 and FC2
-    assert not any(described[2:])  # the backward reads its weights transposed or gathers rows
+    forward_weight, backward_weight = ((kernels.TMA_WEIGHT_KN, kernels.TMA_WEIGHT_NK) if layout == "stacked" else
+                                       (kernels.TMA_WEIGHT_NK, kernels.TMA_WEIGHT_KN))
+    allowed = lambda mode: kernels.TMA_NONE if dtype == torch.float32 and mode == kernels.TMA_WEIGHT_KN else mode  # noqa: E731
+    # FC1, FC2, dz (gathered dY rows), d(normalised x)
+    expected = [allowed(forward_weight) if ln else kernels.TMA_NONE, allowed(forward_weight), kernels.TMA_NONE,
+                allowed(backward_weight)]
+    assert modes == expected
 
 
 @pytest.mark.parametrize("dtype", kernel_dtypes(), ids=dtype_id)
-def test_tma_descriptors_only_where_the_16_byte_rule_holds(dtype, monkeypatch):
-    monkeypatch.setattr(mome_module, "TMA_ROW_GEMMS", frozenset(kernel_dtypes()))
+def test_tma_descriptors_only_where_the_rules_allow(dtype, monkeypatch):
     cfg = mome_module.GEMM_CONFIGS[dtype]
+    kernels = mome_module.kernels
 
-    def described(k_size, n_size, offset=0, transposed=False, expanded=False, gather_a=False):
+    def mode(k_size, n_size, offset=0, layout="nk", gather_a=False, tma=True, precision="tf32"):
         a = torch.empty(64 * k_size + offset, dtype=dtype)[offset:].view(64, k_size)
-        weight = torch.empty(3, n_size, k_size, dtype=dtype).transpose(1, 2) if transposed else \
-            torch.empty(1 if expanded else 3, k_size, n_size, dtype=dtype).expand(3, -1, -1)
-        strides = (weight.stride(1), weight.stride(2))
-        return mome_module._tma_descriptors(a, weight, k_size, n_size, cfg, gather_a=gather_a,
-                                            weight_kn_strides=strides)[0] is not None
+        weight = {"nk": torch.empty(3, n_size, k_size, dtype=dtype).transpose(1, 2),
+                  "kn": torch.empty(3, k_size, n_size, dtype=dtype),
+                  "expanded": torch.empty(1, n_size, k_size, dtype=dtype).expand(3, -1, -1).transpose(1, 2),
+                  "strided": torch.empty(3, n_size, 2 * k_size, dtype=dtype)[:, :, ::2].transpose(1, 2)}[layout]
+        return mome_module._tma_descriptors(a, weight, k_size, n_size, cfg, precision, tma=tma, gather_a=gather_a,
+                                            weight_kn_strides=(weight.stride(1), weight.stride(2)))[0]
 
-    assert described(136, 200)
-    assert not described(130, 200)  # A's rows and the weight's K rows 260 (fp32: 520) bytes apart
-    assert not described(136, 200, offset=1)  # A's base off 16 bytes
-    assert not described(136, 200, transposed=True)  # a weight read transposed
-    assert not described(136, 200, expanded=True)  # one weight for every expert (stride 0)
-    assert not described(136, 200, gather_a=True)  # gathered rows
-    monkeypatch.setattr(mome_module, "TMA_ROW_GEMMS", frozenset())
-    assert not described(136, 200)  # the default: pointer loads until a GPU measures TMA
+    assert mode(136, 200) == kernels.TMA_WEIGHT_NK
+    assert mode(136, 200, layout="kn") == (kernels.TMA_NONE if dtype == torch.float32 else kernels.TMA_WEIGHT_KN)
+    assert mode(130, 200) == kernels.TMA_NONE  # A's rows 260 (fp32: 520) bytes apart
+    assert mode(136, 200, offset=1) == kernels.TMA_NONE  # A's base off 16 bytes
+    assert mode(136, 200, layout="expanded") == kernels.TMA_NONE  # one weight for every expert (stride 0)
+    assert mode(136, 200, layout="strided") == kernels.TMA_NONE  # no unit stride in the weight
+    assert mode(136, 200, gather_a=True) == kernels.TMA_NONE  # gathered rows
+    assert mode(136, 200, precision="ieee") == kernels.TMA_NONE  # no tensor cores
+    assert mode(136, 200, tma=False) == kernels.TMA_NONE  # the default: TMA_ROW_GEMMS is empty
+
+
+def test_a_call_takes_tma_for_its_forward_and_backward_alike(monkeypatch):
+    """The choice is made once, when the forward runs: the backward follows it even after
+    TMA_ROW_GEMMS changed (as the benchmark's vlkernels[tma] provider restores it)."""
+    calls = []
+    choose = mome_module._tma_descriptors
+    monkeypatch.setattr(mome_module, "_tma_descriptors", lambda *args, **kwargs: calls.append(kwargs["tma"]) or
+                        choose(*args, **kwargs))
+    generator = torch.Generator().manual_seed(38)
+    inputs = make_inputs(20, 16, 32, 2, True, torch.float32, DEVICE, generator)
+    index = make_routing(20, 2, "random", generator).to(DEVICE)
+    for switched in (True, False):
+        calls.clear()
+        monkeypatch.setattr(mome_module, "TMA_ROW_GEMMS", frozenset({torch.float32}) if switched else frozenset())
+        with vlkernels.use_backend("triton"):
+            out = call(mome_ffn, inputs, index)
+        monkeypatch.setattr(mome_module, "TMA_ROW_GEMMS", frozenset() if switched else frozenset({torch.float32}))
+        out.sum().backward()
+        assert calls == [switched] * 4  # FC1, FC2, dz, d(normalised x)
 
 
 def test_split_reductions_match_torch():

@@ -8,8 +8,8 @@ sample 40 text + 197 image tokens (237), 3 experts with pre-LayerNorm, routed as
   random    every token to a random expert of the three (the general path at its worst).
 GPU: the batches above; CPU and --quick: batch 1-2 of VLMo-B.
 
-Providers: vlkernels; on a GPU vlkernels[tma] (the forward row GEMMs through TMA descriptors,
-opt-in until this benchmark measures it faster); eager (the reference: gather / per-expert LN + MLP / scatter loop);
+Providers: vlkernels; on an sm_90+ GPU vlkernels[tma] (the row GEMMs over sorted rows through
+TMA descriptors, opt-in until this benchmark measures it faster); eager (the reference: gather / per-expert LN + MLP / scatter loop);
 torch.compile(reference); looped nn.Linear (per expert: select its tokens, LayerNorm, two
 F.linear, scatter back); dense (one LN + FFN over all the tokens: the speed of light of this op,
 no routing at all); torch._grouped_mm (sort, LN, two grouped GEMMs, scatter) where torch has it
@@ -102,10 +102,10 @@ def grouped_mm_ffn(x, expert_index, w1, b1, w2, b2, *, ln_weight=None, ln_bias=N
 
 
 def _with_tma_row_gemms(fn):
-    """fn with the forward row GEMMs loading through TMA descriptors (vlkernels.ops.mome_ffn
+    """fn with the row GEMMs over sorted rows loading through TMA descriptors (vlkernels.ops.mome_ffn
     TMA_ROW_GEMMS, empty by default, set to every dtype for the call): the measurement that
-    decides whether TMA becomes the default. The backward has no TMA loads, so the switch only
-    needs to hold during the forward."""
+    decides whether TMA becomes the default. A call decides at its forward, and its backward
+    follows that choice, so the switch only needs to hold during the forward (one thread)."""
     from vlkernels.ops import mome_ffn as ops
 
     def run(*args, **kwargs):
@@ -124,7 +124,7 @@ def _providers(device: torch.device) -> dict:
     from vlkernels.reference.mome_ffn import mome_ffn as reference
 
     peers = {"looped nn.Linear": looped_linear_ffn, "dense": dense_ffn}
-    if device.type == "cuda":  # the Triton path (TMA needs sm_90; elsewhere it is the pointer path)
+    if device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9:
         peers["vlkernels[tma]"] = _with_tma_row_gemms(mome_ffn)
     if device.type == "cuda" and hasattr(torch, "_grouped_mm"):  # a CUDA-only op where torch has it
         peers["torch._grouped_mm"] = grouped_mm_ffn
@@ -143,8 +143,9 @@ def _make_inputs(preset: Preset, batch: int):
 
         d, f = preset.dim, preset.hidden
         x = rand(batch, preset.seq_len, d).to(dtype).requires_grad_()
-        w1, b1 = per_expert(rand(d, f, scale=d ** -0.5)), per_expert(rand(f, scale=0.02))
-        w2, b2 = per_expert(rand(f, d, scale=f ** -0.5)), per_expert(rand(d, scale=0.02))
+        # the experts' nn.Linear weights ([out, in]) stacked and read transposed, as MoMEFFN passes them
+        w1, b1 = per_expert(rand(f, d, scale=d ** -0.5)).transpose(1, 2), per_expert(rand(f, scale=0.02))
+        w2, b2 = per_expert(rand(d, f, scale=f ** -0.5)).transpose(1, 2), per_expert(rand(d, scale=0.02))
         ln_weight, ln_bias = per_expert(rand(d, scale=0.1, shift=1.0)), per_expert(rand(d, scale=0.02))
         kwargs = dict(ln_weight=ln_weight, ln_bias=ln_bias)
         if preset.routing == "segments":

@@ -38,6 +38,11 @@ EPILOGUE_BIAS = 1  # + bias[e] (FC2)
 EPILOGUE_BIAS_ACT = 2  # + bias[e], store the pre-activation when asked, apply the activation (FC1)
 EPILOGUE_ACT_GRAD = 3  # * act'(pre) (grad of FC1's output -> grad of its pre-activation)
 
+# How the row GEMM loads its operands
+TMA_NONE = 0  # by pointers (gathered A rows, any weight strides)
+TMA_WEIGHT_KN = 1  # TMA; weight[e] stored [K, N] (unit stride along N)
+TMA_WEIGHT_NK = 2  # TMA; weight[e] stored [N, K] (unit stride along K: nn.Linear's [out, in])
+
 ACTIVATION_GELU = 0  # exact erf GELU, as VLMo's nn.GELU()
 ACTIVATION_RELU = 1
 
@@ -134,7 +139,7 @@ def _activate_grad(z, ACTIVATION: tl.constexpr):
 @triton.jit
 def _mome_rows_kernel(
     a, order, offsets, weight, bias, pre, out,
-    a_desc, weight_desc,  # TMA descriptors of A [T, K] and weight [E, K, N] (TMA), else None
+    a_desc, weight_desc,  # TMA descriptors of A [T, K] and weight [E, K, N] or [E, N, K] (TMA), else None
     K, N, row_tiles,
     stride_we, stride_wk, stride_wn,  # weight[e] read as a [K, N] matrix through these strides (any layout)
     NUM_EXPERTS: tl.constexpr,  # constexpr: the tile scan unrolls over the experts
@@ -144,7 +149,7 @@ def _mome_rows_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,  # row tiles per group of the L2-friendly program order
     DOT_PRECISION: tl.constexpr,
-    TMA: tl.constexpr,  # the dot operands come through a_desc / weight_desc (sorted A rows only)
+    TMA: tl.constexpr,  # TMA_NONE, or the dot operands through a_desc / weight_desc (sorted A rows only)
 ):
     """out[rows of expert e] = epilogue(A[rows] @ weight[e]), one [BLOCK_M, BLOCK_N] tile.
 
@@ -180,9 +185,12 @@ def _mome_rows_kernel(
     weight_base = weight + expert.to(tl.int64) * stride_we
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        if TMA:
+        if TMA == 1:
             xa = a_desc.load([row_begin, k0])
             w = weight_desc.load([expert, k0, pid_n * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
+        elif TMA == 2:
+            xa = a_desc.load([row_begin, k0])
+            w = weight_desc.load([expert, pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K).T
         else:
             k = k0 + tl.arange(0, BLOCK_K)
             k_ok = k < K

@@ -80,10 +80,12 @@ _NARROW_BLOCK_N = 64
 _MAX_TOKENS = 2**31 - 1  # offsets, order and sorted positions are int32
 _MAX_PROGRAMS = 2**31 - 1  # CUDA's grid axis 0
 _H100_SMS = 132  # the device the report's chunked variants are cut for
-# The dtypes whose forward row GEMMs (FC1 over the normalised rows, FC2) load their operands
-# through TMA descriptors. Empty until a GPU benchmark (bench provider vlkernels[tma]) measures
-# it faster: on sm_90a it shortens the bf16 FC1 / FC2 HGMMA loop from 114 to 84 instructions and
-# saves 5-11 registers, at the same CTAs per SM (vlkernels.report, the "-tma" variants).
+# The dtypes whose row GEMMs over sorted A rows (FC1 over the normalised rows, FC2, and the
+# backward's d(normalised x)) load their operands through TMA descriptors, decided once per call
+# for its forward and backward. Empty until a GPU benchmark (bench provider vlkernels[tma])
+# measures it faster: on sm_90a it takes every such HGMMA loop to 84 instructions (from 99-114
+# by pointers in 16-bit, 99-136 in tf32) and changes registers by -15 to +2, at the same CTAs per
+# SM (vlkernels.report, the "-tma" variants beside the pointer ones).
 TMA_ROW_GEMMS: frozenset = frozenset()
 
 
@@ -189,33 +191,45 @@ def _launch_layernorm(x, order, offsets, ln_weight, ln_bias, eps):
     return normed, mean, rstd
 
 
-def _tma_descriptors(a, weight, k_size: int, n_size: int, cfg, *, gather_a: bool, weight_kn_strides,
-                     tma_dtypes=None) -> tuple:
-    """(A's, weight's) TMA descriptors for a row GEMM, or (None, None) where it loads by pointers:
-    outside tma_dtypes (TMA_ROW_GEMMS), on a GPU before sm_90, for gathered A rows (TMA on sm_90
-    has no row gather), for a weight read transposed or expanded (a zero stride), and where TMA's
-    16-byte rule fails (base addresses, row strides)."""
-    tma_dtypes = TMA_ROW_GEMMS if tma_dtypes is None else tma_dtypes
-    if weight.dtype not in tma_dtypes or gather_a or weight_kn_strides[1] != 1 or a.stride(1) != 1:
-        return None, None
-    if a.device.type == "cuda" and torch.cuda.get_device_capability(a.device)[0] < 9:
-        return None, None
+def _tma_descriptors(a, weight, k_size: int, n_size: int, cfg, precision: str, *, tma: bool, gather_a: bool,
+                     weight_kn_strides) -> tuple:
+    """(the kernel's TMA mode, A's descriptor, the weight's descriptor): descriptors when ``tma``
+    and the GEMM allows them, else (TMA_NONE, None, None), loads by pointers: on a GPU before
+    sm_90 or not NVIDIA's, for gathered A rows (TMA on sm_90 has no row gather), for a weight
+    with no unit stride along K or N or with a zero stride (expanded), IEEE fp32 dots (no tensor
+    cores: the TMA tiles spill 464-536 B on their way to registers), an fp32 weight stored
+    [K, N] (tf32 tensor cores read B K-major and TMA cannot transpose: Triton would copy each
+    tile through registers and wait on every dot), and where TMA's 16-byte rule fails (base
+    addresses, row strides)."""
+    none = (kernels.TMA_NONE, None, None)
+    stride_k, stride_n = weight_kn_strides
+    if not tma or precision == "ieee" or gather_a or a.stride(1) != 1 or 1 not in (stride_k, stride_n):
+        return none
+    if a.device.type == "cuda" and (torch.version.hip is not None or torch.cuda.get_device_capability(a.device)[0] < 9):
+        return none
+    kn = stride_n == 1
+    if kn and weight.dtype == torch.float32:
+        return none
     size = a.element_size()
-    addresses = (a.data_ptr(), weight.data_ptr())
-    strides = (a.stride(0), weight.stride(0), weight_kn_strides[0])
-    if any(address % 16 for address in addresses) or any(stride <= 0 or stride * size % 16 for stride in strides):
-        return None, None
+    strides = (a.stride(0), weight.stride(0), stride_k if kn else stride_n)
+    if any(address % 16 for address in (a.data_ptr(), weight.data_ptr())) or \
+            any(stride <= 0 or stride * size % 16 for stride in strides):
+        return none
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    return (TensorDescriptor(a, [a.shape[0], k_size], [a.stride(0), 1], [cfg.block_m, cfg.block_k]),
-            TensorDescriptor(weight, [weight.shape[0], k_size, n_size], [weight.stride(0), weight_kn_strides[0], 1],
-                             [1, cfg.block_k, cfg.block_n]))
+    a_desc = TensorDescriptor(a, [a.shape[0], k_size], [a.stride(0), 1], [cfg.block_m, cfg.block_k])
+    if kn:
+        return kernels.TMA_WEIGHT_KN, a_desc, TensorDescriptor(
+            weight, [weight.shape[0], k_size, n_size], [weight.stride(0), stride_k, 1], [1, cfg.block_k, cfg.block_n])
+    return kernels.TMA_WEIGHT_NK, a_desc, TensorDescriptor(
+        weight, [weight.shape[0], n_size, k_size], [weight.stride(0), stride_n, 1], [1, cfg.block_n, cfg.block_k])
 
 
 def _launch_rows(a, order, offsets, weight, out, *, bias=None, pre=None, gather_a, scatter_out, epilogue,
-                 activation=0, store_pre=False, weight_kn_strides):
+                 activation=0, store_pre=False, weight_kn_strides, tma):
     """out = epilogue(A rows @ weight[e]) over the grouped row tiles; weight[e] is read as
-    [K, N] with strides weight_kn_strides = (stride_k, stride_n)."""
+    [K, N] with strides weight_kn_strides = (stride_k, stride_n); tma: through TMA descriptors
+    where the GEMM allows them."""
     tokens, k_size = a.shape
     n_size = out.shape[1]
     experts = offsets.shape[0] - 1
@@ -224,8 +238,8 @@ def _launch_rows(a, order, offsets, weight, out, *, bias=None, pre=None, gather_
     grid = _rows_grid(tokens, n_size, experts, cfg)
     if grid[0] == 0:  # no tokens: nothing to compute (a 0-program launch is not valid on every driver)
         return
-    a_desc, weight_desc = _tma_descriptors(a, weight, k_size, n_size, cfg, gather_a=gather_a,
-                                           weight_kn_strides=weight_kn_strides)
+    mode, a_desc, weight_desc = _tma_descriptors(a, weight, k_size, n_size, cfg, precision, tma=tma,
+                                                 gather_a=gather_a, weight_kn_strides=weight_kn_strides)
     placeholder = weight  # unread when the term is absent
     kernels._mome_rows_kernel[grid](
         a, order, offsets, weight, placeholder if bias is None else bias, placeholder if pre is None else pre, out,
@@ -233,7 +247,7 @@ def _launch_rows(a, order, offsets, weight, out, *, bias=None, pre=None, gather_
         k_size, n_size, _row_tiles(tokens, experts, cfg.block_m), weight.stride(0), *weight_kn_strides,
         NUM_EXPERTS=experts, GATHER_A=gather_a, SCATTER_OUT=scatter_out, EPILOGUE=epilogue,
         ACTIVATION=activation, STORE_PRE=store_pre, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, GROUP_M=_GROUP_M, DOT_PRECISION=precision, TMA=a_desc is not None,
+        BLOCK_K=cfg.block_k, GROUP_M=_GROUP_M, DOT_PRECISION=precision, TMA=mode,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -301,7 +315,7 @@ def _launch_ln_bwd(x, order, offsets, mean, rstd, grad_normed, ln_weight):
     return grad_x, grad_weight, grad_bias
 
 
-def _launch_fwd(x, order, offsets, w1, b1, w2, b2, ln_weight, ln_bias, eps, activation, need_backward):
+def _launch_fwd(x, order, offsets, w1, b1, w2, b2, ln_weight, ln_bias, eps, activation, need_backward, tma):
     tokens, dim = x.shape
     hidden = w1.shape[2]
     ln = ln_weight is not None
@@ -318,14 +332,14 @@ def _launch_fwd(x, order, offsets, w1, b1, w2, b2, ln_weight, ln_bias, eps, acti
         return out, h, pre, mean, rstd, normed
     _launch_rows(normed if ln else x, order, offsets, w1, h, bias=b1, pre=pre, gather_a=not ln, scatter_out=False,
                  epilogue=kernels.EPILOGUE_BIAS_ACT, activation=_ACTIVATION_CODES[activation],
-                 store_pre=need_backward, weight_kn_strides=(w1.stride(1), w1.stride(2)))
+                 store_pre=need_backward, weight_kn_strides=(w1.stride(1), w1.stride(2)), tma=tma)
     _launch_rows(h, order, offsets, w2, out, bias=b2, gather_a=False, scatter_out=True,
-                 epilogue=kernels.EPILOGUE_BIAS, weight_kn_strides=(w2.stride(1), w2.stride(2)))
+                 epilogue=kernels.EPILOGUE_BIAS, weight_kn_strides=(w2.stride(1), w2.stride(2)), tma=tma)
     return out, h, pre, mean, rstd, normed
 
 
 def _launch_bwd(grad_out, x, order, offsets, w1, w2, h, pre, mean, rstd, normed, ln_weight, activation,
-                need_x, need_weights):
+                need_x, need_weights, tma):
     tokens, dim = x.shape
     experts, _, hidden = w1.shape
     ln = ln_weight is not None
@@ -335,7 +349,7 @@ def _launch_bwd(grad_out, x, order, offsets, w1, w2, h, pre, mean, rstd, normed,
     # dz = (dY[order] @ W2[e]^T) * act'(z): W2[e] [F, D] read as [D, F] by swapping its strides.
     _launch_rows(grad_out, order, offsets, w2, grad_pre, pre=pre, gather_a=True, scatter_out=False,
                  epilogue=kernels.EPILOGUE_ACT_GRAD, activation=_ACTIVATION_CODES[activation],
-                 weight_kn_strides=(w2.stride(2), w2.stride(1)))
+                 weight_kn_strides=(w2.stride(2), w2.stride(1)), tma=tma)
     if need_weights:
         # Each gradient is a tensor of its own (none is a view of another).
         grad_w2 = _launch_weight_grad(h, grad_out, order, offsets, gather_a=False, gather_b=True)
@@ -347,7 +361,7 @@ def _launch_bwd(grad_out, x, order, offsets, w1, w2, h, pre, mean, rstd, normed,
         # d(LN output) = dz @ W1[e]^T (W1[e] [D, F] read as [F, D]); without a LayerNorm it is grad_x.
         grad_normed = torch.empty(tokens, dim, device=x.device, dtype=torch.float32 if ln else x.dtype)
         _launch_rows(grad_pre, order, offsets, w1, grad_normed, gather_a=False, scatter_out=not ln,
-                     epilogue=kernels.EPILOGUE_NONE, weight_kn_strides=(w1.stride(2), w1.stride(1)))
+                     epilogue=kernels.EPILOGUE_NONE, weight_kn_strides=(w1.stride(2), w1.stride(1)), tma=tma)
         if ln:
             grad_x, ln_weight_grad, ln_bias_grad = _launch_ln_bwd(x, order, offsets, mean, rstd, grad_normed,
                                                                   ln_weight)
@@ -365,13 +379,13 @@ def _launch_bwd(grad_out, x, order, offsets, w1, w2, h, pre, mean, rstd, normed,
 def _mome_ffn_fwd_op(
     x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
     w2: torch.Tensor, b2: torch.Tensor, ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor],
-    eps: float, activation: str, need_backward: bool,
+    eps: float, activation: str, need_backward: bool, tma: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launch_fwd(x, order, offsets, w1, b1, w2, b2, ln_weight, ln_bias, eps, activation, need_backward)
+    return _launch_fwd(x, order, offsets, w1, b1, w2, b2, ln_weight, ln_bias, eps, activation, need_backward, tma)
 
 
 @_mome_ffn_fwd_op.register_fake
-def _(x, order, offsets, w1, b1, w2, b2, ln_weight, ln_bias, eps, activation, need_backward):
+def _(x, order, offsets, w1, b1, w2, b2, ln_weight, ln_bias, eps, activation, need_backward, tma):
     tokens, hidden = x.shape[0], w1.shape[2]
     stats = tokens if ln_weight is not None else 0
     return (x.new_empty(tokens, x.shape[1]), x.new_empty(tokens, hidden),
@@ -385,13 +399,15 @@ def _mome_ffn_bwd_op(
     grad_out: torch.Tensor, x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, w1: torch.Tensor,
     w2: torch.Tensor, h: torch.Tensor, pre: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
     normed: torch.Tensor, ln_weight: Optional[torch.Tensor], activation: str, need_x: bool, need_weights: bool,
+    tma: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _launch_bwd(grad_out, x, order, offsets, w1, w2, h, pre, mean, rstd, normed, ln_weight, activation,
-                       need_x, need_weights)
+                       need_x, need_weights, tma)
 
 
 @_mome_ffn_bwd_op.register_fake
-def _(grad_out, x, order, offsets, w1, w2, h, pre, mean, rstd, normed, ln_weight, activation, need_x, need_weights):
+def _(grad_out, x, order, offsets, w1, w2, h, pre, mean, rstd, normed, ln_weight, activation, need_x, need_weights,
+      tma):
     ln = ln_weight is not None
     grad_x = torch.empty_like(x) if need_x or (need_weights and ln) else x.new_empty(0)
     if not need_weights:
@@ -403,10 +419,10 @@ def _(grad_out, x, order, offsets, w1, w2, h, pre, mean, rstd, normed, ln_weight
 
 
 def _setup_context(ctx, inputs, output):
-    x, order, offsets, w1, b1, w2, b2, ln_weight, ln_bias, eps, activation, need_backward = inputs
+    x, order, offsets, w1, b1, w2, b2, ln_weight, ln_bias, eps, activation, need_backward, tma = inputs
     _, h, pre, mean, rstd, normed = output
     ctx.save_for_backward(x, order, offsets, w1, w2, h, pre, mean, rstd, normed, ln_weight)
-    ctx.activation = activation
+    ctx.activation, ctx.tma = activation, tma
     # h, pre, mean, rstd and the normalised rows are saved for the backward, not results: no
     # gradient flows through them.
     ctx.mark_non_differentiable(h, pre, mean, rstd, normed)
@@ -420,12 +436,12 @@ def _backward(ctx, grad_out, _grad_h, _grad_pre, _grad_mean, _grad_rstd, _grad_n
     if pre.shape[0] != x.shape[0]:
         raise RuntimeError("mome_ffn: the forward ran without saving for backward (grad mode was off)")
     grads = _mome_ffn_bwd_op(grad_out.contiguous(), x, order, offsets, w1, w2, h, pre, mean, rstd, normed,
-                             ln_weight, ctx.activation, need_x, need_weights)
+                             ln_weight, ctx.activation, need_x, need_weights, ctx.tma)
     grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_lnw, grad_lnb = grads
     keep = lambda flag, t: t if flag else None  # noqa: E731
     return (keep(need_x, grad_x), None, None, keep(need[3], grad_w1), keep(need[4], grad_b1),
             keep(need[5], grad_w2), keep(need[6], grad_b2), keep(need[7], grad_lnw), keep(need[8], grad_lnb),
-            None, None, None)
+            None, None, None, None)
 
 
 torch.library.register_autograd("vlkernels::mome_ffn_fwd", _backward, setup_context=_setup_context)
@@ -576,7 +592,7 @@ def _run_triton(x, expert_index, w1, b1, w2, b2, activation, ln_weight, ln_bias,
     tensors = (x, w1, b1, w2, b2, ln_weight, ln_bias)
     need_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     out = _mome_ffn_fwd_op(tokens, order, offsets, w1, b1.contiguous(), w2, b2.contiguous(), ln_weight, ln_bias,
-                           float(eps), activation, need_backward)[0]
+                           float(eps), activation, need_backward, x.dtype in TMA_ROW_GEMMS)[0]
     return out.reshape(shape)
 
 
@@ -650,39 +666,42 @@ def aot_variants():
         label = f"{str(dtype)[6:]}-{precision}"
         rows_pointers = {"a": dtype, "order": i32, "offsets": i32, "weight": dtype, "bias": dtype, "pre": dtype,
                          "out": dtype}
-        # (what, K, N, weight strides e/k/n, flags): FC1 (normalised rows or x gathered), FC2, dz,
-        # d(normalised x)
+        # (what, K, N, weight strides e/k/n as the op's stacked weights give them, as MoMEFFN's
+        # stacked nn.Linear weights give them, flags): FC1 (normalised rows or x gathered), FC2,
+        # dz, d(normalised x)
+        d_f, f_d = (dim * hidden, hidden, 1), (dim * hidden, 1, dim)  # [K=D, N=F] stored [D, F] / [F, D]
+        f_d_kn, f_d_nk = (dim * hidden, dim, 1), (dim * hidden, 1, hidden)  # [K=F, N=D] stored [F, D] / [D, F]
         uses = [
-            ("fc1", dim, hidden, (dim * hidden, hidden, 1),
+            ("fc1", dim, hidden, d_f, f_d,
              dict(GATHER_A=False, SCATTER_OUT=False, EPILOGUE=kernels.EPILOGUE_BIAS_ACT, STORE_PRE=True)),
-            ("fc1-gather", dim, hidden, (dim * hidden, hidden, 1),
+            ("fc1-gather", dim, hidden, d_f, f_d,
              dict(GATHER_A=True, SCATTER_OUT=False, EPILOGUE=kernels.EPILOGUE_BIAS_ACT, STORE_PRE=True)),
-            ("fc2", hidden, dim, (hidden * dim, dim, 1),
+            ("fc2", hidden, dim, f_d_kn, f_d_nk,
              dict(GATHER_A=False, SCATTER_OUT=True, EPILOGUE=kernels.EPILOGUE_BIAS, STORE_PRE=False)),
-            ("dz", dim, hidden, (hidden * dim, 1, dim),
+            ("dz", dim, hidden, f_d, d_f,
              dict(GATHER_A=True, SCATTER_OUT=False, EPILOGUE=kernels.EPILOGUE_ACT_GRAD, STORE_PRE=False)),
-            ("dxn", hidden, dim, (dim * hidden, 1, hidden),
+            ("dxn", hidden, dim, f_d_nk, f_d_kn,
              dict(GATHER_A=False, SCATTER_OUT=False, EPILOGUE=kernels.EPILOGUE_NONE, STORE_PRE=False)),
         ]
-        for what, k_size, n_size, (se, sk, sn), flags in uses:
+        for what, k_size, n_size, stacked, linear, flags in uses:
             cfg = _rows_config(dtype, precision, flags["EPILOGUE"])
             pointers = dict(rows_pointers, out=fp32 if what == "dxn" else dtype)
-            scalars = dict(K=k_size, N=n_size, row_tiles=_row_tiles(tokens, experts, cfg.block_m), stride_we=se,
-                           stride_wk=sk, stride_wn=sn)
-            # the TMA loads where TMA_ROW_GEMMS can pick them (sorted A rows, a weight read as [K, N])
-            descriptors = [(None, None)]
-            if not flags["GATHER_A"] and sn == 1:
-                descriptors.append(_tma_descriptors(
-                    torch.empty(tokens, k_size, dtype=dtype), torch.empty(experts, k_size, n_size, dtype=dtype),
-                    k_size, n_size, cfg, gather_a=False, weight_kn_strides=(sk, sn), tma_dtypes=(dtype,)))
-            for a_desc, weight_desc in descriptors:
-                constexprs = dict(flags, NUM_EXPERTS=experts, ACTIVATION=0, BLOCK_M=cfg.block_m,
-                                  BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=_GROUP_M,
-                                  DOT_PRECISION=precision, TMA=a_desc is not None)
-                variants.append(KernelVariant(
-                    kernels._mome_rows_kernel, f"{label}-{what}" + ("-tma" if a_desc is not None else ""), constexprs,
-                    pointers, dict(scalars, a_desc=a_desc, weight_desc=weight_desc),
-                    dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), gemm_shaped=True))
+            for layout, (se, sk, sn) in (("", stacked), ("-linear", linear)):
+                scalars = dict(K=k_size, N=n_size, row_tiles=_row_tiles(tokens, experts, cfg.block_m), stride_we=se,
+                               stride_wk=sk, stride_wn=sn)
+                weight = torch.empty_strided((experts, k_size, n_size), (se, sk, sn), dtype=dtype)
+                # by pointers, and through TMA where TMA_ROW_GEMMS can pick it
+                tma = _tma_descriptors(torch.empty(tokens, k_size, dtype=dtype), weight, k_size, n_size, cfg,
+                                       precision, tma=True, gather_a=flags["GATHER_A"], weight_kn_strides=(sk, sn))
+                loads = [(kernels.TMA_NONE, None, None)] + ([tma] if tma[0] != kernels.TMA_NONE else [])
+                for mode, a_desc, weight_desc in loads:
+                    constexprs = dict(flags, NUM_EXPERTS=experts, ACTIVATION=0, BLOCK_M=cfg.block_m,
+                                      BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=_GROUP_M,
+                                      DOT_PRECISION=precision, TMA=mode)
+                    variants.append(KernelVariant(
+                        kernels._mome_rows_kernel, f"{label}-{what}{layout}" + ("-tma" if mode else ""), constexprs,
+                        pointers, dict(scalars, a_desc=a_desc, weight_desc=weight_desc),
+                        dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), gemm_shaped=True))
         cfg = WEIGHT_GRAD_CONFIGS[dtype, precision]
         blocks = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_PRECISION=precision,
                       NUM_EXPERTS=experts)
