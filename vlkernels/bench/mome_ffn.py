@@ -9,12 +9,12 @@ sample 40 text + 197 image tokens (237), 3 experts with pre-LayerNorm, routed as
 GPU: the batches above; CPU and --quick: batch 1-2 of VLMo-B.
 
 Providers: vlkernels; on an sm_90+ GPU vlkernels[tma] (the row GEMMs over sorted rows through
-TMA descriptors, opt-in until this benchmark measures it faster); eager (the reference: gather / per-expert LN + MLP / scatter loop);
-torch.compile(reference); looped nn.Linear (per expert: select its tokens, LayerNorm, two
-F.linear, scatter back); dense (one LN + FFN over all the tokens: the speed of light of this op,
-no routing at all); torch._grouped_mm (sort, LN, two grouped GEMMs, scatter) where torch has it
-(CUDA); on a GPU torch.compile(reference, mode="max-autotune-no-cudagraphs") (expensive: left
-out of --quick).
+TMA descriptors, opt-in until this benchmark measures it faster); eager (the reference: gather /
+per-expert LN + MLP / scatter loop); torch.compile(reference); looped nn.Linear (per expert:
+select its tokens, LayerNorm, two F.linear, scatter back); dense (one LN + FFN over all the
+tokens: the speed of light of this op, no routing at all); torch._grouped_mm (sort, LN, two
+grouped GEMMs, scatter) where torch has it (CUDA); on a GPU torch.compile(reference,
+mode="max-autotune-no-cudagraphs") (expensive: left out of --quick).
 All experts hold the same weights (repeated E times, distinct storage) so that the dense
 provider computes the same output as the routed ones and passes the harness's check against
 eager; the timings do not depend on the values.

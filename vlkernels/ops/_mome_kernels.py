@@ -185,10 +185,10 @@ def _mome_rows_kernel(
     weight_base = weight + expert.to(tl.int64) * stride_we
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        if TMA == 1:
+        if TMA == 1:  # TMA_WEIGHT_KN
             xa = a_desc.load([row_begin, k0])
             w = weight_desc.load([expert, k0, pid_n * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
-        elif TMA == 2:
+        elif TMA == 2:  # TMA_WEIGHT_NK
             xa = a_desc.load([row_begin, k0])
             w = weight_desc.load([expert, pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K).T
         else:
