@@ -96,18 +96,19 @@ def _mome_fwd_args(grad=False):
     w2 = _rand(experts, dim, hidden).transpose(1, 2).requires_grad_(grad)
     b1, b2 = _rand(experts, hidden, grad=grad), _rand(experts, dim, grad=grad)
     lnw, lnb = _rand(experts, dim, grad=grad), _rand(experts, dim, grad=grad)
-    return [(x, order, offsets, w1, b1, w2, b2, lnw, lnb, 1e-6, "gelu", grad),
-            (x, order, offsets, w1, b1, w2, b2, None, None, 1e-6, "relu", grad)]
+    # the last argument: the row GEMMs through TMA descriptors where they allow them (mome_ffn.TMA_ROW_GEMMS)
+    return [(x, order, offsets, w1, b1, w2, b2, lnw, lnb, 1e-6, "gelu", grad, False),
+            (x, order, offsets, w1, b1, w2, b2, None, None, 1e-6, "relu", grad, True)]
 
 
 def _mome_bwd():
     samples = []
     for args in _mome_fwd_args():
-        x, order, offsets, w1, b1, w2, b2, lnw, lnb, eps, activation, _ = args
-        out, h, pre, mean, rstd, normed = torch.ops.vlkernels.mome_ffn_fwd(*args[:-1], True)
+        x, order, offsets, w1, b1, w2, b2, lnw, lnb, eps, activation, _, tma = args
+        out, h, pre, mean, rstd, normed = torch.ops.vlkernels.mome_ffn_fwd(*args[:-2], True, tma)
         for need_x, need_weights in ((True, True), (True, False), (False, True)):
             samples.append((torch.randn_like(out), x, order, offsets, w1, w2, h, pre, mean, rstd, normed, lnw,
-                            activation, need_x, need_weights))
+                            activation, need_x, need_weights, tma))
     return samples
 
 
