@@ -41,10 +41,10 @@ def assert_matches_reference(name, actual, reference64, same_dtype_torch, *, use
                              fp32_conditioned=False) -> None:
     """Check ``actual`` against the float64 reference.
 
-    fp32: rel. error within ``fp32_tolerance``; with ``fp32_conditioned``, or within twice
+    fp32: rel. error within ``fp32_tolerance``, or, with ``fp32_conditioned``, within twice
     same_dtype_torch's own error where that is larger (an ill-conditioned result, such as a
     gradient summed over a broadcast dimension whose terms cancel, which torch's own fp32 misses
-    by more than 1e-5): only for a same_dtype_torch computed independently of ``actual``.
+    by more than 1e-5); use it only where same_dtype_torch is computed independently of ``actual``.
     fp16/bf16 (flash-attention's rule): the error is at most twice that of the same computation
     run by torch in the same dtype, plus 1e-6 so that an exactly representable result does not
     demand a bit-exact kernel.

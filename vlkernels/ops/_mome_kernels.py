@@ -185,12 +185,12 @@ def _mome_rows_kernel(
     weight_base = weight + expert.to(tl.int64) * stride_we
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        if TMA == 1:  # TMA_WEIGHT_KN
+        if TMA:
             xa = a_desc.load([row_begin, k0])
-            w = weight_desc.load([expert, k0, pid_n * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
-        elif TMA == 2:  # TMA_WEIGHT_NK
-            xa = a_desc.load([row_begin, k0])
-            w = weight_desc.load([expert, pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K).T
+            if TMA == 1:  # TMA_WEIGHT_KN
+                w = weight_desc.load([expert, k0, pid_n * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
+            else:  # TMA_WEIGHT_NK
+                w = weight_desc.load([expert, pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K).T
         else:
             k = k0 + tl.arange(0, BLOCK_K)
             k_ok = k < K
